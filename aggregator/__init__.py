@@ -1,0 +1,1 @@
+"""The server-side process (arrives with the split-learning issue)."""

@@ -1,0 +1,1 @@
+"""The hospital-side process (arrives with the split-learning issue)."""

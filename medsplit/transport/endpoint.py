@@ -1,0 +1,158 @@
+"""Envelopes over a transport: chunked sending, and de-duplicated, verified receiving.
+
+``Endpoint`` is what agents and the aggregator use. ``send`` encodes an envelope into frames and
+publishes them pipelined, waiting for the broker's acknowledgements. ``receive`` pulls frames
+from the transport, reassembles, drops redeliveries by message id, verifies, checks that the
+header agrees with the topic it came on, and returns each message once. A bad message is logged,
+counted by error type in ``stats.rejected`` and handed to ``on_reject``; it never raises out of
+``receive``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+from medsplit import topics
+from medsplit.transport.base import Inbound, Transport
+from medsplit.wire import (
+    Decoder,
+    Envelope,
+    MalformedHeader,
+    WireDtype,
+    WireError,
+    WireLimits,
+    encode,
+)
+from medsplit.wire.reassembly import ExpectedFor
+
+log = logging.getLogger(__name__)
+
+RejectHandler = Callable[[str, WireError], None]
+
+
+@dataclass
+class EndpointStats:
+    sent_messages: int = 0
+    sent_bytes: int = 0
+    received_messages: int = 0
+    received_bytes: int = 0
+    duplicates: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class Received:
+    topic: str
+    envelope: Envelope
+
+
+def _check_route(topic: str, envelope: Envelope) -> None:
+    """The header must agree with the topic; the broker's ACL vouches only for the topic."""
+    try:
+        route = topics.parse(topic)
+    except ValueError:
+        return  # not a protocol topic (e.g. a benchmark's); nothing to cross-check
+    if route.job != envelope.job:
+        raise MalformedHeader(f"header job {envelope.job!r} differs from topic job {route.job!r}")
+    if route.direction == "up" and route.site != envelope.site:
+        raise MalformedHeader(
+            f"header site {envelope.site!r} differs from topic site {route.site!r}"
+        )
+    if route.kind is not None and route.kind != envelope.kind:
+        raise MalformedHeader(
+            f"header kind {envelope.kind!r} differs from topic kind {route.kind!r}"
+        )
+
+
+class Endpoint:
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        limits: WireLimits = WireLimits(),
+        expected_for: ExpectedFor | None = None,
+        reassembly_timeout_s: float = 60.0,
+        max_buffered_bytes: int = 2 * 1024 * 1024 * 1024,
+        dedup_window: int = 100_000,
+        on_reject: RejectHandler | None = None,
+    ) -> None:
+        self.transport = transport
+        self.limits = limits
+        self.on_reject = on_reject
+        self.stats = EndpointStats()
+        self._decoder = Decoder(
+            limits,
+            expected_for=expected_for,
+            max_buffered_bytes=max_buffered_bytes,
+            timeout_s=reassembly_timeout_s,
+            dedup_window=dedup_window,
+        )
+
+    def send(
+        self,
+        topic: str,
+        envelope: Envelope,
+        *,
+        wire_dtype: WireDtype = "float32",
+        cast: Collection[str] | None = None,
+    ) -> int:
+        """Publish ``envelope`` on ``topic``; returns the bytes put on the wire.
+
+        ``wire_dtype`` float16/bfloat16 down-casts the float tensors named in ``cast`` (all when
+        None): use it for activations and gradients, never for weights.
+        """
+        frames = encode(envelope, wire_dtype=wire_dtype, cast=cast, limits=self.limits)
+        self.transport.publish_all(topic, frames)
+        nbytes = sum(len(f) for f in frames)
+        self.stats.sent_messages += 1
+        self.stats.sent_bytes += nbytes
+        return nbytes
+
+    def receive(self, timeout: float | None = None) -> Received | None:
+        """The next valid message, or None when ``timeout`` seconds pass without one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for error in self._decoder.expire():
+                self._reject("<reassembly>", error)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            # Wake at least once a second so stalled reassemblies time out without traffic.
+            wait = self._decoder.reassembler.timeout_s if remaining is None else remaining
+            inbound = self.transport.receive(
+                min(wait, 1.0) if self._decoder.reassembler.pending else wait
+            )
+            if inbound is not None:
+                received = self._accept(inbound)
+                if received is not None:
+                    return received
+            elif deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _accept(self, inbound: Inbound) -> Received | None:
+        self.stats.received_bytes += len(inbound.payload)
+        duplicates_before = self._decoder.duplicates
+        try:
+            envelope = self._decoder.feed(inbound.payload)
+            if envelope is not None:
+                _check_route(inbound.topic, envelope)
+        except WireError as error:
+            self._reject(inbound.topic, error)
+            return None
+        self.stats.duplicates += self._decoder.duplicates - duplicates_before
+        if envelope is None:
+            return None
+        self.stats.received_messages += 1
+        return Received(inbound.topic, envelope)
+
+    def _reject(self, topic: str, error: WireError) -> None:
+        kind = type(error).__name__
+        self.stats.rejected[kind] += 1
+        log.warning("rejected message on %s: %s: %s", topic, kind, error)
+        if self.on_reject is not None:
+            try:
+                self.on_reject(topic, error)
+            except Exception:  # a faulty handler must not stop the receive loop
+                log.exception("on_reject handler failed for a message on %s", topic)

@@ -1,0 +1,128 @@
+"""The frame: magic, schema version, a JSON header, and one chunk of the payload.
+
+Layout (big-endian)::
+
+    0   4   magic  b"MSPL"
+    4   2   schema version
+    6   4   header length H (at most MAX_HEADER_BYTES)
+    10  H   header, UTF-8 JSON matching ``Header``
+    10+H    payload chunk (the rest of the frame)
+
+The header is JSON rather than a binary struct because it is tiny next to the tensors, it is
+readable in a broker's debug log, and pydantic validates it field by field with useful errors.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from medsplit.ids import ID_PATTERN, KIND_PATTERN
+from medsplit.wire.errors import (
+    BadMagic,
+    ChecksumMismatch,
+    MalformedHeader,
+    TruncatedFrame,
+    UnsupportedVersion,
+)
+
+MAGIC = b"MSPL"
+SCHEMA_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+_PREFIX = struct.Struct(">4sHI")
+PREFIX_BYTES = _PREFIX.size
+
+MetaValue = str | int | float | bool | None
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+Kind = Annotated[str, StringConstraints(pattern=KIND_PATTERN)]
+
+
+class Header(BaseModel):
+    """Everything a receiver needs to route, de-duplicate, reassemble and verify a message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    job: Id
+    site: Id
+    kind: Kind
+    round: int = Field(ge=0)
+    step: int = Field(ge=0)
+    msg_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    chunk: int = Field(ge=0)
+    chunks: int = Field(ge=1)
+    size: int = Field(ge=0, description="bytes of the whole payload")
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    sent_at: float = Field(ge=0)
+    meta: dict[Annotated[str, StringConstraints(max_length=64)], MetaValue] = Field(
+        default_factory=dict, max_length=64
+    )
+    cast: dict[str, Annotated[str, StringConstraints(pattern=r"^float(32|64)$")]] = Field(
+        default_factory=dict, description="tensor name -> dtype it had before wire down-casting"
+    )
+
+    @model_validator(mode="after")
+    def _chunk_in_range(self) -> Header:
+        if self.chunk >= self.chunks:
+            raise ValueError(f"chunk index {self.chunk} is not below the chunk count {self.chunks}")
+        return self
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.model_dump(), separators=(",", ":"), allow_nan=False).encode()
+
+
+@dataclass(frozen=True)
+class Frame:
+    header: Header
+    chunk: bytes
+
+
+def pack_frame(header_json: bytes, chunk: bytes | memoryview) -> bytes:
+    if len(header_json) > MAX_HEADER_BYTES:
+        raise ValueError(f"header of {len(header_json)} bytes exceeds {MAX_HEADER_BYTES}")
+    return b"".join((_PREFIX.pack(MAGIC, SCHEMA_VERSION, len(header_json)), header_json, chunk))
+
+
+def unpack_frame(data: bytes) -> Frame:
+    """Parse one frame from untrusted bytes; raises only ``WireError`` subclasses."""
+    if len(data) < PREFIX_BYTES:
+        if not MAGIC.startswith(bytes(data[:4])):
+            raise BadMagic(f"not a medsplit frame: starts with {bytes(data[:4])!r}")
+        raise TruncatedFrame(
+            f"frame of {len(data)} bytes is shorter than the {PREFIX_BYTES}-byte prefix"
+        )
+    magic, version, header_len = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise BadMagic(f"not a medsplit frame: starts with {magic!r}, expected {MAGIC!r}")
+    if version != SCHEMA_VERSION:
+        raise UnsupportedVersion(
+            f"schema version {version}; this build reads version {SCHEMA_VERSION}"
+        )
+    if header_len > MAX_HEADER_BYTES:
+        raise MalformedHeader(f"header length {header_len} exceeds the limit of {MAX_HEADER_BYTES}")
+    end = PREFIX_BYTES + header_len
+    if len(data) < end:
+        raise TruncatedFrame(f"frame of {len(data)} bytes ends inside its {header_len}-byte header")
+    try:
+        raw = json.loads(bytes(data[PREFIX_BYTES:end]).decode("utf-8"))
+        header = Header.model_validate(raw)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # json.JSONDecodeError and pydantic.ValidationError are both ValueErrors.
+        reason = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc
+        raise MalformedHeader(f"invalid header: {reason}") from None
+    chunk = bytes(data[end:])
+    if len(chunk) > header.size:
+        raise ChecksumMismatch(
+            f"chunk of {len(chunk)} bytes is larger than the whole payload ({header.size} bytes)"
+        )
+    return Frame(header, chunk)

@@ -1,0 +1,182 @@
+"""Reassembling chunked messages under a memory bound and a timeout, then decoding them.
+
+Chunks may arrive in any order and more than once (QoS 1 redelivery). Memory is bounded in
+two ways: a message announcing more than ``max_message_bytes`` is refused at its first chunk,
+and the bytes buffered across all incomplete messages never exceed ``max_buffered_bytes``. A
+message whose next chunk does not arrive within ``timeout_s`` of the previous one is dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from medsplit.wire.envelope import Envelope, WireLimits, open_payload
+from medsplit.wire.errors import (
+    MalformedHeader,
+    PayloadTooLarge,
+    ReassemblyOverflow,
+    ReassemblyTimeout,
+)
+from medsplit.wire.frame import Header, unpack_frame
+from medsplit.wire.tensors import TensorSpec
+
+ExpectedFor = Callable[[Header], Mapping[str, TensorSpec] | None]
+
+
+def _same_message(a: Header, b: Header) -> bool:
+    return a.model_dump(exclude={"chunk"}) == b.model_dump(exclude={"chunk"})
+
+
+@dataclass
+class _Partial:
+    header: Header
+    parts: dict[int, bytes] = field(default_factory=dict)
+    buffered: int = 0
+    last_seen: float = 0.0
+
+
+class Reassembler:
+    """Collects the chunks of multi-frame messages."""
+
+    def __init__(
+        self,
+        *,
+        max_message_bytes: int,
+        max_buffered_bytes: int = 2 * 1024 * 1024 * 1024,
+        timeout_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.max_buffered_bytes = max_buffered_bytes
+        self.timeout_s = timeout_s
+        self._clock = clock
+        self._partials: dict[str, _Partial] = {}
+        self._buffered = 0
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
+
+    @property
+    def pending(self) -> int:
+        return len(self._partials)
+
+    def add(self, header: Header, chunk: bytes) -> bytes | None:
+        """Add one chunk; returns the whole payload when this chunk completes it."""
+        if header.size > self.max_message_bytes:
+            raise PayloadTooLarge(
+                f"message {header.msg_id} announces {header.size} bytes; "
+                f"max_message_bytes={self.max_message_bytes}"
+            )
+        partial = self._partials.get(header.msg_id)
+        if partial is None:
+            partial = self._partials[header.msg_id] = _Partial(header)
+        elif not _same_message(partial.header, header):
+            self._drop(header.msg_id)
+            raise MalformedHeader(
+                f"chunk {header.chunk} of {header.msg_id} disagrees with chunk headers seen before"
+            )
+        if header.chunk in partial.parts:
+            return None  # a redelivered chunk
+        if partial.buffered + len(chunk) > header.size:
+            self._drop(header.msg_id)
+            raise MalformedHeader(
+                f"chunks of {header.msg_id} add up to more than its {header.size} bytes"
+            )
+        if self._buffered + len(chunk) > self.max_buffered_bytes:
+            self._drop(header.msg_id)
+            raise ReassemblyOverflow(
+                f"buffering chunk {header.chunk}/{header.chunks} of {header.msg_id} would exceed "
+                f"max_buffered_bytes={self.max_buffered_bytes}; the message was dropped"
+            )
+        partial.parts[header.chunk] = chunk
+        partial.buffered += len(chunk)
+        partial.last_seen = self._clock()
+        self._buffered += len(chunk)
+        if len(partial.parts) < header.chunks:
+            return None
+        self._drop(header.msg_id)
+        return b"".join(partial.parts[i] for i in range(header.chunks))
+
+    def expire(self) -> list[ReassemblyTimeout]:
+        """Drop messages that stopped making progress; returns one error per dropped message."""
+        now = self._clock()
+        stale = [k for k, p in self._partials.items() if now - p.last_seen > self.timeout_s]
+        errors = []
+        for msg_id in stale:
+            partial = self._partials[msg_id]
+            h = partial.header
+            errors.append(
+                ReassemblyTimeout(
+                    f"message {msg_id} ({h.kind} from {h.site}, round {h.round}) got "
+                    f"{len(partial.parts)} of {h.chunks} chunks, none for {self.timeout_s:g} s"
+                )
+            )
+            self._drop(msg_id)
+        return errors
+
+    def _drop(self, msg_id: str) -> None:
+        partial = self._partials.pop(msg_id, None)
+        if partial is not None:
+            self._buffered -= partial.buffered
+
+
+class Decoder:
+    """Turns received frames into verified envelopes: the whole receive path, minus transport.
+
+    ``feed`` returns each message once: a redelivered copy of a completed message (same
+    ``msg_id``, any chunk) is counted in ``duplicates`` and ignored, which with QoS 1 makes
+    delivery effectively exactly-once. ``feed`` raises only ``WireError`` subclasses, whatever
+    the bytes. ``expected_for`` maps a
+    header to the tensor specs the receiver expects for it (or None to accept any tensors).
+    """
+
+    def __init__(
+        self,
+        limits: WireLimits = WireLimits(),
+        *,
+        expected_for: ExpectedFor | None = None,
+        max_buffered_bytes: int = 2 * 1024 * 1024 * 1024,
+        timeout_s: float = 60.0,
+        dedup_window: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits
+        self.dedup_window = dedup_window
+        self.duplicates = 0
+        # Ids of completed messages, oldest first: QoS 1 may redeliver any of their chunks.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.expected_for = expected_for
+        self.reassembler = Reassembler(
+            max_message_bytes=limits.max_message_bytes,
+            max_buffered_bytes=max_buffered_bytes,
+            timeout_s=timeout_s,
+            clock=clock,
+        )
+
+    def feed(self, data: bytes) -> Envelope | None:
+        frame = unpack_frame(data)
+        header = frame.header
+        if header.msg_id in self._seen:
+            self.duplicates += 1
+            return None
+        if header.chunks == 1:
+            payload: bytes | None = frame.chunk
+        else:
+            payload = self.reassembler.add(header, frame.chunk)
+        if payload is None:
+            return None
+        self._remember(header.msg_id)
+        expected = self.expected_for(header) if self.expected_for else None
+        return open_payload(header, payload, expected, self.limits)
+
+    def expire(self) -> list[ReassemblyTimeout]:
+        return self.reassembler.expire()
+
+    def _remember(self, msg_id: str) -> None:
+        self._seen[msg_id] = None
+        if len(self._seen) > self.dedup_window:
+            self._seen.popitem(last=False)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: a virtual environment with the project installed
+# against constraints.txt, and Mosquitto from Debian's packages when it is missing.
+# Re-running it when everything is in place takes a second or two.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+venv=${VENV:-$here/.venv}
+python=${PYTHON:-python3}
+stamp=$venv/.medsplit-installed
+
+log() { printf '[setup] %s\n' "$*"; }
+
+if [ ! -x "$venv/bin/python" ]; then
+    log "creating virtual environment in $venv"
+    "$python" -m venv "$venv"
+fi
+
+# Reinstall only when the dependency declarations changed since the last install.
+if [ ! -f "$stamp" ] || [ "$here/pyproject.toml" -nt "$stamp" ] || [ "$here/constraints.txt" -nt "$stamp" ]; then
+    log "installing medsplit[dev] with constraints.txt"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -c "$here/constraints.txt" -e "$here[dev]"
+    touch "$stamp"
+else
+    log "python packages up to date"
+fi
+
+find_mosquitto() {
+    command -v mosquitto 2>/dev/null || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; } || true
+}
+
+if [ -z "$(find_mosquitto)" ]; then
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo=""
+        if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+        log "installing mosquitto from Debian's packages"
+        $sudo apt-get update -qq
+        # The package's init script may try to start a system broker; the tests never use it.
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
+    else
+        log "WARNING: mosquitto is not installed and apt-get is unavailable; install it by hand"
+    fi
+fi
+
+m=$(find_mosquitto)
+if [ -n "$m" ]; then log "mosquitto: $m"; fi
