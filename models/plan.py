@@ -105,15 +105,18 @@ class ModelSpec(BaseModel):
 
 def _cut_position(value: str | int, layers: tuple[str, ...]) -> int:
     """Number of blocks before the cut; raises ValueError naming the allowed values."""
+    allowed = ", ".join(layers[:-1])
     if isinstance(value, int):
         if not 1 <= value <= len(layers) - 1:
             raise ValueError(
                 f"cut {value} is out of range; a model of {len(layers)} blocks allows "
-                f"1..{len(layers) - 1}, or a block name: {', '.join(layers)}"
+                f"1..{len(layers) - 1}, or a block name: {allowed}"
             )
         return value
     if value not in layers:
-        raise ValueError(f"unknown layer {value!r}; allowed: {', '.join(layers)}")
+        raise ValueError(f"unknown layer {value!r}; allowed: {allowed}")
+    if value == layers[-1]:
+        raise ValueError(f"a cut after the last block {value!r} leaves an empty segment; allowed: {allowed}")
     return layers.index(value) + 1
 
 

@@ -1,0 +1,82 @@
+"""The ``medsplit`` command line.
+
+Subcommands arrive with the features they drive; each one validates its inputs and prints a
+one-line error (exit status 2) instead of a traceback when a file or flag is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from medsplit import __version__
+from models import ConfigError, cut_shapes, load_plan
+from models import names as architecture_names
+from models.plan import builtin_plan_names
+from models.registry import get as get_architecture
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    for name in architecture_names():
+        arch = get_architecture(name)
+        defaults = arch.parse_args({}).model_dump()
+        print(f"{name:10s} {arch.description}")
+        print(f"{'':10s} args (defaults): {defaults}")
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    plan = load_plan(args.plan)
+    shapes = cut_shapes(plan, args.batch_size)
+    print(f"model      {plan.model.name} {plan.model.args}")
+    print(f"head       {', '.join(plan.head)}    (edge)")
+    print(f"trunk      {', '.join(plan.trunk)}    (aggregator)")
+    if plan.u_shaped:
+        print(f"tail       {', '.join(plan.tail)}    (edge, U-shaped: labels stay on site)")
+    for name, shape in shapes.items():
+        print(f"{name:10s} {list(shape)} per batch of {args.batch_size}")
+    print(f"shared     {len(plan.shared_keys)} tensors")
+    print(f"private    {len(plan.private_keys)} tensors: {', '.join(sorted(plan.private_keys))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medsplit",
+        description="Train one model across hospitals without moving patient records: "
+        "split learning and partial-network federated learning over MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"medsplit {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    models_cmd = commands.add_parser("models", help="list the built-in architectures")
+    models_cmd.set_defaults(func=_cmd_models)
+
+    plan_cmd = commands.add_parser(
+        "plan", help="validate a split plan and show where it cuts the model"
+    )
+    plan_cmd.add_argument(
+        "plan", help=f"a plan YAML file or a built-in plan ({', '.join(builtin_plan_names())})"
+    )
+    plan_cmd.add_argument("--batch-size", type=int, default=32, help="for the cut-layer shapes")
+    plan_cmd.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        status: int = args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

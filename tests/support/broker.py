@@ -1,0 +1,104 @@
+"""A real Mosquitto on a free loopback port, with a generated configuration, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+
+def find_mosquitto() -> str:
+    found = shutil.which("mosquitto")
+    for candidate in (found, "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise RuntimeError(
+        "mosquitto is not installed: run `make test` (scripts/setup.sh installs it with apt-get) "
+        "or install Debian's 'mosquitto' package"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Block until something accepts TCP connections on ``port`` (readiness, not a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"broker exited with status {process.returncode}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s") from None
+            time.sleep(0.02)
+
+
+class Mosquitto:
+    """Start with ``start()``, stop with ``stop()``; ``url`` is ``mqtt://127.0.0.1:PORT``."""
+
+    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.extra_config = extra_config
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "mosquitto.log"
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        return "\n".join(
+            [
+                f"listener {self.port} 127.0.0.1",
+                "allow_anonymous true",
+                "persistence false",
+                # Run as whoever started the test (as root, mosquitto would drop to its own user).
+                f"user {getpass.getuser()}",
+                "max_queued_messages 0",
+                "max_inflight_messages 0",
+                "set_tcp_nodelay true",
+                "log_dest stderr",
+                "log_type error",
+                "log_type warning",
+                "log_type notice",
+                self.extra_config,
+                "",
+            ]
+        )
+
+    def start(self) -> Mosquitto:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(self.config())
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [find_mosquitto(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            wait_for_port(self.port, 15.0, self.process)
+        except (RuntimeError, TimeoutError) as exc:
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start: {exc}\n{self.log_path.read_text()}") from exc
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
