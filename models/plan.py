@@ -116,7 +116,9 @@ def _cut_position(value: str | int, layers: tuple[str, ...]) -> int:
     if value not in layers:
         raise ValueError(f"unknown layer {value!r}; allowed: {allowed}")
     if value == layers[-1]:
-        raise ValueError(f"a cut after the last block {value!r} leaves an empty segment; allowed: {allowed}")
+        raise ValueError(
+            f"a cut after the last block {value!r} leaves an empty segment; allowed: {allowed}"
+        )
     return layers.index(value) + 1
 
 

@@ -41,9 +41,17 @@ class TensorSpec:
         )
 
 
+_ISFINITE_NATIVE = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+
+
 def _check_finite(name: str, tensor: torch.Tensor, context: str) -> None:
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
+    if not tensor.is_floating_point() or not tensor.numel():
+        return
+    # isfinite has no kernels for the float8 types: check them widened.
+    values = tensor if tensor.dtype in _ISFINITE_NATIVE else tensor.float()
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
         raise NonFiniteTensor(f"tensor {name!r} has {bad} NaN/Inf value(s){context}")
 
 

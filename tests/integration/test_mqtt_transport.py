@@ -50,7 +50,9 @@ def pair(mosquitto: Mosquitto, job: str) -> Iterator[tuple[Endpoint, Endpoint]]:
     agg.close()
 
 
-def test_50_mb_tensor_set_crosses_chunked_and_bit_identical(pair: tuple[Endpoint, Endpoint], job: str) -> None:
+def test_50_mb_tensor_set_crosses_chunked_and_bit_identical(
+    pair: tuple[Endpoint, Endpoint], job: str
+) -> None:
     sender, receiver = pair
     generator = torch.Generator().manual_seed(7)
     tensors = {
@@ -81,7 +83,9 @@ def _send_numbered(sender: Endpoint, job: str, count: int, start: int = 0) -> li
     sent = []
     topic = topics.up(job, "site-a", "update")
     for step in range(start, start + count):
-        envelope = Envelope(job, "site-a", "update", step=step, tensors={"x": torch.tensor([float(step)])})
+        envelope = Envelope(
+            job, "site-a", "update", step=step, tensors={"x": torch.tensor([float(step)])}
+        )
         sender.send(topic, envelope)
         sent.append(envelope)
     return sent
@@ -111,7 +115,9 @@ def test_1000_qos1_messages_arrive_exactly_once(pair: tuple[Endpoint, Endpoint],
     assert receiver.stats.rejected == {}
 
 
-def test_exactly_once_when_receiver_connection_drops_mid_stream(mosquitto: Mosquitto, job: str) -> None:
+def test_exactly_once_when_receiver_connection_drops_mid_stream(
+    mosquitto: Mosquitto, job: str
+) -> None:
     proxy = TcpProxy(mosquitto.port)
     receiver_transport = MqttTransport(
         _settings(proxy.port, client_id=f"agg-{job}", reconnect_min_s=1, reconnect_max_s=2)
@@ -141,7 +147,9 @@ def test_exactly_once_when_receiver_connection_drops_mid_stream(mosquitto: Mosqu
         proxy.close()
 
 
-def test_subscriptions_survive_reconnect_and_last_will_marks_site_offline(mosquitto: Mosquitto, job: str) -> None:
+def test_subscriptions_survive_reconnect_and_last_will_marks_site_offline(
+    mosquitto: Mosquitto, job: str
+) -> None:
     proxy = TcpProxy(mosquitto.port)
     presence = topics.presence(job, "site-b")
     site = MqttTransport(

@@ -29,7 +29,9 @@ def free_port() -> int:
         return port
 
 
-def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until something accepts TCP connections on ``port`` (readiness, not a fixed sleep)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -40,7 +42,9 @@ def wait_for_port(port: int, timeout: float, process: subprocess.Popen[bytes] | 
             if process is not None and process.poll() is not None:
                 raise RuntimeError(f"broker exited with status {process.returncode}") from None
             if time.monotonic() > deadline:
-                raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s") from None
+                raise TimeoutError(
+                    f"nothing listening on 127.0.0.1:{port} after {timeout} s"
+                ) from None
             time.sleep(0.02)
 
 
@@ -90,7 +94,9 @@ class Mosquitto:
             wait_for_port(self.port, 15.0, self.process)
         except (RuntimeError, TimeoutError) as exc:
             self.stop()
-            raise RuntimeError(f"mosquitto did not start: {exc}\n{self.log_path.read_text()}") from exc
+            raise RuntimeError(
+                f"mosquitto did not start: {exc}\n{self.log_path.read_text()}"
+            ) from exc
         return self
 
     def stop(self) -> None:

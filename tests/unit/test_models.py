@@ -21,7 +21,9 @@ def test_registry_lists_the_three_architectures() -> None:
         ("resnet18", {"image_size": 32, "stem": "compact", "width": 8}, torch.randn(2, 1, 32, 32)),
     ],
 )
-def test_each_architecture_maps_inputs_to_class_logits(name: str, args: dict[str, object], batch: torch.Tensor) -> None:
+def test_each_architecture_maps_inputs_to_class_logits(
+    name: str, args: dict[str, object], batch: torch.Tensor
+) -> None:
     model = build(name, args)
     num_classes = get(name).parse_args(args).num_classes
     assert model(batch).shape == (batch.shape[0], num_classes)
@@ -30,8 +32,21 @@ def test_each_architecture_maps_inputs_to_class_logits(name: str, args: dict[str
 
 def test_models_are_named_block_sequences() -> None:
     assert layer_names("cnn") == ["conv1", "conv2", "conv3", "fc", "classifier"]
-    assert layer_names("mlp", {"hidden": [8, 8, 8]}) == ["hidden1", "hidden2", "hidden3", "classifier"]
-    assert layer_names("resnet18") == ["stem", "layer1", "layer2", "layer3", "layer4", "pool", "classifier"]
+    assert layer_names("mlp", {"hidden": [8, 8, 8]}) == [
+        "hidden1",
+        "hidden2",
+        "hidden3",
+        "classifier",
+    ]
+    assert layer_names("resnet18") == [
+        "stem",
+        "layer1",
+        "layer2",
+        "layer3",
+        "layer4",
+        "pool",
+        "classifier",
+    ]
 
 
 def test_resnet18_has_resnet18_parameter_count() -> None:

@@ -76,7 +76,9 @@ def test_empty_tail_is_refused() -> None:
 
 
 def test_parameter_both_shared_and_private_is_refused() -> None:
-    error = _error(_plan(shared=["conv1", "conv2", "conv3", "fc", "classifier"], private=["classifier.bias"]))
+    error = _error(
+        _plan(shared=["conv1", "conv2", "conv3", "fc", "classifier"], private=["classifier.bias"])
+    )
     assert "both shared and private" in str(error) and "classifier.bias" in str(error)
 
 
@@ -104,11 +106,11 @@ def test_bad_model_arguments_name_the_argument() -> None:
 
 def test_yaml_file_errors_name_the_file(tmp_path: Path) -> None:
     missing = tmp_path / "missing.yaml"
-    with pytest.raises(ConfigError, match="missing.yaml: file not found"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml: file not found"):
         SplitPlan.from_yaml(missing)
     broken = tmp_path / "broken.yaml"
     broken.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="broken.yaml: invalid YAML"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml: invalid YAML"):
         SplitPlan.from_yaml(broken)
     listing = tmp_path / "list.yaml"
     listing.write_text("- a\n- b\n")

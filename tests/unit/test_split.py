@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
+from medsplit.wire import Decoder, Envelope, encode
 from models import assemble, builtin_plan_names, cut_shapes, load_plan, split_model
 from models.split import shared_state
-from medsplit.wire import Decoder, Envelope, encode
 
 
 @pytest.mark.parametrize("plan_name", builtin_plan_names())

@@ -1,0 +1,65 @@
+"""Project-wide rules that a code review could miss: never pickle, and module boundaries."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ["models", "medsplit", "edge_agent", "aggregator"]
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return [p for folder in folders for p in (ROOT / folder).rglob("*.py")]
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_nothing_pickles() -> None:
+    offenders = []
+    for path in _python_files(*PACKAGES, "tests", "bench"):
+        if _imports(path) & {"pickle", "cloudpickle", "dill", "joblib"}:
+            offenders.append(f"{path}: imports a pickle library")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                keywords = {k.arg: k.value for k in node.keywords}
+                func = ast.unparse(node.func)
+                allow = keywords.get("allow_pickle")
+                if isinstance(allow, ast.Constant) and allow.value is True:
+                    offenders.append(f"{path}:{node.lineno}: allow_pickle=True")
+                if func.endswith("torch.load"):
+                    weights_only = keywords.get("weights_only")
+                    if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                        offenders.append(
+                            f"{path}:{node.lineno}: torch.load without weights_only=True"
+                        )
+    assert offenders == []
+
+
+def test_only_the_transport_imports_paho() -> None:
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in _python_files(*PACKAGES, "bench")
+        if "paho" in _imports(p) and "medsplit/transport" not in p.as_posix()
+    ]
+    assert set(offenders) <= {"bench/transport.py"}  # the benchmark compares with plain paho
+
+
+def test_models_never_import_the_processes_or_mqtt() -> None:
+    for path in _python_files("models"):
+        assert not _imports(path) & {"medsplit", "edge_agent", "aggregator", "paho"}, path
+
+
+def test_agent_and_aggregator_never_import_each_other() -> None:
+    for path in _python_files("edge_agent"):
+        assert "aggregator" not in _imports(path), path
+    for path in _python_files("aggregator"):
+        assert "edge_agent" not in _imports(path), path
