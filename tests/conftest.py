@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.broker import Mosquitto
+from medsplit.broker import Mosquitto
 
 
 @pytest.fixture(scope="session")

@@ -36,9 +36,13 @@ RejectHandler = Callable[[str, WireError], None]
 
 @dataclass
 class EndpointStats:
+    """Counters for metrics and reports; bytes are wire bytes (frames, headers included)."""
+
     sent_messages: int = 0
+    sent_frames: int = 0
     sent_bytes: int = 0
     received_messages: int = 0
+    received_frames: int = 0
     received_bytes: int = 0
     duplicates: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -109,6 +113,7 @@ class Endpoint:
         self.transport.publish_all(topic, frames)
         nbytes = sum(len(f) for f in frames)
         self.stats.sent_messages += 1
+        self.stats.sent_frames += len(frames)
         self.stats.sent_bytes += nbytes
         return nbytes
 
@@ -132,6 +137,7 @@ class Endpoint:
                 return None
 
     def _accept(self, inbound: Inbound) -> Received | None:
+        self.stats.received_frames += 1
         self.stats.received_bytes += len(inbound.payload)
         duplicates_before = self._decoder.duplicates
         try:

@@ -83,8 +83,10 @@ class Header(BaseModel):
 
 @dataclass(frozen=True)
 class Frame:
+    """A parsed frame. ``chunk`` is a view into the received bytes: no copy until reassembly."""
+
     header: Header
-    chunk: bytes
+    chunk: memoryview
 
 
 def pack_frame(header_json: bytes, chunk: bytes | memoryview) -> bytes:
@@ -120,7 +122,7 @@ def unpack_frame(data: bytes) -> Frame:
         # json.JSONDecodeError and pydantic.ValidationError are both ValueErrors.
         reason = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc
         raise MalformedHeader(f"invalid header: {reason}") from None
-    chunk = bytes(data[end:])
+    chunk = memoryview(data)[end:]
     if len(chunk) > header.size:
         raise ChecksumMismatch(
             f"chunk of {len(chunk)} bytes is larger than the whole payload ({header.size} bytes)"

@@ -33,7 +33,7 @@ def _same_message(a: Header, b: Header) -> bool:
 @dataclass
 class _Partial:
     header: Header
-    parts: dict[int, bytes] = field(default_factory=dict)
+    parts: dict[int, memoryview] = field(default_factory=dict)
     buffered: int = 0
     last_seen: float = 0.0
 
@@ -64,7 +64,7 @@ class Reassembler:
     def pending(self) -> int:
         return len(self._partials)
 
-    def add(self, header: Header, chunk: bytes) -> bytes | None:
+    def add(self, header: Header, chunk: memoryview) -> bytes | None:
         """Add one chunk; returns the whole payload when this chunk completes it."""
         if header.size > self.max_message_bytes:
             raise PayloadTooLarge(
@@ -164,7 +164,7 @@ class Decoder:
             self.duplicates += 1
             return None
         if header.chunks == 1:
-            payload: bytes | None = frame.chunk
+            payload: bytes | None = bytes(frame.chunk)
         else:
             payload = self.reassembler.add(header, frame.chunk)
         if payload is None:

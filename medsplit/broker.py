@@ -1,4 +1,9 @@
-"""A real Mosquitto on a free loopback port, with a generated configuration, for tests and benchmarks."""
+"""A local Mosquitto on a free loopback port with a generated configuration.
+
+Used by the integration tests, the benchmarks and (later) ``medsplit demo``: a real broker,
+started as a child process, readable log, stopped on exit. Production deployments run their own
+broker (see the Helm chart); this is for one machine.
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,8 @@ def find_mosquitto() -> str:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise RuntimeError(
-        "mosquitto is not installed: run `make test` (scripts/setup.sh installs it with apt-get) "
-        "or install Debian's 'mosquitto' package"
+        "mosquitto is not installed: `make setup` installs it with apt-get, "
+        "or install your distribution's 'mosquitto' package"
     )
 
 
@@ -49,7 +54,11 @@ def wait_for_port(
 
 
 class Mosquitto:
-    """Start with ``start()``, stop with ``stop()``; ``url`` is ``mqtt://127.0.0.1:PORT``."""
+    """Start with ``start()``, stop with ``stop()`` (or use as a context manager).
+
+    Anonymous access on 127.0.0.1 only, no persistence, unlimited queues (the tests push
+    thousands of QoS 1 messages to sessions that are briefly offline).
+    """
 
     def __init__(self, workdir: Path, extra_config: str = "") -> None:
         self.workdir = workdir
@@ -108,3 +117,9 @@ class Mosquitto:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def __enter__(self) -> Mosquitto:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,37 @@
+"""Writing benchmark tables into docs/benchmarks.md, one marked section per benchmark."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = """# Benchmarks
+
+Each section is written by the benchmark named in it; re-run the command to refresh it.
+Timings depend on the machine: compare the ratios within a section (measured in one run), not
+absolute numbers across machines.
+"""
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def write_section(name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- bench:NAME -->`` markers."""
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    text = DOC.read_text() if DOC.exists() else HEADER
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
+    text = (
+        pattern.sub(lambda _: block, text)
+        if pattern.search(text)
+        else f"{text.rstrip()}\n\n{block}\n"
+    )
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text(text)
