@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import machine, write_section
 from medsplit.broker import Mosquitto
 from medsplit.transport import Endpoint, MqttSettings, MqttTransport
-from medsplit.wire import Envelope, WireDtype, new_message_id
+from medsplit.wire import Decoder, Envelope, WireDtype, encode, new_message_id
 
 KB, MB = 1024, 1024 * 1024
 TIMEOUT = 60.0
@@ -164,8 +164,12 @@ class MedsplitPing:
             raise TimeoutError("no pong")
 
     def stream(self, envelope: Envelope, count: int) -> None:
+        # Like the baseline: publish everything, then wait for the acknowledgements.
         for _ in range(count):
-            self.endpoint.send("bench/ms/stream", self._fresh(envelope), wire_dtype=self.wire_dtype)
+            self.endpoint.send(
+                "bench/ms/stream", self._fresh(envelope), wire_dtype=self.wire_dtype, wait=False
+            )
+        self.endpoint.flush()
         for _ in range(count):
             if self.transport.receive(timeout=TIMEOUT) is None:
                 raise TimeoutError("stream stalled")
@@ -240,6 +244,28 @@ def throughput_table(plain: PlainPing, ms: MedsplitPing, size: int, count: int) 
     return lines
 
 
+def codec_table(repeats: int) -> list[str]:
+    """Where medsplit's time goes: encoding and decoding alone, in this process, no network."""
+    lines = ["| codec only | encode | decode | per MB (encode + decode) |", "|---|---|---|---|"]
+    for size in (KB, 4 * MB):
+        envelope = Envelope("bench", "ping", "x", tensors=tensor_of(size))
+        frames = encode(envelope)
+        enc = measure(partial(encode, envelope), repeats)
+
+        def decode_all(frames: list[bytes] = frames) -> None:
+            decoder = Decoder()
+            for frame in frames:
+                decoder.feed(frame)
+
+        dec = measure(decode_all, repeats)
+        per_mb = (enc.p50_ms + dec.p50_ms) / (size / MB)
+        lines.append(
+            f"| {_label(size)} | {enc.p50_ms:.3f} ms | {dec.p50_ms:.3f} ms | {per_mb:.2f} ms |"
+        )
+    print(lines[-1], flush=True)
+    return lines
+
+
 def nodelay_table(port: int, repeats: int) -> list[str]:
     fast_ping, slow_ping = PlainPing(port, nodelay=True), PlainPing(port, nodelay=False)
     try:
@@ -282,6 +308,7 @@ def run(quick: bool) -> str:
                 ms.close()
                 plain.close()
             lines += ["", *nodelay_table(broker.port, 20 if quick else 50)]
+            lines += ["", *codec_table(10 if quick else 50)]
         finally:
             echo.communicate(timeout=30)
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """Moving bytes and envelopes through MQTT. ``mqtt`` is the only module that imports paho."""
 
+from medsplit.transport.acks import Delivery
 from medsplit.transport.base import (
     ConnectFailed,
     Inbound,
@@ -18,6 +19,7 @@ from medsplit.transport.settings import MqttSettings, TlsSettings
 
 __all__ = [
     "ConnectFailed",
+    "Delivery",
     "Endpoint",
     "EndpointStats",
     "Inbound",

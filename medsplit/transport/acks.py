@@ -9,7 +9,12 @@ could deadlock): an early acknowledgement is parked until its waiter registers.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from medsplit.transport.base import PublishRejected, PublishTimeout, TransportClosed
+
+CLOSED = "transport closed"
 
 
 @dataclass
@@ -48,10 +53,50 @@ class AckTracker:
         ack.failure = failure
         ack.done.set()
 
-    def fail_all(self, reason: str) -> None:
+    def fail_all(self, reason: str = CLOSED) -> None:
         """Release every waiter (used on close)."""
         with self._lock:
             waiting, self._waiting = self._waiting, {}
         for ack in waiting.values():
             ack.failure = reason
             ack.done.set()
+
+
+class Delivery:
+    """The broker acknowledgements of one ``publish_all`` call.
+
+    ``wait`` blocks until every message is acknowledged and raises ``PublishTimeout`` when no
+    acknowledgement arrives for ``timeout_s`` (the clock restarts with each one, so a long
+    chunked message is not cut off while it is making progress), ``PublishRejected`` when the
+    broker refused one, ``TransportClosed`` when the transport was closed meanwhile.
+    """
+
+    def __init__(
+        self,
+        topic: str,
+        acks: list[Ack],
+        timeout_s: float,
+        describe_link: Callable[[], str] = lambda: "connection up",
+    ) -> None:
+        self.topic = topic
+        self._acks = acks
+        self._timeout_s = timeout_s
+        self._describe_link = describe_link
+
+    @property
+    def done(self) -> bool:
+        return all(ack.done.is_set() for ack in self._acks)
+
+    def wait(self) -> None:
+        for index, ack in enumerate(self._acks):
+            if not ack.done.wait(self._timeout_s):
+                raise PublishTimeout(
+                    f"broker did not acknowledge message {index + 1} of {len(self._acks)} on "
+                    f"{self.topic!r} within {self._timeout_s:g} s ({self._describe_link()})"
+                )
+            if ack.failure == CLOSED:
+                raise TransportClosed(f"publish to {self.topic!r} interrupted: transport closed")
+            if ack.failure:
+                raise PublishRejected(
+                    f"broker rejected publication to {self.topic!r}: {ack.failure}"
+                )

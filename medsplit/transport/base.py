@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from medsplit.transport.acks import Delivery
 
 
 class TransportError(Exception):
@@ -79,8 +82,14 @@ class Transport(Protocol):
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish one message and wait for the broker's acknowledgement (QoS 1)."""
 
-    def publish_all(self, topic: str, payloads: Sequence[bytes], *, qos: int = 1) -> None:
-        """Publish several messages pipelined, in order, and wait until all are acknowledged."""
+    def publish_all(
+        self, topic: str, payloads: Sequence[bytes], *, qos: int = 1, wait: bool = True
+    ) -> Delivery:
+        """Publish several messages pipelined, in order; with ``wait``, until all are acknowledged.
+
+        With ``wait=False`` it returns once the messages are handed to the client; call
+        ``wait()`` on the returned ``Delivery`` later (or never, for fire-and-forget).
+        """
 
     def receive(self, timeout: float | None = None) -> Inbound | None:
         """The next received message, or None when ``timeout`` seconds pass without one."""

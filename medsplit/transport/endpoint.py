@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from medsplit import topics
+from medsplit.transport.acks import Delivery
 from medsplit.transport.base import Inbound, Transport
 from medsplit.wire import (
     Decoder,
@@ -88,6 +89,7 @@ class Endpoint:
         self.limits = limits
         self.on_reject = on_reject
         self.stats = EndpointStats()
+        self._pending: list[Delivery] = []
         self._decoder = Decoder(
             limits,
             expected_for=expected_for,
@@ -103,19 +105,31 @@ class Endpoint:
         *,
         wire_dtype: WireDtype = "float32",
         cast: Collection[str] | None = None,
+        wait: bool = True,
     ) -> int:
         """Publish ``envelope`` on ``topic``; returns the bytes put on the wire.
 
         ``wire_dtype`` float16/bfloat16 down-casts the float tensors named in ``cast`` (all when
-        None): use it for activations and gradients, never for weights.
+        None): use it for activations and gradients, never for weights. With ``wait=False`` it
+        returns before the broker acknowledged the frames, so encoding the next message
+        overlaps with sending this one; ``flush()`` then waits for every acknowledgement.
         """
         frames = encode(envelope, wire_dtype=wire_dtype, cast=cast, limits=self.limits)
-        self.transport.publish_all(topic, frames)
+        delivery = self.transport.publish_all(topic, frames, wait=wait)
+        if not wait:
+            self._pending = [d for d in self._pending if not d.done]
+            self._pending.append(delivery)
         nbytes = sum(len(f) for f in frames)
         self.stats.sent_messages += 1
         self.stats.sent_frames += len(frames)
         self.stats.sent_bytes += nbytes
         return nbytes
+
+    def flush(self) -> None:
+        """Wait until the broker acknowledged everything sent with ``wait=False``."""
+        pending, self._pending = self._pending, []
+        for delivery in pending:
+            delivery.wait()
 
     def receive(self, timeout: float | None = None) -> Received | None:
         """The next valid message, or None when ``timeout`` seconds pass without one."""

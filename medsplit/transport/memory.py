@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 
 from medsplit.topics import matches
+from medsplit.transport.acks import Delivery
 from medsplit.transport.base import ConnectFailed, Inbound, TransportClosed, TransportError, Will
 from medsplit.transport.inbox import ByteBoundedQueue
 
@@ -115,9 +116,12 @@ class MemoryTransport:
             raise TransportError("not connected")
         self.broker.route(self.client_id, topic, bytes(payload), retain)
 
-    def publish_all(self, topic: str, payloads: Sequence[bytes], *, qos: int = 1) -> None:
+    def publish_all(
+        self, topic: str, payloads: Sequence[bytes], *, qos: int = 1, wait: bool = True
+    ) -> Delivery:
         for payload in payloads:
             self.publish(topic, payload, qos=qos)
+        return Delivery(topic, [], timeout_s=0.0)  # delivered synchronously: nothing to wait for
 
     def receive(self, timeout: float | None = None) -> Inbound | None:
         if self._closed:

@@ -31,12 +31,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from medsplit.transport.acks import Ack, AckTracker
+from medsplit.transport.acks import Ack, AckTracker, Delivery
 from medsplit.transport.base import (
     ConnectFailed,
     Inbound,
-    PublishRejected,
-    PublishTimeout,
     SubscribeFailed,
     TransportClosed,
     TransportError,
@@ -253,7 +251,7 @@ class MqttTransport:
             self._client.disconnect()
         finally:
             self._stop_loop()
-            self._acks.fail_all("transport closed")
+            self._acks.fail_all()
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self._check_open()
@@ -275,10 +273,15 @@ class MqttTransport:
             raise SubscribeFailed(f"broker refused subscription to {topic_filter!r}: {ack.failure}")
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        self._wait_all([self._send(topic, payload, qos, retain)], topic)
+        self._delivery(topic, [self._send(topic, payload, qos, retain)]).wait()
 
-    def publish_all(self, topic: str, payloads: Sequence[bytes], *, qos: int = 1) -> None:
-        self._wait_all([self._send(topic, p, qos, False) for p in payloads], topic)
+    def publish_all(
+        self, topic: str, payloads: Sequence[bytes], *, qos: int = 1, wait: bool = True
+    ) -> Delivery:
+        delivery = self._delivery(topic, [self._send(topic, p, qos, False) for p in payloads])
+        if wait:
+            delivery.wait()
+        return delivery
 
     def receive(self, timeout: float | None = None) -> Inbound | None:
         if self._closed:
@@ -298,21 +301,13 @@ class MqttTransport:
             raise TransportError(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
         return self._acks.expect(info.mid) if qos > 0 else None
 
-    def _wait_all(self, acks: list[Ack | None], topic: str) -> None:
-        """Wait for every acknowledgement; the timeout restarts whenever one arrives."""
-        timeout = self.settings.publish_timeout_s
-        for index, ack in enumerate(acks):
-            if ack is None:
-                continue
-            if not ack.done.wait(timeout):
-                raise PublishTimeout(
-                    f"broker did not acknowledge message {index + 1} of {len(acks)} on {topic!r} "
-                    f"within {timeout:g} s ({self._last_error or 'connection up'})"
-                )
-            if ack.failure:
-                if self._closed:
-                    raise TransportClosed(f"publish to {topic!r} interrupted: {ack.failure}")
-                raise PublishRejected(f"broker rejected publication to {topic!r}: {ack.failure}")
+    def _delivery(self, topic: str, acks: list[Ack | None]) -> Delivery:
+        return Delivery(
+            topic,
+            [ack for ack in acks if ack is not None],
+            self.settings.publish_timeout_s,
+            lambda: self._last_error or "connection up",
+        )
 
     def _check_open(self) -> None:
         if self._closed:

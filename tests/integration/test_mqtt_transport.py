@@ -6,6 +6,7 @@ import socket
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from medsplit.transport import (
     Endpoint,
     MqttSettings,
     MqttTransport,
+    PublishTimeout,
+    TransportClosed,
     Will,
 )
 from medsplit.wire import Envelope
@@ -199,3 +202,41 @@ def test_connect_to_closed_port_fails_with_clear_error() -> None:
     with pytest.raises(ConnectFailed, match=f"127.0.0.1:{port}"):
         transport.connect()
     transport.close()
+
+
+def test_pipelined_sends_are_all_acknowledged_by_flush(
+    pair: tuple[Endpoint, Endpoint], job: str
+) -> None:
+    sender, receiver = pair
+    topic = topics.up(job, "site-a", "activations")
+    for step in range(20):
+        envelope = Envelope(
+            job,
+            "site-a",
+            "activations",
+            step=step,
+            tensors={"x": torch.full((70_000,), float(step))},
+        )
+        sender.send(topic, envelope, wait=False)
+    sender.flush()
+    steps = []
+    while len(steps) < 20:
+        received = receiver.receive(timeout=30)
+        assert received is not None
+        assert torch.all(received.envelope.tensors["x"] == received.envelope.step)
+        steps.append(received.envelope.step)
+    assert steps == list(range(20))  # one publisher, one topic, QoS 1: order is kept
+
+
+def test_publish_times_out_clearly_when_the_broker_is_gone(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path).start()
+    transport = MqttTransport(
+        _settings(broker.port, publish_timeout_s=1.0, reconnect_min_s=1, reconnect_max_s=1)
+    )
+    transport.connect()
+    broker.stop()
+    with pytest.raises(PublishTimeout, match="did not acknowledge"):
+        transport.publish("medsplit/v1/j/s/up/x", b"payload")
+    transport.close()
+    with pytest.raises(TransportClosed):
+        transport.publish("medsplit/v1/j/s/up/x", b"payload")
