@@ -258,10 +258,8 @@ def codec_table(repeats: int) -> list[str]:
                 decoder.feed(frame)
 
         dec = measure(decode_all, repeats)
-        per_mb = (enc.p50_ms + dec.p50_ms) / (size / MB)
-        lines.append(
-            f"| {_label(size)} | {enc.p50_ms:.3f} ms | {dec.p50_ms:.3f} ms | {per_mb:.2f} ms |"
-        )
+        per_mb = f"{(enc.p50_ms + dec.p50_ms) / (size / MB):.2f} ms" if size >= MB else "-"
+        lines.append(f"| {_label(size)} | {enc.p50_ms:.3f} ms | {dec.p50_ms:.3f} ms | {per_mb} |")
     print(lines[-1], flush=True)
     return lines
 
