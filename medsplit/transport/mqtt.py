@@ -99,6 +99,7 @@ class MqttTransport:
         )
         client.enable_logger(logging.getLogger("medsplit.transport.paho"))
         client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
+        client.connect_timeout = min(s.connect_timeout_s, 30.0)
         client.max_inflight_messages_set(s.max_inflight)
         client.max_queued_messages_set(0)
         if s.username is not None:
@@ -214,23 +215,17 @@ class MqttTransport:
         return self._connected.is_set()
 
     def connect(self) -> None:
-        """Connect and start paho's network thread; raises ConnectFailed after the timeout."""
+        """Connect and start paho's network thread; raises ConnectFailed after the timeout.
+
+        The first TCP connection and TLS handshake happen here, in the caller's thread, so that
+        their errors (refused, certificate rejected) reach the caller with their reason; later
+        reconnects are paho's, in its network thread.
+        """
         self._check_open()
         s = self.settings
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = s.session_expiry_s
-        try:
-            self._client.connect_async(
-                s.host,
-                s.port,
-                keepalive=s.keepalive_s,
-                clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
-                properties=props,
-            )
-        except (OSError, ValueError) as exc:
-            raise ConnectFailed(f"cannot connect to {s.host}:{s.port}: {exc}") from exc
-        self._client.loop_start()
         deadline = time.monotonic() + s.connect_timeout_s
+        self._open_socket(deadline)
+        self._client.loop_start()
         while not self._connected.wait(0.05):
             if self._permanent_error or time.monotonic() > deadline:
                 reason = self._permanent_error or self._last_error or "no answer"
@@ -239,6 +234,34 @@ class MqttTransport:
                     f"could not connect to {s.host}:{s.port} as {s.client_id!r} "
                     f"within {s.connect_timeout_s:g} s: {reason}"
                 )
+
+    def _open_socket(self, deadline: float) -> None:
+        """TCP connect and TLS handshake, retried with backoff until ``deadline``."""
+        s = self.settings
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = s.session_expiry_s
+        delay = float(s.reconnect_min_s)
+        while True:
+            try:
+                self._client.connect(
+                    s.host,
+                    s.port,
+                    keepalive=s.keepalive_s,
+                    clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
+                    properties=props,
+                )
+                return
+            except ssl.SSLError as exc:  # a certificate problem does not go away by retrying
+                raise ConnectFailed(f"TLS handshake with {s.host}:{s.port} failed: {exc}") from exc
+            except (OSError, ValueError) as exc:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ConnectFailed(
+                        f"could not connect to {s.host}:{s.port} within {s.connect_timeout_s:g} s: {exc}"
+                    ) from exc
+                log.info("broker %s:%s not reachable (%s); retrying", s.host, s.port, exc)
+                time.sleep(min(delay, remaining))
+                delay = min(delay * 2, s.reconnect_max_s)
 
     def close(self) -> None:
         if self._closed:
