@@ -56,12 +56,14 @@ def wait_for_port(
 class Mosquitto:
     """Start with ``start()``, stop with ``stop()`` (or use as a context manager).
 
-    Anonymous access on 127.0.0.1 only, no persistence, unlimited queues (the tests push
-    thousands of QoS 1 messages to sessions that are briefly offline).
+    Listens on 127.0.0.1 only; anonymous clients allowed unless ``anonymous=False``; no
+    persistence; unlimited queues (the tests push thousands of QoS 1 messages to sessions that
+    are briefly offline).
     """
 
-    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+    def __init__(self, workdir: Path, extra_config: str = "", *, anonymous: bool = True) -> None:
         self.workdir = workdir
+        self.anonymous = anonymous
         self.port = free_port()
         self.extra_config = extra_config
         self.process: subprocess.Popen[bytes] | None = None
@@ -75,7 +77,7 @@ class Mosquitto:
         return "\n".join(
             [
                 f"listener {self.port} 127.0.0.1",
-                "allow_anonymous true",
+                f"allow_anonymous {'true' if self.anonymous else 'false'}",
                 "persistence false",
                 # Run as whoever started the test (as root, mosquitto would drop to its own user).
                 f"user {getpass.getuser()}",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from medsplit.broker import Mosquitto
+from medsplit.broker import Mosquitto, find_mosquitto
 from medsplit.transport import ConnectFailed, MqttSettings, MqttTransport, TlsSettings
 from tests.support.certs import CertificateAuthority
 
@@ -94,3 +96,25 @@ def test_hostname_must_match_the_broker_certificate(
     with pytest.raises(ConnectFailed, match="certificate verify failed"):
         transport.connect()
     transport.close()
+
+
+def test_username_and_password(tmp_path: Path) -> None:
+    passwords = tmp_path / "passwords"
+    passwords.write_text("")
+    passwd_tool = Path(find_mosquitto()).with_name("mosquitto_passwd")
+    if not passwd_tool.exists():
+        passwd_tool = Path(shutil.which("mosquitto_passwd") or "mosquitto_passwd")
+    subprocess.run([str(passwd_tool), "-b", str(passwords), "site-a", "s3cret"], check=True)
+    broker = Mosquitto(tmp_path / "broker", f"password_file {passwords}", anonymous=False).start()
+    try:
+        url = f"127.0.0.1:{broker.port}"
+        good = MqttTransport(MqttSettings.from_url(f"mqtt://site-a:s3cret@{url}", client_id="a"))
+        with good:
+            assert good.connected
+        bad = MqttTransport(MqttSettings.from_url(f"mqtt://site-a:wrong@{url}", client_id="b"))
+        refused = r"refused the connection: (Bad user name or password|Not authorized)"
+        with pytest.raises(ConnectFailed, match=refused):
+            bad.connect()
+        bad.close()
+    finally:
+        broker.stop()
