@@ -56,10 +56,6 @@ _PERMANENT_CONNACK = {
 }
 
 
-def _reason_text(reason: ReasonCode | int | Any) -> str:
-    return str(reason) if isinstance(reason, ReasonCode) else paho.error_string(int(reason))
-
-
 def _is_failure(reason: ReasonCode | Any) -> bool:
     return bool(getattr(reason, "is_failure", False))
 
@@ -81,6 +77,7 @@ class MqttTransport:
         self._subscriptions: dict[str, int] = {}
         self._sub_lock = threading.Lock()
         self._connected = threading.Event()
+        self._connack = threading.Event()  # set by every CONNACK, accepted or refused
         self._closed = False
         self._started = False
         self._last_error: str | None = None
@@ -141,6 +138,7 @@ class MqttTransport:
             if str(reason) in _PERMANENT_CONNACK:
                 self._permanent_error = self._last_error
             log.warning("%s (%s:%s)", self._last_error, self.settings.host, self.settings.port)
+            self._connack.set()
             return
         with self._sub_lock:
             subscriptions = dict(self._subscriptions)
@@ -155,6 +153,7 @@ class MqttTransport:
         self._started = True
         self._last_error = None
         self._connected.set()
+        self._connack.set()
         log.info(
             "connected to %s:%s as %s",
             self.settings.host,
@@ -224,16 +223,25 @@ class MqttTransport:
         self._check_open()
         s = self.settings
         deadline = time.monotonic() + s.connect_timeout_s
-        self._open_socket(deadline)
-        self._client.loop_start()
-        while not self._connected.wait(0.05):
-            if self._permanent_error or time.monotonic() > deadline:
+        try:
+            self._open_socket(deadline)
+            self._client.loop_start()
+            # Wait for a CONNACK; a refusal that retrying cannot fix ends the wait at once.
+            while not self._connected.is_set() and not self._permanent_error:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._connack.wait(remaining)
+                self._connack.clear()
+            if not self._connected.is_set():
                 reason = self._permanent_error or self._last_error or "no answer"
-                self._stop_loop()
                 raise ConnectFailed(
                     f"could not connect to {s.host}:{s.port} as {s.client_id!r} "
                     f"within {s.connect_timeout_s:g} s: {reason}"
                 )
+        except ConnectFailed:
+            self.close()  # stop paho's thread and release the socket; the transport is spent
+            raise
 
     def _open_socket(self, deadline: float) -> None:
         """TCP connect and TLS handshake, retried with backoff until ``deadline``."""

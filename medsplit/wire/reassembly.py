@@ -26,8 +26,12 @@ from medsplit.wire.tensors import TensorSpec
 ExpectedFor = Callable[[Header], Mapping[str, TensorSpec] | None]
 
 
+_MESSAGE_FIELDS = tuple(name for name in Header.model_fields if name != "chunk")
+
+
 def _same_message(a: Header, b: Header) -> bool:
-    return a.model_dump(exclude={"chunk"}) == b.model_dump(exclude={"chunk"})
+    """Every chunk of one message must repeat the same header apart from its index."""
+    return all(getattr(a, name) == getattr(b, name) for name in _MESSAGE_FIELDS)
 
 
 @dataclass

@@ -249,3 +249,14 @@ def test_encode_refuses_invalid_routing_fields() -> None:
         encode(Envelope("job/1", "site-a", "x"))
     with pytest.raises(ValueError, match="invalid envelope"):
         encode(Envelope("job", "site-a", "x", round=-1))
+
+
+def test_chunks_whose_headers_disagree_are_refused() -> None:
+    frames = encode(_env(x=torch.randn(5000)), limits=SMALL)
+    decoder = Decoder(SMALL)
+    assert decoder.feed(frames[0]) is None
+    header = unpack_frame(frames[1]).header
+    forged = header.model_copy(update={"step": header.step + 1})
+    with pytest.raises(MalformedHeader, match="disagrees"):
+        decoder.feed(wire.pack_frame(forged.to_json(), unpack_frame(frames[1]).chunk))
+    assert decoder.reassembler.pending == 0  # the message was dropped, nothing held
