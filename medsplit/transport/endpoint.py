@@ -98,6 +98,10 @@ class Endpoint:
             dedup_window=dedup_window,
         )
 
+    def set_expected(self, expected_for: ExpectedFor | None) -> None:
+        """Change the tensor specs incoming messages are checked against (e.g. after setup)."""
+        self._decoder.expected_for = expected_for
+
     def send(
         self,
         topic: str,

@@ -1,0 +1,338 @@
+"""The job coordinator: who takes part, whose turn it is, when a round closes.
+
+It runs in one thread that reads the ``Endpoint`` and answers every uplink message at once:
+cut-layer tensors go through the ``Trunk``; ``done`` and ``metrics`` are collected for the
+current round. Sequential orchestration gives each site a turn per round and hands the head
+(and tail) weights from one site to the next; parallel orchestration (SplitFed) trains all
+sites at once against the one trunk and averages their head/tail weights by sample count.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from aggregator.strategy import weighted_average
+from aggregator.trunk import Trunk
+from medsplit import protocol as p
+from medsplit import topics
+from medsplit.config import JobConfig
+from medsplit.protocol import JobSpec, TensorSpecs, edge_keys
+from medsplit.transport import Endpoint, Received
+from medsplit.wire import Envelope, WireError
+from models import split_model
+
+log = logging.getLogger(__name__)
+Event = dict[str, Any]
+
+
+class JobFailed(RuntimeError):
+    """Too few sites joined or answered to go on."""
+
+
+@dataclass
+class SiteState:
+    site_id: str
+    joined: bool = False
+    train_samples: int = 0
+    test_samples: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train_loss: dict[str, float] = field(default_factory=dict)
+    missed: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def mean(self) -> dict[str, float | None]:
+        out: dict[str, float | None] = {}
+        for name in ("loss", "accuracy", "auroc"):
+            values = [m[name] for m in self.metrics.values() if m.get(name) is not None]
+            out[name] = sum(values) / len(values) if values else None
+        return out
+
+
+class Coordinator:
+    def __init__(
+        self,
+        config: JobConfig,
+        endpoint: Endpoint,
+        *,
+        device: torch.device | None = None,
+        on_event: Callable[[Event], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.endpoint = endpoint
+        self.on_event = on_event or (lambda event: None)
+        self.clock = clock
+        plan = config.plan
+        torch.manual_seed(config.seed)
+        parts = split_model(plan.model.build(), plan)
+        self.trunk = Trunk(parts.trunk, config.optimizer, device or torch.device("cpu"))
+        full_state = {**parts.head.state_dict(), **(parts.tail.state_dict() if parts.tail else {})}
+        self.edge_state = {k: full_state[k].detach().clone() for k in edge_keys(plan)}
+        self.spec = JobSpec(
+            job_id=config.job_id,
+            mode=config.mode,
+            orchestration=config.orchestration,
+            plan=plan,
+            rounds=config.rounds,
+            local_epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            optimizer=config.optimizer,
+            seed=config.seed,
+            wire_dtype=config.wire_dtype,
+        )
+        specs = TensorSpecs(plan, config.mode)
+        endpoint.set_expected(lambda header: specs.expected(header.kind))
+        endpoint.on_reject = self._on_reject
+        self.sites = {site: SiteState(site) for site in config.sites}
+        self.history: list[RoundRecord] = []
+        self.late_messages = 0
+        self._round = -1
+        self._done: dict[str, Envelope] = {}
+        self._metrics: dict[str, dict[str, Any]] = {}
+
+    # -- sending --------------------------------------------------------------------------------
+
+    def _send(
+        self,
+        site: str,
+        kind: str,
+        *,
+        round: int = 0,
+        step: int = 0,
+        tensors: dict[str, torch.Tensor] | None = None,
+        meta: dict[str, Any] | None = None,
+        cast: set[str] | None = None,
+    ) -> None:
+        envelope = Envelope(
+            self.config.job_id,
+            "aggregator",
+            kind,
+            round=round,
+            step=step,
+            tensors=tensors or {},
+            meta=meta or {},
+        )
+        wire_dtype = self.config.wire_dtype if cast else "float32"
+        self.endpoint.send(
+            topics.down(self.config.job_id, site, kind), envelope, wire_dtype=wire_dtype, cast=cast
+        )
+
+    def _on_reject(self, topic: str, error: WireError) -> None:
+        try:
+            site = topics.parse(topic).site
+        except ValueError:
+            return
+        if site in self.sites:
+            meta = {"error": type(error).__name__, "detail": str(error)[:500]}
+            self._send(site, p.ERROR, meta=meta)
+
+    # -- the receive loop -------------------------------------------------------------------------
+
+    def _pump(self, until: Callable[[], bool], seconds: float) -> bool:
+        """Answer messages until ``until()`` holds (True) or ``seconds`` pass (False)."""
+        deadline = self.clock() + seconds
+        while not until():
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                return False
+            received = self.endpoint.receive(timeout=min(remaining, 1.0))
+            if received is not None:
+                self._dispatch(received)
+        return True
+
+    def _dispatch(self, received: Received) -> None:
+        env = received.envelope
+        try:
+            site = topics.parse(received.topic).site
+        except ValueError:
+            return
+        if site not in self.sites:
+            log.warning("message %s from unknown site %r ignored", env.kind, site)
+            return
+        handler = self._handlers.get(env.kind)
+        if handler is None:
+            log.warning("unexpected %s from %s ignored", env.kind, site)
+            return
+        handler(self, site, env)
+
+    def _on_hello(self, site: str, env: Envelope) -> None:
+        state = self.sites[site]
+        state.joined = True
+        state.train_samples = int(env.meta.get("train_samples") or 0)
+        state.test_samples = int(env.meta.get("test_samples") or 0)
+        self._send(site, p.SETUP, meta={"spec": self.spec.to_meta()})
+        self.on_event({"event": "joined", "site": site, "train_samples": state.train_samples})
+
+    def _on_activations(self, site: str, env: Envelope) -> None:
+        if self.config.mode == "split":
+            grad, loss = self.trunk.split_step(site, env.tensors["h"], env.tensors["y"])
+            self._send(
+                site,
+                p.GRADIENTS,
+                round=env.round,
+                step=env.step,
+                tensors={"g": grad},
+                meta={"loss": loss},
+                cast={"g"},
+            )
+        else:
+            out = self.trunk.forward(site, env.round, env.step, env.tensors["h"])
+            self._send(
+                site, p.TRUNK_OUT, round=env.round, step=env.step, tensors={"t": out}, cast={"t"}
+            )
+
+    def _on_trunk_grad(self, site: str, env: Envelope) -> None:
+        grad = self.trunk.backward(site, env.round, env.step, env.tensors["g"])
+        if grad is None:
+            self.late_messages += 1
+            return
+        self._send(
+            site, p.ACT_GRAD, round=env.round, step=env.step, tensors={"g": grad}, cast={"g"}
+        )
+
+    def _on_eval_activations(self, site: str, env: Envelope) -> None:
+        out = self.trunk.evaluate(env.tensors["h"])
+        self._send(site, p.EVAL_OUT, round=env.round, step=env.step, tensors={"t": out}, cast={"t"})
+
+    def _on_done(self, site: str, env: Envelope) -> None:
+        if env.round != self._round:
+            self.late_messages += 1
+            return
+        self._done[site] = env
+
+    def _on_metrics(self, site: str, env: Envelope) -> None:
+        if env.round != self._round:
+            self.late_messages += 1
+            return
+        self._metrics[site] = dict(env.meta)
+        self.sites[site].bytes_up = int(env.meta.get("bytes_up") or 0)
+        self.sites[site].bytes_down = int(env.meta.get("bytes_down") or 0)
+
+    def _on_error(self, site: str, env: Envelope) -> None:
+        log.warning("site %s reported an error: %s", site, dict(env.meta))
+
+    _handlers: ClassVar[dict[str, Callable[[Coordinator, str, Envelope], None]]] = {
+        p.HELLO: _on_hello,
+        p.ACTIVATIONS: _on_activations,
+        p.TRUNK_GRAD: _on_trunk_grad,
+        p.EVAL_ACTIVATIONS: _on_eval_activations,
+        p.DONE: _on_done,
+        p.METRICS: _on_metrics,
+        p.ERROR: _on_error,
+    }
+
+    # -- the job ------------------------------------------------------------------------------------
+
+    def run(self) -> list[RoundRecord]:
+        self._await_sites()
+        for round in range(self.config.rounds):
+            self._run_round(round)
+        for site in self._joined():
+            self._send(site, p.FINISH)
+        self.endpoint.flush()
+        return self.history
+
+    def _joined(self) -> list[str]:
+        return [s for s, state in self.sites.items() if state.joined]
+
+    def _await_sites(self) -> None:
+        everyone = lambda: all(state.joined for state in self.sites.values())  # noqa: E731
+        self._pump(everyone, self.config.join_deadline_s)
+        joined = self._joined()
+        if len(joined) < self.config.quorum:
+            raise JobFailed(
+                f"only {len(joined)} of {len(self.sites)} sites joined within {self.config.join_deadline_s:g} s (min_sites={self.config.quorum})"
+            )
+
+    def _run_round(self, round: int) -> None:
+        started = self.clock()
+        self._round, self._done, self._metrics = round, {}, {}
+        record = RoundRecord(round)
+        if self.config.orchestration == "sequential":
+            self._train_sequential(round, record)
+        else:
+            self._train_parallel(round, record)
+        participants = self._joined()
+        for site in participants:
+            self._send(site, p.EVALUATE, round=round, tensors=self.edge_state)
+        self._pump(
+            lambda: all(s in self._metrics for s in participants), self.config.round_deadline_s
+        )
+        record.metrics = {s: self._metrics[s] for s in participants if s in self._metrics}
+        record.seconds = self.clock() - started
+        self.history.append(record)
+        self.on_event(
+            {
+                "event": "round",
+                "round": round,
+                "rounds": self.config.rounds,
+                "mean": record.mean(),
+                "sites": record.metrics,
+                "missed": record.missed,
+            }
+        )
+
+    def _train_sequential(self, round: int, record: RoundRecord) -> None:
+        for site in self._joined():
+            self._send(
+                site,
+                p.TRAIN,
+                round=round,
+                tensors=self.edge_state,
+                meta={"epochs": self.config.local_epochs},
+            )
+            if self._pump(lambda site=site: site in self._done, self.config.round_deadline_s):  # type: ignore[misc]
+                done = self._done[site]
+                self.edge_state = {k: done.tensors[k] for k in self.edge_state}
+                record.train_loss[site] = float(done.meta.get("train_loss") or 0.0)
+            else:
+                record.missed.append(site)
+                self.trunk.forget(site)
+                log.warning("round %d: %s did not finish its turn in time; moving on", round, site)
+
+    def _train_parallel(self, round: int, record: RoundRecord) -> None:
+        participants = self._joined()
+        for site in participants:
+            self._send(
+                site,
+                p.TRAIN,
+                round=round,
+                tensors=self.edge_state,
+                meta={"epochs": self.config.local_epochs},
+                cast=None,
+            )
+        self._pump(lambda: all(s in self._done for s in participants), self.config.round_deadline_s)
+        answered = [s for s in participants if s in self._done]
+        record.missed = [s for s in participants if s not in self._done]
+        for site in record.missed:
+            self.trunk.forget(site)
+        if len(answered) < self.config.quorum:
+            raise JobFailed(
+                f"round {round}: only {len(answered)} sites answered before the deadline (min_sites={self.config.quorum})"
+            )
+        states = [self._done[s].tensors for s in answered]
+        weights = [float(self._done[s].meta.get("samples") or 1) for s in answered]
+        self.edge_state = weighted_average(states, weights)
+        record.train_loss = {
+            s: float(self._done[s].meta.get("train_loss") or 0.0) for s in answered
+        }
+
+    def final_state(self) -> dict[str, torch.Tensor]:
+        """The assembled model's weights: trunk from here, head/tail as last trained or averaged."""
+        return {
+            **{k: v.detach().cpu() for k, v in self.trunk.module.state_dict().items()},
+            **self.edge_state,
+        }

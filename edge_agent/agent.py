@@ -1,0 +1,248 @@
+"""The hospital-side process: says hello, receives the job, trains its segments on request.
+
+Everything happens in one thread that reads from the ``Endpoint``: MQTT callbacks only enqueue
+(see ``medsplit.transport``). The agent is a small state machine driven by the aggregator's
+messages: ``setup`` (build segments), ``train`` (run local epochs, exchanging cut-layer tensors
+step by step), ``evaluate`` (held-out metrics), ``finish``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+
+import torch
+
+from edge_agent.segments import EdgeSegments
+from medsplit import protocol as p
+from medsplit import topics
+from medsplit.datasets import SiteData
+from medsplit.protocol import JobSpec, TensorSpecs
+from medsplit.training import batch_order, evaluate_logits, loss_fn
+from medsplit.transport import Endpoint, Received
+from medsplit.wire import Envelope, Header, TensorSpec, WireError
+from medsplit.wire.frame import MetaValue
+
+log = logging.getLogger(__name__)
+
+
+class StepTimeout(RuntimeError):
+    """The aggregator did not answer a training step in time; the round is abandoned."""
+
+
+class Agent:
+    def __init__(
+        self,
+        site_id: str,
+        job_id: str,
+        endpoint: Endpoint,
+        data: SiteData,
+        *,
+        device: torch.device | None = None,
+        reply_timeout_s: float = 300.0,
+        hello_interval_s: float = 5.0,
+    ) -> None:
+        self.site_id, self.job_id = site_id, job_id
+        self.endpoint = endpoint
+        self.data = data
+        self.device = device or torch.device("cpu")
+        self.reply_timeout_s = reply_timeout_s
+        self.hello_interval_s = hello_interval_s
+        self.spec: JobSpec | None = None
+        self.specs: TensorSpecs | None = None
+        self.segments: EdgeSegments | None = None
+        self.finished = False
+        self._backlog: deque[Received] = deque()
+        endpoint.on_reject = self._report_reject
+        endpoint.set_expected(self._expected)
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _expected(self, header: Header) -> Mapping[str, TensorSpec] | None:
+        if self.specs is None:
+            return {}  # before setup nothing may carry tensors
+        return self.specs.expected(header.kind)
+
+    def _send(
+        self,
+        kind: str,
+        *,
+        round: int = 0,
+        step: int = 0,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        meta: Mapping[str, MetaValue] | None = None,
+        cast: set[str] | None = None,
+    ) -> None:
+        envelope = Envelope(
+            self.job_id,
+            self.site_id,
+            kind,
+            round=round,
+            step=step,
+            tensors=dict(tensors or {}),
+            meta=dict(meta or {}),
+        )
+        wire_dtype = self.spec.wire_dtype if (self.spec and cast) else "float32"
+        self.endpoint.send(
+            topics.up(self.job_id, self.site_id, kind), envelope, wire_dtype=wire_dtype, cast=cast
+        )
+
+    def _report_reject(self, topic: str, error: WireError) -> None:
+        self._send(
+            p.ERROR,
+            meta={"error": type(error).__name__, "detail": str(error)[:500], "topic": topic},
+        )
+
+    def _await(self, kind: str, round: int, step: int) -> Envelope:
+        """The reply to a step; other messages are kept for the main loop."""
+        deadline = time.monotonic() + self.reply_timeout_s
+        while (remaining := deadline - time.monotonic()) > 0:
+            received = self.endpoint.receive(timeout=remaining)
+            if received is None:
+                break
+            env = received.envelope
+            if env.kind == kind and env.round == round and env.step == step:
+                return env
+            if env.kind in (p.FINISH, p.SETUP, p.TRAIN, p.EVALUATE):
+                self._backlog.append(received)
+                if env.kind == p.FINISH:
+                    raise StepTimeout("the aggregator finished the job during a step")
+            else:
+                log.warning(
+                    "%s: ignoring stale %s (round %s step %s)",
+                    self.site_id,
+                    env.kind,
+                    env.round,
+                    env.step,
+                )
+        raise StepTimeout(
+            f"no {kind} for round {round} step {step} within {self.reply_timeout_s:g} s"
+        )
+
+    # -- main loop ----------------------------------------------------------------------------------
+
+    def run(self, *, max_seconds: float | None = None) -> None:
+        """Serve the job until ``finish`` (or ``max_seconds``)."""
+        stop_at = None if max_seconds is None else time.monotonic() + max_seconds
+        next_hello = 0.0
+        while not self.finished:
+            if stop_at is not None and time.monotonic() > stop_at:
+                raise TimeoutError(f"{self.site_id}: job not finished within {max_seconds} s")
+            if self.spec is None and time.monotonic() >= next_hello:
+                self._hello()
+                next_hello = time.monotonic() + self.hello_interval_s
+            received = (
+                self._backlog.popleft() if self._backlog else self.endpoint.receive(timeout=0.5)
+            )
+            if received is not None:
+                self._handle(received.envelope)
+
+    def _hello(self) -> None:
+        meta = {"train_samples": self.data.train_samples, "test_samples": len(self.data.y_test)}
+        self._send(p.HELLO, meta=meta)
+
+    def _handle(self, env: Envelope) -> None:
+        try:
+            if env.kind == p.SETUP:
+                self._setup(env)
+            elif env.kind == p.TRAIN and self.segments is not None:
+                self._train(env)
+            elif env.kind == p.EVALUATE and self.segments is not None:
+                self._evaluate(env)
+            elif env.kind == p.FINISH:
+                self.finished = True
+            elif env.kind == p.ERROR:
+                log.warning("%s: aggregator reported an error: %s", self.site_id, dict(env.meta))
+        except StepTimeout as exc:
+            log.warning("%s: round %s abandoned: %s", self.site_id, env.round, exc)
+
+    def _setup(self, env: Envelope) -> None:
+        self.spec = JobSpec.from_meta(env.meta.get("spec"))
+        self.specs = TensorSpecs(self.spec.plan, self.spec.mode)
+        self.segments = EdgeSegments(self.spec, self.device)
+        log.info(
+            "%s: joined job %s (%s, %s)",
+            self.site_id,
+            self.spec.job_id,
+            self.spec.mode,
+            self.spec.orchestration,
+        )
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def _train(self, env: Envelope) -> None:
+        assert self.spec is not None
+        assert self.segments is not None
+        segments, spec = self.segments, self.spec
+        segments.load(env.tensors)
+        segments.train()
+        x, y = self.data.x_train, self.data.y_train
+        step, total_loss, seen = 0, 0.0, 0
+        epochs = int(env.meta.get("epochs", spec.local_epochs) or 1)
+        for local_epoch in range(epochs):
+            epoch = env.round * epochs + local_epoch
+            for idx in batch_order(len(y), spec.batch_size, seed=spec.seed, epoch=epoch):
+                xb, yb = x[idx].to(self.device), y[idx].to(self.device)
+                loss = self._step(env.round, step, xb, yb)
+                total_loss += loss * len(idx)
+                seen += len(idx)
+                step += 1
+        meta = {"samples": len(y), "train_loss": total_loss / max(seen, 1)}
+        self._send(p.DONE, round=env.round, tensors=segments.state(), meta=meta)
+
+    def _step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        assert self.segments is not None
+        assert self.spec is not None
+        seg = self.segments
+        seg.optimizer.zero_grad()
+        h = seg.head(xb)
+        if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
+            self._send(
+                p.ACTIVATIONS,
+                round=round,
+                step=step,
+                tensors={"h": h.detach(), "y": yb},
+                cast={"h"},
+            )
+            reply = self._await(p.GRADIENTS, round, step)
+            h.backward(reply.tensors["g"].to(self.device))
+            seg.optimizer.step()
+            return float(reply.meta.get("loss") or 0.0)
+        self._send(p.ACTIVATIONS, round=round, step=step, tensors={"h": h.detach()}, cast={"h"})
+        t = self._await(p.TRUNK_OUT, round, step).tensors["t"].to(self.device).requires_grad_()
+        loss = loss_fn(seg.tail(t), yb)
+        loss.backward()
+        assert t.grad is not None
+        self._send(p.TRUNK_GRAD, round=round, step=step, tensors={"g": t.grad}, cast={"g"})
+        h.backward(self._await(p.ACT_GRAD, round, step).tensors["g"].to(self.device))
+        seg.optimizer.step()
+        return float(loss.detach())
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def _evaluate(self, env: Envelope) -> None:
+        assert self.segments is not None
+        assert self.spec is not None
+        seg = self.segments
+        seg.load(env.tensors)
+        seg.train(False)
+        outputs = []
+        with torch.no_grad():
+            x = self.data.x_test
+            for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
+                h = seg.head(x[idx].to(self.device))
+                self._send(
+                    p.EVAL_ACTIVATIONS, round=env.round, step=step, tensors={"h": h}, cast={"h"}
+                )
+                t = self._await(p.EVAL_OUT, env.round, step).tensors["t"].to(self.device)
+                outputs.append(seg.tail(t) if seg.tail is not None else t)
+        metrics = evaluate_logits(torch.cat(outputs).cpu(), self.data.y_test)
+        stats = self.endpoint.stats
+        meta = {
+            **metrics.as_meta(),
+            "bytes_up": stats.sent_bytes,
+            "bytes_down": stats.received_bytes,
+        }
+        self._send(p.METRICS, round=env.round, meta=meta)

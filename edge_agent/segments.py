@@ -1,0 +1,45 @@
+"""The layers a site runs: head and (U-shaped) tail, with their optimizer.
+
+Kept apart from the protocol so the arithmetic of a split step reads in one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from medsplit.protocol import JobSpec
+from medsplit.training import make_optimizer
+from models import split_model
+
+
+class EdgeSegments:
+    def __init__(self, spec: JobSpec, device: torch.device) -> None:
+        torch.manual_seed(spec.seed)  # weights are overwritten by the aggregator's anyway
+        parts = split_model(spec.plan.model.build(), spec.plan)
+        self.device = device
+        self.head: nn.Sequential = parts.head.to(device)
+        self.tail: nn.Sequential | None = parts.tail.to(device) if parts.tail is not None else None
+        params = list(self.head.parameters()) + (list(self.tail.parameters()) if self.tail else [])
+        self.optimizer = make_optimizer(params, spec.optimizer)
+
+    def modules(self) -> list[nn.Sequential]:
+        return [self.head] + ([self.tail] if self.tail is not None else [])
+
+    def load(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Load head (and tail) weights handed over by the aggregator."""
+        for module in self.modules():
+            own = {k: state[k] for k in module.state_dict()}
+            module.load_state_dict(own)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for module in self.modules():
+            out.update({k: v.detach().cpu() for k, v in module.state_dict().items()})
+        return out
+
+    def train(self, mode: bool = True) -> None:
+        for module in self.modules():
+            module.train(mode)

@@ -1,0 +1,163 @@
+"""Built-in datasets and how they are divided among sites.
+
+* ``breast-cancer``: scikit-learn's Wisconsin diagnostic set (569 real patients x 30 features,
+  binary). Shipped inside scikit-learn, so nothing is downloaded.
+* ``synthetic-cxr``: chest-radiograph-like 1x64x64 images with or without a round lesion,
+  generated in memory from a seed (DICOM files arrive with the data issue).
+
+``site_data`` gives one site its share: a partition of the dataset (IID or Dirichlet label skew),
+then a stratified train/test split of that share, then standardisation with statistics of the
+site's *own* training split, exactly what a hospital could compute alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.datasets import load_breast_cancer
+from sklearn.model_selection import train_test_split
+
+DATASETS = ("breast-cancer", "synthetic-cxr")
+DatasetName = Literal["breast-cancer", "synthetic-cxr"]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x: torch.Tensor  # float32, (n, *input_shape)
+    y: torch.Tensor  # int64, (n,)
+    num_classes: int
+    standardize: bool  # tabular features are standardised per site; images are not
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class SiteData:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def train_samples(self) -> int:
+        return len(self.y_train)
+
+
+def load(name: str, *, seed: int = 0) -> Dataset:
+    if name == "breast-cancer":
+        bunch = load_breast_cancer()
+        x = torch.tensor(bunch.data, dtype=torch.float32)
+        y = torch.tensor(bunch.target, dtype=torch.int64)
+        return Dataset(name, x, y, num_classes=2, standardize=True)
+    if name == "synthetic-cxr":
+        x, y = synthetic_cxr(1200, seed=seed)
+        return Dataset(name, x, y, num_classes=2, standardize=False)
+    raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+
+
+def synthetic_cxr(
+    count: int, *, size: int = 64, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chest-radiograph-like images: lung fields, ribs, noise; label 1 adds a faint round lesion."""
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.linspace(-1, 1, size)
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    lungs = torch.exp(-(((xx.abs() - 0.45) / 0.3) ** 2) - (yy / 0.7) ** 2)
+    ribs = 0.15 * torch.sin(yy * 18) ** 2 * lungs
+    labels = torch.randint(0, 2, (count,), generator=g)
+    images = torch.empty(count, 1, size, size)
+    for i in range(count):
+        image = 0.6 * lungs + ribs + 0.08 * torch.randn(size, size, generator=g)
+        if labels[i] == 1:
+            cx, cy = (torch.rand(2, generator=g) - 0.5) * 1.2
+            radius = 0.08 + 0.08 * torch.rand(1, generator=g)
+            image += 0.35 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * radius**2))
+        images[i, 0] = image.clamp(0, 1.5) / 1.5
+    return images, labels
+
+
+def partition(
+    labels: torch.Tensor, num_sites: int, scheme: str, *, seed: int = 0, min_size: int = 10
+) -> list[np.ndarray]:
+    """Indices per site. ``iid`` or ``dirichlet:ALPHA`` (label skew: smaller ALPHA, more skew)."""
+    if num_sites < 1:
+        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
+    rng = np.random.default_rng(seed)
+    y = labels.numpy()
+    if scheme == "iid":
+        return [np.sort(part) for part in np.array_split(rng.permutation(len(y)), num_sites)]
+    if scheme.startswith("dirichlet:"):
+        alpha = _parse_alpha(scheme)
+        for _ in range(100):
+            shares: list[list[int]] = [[] for _ in range(num_sites)]
+            for cls in np.unique(y):
+                members = rng.permutation(np.flatnonzero(y == cls))
+                proportions = rng.dirichlet([alpha] * num_sites)
+                cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
+                for site, chunk in enumerate(np.split(members, cuts)):
+                    shares[site] += chunk.tolist()
+            if min(len(s) for s in shares) >= min_size:
+                return [np.sort(np.array(s, dtype=np.int64)) for s in shares]
+        raise ValueError(
+            f"{scheme} leaves some of {num_sites} sites with fewer than {min_size} samples; raise ALPHA"
+        )
+    raise ValueError(f"unknown partition {scheme!r}; allowed: iid, dirichlet:ALPHA")
+
+
+def _parse_alpha(scheme: str) -> float:
+    try:
+        alpha = float(scheme.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(
+            f"partition {scheme!r}: ALPHA must be a number, e.g. dirichlet:0.5"
+        ) from None
+    if not math.isfinite(alpha) or alpha <= 0:
+        raise ValueError(f"partition {scheme!r}: ALPHA must be positive")
+    return alpha
+
+
+def site_data(
+    dataset: Dataset,
+    indices: np.ndarray,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> SiteData:
+    """One site's train/test split (stratified when possible) and local standardisation."""
+    y = dataset.y[indices].numpy()
+    stratify = y if min(np.bincount(y, minlength=dataset.num_classes)) >= 2 else None
+    train_idx, test_idx = train_test_split(
+        indices, test_size=test_fraction, random_state=seed, stratify=stratify
+    )
+    train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
+    x_train, x_test = dataset.x[train_idx], dataset.x[test_idx]
+    if dataset.standardize:
+        mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    return SiteData(x_train, dataset.y[train_idx], x_test, dataset.y[test_idx])
+
+
+def all_sites(
+    dataset: Dataset, num_sites: int, scheme: str, *, seed: int = 0, test_fraction: float = 0.2
+) -> list[SiteData]:
+    return [
+        site_data(dataset, idx, test_fraction=test_fraction, seed=seed)
+        for idx in partition(dataset.y, num_sites, scheme, seed=seed)
+    ]
+
+
+def pooled(sites: list[SiteData]) -> SiteData:
+    """Everything in one place, for the centralized baseline (each site's test split kept apart)."""
+    return SiteData(
+        torch.cat([s.x_train for s in sites]),
+        torch.cat([s.y_train for s in sites]),
+        torch.cat([s.x_test for s in sites]),
+        torch.cat([s.y_test for s in sites]),
+    )

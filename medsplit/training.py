@@ -1,0 +1,106 @@
+"""Training pieces shared by the edge agent, the aggregator and the centralized baseline.
+
+Everything that must behave identically on both sides of a cut lives here: the optimizer
+factory, the batch order (a site and the centralized reference see batches in the same order
+for the same seed and epoch, which is what makes split training exactly reproducible), the loss
+and the evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+
+class OptimizerConfig(BaseModel):
+    """The optimizer every segment uses (each segment gets its own instance)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0)
+
+
+def make_optimizer(
+    params: Iterable[nn.Parameter], config: OptimizerConfig
+) -> torch.optim.Optimizer:
+    params = list(params)
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
+    return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def batch_order(samples: int, batch_size: int, *, seed: int, epoch: int) -> list[torch.Tensor]:
+    """Index batches for one epoch: a permutation that depends only on (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(samples, generator=generator)
+    return list(order.split(batch_size))
+
+
+def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits, labels)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    loss: float
+    accuracy: float
+    auroc: float | None  # binary tasks with both classes present; None otherwise
+    samples: int
+
+    def as_meta(self) -> dict[str, float | int | None]:
+        return {
+            "loss": self.loss,
+            "accuracy": self.accuracy,
+            "auroc": self.auroc,
+            "samples": self.samples,
+        }
+
+
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
+    with torch.no_grad():
+        loss = float(loss_fn(logits, labels))
+        accuracy = float((logits.argmax(1) == labels).float().mean())
+        auroc = None
+        if logits.shape[1] == 2 and len(labels.unique()) == 2:
+            scores = logits.softmax(1)[:, 1].numpy()
+            auroc = float(roc_auc_score(labels.numpy(), scores))
+    return Metrics(loss if math.isfinite(loss) else float("nan"), accuracy, auroc, len(labels))
+
+
+def train_centralized(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: OptimizerConfig,
+    seed: int,
+    first_epoch: int = 0,
+) -> list[float]:
+    """The baseline every split mode is compared with: the whole model, all data, one place."""
+    opt = make_optimizer(model.parameters(), optimizer)
+    losses = []
+    model.train()
+    for epoch in range(first_epoch, first_epoch + epochs):
+        total = 0.0
+        for idx in batch_order(len(y), batch_size, seed=seed, epoch=epoch):
+            opt.zero_grad()
+            loss = loss_fn(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / len(y))
+    return losses

@@ -1,0 +1,70 @@
+"""Running a whole job in one process (threads) over any transport, for tests."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aggregator.coordinator import Coordinator, RoundRecord
+from edge_agent.agent import Agent
+from medsplit import topics
+from medsplit.config import JobConfig
+from medsplit.datasets import SiteData
+from medsplit.transport import Endpoint, Transport
+
+
+@dataclass
+class JobResult:
+    history: list[RoundRecord]
+    coordinator: Coordinator
+    agents: dict[str, Agent]
+
+
+def run_job(
+    config: JobConfig,
+    data: dict[str, SiteData],
+    make_transport: Callable[[str], Transport],
+    *,
+    timeout: float = 300.0,
+    **agent_kw: Any,
+) -> JobResult:
+    """Aggregator in this thread, one thread per agent; every agent must finish."""
+    agg_transport = make_transport("aggregator")
+    agg_transport.connect()
+    for topic_filter in topics.aggregator_subscriptions(config.job_id):
+        agg_transport.subscribe(topic_filter)
+    coordinator = Coordinator(config, Endpoint(agg_transport))
+
+    agents: dict[str, Agent] = {}
+    errors: list[BaseException] = []
+    threads = []
+    for site, site_data in data.items():
+        transport = make_transport(site)
+        transport.connect()
+        for topic_filter in topics.site_subscriptions(config.job_id, site):
+            transport.subscribe(topic_filter)
+        agent = Agent(
+            site, config.job_id, Endpoint(transport), site_data, hello_interval_s=0.5, **agent_kw
+        )
+        agents[site] = agent
+
+        def serve(agent: Agent = agent) -> None:
+            try:
+                agent.run(max_seconds=timeout)
+            except BaseException as exc:  # surfaced to the test below
+                errors.append(exc)
+
+        threads.append(threading.Thread(target=serve, name=f"agent-{site}", daemon=True))
+    for thread in threads:
+        thread.start()
+    try:
+        history = coordinator.run()
+    finally:
+        for thread in threads:
+            thread.join(timeout)
+    if errors:
+        raise errors[0]
+    assert all(agent.finished for agent in agents.values())
+    return JobResult(history, coordinator, agents)
