@@ -28,5 +28,4 @@ clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info
 
 demo: setup
-	@echo "medsplit demo arrives with the split-learning processes (issue 3); until then: make test, make bench" >&2
-	@exit 1
+	$(VENV)/bin/medsplit demo --mode split-u --orchestration sequential --sites 3 --dataset breast-cancer

@@ -7,6 +7,7 @@ one-line error (exit status 2) instead of a traceback when a file or flag is wro
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
@@ -41,6 +42,27 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_aggregator(args: argparse.Namespace) -> int:
+    from aggregator.main import run  # the CLI is the composition root: processes load lazily
+    from medsplit.config import JobConfig
+
+    overrides = {"run_dir": args.out} if args.out else {}
+    return run(JobConfig.from_yaml(args.config, **overrides), events=args.events)
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from edge_agent.main import run
+    from medsplit.config import SiteConfig
+
+    return run(SiteConfig.from_yaml(args.config))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medsplit.demo import DemoOptions, run_demo
+
+    return run_demo(DemoOptions.from_args(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsplit",
@@ -61,10 +83,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_cmd.add_argument("--batch-size", type=int, default=32, help="for the cut-layer shapes")
     plan_cmd.set_defaults(func=_cmd_plan)
+
+    agg = commands.add_parser("aggregator", help="run the aggregator of a job (server side)")
+    agg.add_argument("--config", required=True, help="job YAML; MEDSPLIT_* variables override it")
+    agg.add_argument("--out", help="run directory (default: run_dir from the config)")
+    agg.add_argument("--events", action="store_true", help="print progress as JSON lines")
+    agg.set_defaults(func=_cmd_aggregator)
+
+    agent = commands.add_parser("agent", help="run an edge agent (hospital side)")
+    agent.add_argument(
+        "--config", required=True, help="site YAML; MEDSPLIT_* variables override it"
+    )
+    agent.set_defaults(func=_cmd_agent)
+
+    from medsplit.demo import add_demo_arguments
+
+    demo = commands.add_parser(
+        "demo", help="a whole federation on this machine, one process per site"
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(func=_cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("medsplit.transport.paho").setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

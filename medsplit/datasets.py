@@ -161,3 +161,18 @@ def pooled(sites: list[SiteData]) -> SiteData:
         torch.cat([s.x_test for s in sites]),
         torch.cat([s.y_test for s in sites]),
     )
+
+
+def share(
+    name: str,
+    partition_scheme: str,
+    num_sites: int,
+    index: int,
+    *,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> SiteData:
+    """Site ``index``'s share of a built-in dataset: what one agent loads in the demo."""
+    dataset = load(name, seed=seed)
+    indices = partition(dataset.y, num_sites, partition_scheme, seed=seed)[index]
+    return site_data(dataset, indices, test_fraction=test_fraction, seed=seed)

@@ -9,7 +9,7 @@ import torch
 
 from medsplit import datasets
 from medsplit.config import JobConfig
-from medsplit.training import OptimizerConfig, train_centralized
+from medsplit.training import OptimizerConfig, evaluate_logits, train_centralized
 from medsplit.transport import MemoryBroker, MemoryTransport
 from medsplit.wire import Decoder
 from tests.support.jobs import run_job
@@ -131,3 +131,44 @@ def test_parallel_rounds_average_edge_weights_by_sample_count() -> None:
         ) / sum(n.values())
         torch.testing.assert_close(averaged, expected, atol=1e-6, rtol=1e-6)
         assert not torch.equal(uploaded["site-a"][key], uploaded["site-b"][key])
+
+
+def test_accuracy_matches_centralized_training_over_three_seeds() -> None:
+    """breast-cancer, 3 IID sites, 10 rounds: split and split-u within 1 point of centralized."""
+    names = ["site-a", "site-b", "site-c"]
+    accuracy: dict[str, list[float]] = {"split": [], "split-u": [], "centralized": []}
+    for seed in range(3):
+        shares = datasets.all_sites(datasets.load("breast-cancer"), 3, "iid", seed=seed)
+        data = dict(zip(names, shares, strict=True))
+        for mode, plan in (("split", "mlp-ehr"), ("split-u", "mlp-ehr-u")):
+            config = _config(
+                mode=mode,
+                plan=plan,
+                sites=names,
+                rounds=10,
+                batch_size=32,
+                optimizer={"lr": 1e-3},
+                seed=seed,
+            )
+            broker = MemoryBroker()
+            result = run_job(config, data, lambda cid, b=broker: MemoryTransport(b, cid))
+            accuracy[mode].append(result.history[-1].mean()["accuracy"])  # type: ignore[arg-type]
+        torch.manual_seed(seed)
+        model = config.plan.model.build()
+        pool = datasets.pooled(shares)
+        train_centralized(
+            model,
+            pool.x_train,
+            pool.y_train,
+            epochs=10,
+            batch_size=32,
+            optimizer=OptimizerConfig(lr=1e-3),
+            seed=seed,
+        )
+        model.eval()
+        per_site = [evaluate_logits(model(s.x_test).detach(), s.y_test).accuracy for s in shares]
+        accuracy["centralized"].append(sum(per_site) / len(per_site))
+    mean = {k: sum(v) / len(v) for k, v in accuracy.items()}
+    assert mean["centralized"] > 0.9
+    assert abs(mean["split"] - mean["centralized"]) <= 0.01
+    assert abs(mean["split-u"] - mean["centralized"]) <= 0.01

@@ -1,0 +1,106 @@
+"""The run directory: ``report.json``, ``curves.png`` and the final weights.
+
+The report is the contract with users and with ``medsplit experiment``: mode, orchestration,
+dataset, sites, per-site and mean metrics for every round, bytes each site sent and received,
+and wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import torch
+from safetensors.torch import save_file
+
+from aggregator.coordinator import Coordinator, RoundRecord
+
+matplotlib.use("Agg")  # no display on servers and in CI
+import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
+
+
+def build_report(
+    coordinator: Coordinator, wall_time_s: float, status: str = "completed"
+) -> dict[str, Any]:
+    config = coordinator.config
+    history = [_round(record) for record in coordinator.history]
+    return {
+        "job_id": config.job_id,
+        "status": status,
+        "mode": config.mode,
+        "orchestration": config.orchestration,
+        "dataset": config.dataset,
+        "model": config.plan.model.name,
+        "sites": list(config.sites),
+        "rounds": config.rounds,
+        "local_epochs": config.local_epochs,
+        "batch_size": config.batch_size,
+        "wire_dtype": config.wire_dtype,
+        "seed": config.seed,
+        "history": history,
+        "final": history[-1] if history else None,
+        "bytes": {
+            s: {"up": st.bytes_up, "down": st.bytes_down} for s, st in coordinator.sites.items()
+        },
+        "late_messages": coordinator.late_messages,
+        "wall_time_s": round(wall_time_s, 3),
+    }
+
+
+def _round(record: RoundRecord) -> dict[str, Any]:
+    keep = ("loss", "accuracy", "auroc", "samples")
+    return {
+        "round": record.round,
+        "seconds": round(record.seconds, 3),
+        "mean": record.mean(),
+        "sites": {s: {k: m.get(k) for k in keep} for s, m in record.metrics.items()},
+        "train_loss": record.train_loss,
+        "missed": record.missed,
+    }
+
+
+def write_run(run_dir: Path, report: dict[str, Any], final_state: dict[str, torch.Tensor]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2).encode())
+    save_file(
+        {k: v.contiguous() for k, v in final_state.items()}, str(run_dir / "model.safetensors")
+    )
+    plot_curves(report, run_dir / "curves.png")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
+
+
+def plot_curves(report: dict[str, Any], path: Path) -> None:
+    """Per-site and mean loss and accuracy over rounds."""
+    history = report["history"]
+    rounds = [h["round"] + 1 for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        for site in report["sites"]:
+            values = [h["sites"].get(site, {}).get(metric) for h in history]
+            ax.plot(rounds, values, marker="o", alpha=0.6, label=site)
+        ax.plot(
+            rounds, [h["mean"][metric] for h in history], color="black", linewidth=2, label="mean"
+        )
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"held-out {metric}")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(
+        f"{report['job_id']}: {report['mode']}, {report['orchestration']}, {report['dataset']}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

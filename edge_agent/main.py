@@ -1,0 +1,65 @@
+"""``medsplit agent --config site.yaml``: the hospital-side process."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from edge_agent.agent import Agent
+from medsplit import datasets, topics
+from medsplit.config import SiteConfig
+from medsplit.transport import Endpoint, MqttTransport, Will
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def run(config: SiteConfig) -> int:
+    spec = config.data
+    data = datasets.share(
+        spec.dataset,
+        spec.partition,
+        spec.num_sites,
+        spec.index,
+        seed=spec.seed,
+        test_fraction=spec.test_fraction,
+    )
+    presence = topics.presence(config.job_id, config.site_id)
+    transport = MqttTransport(
+        config.broker.settings(f"{config.job_id}-{config.site_id}"),
+        will=Will(presence, b"offline"),
+        birth=Will(presence, b"online"),
+    )
+    transport.connect()
+    for topic_filter in topics.site_subscriptions(config.job_id, config.site_id):
+        transport.subscribe(topic_filter)
+    device = pick_device(config.device)
+    log.info(
+        "%s: %d training and %d test samples on %s",
+        config.site_id,
+        data.train_samples,
+        len(data.y_test),
+        device,
+    )
+    agent = Agent(
+        config.site_id,
+        config.job_id,
+        Endpoint(transport),
+        data,
+        device=device,
+        reply_timeout_s=config.reply_timeout_s,
+        hello_interval_s=config.hello_interval_s,
+    )
+    try:
+        agent.run()
+    finally:
+        transport.close()
+    return 0

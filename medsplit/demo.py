@@ -1,0 +1,302 @@
+"""``medsplit demo``: a whole federation on one machine, each party its own OS process.
+
+It starts a broker (Mosquitto, or the one given with ``--broker``), writes a job config and one
+site config per hospital into the run directory (real, editable files: the same ones a
+deployment uses), starts ``medsplit aggregator`` and one ``medsplit agent`` per site, shows
+progress, and prints the per-site results when the job ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from medsplit.broker import Mosquitto, find_mosquitto
+from medsplit.datasets import DATASETS
+
+PLANS = {
+    ("breast-cancer", "split"): "mlp-ehr",
+    ("breast-cancer", "split-u"): "mlp-ehr-u",
+    ("synthetic-cxr", "split"): "cnn-cxr",
+    ("synthetic-cxr", "split-u"): "cnn-cxr-u",
+}
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=["split", "split-u"], default="split-u")
+    parser.add_argument("--orchestration", choices=["sequential", "parallel"], default="sequential")
+    parser.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--dataset", choices=DATASETS, default="breast-cancer")
+    parser.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (label skew)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
+    )
+    parser.add_argument(
+        "--broker", help="use this broker (mqtt://host:port) instead of starting one"
+    )
+    parser.add_argument("--out", type=Path, help="run directory (default runs/demo-TIMESTAMP)")
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="give up after this many seconds"
+    )
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    mode: str
+    orchestration: str
+    sites: int
+    rounds: int
+    dataset: str
+    partition: str
+    batch_size: int
+    lr: float
+    seed: int
+    wire_dtype: str
+    broker: str | None
+    out: Path
+    timeout: float
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> DemoOptions:
+        if args.sites < 1:
+            raise SystemExit("error: --sites must be at least 1")
+        if args.rounds < 1:
+            raise SystemExit("error: --rounds must be at least 1")
+        if args.partition != "iid" and not args.partition.startswith("dirichlet:"):
+            raise SystemExit(f"error: --partition {args.partition!r}: use iid or dirichlet:ALPHA")
+        out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+        return cls(
+            mode=args.mode,
+            orchestration=args.orchestration,
+            sites=args.sites,
+            rounds=args.rounds,
+            dataset=args.dataset,
+            partition=args.partition,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            wire_dtype=args.wire_dtype,
+            broker=args.broker,
+            out=out,
+            timeout=args.timeout,
+        )
+
+
+def write_configs(options: DemoOptions, broker_url: str) -> tuple[Path, list[Path]]:
+    """The job config and one site config per hospital, as files a deployment would use."""
+    options.out.mkdir(parents=True, exist_ok=True)
+    job_id = f"demo-{uuid.uuid4().hex[:8]}"
+    site_ids = [f"hospital-{i + 1}" for i in range(options.sites)]
+    job = {
+        "job_id": job_id,
+        "plan": PLANS[(options.dataset, options.mode)],
+        "mode": options.mode,
+        "orchestration": options.orchestration,
+        "rounds": options.rounds,
+        "batch_size": options.batch_size,
+        "optimizer": {"name": "adam", "lr": options.lr},
+        "seed": options.seed,
+        "sites": site_ids,
+        "wire_dtype": options.wire_dtype,
+        "dataset": options.dataset,
+        "broker": {"url": broker_url},
+        "run_dir": str(options.out.resolve()),
+    }
+    job_path = options.out / "job.yaml"
+    job_path.write_text(yaml.safe_dump(job, sort_keys=False))
+    site_paths = []
+    for index, site in enumerate(site_ids):
+        site_cfg = {
+            "site_id": site,
+            "job_id": job_id,
+            "broker": {"url": broker_url},
+            "data": {
+                "source": "builtin",
+                "dataset": options.dataset,
+                "partition": options.partition,
+                "num_sites": options.sites,
+                "index": index,
+                "seed": options.seed,
+            },
+            "device": "cpu",
+            "state_dir": str((options.out / "state" / site).resolve()),
+        }
+        path = options.out / f"{site}.yaml"
+        path.write_text(yaml.safe_dump(site_cfg, sort_keys=False))
+        site_paths.append(path)
+    return job_path, site_paths
+
+
+def run_demo(options: DemoOptions) -> int:
+    console = Console(stderr=True)
+    with ExitStack() as stack:
+        broker_url = options.broker
+        if broker_url is None:
+            try:
+                find_mosquitto()
+            except RuntimeError as exc:
+                console.print(f"[red]error:[/red] {exc}; or pass --broker mqtt://HOST:PORT")
+                return 2
+            workdir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="medsplit-broker-"))
+            )
+            broker = stack.enter_context(Mosquitto(workdir))
+            broker_url = broker.url
+            console.print(f"broker: Mosquitto on {broker_url}")
+        job_path, site_paths = write_configs(options, broker_url)
+        logs = options.out / "logs"
+        logs.mkdir(exist_ok=True)
+        console.print(
+            f"run directory: {options.out}  ({options.sites} sites, {options.mode}, {options.orchestration}, {options.dataset})"
+        )
+        processes = _start(job_path, site_paths, logs, stack)
+        report = _follow(processes[0], options, console)
+        code = _wait_all(processes, options.timeout, console)
+    if report is None:
+        console.print(f"[red]the job did not complete[/red]; logs are in {logs}")
+        return code or 1
+    _print_results(report, console)
+    return code
+
+
+def _start(
+    job_path: Path, site_paths: list[Path], logs: Path, stack: ExitStack
+) -> list[subprocess.Popen[str]]:
+    command = [sys.executable, "-m", "medsplit"]
+    aggregator_log = stack.enter_context((logs / "aggregator.log").open("w"))
+    processes = [
+        subprocess.Popen(
+            [*command, "aggregator", "--config", str(job_path), "--events"],
+            stdout=subprocess.PIPE,
+            stderr=aggregator_log,
+            text=True,
+        )
+    ]
+    for path in site_paths:
+        log_file = stack.enter_context((logs / f"{path.stem}.log").open("w"))
+        processes.append(
+            subprocess.Popen(
+                [*command, "agent", "--config", str(path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    stack.callback(_terminate, processes)
+    return processes
+
+
+def _follow(
+    aggregator: subprocess.Popen[str], options: DemoOptions, console: Console
+) -> dict[str, Any] | None:
+    """Show the aggregator's progress events; return the report once it finished."""
+    assert aggregator.stdout is not None
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        joining = progress.add_task("sites joined", total=options.sites)
+        rounds = progress.add_task("rounds", total=options.rounds)
+        for line in aggregator.stdout:
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if event.get("event") == "joined":
+                progress.advance(joining)
+            elif event.get("event") == "round":
+                accuracy = event["mean"].get("accuracy")
+                label = (
+                    f"rounds (mean accuracy {accuracy:.3f})" if accuracy is not None else "rounds"
+                )
+                progress.update(rounds, advance=1, description=label)
+            elif event.get("event") == "finished":
+                report_path = Path(event["run_dir"]) / "report.json"
+                report: dict[str, Any] = json.loads(report_path.read_text())
+                return report if event.get("status") == "completed" else None
+    return None
+
+
+def _wait_all(processes: list[subprocess.Popen[str]], timeout: float, console: Console) -> int:
+    deadline = time.monotonic() + timeout
+    code = 0
+    for process in processes:
+        try:
+            returncode = process.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            console.print(f"[red]process {process.pid} did not exit in time[/red]")
+            returncode = 1
+        code = code or returncode
+    return code
+
+
+def _terminate(processes: list[subprocess.Popen[str]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _print_results(report: dict[str, Any], console: Console) -> None:
+    final = report["final"]
+    table = Table(
+        title=f"{report['mode']} / {report['orchestration']} on {report['dataset']}, after {report['rounds']} rounds"
+    )
+    for column in ("site", "test samples", "accuracy", "AUROC", "loss", "MB up", "MB down"):
+        table.add_column(column, justify="right" if column != "site" else "left")
+    for site in report["sites"]:
+        metrics = final["sites"].get(site, {})
+        traffic = report["bytes"].get(site, {})
+        table.add_row(
+            site,
+            str(metrics.get("samples", "-")),
+            _fmt(metrics.get("accuracy")),
+            _fmt(metrics.get("auroc")),
+            _fmt(metrics.get("loss")),
+            f"{traffic.get('up', 0) / 1e6:.2f}",
+            f"{traffic.get('down', 0) / 1e6:.2f}",
+        )
+    mean = final["mean"]
+    table.add_row(
+        "mean",
+        "",
+        _fmt(mean.get("accuracy")),
+        _fmt(mean.get("auroc")),
+        _fmt(mean.get("loss")),
+        "",
+        "",
+        style="bold",
+    )
+    Console().print(table)
+    console.print(
+        f"wall time {report['wall_time_s']:.1f} s; report.json, curves.png and model.safetensors are in the run directory"
+    )
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
