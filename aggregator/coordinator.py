@@ -52,6 +52,7 @@ class RoundRecord:
     train_loss: dict[str, float] = field(default_factory=dict)
     missed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    train_seconds: float = 0.0
 
     def mean(self) -> dict[str, float | None]:
         out: dict[str, float | None] = {}
@@ -166,7 +167,19 @@ class Coordinator:
         if handler is None:
             log.warning("unexpected %s from %s ignored", env.kind, site)
             return
-        handler(self, site, env)
+        try:
+            handler(self, site, env)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            # A message that passed the wire checks but still cannot be used (e.g. a step the
+            # trunk cannot process) is answered with an error; it never stops the job.
+            log.warning("could not handle %s from %s: %s", env.kind, site, exc)
+            self._send(
+                site,
+                p.ERROR,
+                round=env.round,
+                step=env.step,
+                meta={"error": type(exc).__name__, "detail": str(exc)[:500]},
+            )
 
     def _on_hello(self, site: str, env: Envelope) -> None:
         state = self.sites[site]
@@ -265,6 +278,7 @@ class Coordinator:
             self._train_sequential(round, record)
         else:
             self._train_parallel(round, record)
+        record.train_seconds = self.clock() - started
         participants = self._joined()
         for site in participants:
             self._send(site, p.EVALUATE, round=round, tensors=self.edge_state)

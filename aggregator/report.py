@@ -56,6 +56,7 @@ def _round(record: RoundRecord) -> dict[str, Any]:
     return {
         "round": record.round,
         "seconds": round(record.seconds, 3),
+        "train_seconds": round(record.train_seconds, 3),
         "mean": record.mean(),
         "sites": {s: {k: m.get(k) for k in keep} for s, m in record.metrics.items()},
         "train_loss": record.train_loss,

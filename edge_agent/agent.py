@@ -12,8 +12,10 @@ import logging
 import time
 from collections import deque
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from edge_agent.segments import EdgeSegments
 from medsplit import protocol as p
@@ -43,6 +45,7 @@ class Agent:
         device: torch.device | None = None,
         reply_timeout_s: float = 300.0,
         hello_interval_s: float = 5.0,
+        state_dir: Path | None = None,
     ) -> None:
         self.site_id, self.job_id = site_id, job_id
         self.endpoint = endpoint
@@ -50,6 +53,7 @@ class Agent:
         self.device = device or torch.device("cpu")
         self.reply_timeout_s = reply_timeout_s
         self.hello_interval_s = hello_interval_s
+        self.state_dir = state_dir
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
         self.segments: EdgeSegments | None = None
@@ -157,6 +161,14 @@ class Agent:
                 log.warning("%s: aggregator reported an error: %s", self.site_id, dict(env.meta))
         except StepTimeout as exc:
             log.warning("%s: round %s abandoned: %s", self.site_id, env.round, exc)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            # e.g. a setup whose job spec does not validate: report it, keep serving.
+            log.warning("%s: could not handle %s: %s", self.site_id, env.kind, exc)
+            self._send(
+                p.ERROR,
+                round=env.round,
+                meta={"error": type(exc).__name__, "detail": str(exc)[:500]},
+            )
 
     def _setup(self, env: Envelope) -> None:
         self.spec = JobSpec.from_meta(env.meta.get("spec"))
@@ -191,6 +203,7 @@ class Agent:
                 step += 1
         meta = {"samples": len(y), "train_loss": total_loss / max(seen, 1)}
         self._send(p.DONE, round=env.round, tensors=segments.state(), meta=meta)
+        self._save()
 
     def _step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
         assert self.segments is not None
@@ -220,6 +233,16 @@ class Agent:
         seg.optimizer.step()
         return float(loss.detach())
 
+    def _save(self) -> None:
+        """Keep this site's layers in its state directory (atomically), e.g. for export."""
+        if self.state_dir is None or self.segments is None:
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        target = self.state_dir / "edge.safetensors"
+        tmp = target.with_suffix(".tmp")
+        save_file(self.segments.state(), str(tmp))
+        tmp.replace(target)
+
     # -- evaluation -------------------------------------------------------------------------------
 
     def _evaluate(self, env: Envelope) -> None:
@@ -238,6 +261,7 @@ class Agent:
                 )
                 t = self._await(p.EVAL_OUT, env.round, step).tensors["t"].to(self.device)
                 outputs.append(seg.tail(t) if seg.tail is not None else t)
+        self._save()
         metrics = evaluate_logits(torch.cat(outputs).cpu(), self.data.y_test)
         stats = self.endpoint.stats
         meta = {

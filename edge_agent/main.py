@@ -57,6 +57,7 @@ def run(config: SiteConfig) -> int:
         device=device,
         reply_timeout_s=config.reply_timeout_s,
         hello_interval_s=config.hello_interval_s,
+        state_dir=config.state_dir,
     )
     try:
         agent.run()

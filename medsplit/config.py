@@ -84,14 +84,16 @@ class _EnvFirst(BaseSettings):
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Any:
         data = load_yaml_mapping(path)
         data.update(overrides)
-        return cls.from_mapping(data, str(path), base_dir=Path(path).parent)
+        # A relative plan path means "next to this config file", wherever we run from.
+        plan = data.get("plan")
+        if isinstance(plan, str) and (Path(path).parent / plan).is_file():
+            data["plan"] = str(Path(path).parent / plan)
+        return cls.from_mapping(data, str(path))
 
     @classmethod
-    def from_mapping(
-        cls, data: dict[str, Any], source: str = "<config>", base_dir: Path | None = None
-    ) -> Any:
+    def from_mapping(cls, data: dict[str, Any], source: str = "<config>") -> Any:
         try:
-            return cls.model_validate(data, context={"base_dir": base_dir or Path.cwd()})
+            return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError.from_validation_error(exc, source) from None
 
@@ -123,12 +125,10 @@ class JobConfig(_EnvFirst):
 
     @field_validator("plan", mode="before")
     @classmethod
-    def _load_plan(cls, value: Any, info: Any) -> Any:
+    def _load_plan(cls, value: Any) -> Any:
         if isinstance(value, str):
-            base_dir: Path = (info.context or {}).get("base_dir", Path.cwd())
-            candidate = base_dir / value
             try:
-                return load_plan(candidate if candidate.exists() else value)
+                return load_plan(value)
             except ConfigError as exc:
                 raise ValueError(str(exc)) from None
         return value

@@ -28,13 +28,19 @@ def run_job(
     make_transport: Callable[[str], Transport],
     *,
     timeout: float = 300.0,
+    before_run: Callable[[], None] | None = None,
     **agent_kw: Any,
 ) -> JobResult:
-    """Aggregator in this thread, one thread per agent; every agent must finish."""
+    """Aggregator in this thread, one thread per agent; every agent must finish.
+
+    ``before_run`` is called once the aggregator is subscribed, before any agent starts.
+    """
     agg_transport = make_transport("aggregator")
     agg_transport.connect()
     for topic_filter in topics.aggregator_subscriptions(config.job_id):
         agg_transport.subscribe(topic_filter)
+    if before_run is not None:
+        before_run()
     coordinator = Coordinator(config, Endpoint(agg_transport))
 
     agents: dict[str, Agent] = {}

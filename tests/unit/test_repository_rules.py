@@ -63,3 +63,10 @@ def test_agent_and_aggregator_never_import_each_other() -> None:
         assert "aggregator" not in _imports(path), path
     for path in _python_files("aggregator"):
         assert "edge_agent" not in _imports(path), path
+
+
+def test_shared_kernel_reaches_the_processes_only_through_the_command_line() -> None:
+    for path in _python_files("medsplit"):
+        if path.name == "cli.py":
+            continue  # the composition root: it loads `medsplit aggregator` / `agent` lazily
+        assert not _imports(path) & {"edge_agent", "aggregator"}, path

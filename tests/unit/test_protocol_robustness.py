@@ -1,0 +1,105 @@
+"""Bad or unexpected protocol messages are answered with errors and never stop a process."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from edge_agent.agent import Agent
+from medsplit import datasets, topics
+from medsplit.transport import Endpoint, MemoryBroker, MemoryTransport
+from medsplit.wire import Envelope
+from tests.support.jobs import run_job
+from tests.unit.test_split_learning import _config, _sites
+
+JOB = "job-t"
+
+
+def _connect(broker: MemoryBroker, client_id: str, *filters: str) -> MemoryTransport:
+    transport = MemoryTransport(broker, client_id)
+    transport.connect()
+    for topic_filter in filters:
+        transport.subscribe(topic_filter)
+    return transport
+
+
+def _site_agent(broker: MemoryBroker, **kw: object) -> tuple[Agent, threading.Thread]:
+    transport = _connect(broker, "site-a", *topics.site_subscriptions(JOB, "site-a"))
+    data = datasets.all_sites(datasets.load("breast-cancer"), 1, "iid")[0]
+    agent = Agent("site-a", JOB, Endpoint(transport), data, hello_interval_s=0.2, **kw)  # type: ignore[arg-type]
+    thread = threading.Thread(target=agent.run, kwargs={"max_seconds": 30}, daemon=True)
+    thread.start()
+    return agent, thread
+
+
+def _next(endpoint: Endpoint, kind: str) -> Envelope:
+    while True:
+        received = endpoint.receive(timeout=10)
+        assert received is not None, f"no {kind} arrived"
+        if received.envelope.kind == kind:
+            return received.envelope
+
+
+def test_agent_answers_a_bad_setup_with_an_error_and_keeps_serving() -> None:
+    broker = MemoryBroker()
+    aggregator = Endpoint(_connect(broker, "aggregator", *topics.aggregator_subscriptions(JOB)))
+    agent, thread = _site_agent(broker)
+    _next(aggregator, "hello")
+    aggregator.send(
+        topics.down(JOB, "site-a", "setup"),
+        Envelope(JOB, "aggregator", "setup", meta={"spec": "{not json"}),
+    )
+    error = _next(aggregator, "error")
+    assert error.meta["error"] in ("ValueError", "ValidationError", "JSONDecodeError")
+    # Still alive: it keeps saying hello, and a finish ends it cleanly.
+    _next(aggregator, "hello")
+    aggregator.send(topics.down(JOB, "site-a", "finish"), Envelope(JOB, "aggregator", "finish"))
+    thread.join(10)
+    assert agent.finished
+
+
+def test_agent_rejects_tensors_before_setup_and_reports_it() -> None:
+    broker = MemoryBroker()
+    aggregator = Endpoint(_connect(broker, "aggregator", *topics.aggregator_subscriptions(JOB)))
+    agent, thread = _site_agent(broker)
+    _next(aggregator, "hello")
+    sneaky = Envelope(JOB, "aggregator", "train", tensors={"hidden1.0.weight": torch.zeros(64, 30)})
+    aggregator.send(topics.down(JOB, "site-a", "train"), sneaky)
+    error = _next(aggregator, "error")
+    assert error.meta["error"] == "TensorSpecMismatch"
+    assert agent.endpoint.stats.rejected["TensorSpecMismatch"] == 1
+    aggregator.send(topics.down(JOB, "site-a", "finish"), Envelope(JOB, "aggregator", "finish"))
+    thread.join(10)
+    assert agent.finished
+
+
+def test_aggregator_ignores_strangers_and_rejects_malformed_activations(tmp_path: Path) -> None:
+    config = _config(rounds=1)
+    broker = MemoryBroker()
+    # A stranger (not in the job's site list) and a garbage uplink before the real site joins.
+    stranger = _connect(broker, "stranger", *topics.site_subscriptions(JOB, "mallory"))
+
+    def intrude() -> None:
+        stranger.publish(topics.up(JOB, "mallory", "hello"), b"garbage that is not a frame")
+        Endpoint(stranger).send(
+            topics.up(JOB, "mallory", "hello"), Envelope(JOB, "mallory", "hello")
+        )
+
+    result = run_job(
+        config,
+        _sites(["site-a"]),
+        lambda cid: MemoryTransport(broker, cid),
+        before_run=intrude,
+        state_dir=tmp_path,
+    )
+    assert "mallory" not in result.coordinator.sites
+    assert result.coordinator.endpoint.stats.rejected["BadMagic"] == 1
+    assert len(result.history) == 1 and "site-a" in result.history[0].metrics
+    # Nothing was ever sent to the stranger.
+    assert not any("/mallory/down/" in topic for _, topic, _ in broker.published)
+    # The site kept its layers in its state directory.
+    saved = load_file(str(tmp_path / "edge.safetensors"))
+    assert set(saved) == set(result.coordinator.edge_state)
