@@ -1,5 +1,5 @@
 import sys
 
-from medsplit.cli import main
+from medsplit.entry import main
 
 sys.exit(main())
