@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -56,8 +57,10 @@ def centralized_epoch_seconds(data: datasets.SiteData, epochs: int) -> float:
     return statistics.median(times[1:])
 
 
-def split_epoch_seconds(broker_url: str, workdir: Path, wire_dtype: str, rounds: int) -> float:
-    job_id = f"bench-{wire_dtype}"
+def split_epoch_seconds(
+    broker_url: str, workdir: Path, wire_dtype: str, rounds: int, omp_wait: str = "PASSIVE"
+) -> float:
+    job_id = f"bench-{wire_dtype}-{omp_wait.lower()}"
     job = {
         "job_id": job_id,
         "plan": PLAN,
@@ -89,16 +92,19 @@ def split_epoch_seconds(broker_url: str, workdir: Path, wire_dtype: str, rounds:
     (workdir / f"{job_id}.yaml").write_text(yaml.safe_dump(job))
     (workdir / f"{job_id}-site.yaml").write_text(yaml.safe_dump(site))
     command = [sys.executable, "-m", "medsplit"]
+    env = {**os.environ, "OMP_WAIT_POLICY": omp_wait}
     with (workdir / f"{job_id}.log").open("w") as log:
         aggregator = subprocess.Popen(
             [*command, "aggregator", "--config", str(workdir / f"{job_id}.yaml")],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         agent = subprocess.Popen(
             [*command, "agent", "--config", str(workdir / f"{job_id}-site.yaml")],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
         if aggregator.wait(1800) != 0 or agent.wait(120) != 0:
             raise RuntimeError(f"split run failed; see {workdir / f'{job_id}.log'}")
@@ -117,22 +123,23 @@ def run(quick: bool) -> str:
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp)) as broker:
-        for wire_dtype in ("float32", "float16"):
-            split = split_epoch_seconds(broker.url, Path(tmp), wire_dtype, rounds)
-            rows.append((wire_dtype, split))
-            print(
-                f"split-u {wire_dtype}: {split:.2f} s per epoch, {split / central:.2f}x centralized",
-                flush=True,
-            )
+        runs = (("float32", "ACTIVE"), ("float32", "PASSIVE"), ("float16", "PASSIVE"))
+        for wire_dtype, omp_wait in runs:
+            split = split_epoch_seconds(broker.url, Path(tmp), wire_dtype, rounds, omp_wait)
+            label = f"{wire_dtype} wire"
+            if omp_wait == "ACTIVE":
+                label += ", OpenMP threads spinning (torch's default)"
+            rows.append((label, split))
+            print(f"split-u {label}: {split:.2f} s per epoch, {split / central:.2f}x", flush=True)
     head_mb = 4 * torch.Size(cut_shapes(load_plan(PLAN), BATCH)["head_out"]).numel() / 1e6
     lines = [
         f"| {data.train_samples} images, {steps} steps of {BATCH} | seconds per epoch | ms per step | vs centralized |",
         "|---|---|---|---|",
         f"| centralized | {central:.2f} | {1000 * central / steps:.1f} | 1.00x |",
     ]
-    for wire_dtype, split in rows:
+    for label, split in rows:
         lines.append(
-            f"| split-u, {wire_dtype} wire | {split:.2f} | {1000 * split / steps:.1f} | {split / central:.2f}x |"
+            f"| split-u, {label} | {split:.2f} | {1000 * split / steps:.1f} | {split / central:.2f}x |"
         )
     lines.append("")
     lines.append(

@@ -3,8 +3,8 @@
 The aggregator and the agents alternate computing with waiting for the network, and in the demo
 (and any small deployment) they share a machine. OpenMP threads that keep spinning after each
 parallel region then steal the cores the other process is about to compute on. Waiting
-passively costs a single process a little and saves the federation much more: measured with
-``bench/split_overhead.py`` on 2 cores, a split-u epoch went from 3.72 s to 3.03 s (fp32).
+passively costs a single process a little and saves the federation more: see the "spinning"
+row of ``bench/split_overhead.py`` in docs/benchmarks.md.
 ``OMP_WAIT_POLICY`` is read once, when the OpenMP runtime loads with torch, so it is set here,
 before anything imports torch; an explicit setting in the environment wins.
 """
