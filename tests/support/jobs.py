@@ -46,8 +46,10 @@ def run_job(
     agents: dict[str, Agent] = {}
     errors: list[BaseException] = []
     threads = []
+    transports = [agg_transport]
     for site, site_data in data.items():
         transport = make_transport(site)
+        transports.append(transport)
         transport.connect()
         for topic_filter in topics.site_subscriptions(config.job_id, site):
             transport.subscribe(topic_filter)
@@ -70,6 +72,8 @@ def run_job(
     finally:
         for thread in threads:
             thread.join(timeout)
+        for transport in transports:
+            transport.close()
     if errors:
         raise errors[0]
     assert all(agent.finished for agent in agents.values())
