@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    logging.getLogger("medsplit.transport.paho").setLevel(logging.WARNING)
+    for chatty in ("medsplit.transport.paho", "amqtt", "transitions"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

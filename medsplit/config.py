@@ -46,6 +46,9 @@ class BrokerConfig(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     client_id: str | None = Field(None, description="default: derived from the job and site ids")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="3.1.1 only for brokers without MQTT 5"
+    )
 
     @field_validator("url")
     @classmethod
@@ -55,7 +58,11 @@ class BrokerConfig(BaseModel):
         return url
 
     def settings(self, default_client_id: str, **overrides: Any) -> MqttSettings:
-        fields: dict[str, Any] = {"client_id": self.client_id or default_client_id, "tls": self.tls}
+        fields: dict[str, Any] = {
+            "client_id": self.client_id or default_client_id,
+            "tls": self.tls,
+            "protocol": self.protocol,
+        }
         if self.username is not None:
             fields["username"] = self.username
             fields["password"] = self.password

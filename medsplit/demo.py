@@ -27,6 +27,7 @@ from rich.table import Table
 
 from medsplit.broker import Mosquitto, find_mosquitto
 from medsplit.datasets import DATASETS
+from medsplit.embedded_broker import PROTOCOL, EmbeddedBroker
 
 PLANS = {
     ("breast-cancer", "split"): "mlp-ehr",
@@ -52,6 +53,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--broker", help="use this broker (mqtt://host:port) instead of starting one"
     )
+    parser.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        help="use the in-process Python broker (amqtt, MQTT 3.1.1) even if Mosquitto is installed",
+    )
     parser.add_argument("--out", type=Path, help="run directory (default runs/demo-TIMESTAMP)")
     parser.add_argument(
         "--timeout", type=float, default=1800, help="give up after this many seconds"
@@ -71,6 +77,7 @@ class DemoOptions:
     seed: int
     wire_dtype: str
     broker: str | None
+    embedded_broker: bool
     out: Path
     timeout: float
 
@@ -95,12 +102,15 @@ class DemoOptions:
             seed=args.seed,
             wire_dtype=args.wire_dtype,
             broker=args.broker,
+            embedded_broker=args.embedded_broker,
             out=out,
             timeout=args.timeout,
         )
 
 
-def write_configs(options: DemoOptions, broker_url: str) -> tuple[Path, list[Path]]:
+def write_configs(
+    options: DemoOptions, broker_url: str, protocol: str = "5"
+) -> tuple[Path, list[Path]]:
     """The job config and one site config per hospital, as files a deployment would use."""
     options.out.mkdir(parents=True, exist_ok=True)
     job_id = f"demo-{uuid.uuid4().hex[:8]}"
@@ -117,7 +127,7 @@ def write_configs(options: DemoOptions, broker_url: str) -> tuple[Path, list[Pat
         "sites": site_ids,
         "wire_dtype": options.wire_dtype,
         "dataset": options.dataset,
-        "broker": {"url": broker_url},
+        "broker": {"url": broker_url, "protocol": protocol},
         "run_dir": str(options.out.resolve()),
     }
     job_path = options.out / "job.yaml"
@@ -127,7 +137,7 @@ def write_configs(options: DemoOptions, broker_url: str) -> tuple[Path, list[Pat
         site_cfg = {
             "site_id": site,
             "job_id": job_id,
-            "broker": {"url": broker_url},
+            "broker": {"url": broker_url, "protocol": protocol},
             "data": {
                 "source": "builtin",
                 "dataset": options.dataset,
@@ -148,20 +158,8 @@ def write_configs(options: DemoOptions, broker_url: str) -> tuple[Path, list[Pat
 def run_demo(options: DemoOptions) -> int:
     console = Console(stderr=True)
     with ExitStack() as stack:
-        broker_url = options.broker
-        if broker_url is None:
-            try:
-                find_mosquitto()
-            except RuntimeError as exc:
-                console.print(f"[red]error:[/red] {exc}; or pass --broker mqtt://HOST:PORT")
-                return 2
-            workdir = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="medsplit-broker-"))
-            )
-            broker = stack.enter_context(Mosquitto(workdir))
-            broker_url = broker.url
-            console.print(f"broker: Mosquitto on {broker_url}")
-        job_path, site_paths = write_configs(options, broker_url)
+        broker_url, protocol = _broker(options, stack, console)
+        job_path, site_paths = write_configs(options, broker_url, protocol)
         logs = options.out / "logs"
         logs.mkdir(exist_ok=True)
         console.print(
@@ -175,6 +173,29 @@ def run_demo(options: DemoOptions) -> int:
         return code or 1
     _print_results(report, console)
     return code
+
+
+def _broker(options: DemoOptions, stack: ExitStack, console: Console) -> tuple[str, str]:
+    """The broker URL and MQTT version: the one given, a local Mosquitto, or an embedded one."""
+    if options.broker is not None:
+        return options.broker, "5"
+    if not options.embedded_broker:
+        try:
+            find_mosquitto()
+        except RuntimeError:
+            console.print(
+                "Mosquitto not found: using the embedded Python broker (amqtt, MQTT 3.1.1)"
+            )
+        else:
+            workdir = Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="medsplit-broker-"))
+            )
+            mosquitto = stack.enter_context(Mosquitto(workdir))
+            console.print(f"broker: Mosquitto on {mosquitto.url}")
+            return mosquitto.url, "5"
+    embedded = stack.enter_context(EmbeddedBroker())
+    console.print(f"broker: embedded amqtt on {embedded.url}")
+    return embedded.url, PROTOCOL
 
 
 def _start(

@@ -89,10 +89,13 @@ class MqttTransport:
 
     def _make_client(self, will: Will | None) -> paho.Client:
         s = self.settings
+        v5 = s.protocol == "5"
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=s.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            # MQTT 3.1.1 has no session expiry: a persistent session is clean_session=False.
+            clean_session=None if v5 else False,
         )
         client.enable_logger(logging.getLogger("medsplit.transport.paho"))
         client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
@@ -246,18 +249,15 @@ class MqttTransport:
     def _open_socket(self, deadline: float) -> None:
         """TCP connect and TLS handshake, retried with backoff until ``deadline``."""
         s = self.settings
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.SessionExpiryInterval = s.session_expiry_s
+        options: dict[str, Any] = {"keepalive": s.keepalive_s}
+        if s.protocol == "5":
+            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            props.SessionExpiryInterval = s.session_expiry_s
+            options |= {"clean_start": paho.MQTT_CLEAN_START_FIRST_ONLY, "properties": props}
         delay = float(s.reconnect_min_s)
         while True:
             try:
-                self._client.connect(
-                    s.host,
-                    s.port,
-                    keepalive=s.keepalive_s,
-                    clean_start=paho.MQTT_CLEAN_START_FIRST_ONLY,
-                    properties=props,
-                )
+                self._client.connect(s.host, s.port, **options)
                 return
             except ssl.SSLError as exc:  # a certificate problem does not go away by retrying
                 raise ConnectFailed(f"TLS handshake with {s.host}:{s.port} failed: {exc}") from exc

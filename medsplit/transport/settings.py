@@ -8,6 +8,7 @@ is loaded, so a missing certificate file is reported at start-up with the field 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -46,6 +47,9 @@ class MqttSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     client_id: str = Field(min_length=1, max_length=128, description="unique per connection")
+    protocol: Literal["5", "3.1.1"] = Field(
+        "5", description="MQTT version; 3.1.1 only for brokers without MQTT 5 (e.g. amqtt)"
+    )
     tls: TlsSettings | None = None
     username: str | None = None
     password: SecretStr | None = None

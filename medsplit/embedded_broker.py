@@ -1,0 +1,68 @@
+"""An in-process MQTT broker (amqtt) for machines without Mosquitto.
+
+``medsplit demo`` must run with nothing installed beyond the Python package. amqtt is a
+maintained asyncio broker; it speaks MQTT 3.1.1 only, so clients of an embedded broker use
+``protocol: "3.1.1"`` (QoS 1, persistent sessions and Last Will work the same; MQTT 5 reason
+codes are not available). It runs on its own event loop in a daemon thread, on a free loopback
+port. Real deployments use Mosquitto (or EMQX) with TLS; this is for one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from medsplit.broker import free_port, wait_for_port
+
+PROTOCOL = "3.1.1"
+
+
+class EmbeddedBroker:
+    def __init__(self) -> None:
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="amqtt-broker", daemon=True
+        )
+        self._broker: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedBroker:
+        from amqtt.broker import Broker  # noqa: PLC0415 - loaded only when no Mosquitto is around
+
+        config = {
+            "listeners": {
+                "default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}", "max_connections": 256}
+            },
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
+        }
+        self._thread.start()
+
+        async def start_broker() -> Any:
+            broker = Broker(config, loop=self._loop)
+            await broker.start()
+            return broker
+
+        self._broker = asyncio.run_coroutine_threadsafe(start_broker(), self._loop).result(30)
+        wait_for_port(self.port, 15.0)
+        return self
+
+    def stop(self) -> None:
+        if self._broker is not None:
+            asyncio.run_coroutine_threadsafe(self._broker.shutdown(), self._loop).result(30)
+            self._broker = None
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
