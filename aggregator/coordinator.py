@@ -101,6 +101,7 @@ class Coordinator:
         self.history: list[RoundRecord] = []
         self.late_messages = 0
         self._round = -1
+        self._requests: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
         self._done: dict[str, Envelope] = {}
         self._metrics: dict[str, dict[str, Any]] = {}
 
@@ -139,6 +140,12 @@ class Coordinator:
         if site in self.sites:
             meta = {"error": type(error).__name__, "detail": str(error)[:500]}
             self._send(site, p.ERROR, meta=meta)
+
+    def _request(self, site: str, kind: str, weights: dict[str, torch.Tensor]) -> None:
+        """Ask a site to train or evaluate in the current round, and remember that we did."""
+        self._requests[site] = (kind, weights)
+        meta = {"epochs": self.config.local_epochs} if kind == p.TRAIN else {}
+        self._send(site, kind, round=self._round, tensors=weights, meta=meta)
 
     # -- the receive loop -------------------------------------------------------------------------
 
@@ -188,6 +195,11 @@ class Coordinator:
         state.test_samples = int(env.meta.get("test_samples") or 0)
         self._send(site, p.SETUP, meta={"spec": self.spec.to_meta()})
         self.on_event({"event": "joined", "site": site, "train_samples": state.train_samples})
+        # A site that restarts mid-round says hello again: repeat what it was asked to do.
+        request = self._requests.get(site)
+        if request is not None:
+            self.trunk.forget(site)
+            self._request(site, *request)
 
     def _on_activations(self, site: str, env: Envelope) -> None:
         if self.config.mode == "split":
@@ -225,12 +237,14 @@ class Coordinator:
             self.late_messages += 1
             return
         self._done[site] = env
+        self._requests.pop(site, None)
 
     def _on_metrics(self, site: str, env: Envelope) -> None:
         if env.round != self._round:
             self.late_messages += 1
             return
         self._metrics[site] = dict(env.meta)
+        self._requests.pop(site, None)
         self.sites[site].bytes_up = int(env.meta.get("bytes_up") or 0)
         self.sites[site].bytes_down = int(env.meta.get("bytes_down") or 0)
 
@@ -272,7 +286,7 @@ class Coordinator:
 
     def _run_round(self, round: int) -> None:
         started = self.clock()
-        self._round, self._done, self._metrics = round, {}, {}
+        self._round, self._done, self._metrics, self._requests = round, {}, {}, {}
         record = RoundRecord(round)
         if self.config.orchestration == "sequential":
             self._train_sequential(round, record)
@@ -281,7 +295,7 @@ class Coordinator:
         record.train_seconds = self.clock() - started
         participants = self._joined()
         for site in participants:
-            self._send(site, p.EVALUATE, round=round, tensors=self.edge_state)
+            self._request(site, p.EVALUATE, self.edge_state)
         self._pump(
             lambda: all(s in self._metrics for s in participants), self.config.round_deadline_s
         )
@@ -301,13 +315,7 @@ class Coordinator:
 
     def _train_sequential(self, round: int, record: RoundRecord) -> None:
         for site in self._joined():
-            self._send(
-                site,
-                p.TRAIN,
-                round=round,
-                tensors=self.edge_state,
-                meta={"epochs": self.config.local_epochs},
-            )
+            self._request(site, p.TRAIN, self.edge_state)
             if self._pump(lambda site=site: site in self._done, self.config.round_deadline_s):  # type: ignore[misc]
                 done = self._done[site]
                 self.edge_state = {k: done.tensors[k] for k in self.edge_state}
@@ -320,14 +328,7 @@ class Coordinator:
     def _train_parallel(self, round: int, record: RoundRecord) -> None:
         participants = self._joined()
         for site in participants:
-            self._send(
-                site,
-                p.TRAIN,
-                round=round,
-                tensors=self.edge_state,
-                meta={"epochs": self.config.local_epochs},
-                cast=None,
-            )
+            self._request(site, p.TRAIN, self.edge_state)
         self._pump(lambda: all(s in self._done for s in participants), self.config.round_deadline_s)
         answered = [s for s in participants if s in self._done]
         record.missed = [s for s in participants if s not in self._done]

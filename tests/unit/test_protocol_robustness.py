@@ -103,3 +103,43 @@ def test_aggregator_ignores_strangers_and_rejects_malformed_activations(tmp_path
     # The site kept its layers in its state directory.
     saved = load_file(str(tmp_path / "edge.safetensors"))
     assert set(saved) == set(result.coordinator.edge_state)
+
+
+class _CrashingAgent(Agent):
+    """Dies in the middle of its first round, as a process killed mid-epoch would."""
+
+    def _step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        if step == 3:
+            raise SystemExit("site process killed")
+        return super()._step(round, step, xb, yb)
+
+
+def test_a_restarted_site_says_hello_and_finishes_the_round() -> None:
+    from aggregator.coordinator import Coordinator  # noqa: PLC0415
+
+    config = _config(rounds=2, round_deadline_s=60)
+    data = _sites(["site-a"])["site-a"]
+    broker = MemoryBroker()
+    aggregator_transport = _connect(broker, "aggregator", *topics.aggregator_subscriptions(JOB))
+    coordinator = Coordinator(config, Endpoint(aggregator_transport))
+    lives: list[Agent] = []
+
+    def site_lifetimes() -> None:
+        for attempt, cls in enumerate((_CrashingAgent, Agent)):
+            transport = _connect(
+                broker, f"site-a-{attempt}", *topics.site_subscriptions(JOB, "site-a")
+            )
+            agent = cls("site-a", JOB, Endpoint(transport), data, hello_interval_s=0.2)
+            lives.append(agent)
+            try:
+                agent.run(max_seconds=60)
+            except SystemExit:
+                transport.drop()  # gone without a goodbye; a new process starts
+
+    thread = threading.Thread(target=site_lifetimes, daemon=True)
+    thread.start()
+    history = coordinator.run()
+    thread.join(30)
+    assert len(lives) == 2 and lives[1].finished
+    assert [r.missed for r in history] == [[], []]  # the restarted site did its turns
+    assert all("site-a" in r.metrics for r in history)
