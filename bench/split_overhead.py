@@ -87,6 +87,7 @@ def split_epoch_seconds(
             "seed": 0,
         },
         "device": "cpu",
+        "state_dir": str(workdir / f"{job_id}-state"),
         "hello_interval_s": 0.5,
     }
     (workdir / f"{job_id}.yaml").write_text(yaml.safe_dump(job))
