@@ -22,6 +22,7 @@ check: lint typecheck test
 
 bench: setup
 	$(PY) bench/transport.py --write-docs
+	$(PY) bench/split_overhead.py --write-docs
 
 
 clean:

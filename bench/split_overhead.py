@@ -163,7 +163,7 @@ def main() -> None:
         write_section(
             "split_overhead",
             "## Split learning overhead: split-u through Mosquitto vs centralized\n\n"
-            "Command: `python bench/split_overhead.py --write-docs`.\n"
+            "Command: `make bench` (runs `python bench/split_overhead.py --write-docs` after the transport benchmark).\n"
             f"Machine: {machine()}. The aggregator and the agent are separate processes "
             "(`medsplit aggregator`, `medsplit agent`) talking through Mosquitto on loopback; plan "
             "`cnn-cxr-u` (head: first conv block, tail: classifier), one site with all images.\n\n"

@@ -17,7 +17,6 @@ from pydantic import (
     Field,
     SecretStr,
     StringConstraints,
-    ValidationError,
     field_validator,
     model_validator,
 )
@@ -29,7 +28,7 @@ from medsplit.training import OptimizerConfig
 from medsplit.transport import MqttSettings, TlsSettings
 from medsplit.wire import WireDtype
 from models import ConfigError, SplitPlan, load_plan
-from models.config_errors import load_yaml_mapping
+from models.config_errors import load_yaml_mapping, validate
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Mode = Literal["split", "split-u"]
@@ -99,10 +98,7 @@ class _EnvFirst(BaseSettings):
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "<config>") -> Any:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError.from_validation_error(exc, source) from None
+        return validate(cls, data, source)
 
 
 class JobConfig(_EnvFirst):

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -62,3 +64,11 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
             source, [("", f"expected a mapping at the top level, got {type(data).__name__}")]
         )
     return dict(data)
+
+
+def validate(model: type[ModelT], data: Mapping[str, Any], source: str) -> ModelT:
+    """``model.model_validate(data)``, with any failure turned into a ConfigError for ``source``."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError.from_validation_error(exc, source) from None

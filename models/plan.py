@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from models import registry
-from models.config_errors import ConfigError, load_yaml_mapping
+from models.config_errors import ConfigError, load_yaml_mapping, validate
 
 BUILTIN_PLANS_DIR = Path(__file__).parent / "plans"
 
@@ -253,10 +253,7 @@ class SplitPlan(BaseModel):
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], source: str = "<plan>") -> SplitPlan:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError.from_validation_error(exc, source) from None
+        return validate(cls, data, source)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> SplitPlan:
