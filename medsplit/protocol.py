@@ -82,11 +82,11 @@ def edge_keys(plan: SplitPlan) -> list[str]:
 
 
 def _edge_state_specs(plan: SplitPlan) -> dict[str, TensorSpec]:
-    with torch.device("meta"):
+    with torch.device("meta"):  # building on meta is cheap; only running on it is not
         parts = split_model(plan.model.build(), plan)
-        state: dict[str, torch.Tensor] = dict(parts.head.state_dict())
-        if parts.tail is not None:
-            state.update(parts.tail.state_dict())
+    state: dict[str, torch.Tensor] = dict(parts.head.state_dict())
+    if parts.tail is not None:
+        state.update(parts.tail.state_dict())
     return {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in state.items()}
 
 
@@ -98,12 +98,8 @@ class TensorSpecs:
         head_out = TensorSpec(torch.float32, (None, *shapes["head_out"][1:]))
         edge_state = _edge_state_specs(plan)
         labels = TensorSpec(torch.int64, (None,))
-        if "trunk_out" in shapes:
-            trunk_out = TensorSpec(torch.float32, (None, *shapes["trunk_out"][1:]))
-        else:  # vanilla split: the trunk ends with the classifier
-            with torch.device("meta"):
-                logits = plan.model.build()(torch.empty(1, *plan.model.input_shape))
-            trunk_out = TensorSpec(torch.float32, (None, *logits.shape[1:]))
+        trunk_shape = shapes.get("trunk_out", shapes["logits"])  # vanilla: trunk ends in logits
+        trunk_out = TensorSpec(torch.float32, (None, *trunk_shape[1:]))
         self.by_kind: dict[str, dict[str, TensorSpec]] = {
             ACTIVATIONS: {"h": head_out, "y": labels} if mode == "split" else {"h": head_out},
             GRADIENTS: {"g": head_out},

@@ -82,13 +82,17 @@ def cut_shapes(plan: SplitPlan, batch_size: int) -> dict[str, tuple[int, ...]]:
     """Shapes of the tensors that cross each cut for one batch.
 
     ``head_out`` is the head's output (smashed data); with a tail, ``trunk_out`` is the trunk's
-    output. Receivers check incoming tensors against these before touching a model.
+    output, and ``logits`` is always the model's output. Receivers check incoming tensors against
+    these before touching a model. One sample goes through a throw-away CPU copy of the model:
+    milliseconds, where tracing shapes on the meta device first costs seconds of imports.
     """
-    with torch.device("meta"):
-        parts = split_model(plan.model.build(), plan)
-        x = torch.empty((batch_size, *plan.model.input_shape))
-        head_out = parts.head(x)
-        shapes = {"head_out": tuple(head_out.shape)}
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        parts = split_model(plan.model.build().eval(), plan)
+        h = parts.head(torch.zeros((1, *plan.model.input_shape)))
+        shapes = {"head_out": (batch_size, *h.shape[1:])}
+        t = parts.trunk(h)
         if parts.tail is not None:
-            shapes["trunk_out"] = tuple(parts.trunk(head_out).shape)
+            shapes["trunk_out"] = (batch_size, *t.shape[1:])
+            t = parts.tail(t)
+        shapes["logits"] = (batch_size, *t.shape[1:])
     return shapes

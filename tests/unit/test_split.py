@@ -61,9 +61,12 @@ def test_cut_shapes_match_a_real_forward_pass() -> None:
     parts = split_model(plan.model.build(), plan)
     x = torch.randn(7, *plan.model.input_shape)
     head_out = parts.head(x)
+    trunk_out = parts.trunk(head_out)
+    assert parts.tail is not None
     assert cut_shapes(plan, 7) == {
         "head_out": tuple(head_out.shape),
-        "trunk_out": tuple(parts.trunk(head_out).shape),
+        "trunk_out": tuple(trunk_out.shape),
+        "logits": tuple(parts.tail(trunk_out).shape),
     }
     assert cut_shapes(plan, 32)["head_out"] == (32, 16, 32, 32)  # 2 MiB of fp32 per batch
 
@@ -79,3 +82,13 @@ def test_split_refuses_a_model_of_another_architecture() -> None:
     plan = load_plan("cnn-cxr-u")
     with pytest.raises(ValueError, match="do not match the plan"):
         split_model(load_plan("mlp-ehr").model.build(), plan)
+
+
+def test_cut_shapes_leave_the_global_random_state_alone() -> None:
+    """Sites and the aggregator seed torch before building their models; shape checks in
+    between must not shift the initial weights."""
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    cut_shapes(load_plan("resnet18-cxr"), 4)
+    assert torch.equal(torch.rand(3), expected)
