@@ -130,13 +130,15 @@ class Agent:
     def run(self, *, max_seconds: float | None = None) -> None:
         """Serve the job until ``finish`` (or ``max_seconds``)."""
         stop_at = None if max_seconds is None else time.monotonic() + max_seconds
-        next_hello = 0.0
+        next_hello, hellos = 0.0, 0
         while not self.finished:
             if stop_at is not None and time.monotonic() > stop_at:
                 raise TimeoutError(f"{self.site_id}: job not finished within {max_seconds} s")
             if self.spec is None and time.monotonic() >= next_hello:
                 self._hello()
-                next_hello = time.monotonic() + self.hello_interval_s
+                # Quick at first (the aggregator may be subscribing right now), then patient.
+                hellos += 1
+                next_hello = time.monotonic() + min(self.hello_interval_s, 0.25 * 2**hellos)
             received = (
                 self._backlog.popleft() if self._backlog else self.endpoint.receive(timeout=0.5)
             )
