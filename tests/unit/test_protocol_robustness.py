@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -43,34 +44,37 @@ def _next(endpoint: Endpoint, kind: str) -> Envelope:
             return received.envelope
 
 
-def test_agent_answers_a_bad_setup_with_an_error_and_keeps_serving() -> None:
+@pytest.mark.parametrize(
+    ("envelope", "errors", "rejected_by_wire"),
+    [
+        # A setup whose job spec is not even JSON: refused by the agent's protocol layer.
+        (
+            Envelope(JOB, "aggregator", "setup", meta={"spec": "{not json"}),
+            {"ValueError", "ValidationError", "JSONDecodeError"},
+            0,
+        ),
+        # Weights before setup: refused by the wire checks, before any model exists.
+        (
+            Envelope(JOB, "aggregator", "train", tensors={"hidden1.0.weight": torch.zeros(64, 30)}),
+            {"TensorSpecMismatch"},
+            1,
+        ),
+    ],
+    ids=["bad-setup", "tensors-before-setup"],
+)
+def test_agent_answers_bad_messages_with_an_error_and_keeps_serving(
+    envelope: Envelope, errors: set[str], rejected_by_wire: int
+) -> None:
     broker = MemoryBroker()
     aggregator = Endpoint(_connect(broker, "aggregator", *topics.aggregator_subscriptions(JOB)))
     agent, thread = _site_agent(broker)
     _next(aggregator, "hello")
-    aggregator.send(
-        topics.down(JOB, "site-a", "setup"),
-        Envelope(JOB, "aggregator", "setup", meta={"spec": "{not json"}),
-    )
+    aggregator.send(topics.down(JOB, "site-a", envelope.kind), envelope)
     error = _next(aggregator, "error")
-    assert error.meta["error"] in ("ValueError", "ValidationError", "JSONDecodeError")
+    assert error.meta["error"] in errors
+    assert sum(agent.endpoint.stats.rejected.values()) == rejected_by_wire
     # Still alive: it keeps saying hello, and a finish ends it cleanly.
     _next(aggregator, "hello")
-    aggregator.send(topics.down(JOB, "site-a", "finish"), Envelope(JOB, "aggregator", "finish"))
-    thread.join(10)
-    assert agent.finished
-
-
-def test_agent_rejects_tensors_before_setup_and_reports_it() -> None:
-    broker = MemoryBroker()
-    aggregator = Endpoint(_connect(broker, "aggregator", *topics.aggregator_subscriptions(JOB)))
-    agent, thread = _site_agent(broker)
-    _next(aggregator, "hello")
-    sneaky = Envelope(JOB, "aggregator", "train", tensors={"hidden1.0.weight": torch.zeros(64, 30)})
-    aggregator.send(topics.down(JOB, "site-a", "train"), sneaky)
-    error = _next(aggregator, "error")
-    assert error.meta["error"] == "TensorSpecMismatch"
-    assert agent.endpoint.stats.rejected["TensorSpecMismatch"] == 1
     aggregator.send(topics.down(JOB, "site-a", "finish"), Envelope(JOB, "aggregator", "finish"))
     thread.join(10)
     assert agent.finished
