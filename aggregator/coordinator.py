@@ -127,9 +127,13 @@ class Coordinator:
             tensors=tensors or {},
             meta=meta or {},
         )
-        wire_dtype = self.config.wire_dtype if cast else "float32"
+        # Only the tensors named in ``cast`` (activations, gradients) may travel down-cast.
+        wire_dtype = self.config.wire_dtype
         self.endpoint.send(
-            topics.down(self.config.job_id, site, kind), envelope, wire_dtype=wire_dtype, cast=cast
+            topics.down(self.config.job_id, site, kind),
+            envelope,
+            wire_dtype=wire_dtype,
+            cast=cast or set(),
         )
 
     def _on_reject(self, topic: str, error: WireError) -> None:
@@ -203,7 +207,7 @@ class Coordinator:
 
     def _on_activations(self, site: str, env: Envelope) -> None:
         if self.config.mode == "split":
-            grad, loss = self.trunk.split_step(site, env.tensors["h"], env.tensors["y"])
+            grad, loss = self.trunk.split_step(env.tensors["h"], env.tensors["y"])
             self._send(
                 site,
                 p.GRADIENTS,

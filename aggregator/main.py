@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -60,7 +59,3 @@ def run(config: JobConfig, *, events: bool = False) -> int:
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(run(JobConfig.from_yaml(sys.argv[1])))

@@ -25,9 +25,8 @@ class Trunk:
         self.optimizer = make_optimizer(self.module.parameters(), optimizer)
         self._pending: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor, int]] = {}
         self._updates = 0  # optimizer steps taken so far
-        self.losses: dict[str, list[float]] = {}
 
-    def split_step(self, site: str, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def split_step(self, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Vanilla split: forward, loss, backward, update; returns the head's gradient."""
         self.module.train()
         h = h.to(self.device).requires_grad_()
@@ -36,7 +35,6 @@ class Trunk:
         loss.backward()
         self.optimizer.step()
         self._updates += 1
-        self.losses.setdefault(site, []).append(float(loss.detach()))
         assert h.grad is not None
         return h.grad.cpu(), float(loss.detach())
 

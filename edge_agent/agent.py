@@ -88,9 +88,13 @@ class Agent:
             tensors=dict(tensors or {}),
             meta=dict(meta or {}),
         )
-        wire_dtype = self.spec.wire_dtype if (self.spec and cast) else "float32"
+        # Only the tensors named in ``cast`` (activations, gradients) may travel down-cast.
+        wire_dtype = self.spec.wire_dtype if self.spec else "float32"
         self.endpoint.send(
-            topics.up(self.job_id, self.site_id, kind), envelope, wire_dtype=wire_dtype, cast=cast
+            topics.up(self.job_id, self.site_id, kind),
+            envelope,
+            wire_dtype=wire_dtype,
+            cast=cast or set(),
         )
 
     def _report_reject(self, topic: str, error: WireError) -> None:

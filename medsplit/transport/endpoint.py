@@ -157,7 +157,6 @@ class Endpoint:
     def _accept(self, inbound: Inbound) -> Received | None:
         self.stats.received_frames += 1
         self.stats.received_bytes += len(inbound.payload)
-        duplicates_before = self._decoder.duplicates
         try:
             envelope = self._decoder.feed(inbound.payload)
             if envelope is not None:
@@ -165,7 +164,7 @@ class Endpoint:
         except WireError as error:
             self._reject(inbound.topic, error)
             return None
-        self.stats.duplicates += self._decoder.duplicates - duplicates_before
+        self.stats.duplicates = self._decoder.duplicates
         if envelope is None:
             return None
         self.stats.received_messages += 1

@@ -172,3 +172,19 @@ def test_accuracy_matches_centralized_training_over_three_seeds() -> None:
     assert mean["centralized"] > 0.9
     assert abs(mean["split"] - mean["centralized"]) <= 0.01
     assert abs(mean["split-u"] - mean["centralized"]) <= 0.01
+
+
+def test_fp16_wire_down_casts_cut_layer_tensors_but_never_weights() -> None:
+    from medsplit.wire import unpack_frame  # noqa: PLC0415
+
+    config = _config(wire_dtype="float16", rounds=1)
+    broker = MemoryBroker()
+    run_job(config, _sites(["site-a"]), lambda cid: MemoryTransport(broker, cid))
+    cast_by_kind: dict[str, set[str]] = {}
+    for _, topic, payload in broker.published:
+        header = unpack_frame(payload).header
+        cast_by_kind.setdefault(topic.rsplit("/", 1)[-1], set()).update(header.cast)
+    for kind in ("activations", "trunk-out", "trunk-grad", "act-grad"):
+        assert cast_by_kind[kind], kind  # travelled as fp16
+    for kind in ("train", "done", "evaluate"):
+        assert cast_by_kind[kind] == set(), kind  # weights stay fp32
