@@ -1,10 +1,15 @@
 """The job coordinator: who takes part, whose turn it is, when a round closes.
 
 It runs in one thread that reads the ``Endpoint`` and answers every uplink message at once:
-cut-layer tensors go through the ``Trunk``; ``done`` and ``metrics`` are collected for the
-current round. Sequential orchestration gives each site a turn per round and hands the head
-(and tail) weights from one site to the next; parallel orchestration (SplitFed) trains all
-sites at once against the one trunk and averages their head/tail weights by sample count.
+cut-layer tensors go through the ``Trunk`` (split modes); ``done`` and ``metrics`` are collected
+for the current round. What travels to the sites is the *global state*: head (and tail) weights
+in split modes, the whole model in ``fedavg``, the shared tensors in ``flop``.
+
+Sequential orchestration gives each site a turn per round and hands the global state from one
+site to the next (Poirot et al.; cyclic weight transfer for the federated modes). Parallel
+orchestration asks the strategy which sites train, trains them at once (SplitFed against the
+one trunk, or plain local training in ``fedavg``/``flop``) and lets the strategy average what
+they send back.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from aggregator.strategy import weighted_average
+from aggregator.strategy import FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
 from medsplit import protocol as p
 from medsplit import topics
 from medsplit.config import JobConfig
-from medsplit.protocol import JobSpec, TensorSpecs, edge_keys
+from medsplit.protocol import SPLIT_MODES, JobSpec, TensorSpecs, exchanged_keys
 from medsplit.transport import Endpoint, Received
 from medsplit.wire import Envelope, WireError
 from models import split_model
@@ -51,6 +56,8 @@ class RoundRecord:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_loss: dict[str, float] = field(default_factory=dict)
     missed: list[str] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # this round's traffic
     seconds: float = 0.0
     train_seconds: float = 0.0
 
@@ -77,11 +84,17 @@ class Coordinator:
         self.on_event = on_event or (lambda event: None)
         self.clock = clock
         plan = config.plan
-        torch.manual_seed(config.seed)
-        parts = split_model(plan.model.build(), plan)
-        self.trunk = Trunk(parts.trunk, config.optimizer, device or torch.device("cpu"))
-        full_state = {**parts.head.state_dict(), **(parts.tail.state_dict() if parts.tail else {})}
-        self.edge_state = {k: full_state[k].detach().clone() for k in edge_keys(plan)}
+        model = plan.model.build(seed=config.seed)
+        self.trunk: Trunk | None = None
+        if config.mode in SPLIT_MODES:
+            trunk = split_model(model, plan).trunk
+            self.trunk = Trunk(trunk, config.optimizer, device or torch.device("cpu"))
+        full_state = model.state_dict()
+        # What the sites receive each round, and what the strategy updates from their replies.
+        self.global_state = {
+            k: full_state[k].detach().clone() for k in exchanged_keys(plan, config.mode)
+        }
+        self.strategy = make_strategy(config)
         self.spec = JobSpec(
             job_id=config.job_id,
             mode=config.mode,
@@ -104,6 +117,7 @@ class Coordinator:
         self._requests: dict[str, tuple[str, dict[str, torch.Tensor]]] = {}
         self._done: dict[str, Envelope] = {}
         self._metrics: dict[str, dict[str, Any]] = {}
+        self._round_bytes: dict[str, dict[str, int]] = {}
 
     # -- sending --------------------------------------------------------------------------------
 
@@ -202,12 +216,18 @@ class Coordinator:
         # A site that restarts mid-round says hello again: repeat what it was asked to do.
         request = self._requests.get(site)
         if request is not None:
-            self.trunk.forget(site)
+            self._forget(site)
             self._request(site, *request)
 
+    def _cut_layer_trunk(self) -> Trunk:
+        if self.trunk is None:
+            raise ValueError(f"mode {self.config.mode} exchanges no cut-layer tensors")
+        return self.trunk
+
     def _on_activations(self, site: str, env: Envelope) -> None:
+        trunk = self._cut_layer_trunk()
         if self.config.mode == "split":
-            grad, loss = self.trunk.split_step(env.tensors["h"], env.tensors["y"])
+            grad, loss = trunk.split_step(env.tensors["h"], env.tensors["y"])
             self._send(
                 site,
                 p.GRADIENTS,
@@ -218,13 +238,13 @@ class Coordinator:
                 cast={"g"},
             )
         else:
-            out = self.trunk.forward(site, env.round, env.step, env.tensors["h"])
+            out = trunk.forward(site, env.round, env.step, env.tensors["h"])
             self._send(
                 site, p.TRUNK_OUT, round=env.round, step=env.step, tensors={"t": out}, cast={"t"}
             )
 
     def _on_trunk_grad(self, site: str, env: Envelope) -> None:
-        grad = self.trunk.backward(site, env.round, env.step, env.tensors["g"])
+        grad = self._cut_layer_trunk().backward(site, env.round, env.step, env.tensors["g"])
         if grad is None:
             self.late_messages += 1
             return
@@ -233,7 +253,7 @@ class Coordinator:
         )
 
     def _on_eval_activations(self, site: str, env: Envelope) -> None:
-        out = self.trunk.evaluate(env.tensors["h"])
+        out = self._cut_layer_trunk().evaluate(env.tensors["h"])
         self._send(site, p.EVAL_OUT, round=env.round, step=env.step, tensors={"t": out}, cast={"t"})
 
     def _on_done(self, site: str, env: Envelope) -> None:
@@ -249,8 +269,11 @@ class Coordinator:
             return
         self._metrics[site] = dict(env.meta)
         self._requests.pop(site, None)
-        self.sites[site].bytes_up = int(env.meta.get("bytes_up") or 0)
-        self.sites[site].bytes_down = int(env.meta.get("bytes_down") or 0)
+        state = self.sites[site]
+        up, down = int(env.meta.get("bytes_up") or 0), int(env.meta.get("bytes_down") or 0)
+        # Sites report running totals; a round's traffic is the growth since the last report.
+        self._round_bytes[site] = {"up": up - state.bytes_up, "down": down - state.bytes_down}
+        state.bytes_up, state.bytes_down = up, down
 
     def _on_error(self, site: str, env: Envelope) -> None:
         log.warning("site %s reported an error: %s", site, dict(env.meta))
@@ -291,6 +314,7 @@ class Coordinator:
     def _run_round(self, round: int) -> None:
         started = self.clock()
         self._round, self._done, self._metrics, self._requests = round, {}, {}, {}
+        self._round_bytes = {}
         record = RoundRecord(round)
         if self.config.orchestration == "sequential":
             self._train_sequential(round, record)
@@ -299,11 +323,12 @@ class Coordinator:
         record.train_seconds = self.clock() - started
         participants = self._joined()
         for site in participants:
-            self._request(site, p.EVALUATE, self.edge_state)
+            self._request(site, p.EVALUATE, self.global_state)
         self._pump(
             lambda: all(s in self._metrics for s in participants), self.config.round_deadline_s
         )
         record.metrics = {s: self._metrics[s] for s in participants if s in self._metrics}
+        record.bytes = dict(self._round_bytes)
         record.seconds = self.clock() - started
         self.history.append(record)
         self.on_event(
@@ -319,39 +344,81 @@ class Coordinator:
 
     def _train_sequential(self, round: int, record: RoundRecord) -> None:
         for site in self._joined():
-            self._request(site, p.TRAIN, self.edge_state)
+            self._request(site, p.TRAIN, self.global_state)
             if self._pump(lambda site=site: site in self._done, self.config.round_deadline_s):  # type: ignore[misc]
                 done = self._done[site]
-                self.edge_state = {k: done.tensors[k] for k in self.edge_state}
-                record.train_loss[site] = float(done.meta.get("train_loss") or 0.0)
+                if self._acceptable(self._reply(site)):
+                    self.global_state = {k: done.tensors[k] for k in self.global_state}
+                    record.train_loss[site] = float(done.meta.get("train_loss") or 0.0)
+                    record.trained.append(site)
+                else:
+                    record.missed.append(site)
             else:
                 record.missed.append(site)
-                self.trunk.forget(site)
+                self._forget(site)
                 log.warning("round %d: %s did not finish its turn in time; moving on", round, site)
 
     def _train_parallel(self, round: int, record: RoundRecord) -> None:
-        participants = self._joined()
+        participants = self.strategy.configure_round(round, self._joined())
+        if len(participants) < self.config.quorum:
+            raise JobFailed(
+                f"round {round}: only {len(participants)} sites present (min_sites={self.config.quorum})"
+            )
         for site in participants:
-            self._request(site, p.TRAIN, self.edge_state)
+            self._request(site, p.TRAIN, self.global_state)
         self._pump(lambda: all(s in self._done for s in participants), self.config.round_deadline_s)
-        answered = [s for s in participants if s in self._done]
-        record.missed = [s for s in participants if s not in self._done]
+        answered = [s for s in participants if s in self._done and self._acceptable(self._reply(s))]
+        record.missed = [s for s in participants if s not in answered]
         for site in record.missed:
-            self.trunk.forget(site)
+            self._forget(site)
         if len(answered) < self.config.quorum:
             raise JobFailed(
                 f"round {round}: only {len(answered)} sites answered before the deadline (min_sites={self.config.quorum})"
             )
-        states = [self._done[s].tensors for s in answered]
-        weights = [float(self._done[s].meta.get("samples") or 1) for s in answered]
-        self.edge_state = weighted_average(states, weights)
+        replies = [self._reply(s) for s in answered]
+        self.global_state = self.strategy.aggregate(self.global_state, replies)
+        record.trained = answered
         record.train_loss = {
             s: float(self._done[s].meta.get("train_loss") or 0.0) for s in answered
         }
 
+    def _reply(self, site: str) -> Reply:
+        done = self._done[site]
+        return Reply(site, done.tensors, int(done.meta.get("samples") or 0))
+
+    def _acceptable(self, reply: Reply) -> bool:
+        """Whether the strategy takes this reply; a refused one counts as missed, never fatal."""
+        try:
+            self.strategy.check_reply(self.global_state, reply)
+        except ValueError as exc:
+            log.warning("round %d: reply of %s refused: %s", self._round, reply.site, exc)
+            self._send(
+                reply.site,
+                p.ERROR,
+                round=self._round,
+                meta={"error": "ReplyRefused", "detail": str(exc)[:500]},
+            )
+            return False
+        return True
+
+    def _forget(self, site: str) -> None:
+        if self.trunk is not None:
+            self.trunk.forget(site)
+
     def final_state(self) -> dict[str, torch.Tensor]:
-        """The assembled model's weights: trunk from here, head/tail as last trained or averaged."""
-        return {
-            **{k: v.detach().cpu() for k, v in self.trunk.module.state_dict().items()},
-            **self.edge_state,
-        }
+        """The weights the aggregator holds at the end.
+
+        Split modes: the whole model (trunk from here, head/tail as last trained or averaged).
+        ``fedavg``: the whole averaged model. ``flop``: only the shared tensors -- each site's
+        private layers exist only in that site's state directory.
+        """
+        trunk = {} if self.trunk is None else self.trunk.module.state_dict()
+        return {**{k: v.detach().cpu() for k, v in trunk.items()}, **self.global_state}
+
+
+def make_strategy(config: JobConfig) -> Strategy:
+    """The strategy a job's config asks for (SplitFed averages head/tail like FedAvg)."""
+    fraction, quorum, seed = config.sample_fraction, config.quorum, config.seed
+    if config.mode == "flop":
+        return Flop(fraction, quorum, seed, private_keys=config.plan.private_keys)
+    return FedAvg(fraction, quorum, seed)

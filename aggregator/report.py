@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from aggregator.coordinator import Coordinator, RoundRecord
+from medsplit.config import JobConfig
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt
@@ -26,13 +27,34 @@ from matplotlib.ticker import MaxNLocator
 def build_report(
     coordinator: Coordinator, wall_time_s: float, status: str = "completed"
 ) -> dict[str, Any]:
-    config = coordinator.config
-    history = [_round(record) for record in coordinator.history]
+    traffic = {s: {"up": st.bytes_up, "down": st.bytes_down} for s, st in coordinator.sites.items()}
+    return report_dict(
+        coordinator.config,
+        coordinator.history,
+        traffic,
+        wall_time_s,
+        status=status,
+        late_messages=coordinator.late_messages,
+    )
+
+
+def report_dict(
+    config: JobConfig,
+    history: list[RoundRecord],
+    traffic: dict[str, dict[str, int]],
+    wall_time_s: float,
+    *,
+    status: str = "completed",
+    late_messages: int = 0,
+    mode: str | None = None,
+) -> dict[str, Any]:
+    """The report of any run; ``mode`` overrides the config's (for the network-free baselines)."""
+    rounds = [_round(record) for record in history]
     return {
         "job_id": config.job_id,
         "status": status,
-        "mode": config.mode,
-        "orchestration": config.orchestration,
+        "mode": mode or config.mode,
+        "orchestration": "none" if mode in ("centralized", "local") else config.orchestration,
         "dataset": config.dataset,
         "model": config.plan.model.name,
         "sites": list(config.sites),
@@ -41,12 +63,10 @@ def build_report(
         "batch_size": config.batch_size,
         "wire_dtype": config.wire_dtype,
         "seed": config.seed,
-        "history": history,
-        "final": history[-1] if history else None,
-        "bytes": {
-            s: {"up": st.bytes_up, "down": st.bytes_down} for s, st in coordinator.sites.items()
-        },
-        "late_messages": coordinator.late_messages,
+        "history": rounds,
+        "final": rounds[-1] if rounds else None,
+        "bytes": traffic,
+        "late_messages": late_messages,
         "wall_time_s": round(wall_time_s, 3),
     }
 
@@ -60,17 +80,23 @@ def _round(record: RoundRecord) -> dict[str, Any]:
         "mean": record.mean(),
         "sites": {s: {k: m.get(k) for k in keep} for s, m in record.metrics.items()},
         "train_loss": record.train_loss,
+        "trained": record.trained,
         "missed": record.missed,
+        "bytes": record.bytes,
     }
 
 
 def write_run(run_dir: Path, report: dict[str, Any], final_state: dict[str, torch.Tensor]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2).encode())
+    write_report(run_dir, report)
     save_file(
         {k: v.contiguous() for k, v in final_state.items()}, str(run_dir / "model.safetensors")
     )
     plot_curves(report, run_dir / "curves.png")
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2).encode())
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

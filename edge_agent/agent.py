@@ -1,33 +1,39 @@
-"""The hospital-side process: says hello, receives the job, trains its segments on request.
+"""The hospital-side process: says hello, receives the job, trains its layers on request.
 
 Everything happens in one thread that reads from the ``Endpoint``: MQTT callbacks only enqueue
 (see ``medsplit.transport``). The agent is a small state machine driven by the aggregator's
-messages: ``setup`` (build segments), ``train`` (run local epochs, exchanging cut-layer tensors
-step by step), ``evaluate`` (held-out metrics), ``finish``.
+messages: ``setup`` (build its layers), ``train`` (run local epochs: in split modes exchanging
+cut-layer tensors step by step, in federated modes entirely locally), ``evaluate`` (held-out
+metrics), ``finish``.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from edge_agent.local_model import LocalModel
 from edge_agent.segments import EdgeSegments
 from medsplit import protocol as p
 from medsplit import topics
 from medsplit.datasets import SiteData
 from medsplit.protocol import JobSpec, TensorSpecs
-from medsplit.training import batch_order, evaluate_logits, loss_fn
+from medsplit.training import batch_order, evaluate_logits, loss_fn, train_epochs
 from medsplit.transport import Endpoint, Received
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
 from medsplit.wire.frame import MetaValue
 
 log = logging.getLogger(__name__)
+
+STATE_FILE = "edge.safetensors"
 
 
 class StepTimeout(RuntimeError):
@@ -56,8 +62,9 @@ class Agent:
         self.state_dir = state_dir
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
-        self.segments: EdgeSegments | None = None
+        self.segments: EdgeSegments | LocalModel | None = None
         self.finished = False
+        self._stop = threading.Event()
         self._backlog: deque[Received] = deque()
         endpoint.on_reject = self._report_reject
         endpoint.set_expected(self._expected)
@@ -107,9 +114,12 @@ class Agent:
         """The reply to a step; other messages are kept for the main loop."""
         deadline = time.monotonic() + self.reply_timeout_s
         while (remaining := deadline - time.monotonic()) > 0:
-            received = self.endpoint.receive(timeout=remaining)
+            if self._stop.is_set():
+                raise StepTimeout("the agent was asked to stop")
+            # Wake up now and then to notice stop(); a reply normally arrives in milliseconds.
+            received = self.endpoint.receive(timeout=min(remaining, 0.5))
             if received is None:
-                break
+                continue
             env = received.envelope
             if env.kind == kind and env.round == round and env.step == step:
                 return env
@@ -131,11 +141,15 @@ class Agent:
 
     # -- main loop ----------------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Ask ``run`` (in another thread) to return soon, without waiting for ``finish``."""
+        self._stop.set()
+
     def run(self, *, max_seconds: float | None = None) -> None:
         """Serve the job until ``finish`` (or ``max_seconds``)."""
         stop_at = None if max_seconds is None else time.monotonic() + max_seconds
         next_hello, hellos = 0.0, 0
-        while not self.finished:
+        while not self.finished and not self._stop.is_set():
             if stop_at is not None and time.monotonic() > stop_at:
                 raise TimeoutError(f"{self.site_id}: job not finished within {max_seconds} s")
             if self.spec is None and time.monotonic() >= next_hello:
@@ -179,7 +193,11 @@ class Agent:
     def _setup(self, env: Envelope) -> None:
         self.spec = JobSpec.from_meta(env.meta.get("spec"))
         self.specs = TensorSpecs(self.spec.plan, self.spec.mode)
-        self.segments = EdgeSegments(self.spec, self.device)
+        if self.spec.federated:
+            self.segments = LocalModel(self.spec, self.device)
+            self._restore_private(self.segments)
+        else:
+            self.segments = EdgeSegments(self.spec, self.device)
         log.info(
             "%s: joined job %s (%s, %s)",
             self.site_id,
@@ -193,26 +211,51 @@ class Agent:
     def _train(self, env: Envelope) -> None:
         assert self.spec is not None
         assert self.segments is not None
-        segments, spec = self.segments, self.spec
+        segments = self.segments
         segments.load(env.tensors)
+        segments.start_round()
         segments.train()
-        x, y = self.data.x_train, self.data.y_train
-        step, total_loss, seen = 0, 0.0, 0
-        epochs = int(env.meta.get("epochs", spec.local_epochs) or 1)
-        for local_epoch in range(epochs):
-            epoch = env.round * epochs + local_epoch
-            for idx in batch_order(len(y), spec.batch_size, seed=spec.seed, epoch=epoch):
-                xb, yb = x[idx].to(self.device), y[idx].to(self.device)
-                loss = self._step(env.round, step, xb, yb)
-                total_loss += loss * len(idx)
-                seen += len(idx)
-                step += 1
-        meta = {"samples": len(y), "train_loss": total_loss / max(seen, 1)}
+        started = time.perf_counter()
+        epochs = int(env.meta.get("epochs", self.spec.local_epochs) or 1)
+        if isinstance(segments, LocalModel):  # federated: nothing leaves the site until done
+            losses = train_epochs(
+                segments.model,
+                segments.optimizer,
+                self.data.x_train.to(self.device),
+                self.data.y_train.to(self.device),
+                epochs=epochs,
+                batch_size=self.spec.batch_size,
+                seed=self.spec.seed,
+                first_epoch=env.round * epochs,
+            )
+            train_loss = sum(losses) / len(losses)
+        else:
+            train_loss = self._train_split(env.round, epochs)
+        meta = {
+            "samples": self.data.train_samples,
+            "train_loss": train_loss,
+            "train_seconds": time.perf_counter() - started,
+        }
         self._send(p.DONE, round=env.round, tensors=segments.state(), meta=meta)
         self._save()
 
+    def _train_split(self, round: int, epochs: int) -> float:
+        """Local epochs of split learning, in the same batch order as centralized training."""
+        assert self.spec is not None
+        x, y = self.data.x_train, self.data.y_train
+        step, total_loss, seen = 0, 0.0, 0
+        for local_epoch in range(epochs):
+            epoch = round * epochs + local_epoch
+            for idx in batch_order(len(y), self.spec.batch_size, seed=self.spec.seed, epoch=epoch):
+                xb, yb = x[idx].to(self.device), y[idx].to(self.device)
+                total_loss += self._step(round, step, xb, yb) * len(idx)
+                seen += len(idx)
+                step += 1
+        return total_loss / max(seen, 1)
+
     def _step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
-        assert self.segments is not None
+        """One split-learning step: the cut-layer tensors make a round trip per batch."""
+        assert isinstance(self.segments, EdgeSegments)
         assert self.spec is not None
         seg = self.segments
         seg.optimizer.zero_grad()
@@ -240,35 +283,49 @@ class Agent:
         return float(loss.detach())
 
     def _save(self) -> None:
-        """Keep this site's layers in its state directory (atomically), e.g. for export."""
-        if self.state_dir is None or self.segments is None:
+        """Keep this site's layers in its state directory (atomically), e.g. for export.
+
+        The file names the job it belongs to, so a restarted agent restores its private layers
+        only into the same job.
+        """
+        if self.state_dir is None or self.segments is None or self.spec is None:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        target = self.state_dir / "edge.safetensors"
+        target = self.state_dir / STATE_FILE
         tmp = target.with_suffix(".tmp")
-        save_file(self.segments.state(), str(tmp))
+        metadata = {"job_id": self.spec.job_id, "mode": self.spec.mode, "site_id": self.site_id}
+        save_file(self.segments.full_state(), str(tmp), metadata=metadata)
         tmp.replace(target)
+
+    def _restore_private(self, model: LocalModel) -> None:
+        """After a restart, take back the private layers this site trained in this job."""
+        path = None if self.state_dir is None else self.state_dir / STATE_FILE
+        if path is None or not path.is_file() or self.spec is None or not model.private_keys:
+            return
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                same_job = (handle.metadata() or {}).get("job_id") == self.spec.job_id
+            state = load_file(str(path)) if same_job else {}
+            if same_job:
+                model.load_private(state)
+                log.info("%s: private layers restored from %s", self.site_id, path)
+        except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
+            log.warning("%s: cannot restore private layers from %s: %s", self.site_id, path, exc)
 
     # -- evaluation -------------------------------------------------------------------------------
 
     def _evaluate(self, env: Envelope) -> None:
         assert self.segments is not None
-        assert self.spec is not None
         seg = self.segments
         seg.load(env.tensors)
         seg.train(False)
-        outputs = []
-        with torch.no_grad():
-            x = self.data.x_test
-            for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
-                h = seg.head(x[idx].to(self.device))
-                self._send(
-                    p.EVAL_ACTIVATIONS, round=env.round, step=step, tensors={"h": h}, cast={"h"}
-                )
-                t = self._await(p.EVAL_OUT, env.round, step).tensors["t"].to(self.device)
-                outputs.append(seg.tail(t) if seg.tail is not None else t)
+        x = self.data.x_test.to(self.device)
+        if isinstance(seg, LocalModel):
+            logits = seg.predict(x)
+        else:
+            logits = self._split_logits(seg, env.round, x)
         self._save()
-        metrics = evaluate_logits(torch.cat(outputs).cpu(), self.data.y_test)
+        metrics = evaluate_logits(logits.cpu(), self.data.y_test)
         stats = self.endpoint.stats
         meta = {
             **metrics.as_meta(),
@@ -276,3 +333,15 @@ class Agent:
             "bytes_down": stats.received_bytes,
         }
         self._send(p.METRICS, round=env.round, meta=meta)
+
+    def _split_logits(self, seg: EdgeSegments, round: int, x: torch.Tensor) -> torch.Tensor:
+        """Held-out logits through the aggregator's trunk; labels never travel."""
+        assert self.spec is not None
+        outputs = []
+        with torch.no_grad():
+            for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
+                h = seg.head(x[idx])
+                self._send(p.EVAL_ACTIVATIONS, round=round, step=step, tensors={"h": h}, cast={"h"})
+                t = self._await(p.EVAL_OUT, round, step).tensors["t"].to(self.device)
+                outputs.append(seg.tail(t) if seg.tail is not None else t)
+        return torch.cat(outputs)

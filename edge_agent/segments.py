@@ -17,8 +17,8 @@ from models import split_model
 
 class EdgeSegments:
     def __init__(self, spec: JobSpec, device: torch.device) -> None:
-        torch.manual_seed(spec.seed)  # weights are overwritten by the aggregator's anyway
-        parts = split_model(spec.plan.model.build(), spec.plan)
+        # The weights are overwritten by the aggregator's anyway.
+        parts = split_model(spec.plan.model.build(seed=spec.seed), spec.plan)
         self.device = device
         self.head: nn.Sequential = parts.head.to(device)
         self.tail: nn.Sequential | None = parts.tail.to(device) if parts.tail is not None else None
@@ -39,6 +39,12 @@ class EdgeSegments:
         for module in self.modules():
             out.update({k: v.detach().cpu() for k, v in module.state_dict().items()})
         return out
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        return self.state()
+
+    def start_round(self) -> None:
+        """Split learning keeps one optimizer for the whole job (exactness with centralized)."""
 
     def train(self, mode: bool = True) -> None:
         for module in self.modules():

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from medsplit import __version__
 from models import ConfigError, cut_shapes, load_plan
@@ -63,6 +64,23 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoOptions.from_args(args))
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from experiments.config import ExperimentConfig
+    from experiments.results import write_results
+    from experiments.runner import run_experiment
+
+    config = ExperimentConfig.from_yaml(args.config)
+    for chatty in ("medsplit.transport", "edge_agent", "aggregator"):  # the progress bar says it
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    if args.out:
+        config = config.model_copy(update={"out": Path(args.out)})
+    results = run_experiment(config)
+    for path in write_results(config, results):
+        print(path)
+    failed = [r for r in results if r.status != "completed"]
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsplit",
@@ -103,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
+
+    experiment = commands.add_parser(
+        "experiment", help="compare every mode on the same data (a grid over a real broker)"
+    )
+    experiment.add_argument("--config", required=True, help="experiment YAML (docs/experiments.md)")
+    experiment.add_argument("--out", help="output directory (default: out from the config)")
+    experiment.set_defaults(func=_cmd_experiment)
     return parser
 
 

@@ -24,6 +24,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from medsplit.datasets import DATASETS
 from medsplit.ids import ID_PATTERN
+from medsplit.partitions import SCHEMES, parse_scheme
 from medsplit.training import OptimizerConfig
 from medsplit.transport import MqttSettings, TlsSettings
 from medsplit.wire import WireDtype
@@ -31,7 +32,7 @@ from models import ConfigError, SplitPlan, load_plan
 from models.config_errors import load_yaml_mapping, validate
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-Mode = Literal["split", "split-u"]
+Mode = Literal["split", "split-u", "fedavg", "flop"]
 Orchestration = Literal["sequential", "parallel"]
 
 
@@ -102,12 +103,17 @@ class _EnvFirst(BaseSettings):
 
 
 class JobConfig(_EnvFirst):
-    """What the aggregator runs. See docs/split-learning.md for every field."""
+    """What the aggregator runs. See docs/split-learning.md and docs/federated.md."""
 
     job_id: Id
     plan: SplitPlan = Field(description="a built-in plan name, a YAML path, or the plan inline")
     mode: Mode = "split-u"
-    orchestration: Orchestration = "sequential"
+    orchestration: Orchestration = Field(
+        "sequential", description="default: sequential for split modes, parallel for fedavg/flop"
+    )
+    sample_fraction: float = Field(
+        1.0, gt=0, le=1, description="parallel rounds: share of sites asked to train each round"
+    )
     rounds: int = Field(5, ge=1, le=100_000, description="epochs of the whole federation")
     local_epochs: int = Field(1, ge=1, le=1000, description="passes over local data per round")
     batch_size: int = Field(32, ge=1, le=65_536)
@@ -136,6 +142,15 @@ class JobConfig(_EnvFirst):
                 raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_orchestration(cls, data: Any) -> Any:
+        # Federated rounds are naturally parallel; split learning's classic form is sequential.
+        federated = isinstance(data, dict) and data.get("mode") in ("fedavg", "flop")
+        if federated and "orchestration" not in data:
+            data = {**data, "orchestration": "parallel"}
+        return data
+
     @field_validator("sites")
     @classmethod
     def _unique(cls, sites: list[str]) -> list[str]:
@@ -151,6 +166,11 @@ class JobConfig(_EnvFirst):
         if self.mode == "split" and self.plan.u_shaped:
             raise ValueError(
                 "mode: split needs a plan without a tail (remove tail_cut, or use split-u)"
+            )
+        if self.mode == "flop" and not (self.plan.private_keys and self.plan.shared_keys):
+            raise ValueError(
+                "mode: flop needs a plan with both shared and private layers "
+                "(e.g. private: [classifier]); with nothing private use mode: fedavg"
             )
         if self.min_sites is not None and self.min_sites > len(self.sites):
             raise ValueError(
@@ -174,7 +194,7 @@ class BuiltinData(BaseModel):
 
     source: Literal["builtin"] = "builtin"
     dataset: str = "breast-cancer"
-    partition: str = Field("iid", description="iid or dirichlet:ALPHA")
+    partition: str = Field("iid", description=SCHEMES)
     num_sites: int = Field(1, ge=1)
     index: int = Field(0, ge=0, description="which share, 0-based")
     seed: int = 0
@@ -190,8 +210,7 @@ class BuiltinData(BaseModel):
     @field_validator("partition")
     @classmethod
     def _scheme(cls, scheme: str) -> str:
-        if scheme != "iid" and not scheme.startswith("dirichlet:"):
-            raise ValueError(f"unknown partition {scheme!r}; allowed: iid, dirichlet:ALPHA")
+        parse_scheme(scheme)
         return scheme
 
     @model_validator(mode="after")

@@ -5,14 +5,13 @@
 * ``synthetic-cxr``: chest-radiograph-like 1x64x64 images with or without a round lesion,
   generated in memory from a seed (DICOM files arrive with the data issue).
 
-``site_data`` gives one site its share: a partition of the dataset (IID or Dirichlet label skew),
+``site_data`` gives one site its share: a partition of the dataset (see ``medsplit.partitions``),
 then a stratified train/test split of that share, then standardisation with statistics of the
 site's *own* training split, exactly what a hospital could compute alone.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +19,10 @@ import numpy as np
 import torch
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
+
+from medsplit.partitions import Scanner, parse_scheme, partition
+
+__all__ = ["DATASETS", "Dataset", "SiteData", "all_sites", "load", "partition", "pooled", "share"]
 
 DATASETS = ("breast-cancer", "synthetic-cxr")
 DatasetName = Literal["breast-cancer", "synthetic-cxr"]
@@ -83,46 +86,6 @@ def synthetic_cxr(
     return images, labels
 
 
-def partition(
-    labels: torch.Tensor, num_sites: int, scheme: str, *, seed: int = 0, min_size: int = 10
-) -> list[np.ndarray]:
-    """Indices per site. ``iid`` or ``dirichlet:ALPHA`` (label skew: smaller ALPHA, more skew)."""
-    if num_sites < 1:
-        raise ValueError(f"num_sites must be >= 1, got {num_sites}")
-    rng = np.random.default_rng(seed)
-    y = labels.numpy()
-    if scheme == "iid":
-        return [np.sort(part) for part in np.array_split(rng.permutation(len(y)), num_sites)]
-    if scheme.startswith("dirichlet:"):
-        alpha = _parse_alpha(scheme)
-        for _ in range(100):
-            shares: list[list[int]] = [[] for _ in range(num_sites)]
-            for cls in np.unique(y):
-                members = rng.permutation(np.flatnonzero(y == cls))
-                proportions = rng.dirichlet([alpha] * num_sites)
-                cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
-                for site, chunk in enumerate(np.split(members, cuts)):
-                    shares[site] += chunk.tolist()
-            if min(len(s) for s in shares) >= min_size:
-                return [np.sort(np.array(s, dtype=np.int64)) for s in shares]
-        raise ValueError(
-            f"{scheme} leaves some of {num_sites} sites with fewer than {min_size} samples; raise ALPHA"
-        )
-    raise ValueError(f"unknown partition {scheme!r}; allowed: iid, dirichlet:ALPHA")
-
-
-def _parse_alpha(scheme: str) -> float:
-    try:
-        alpha = float(scheme.split(":", 1)[1])
-    except ValueError:
-        raise ValueError(
-            f"partition {scheme!r}: ALPHA must be a number, e.g. dirichlet:0.5"
-        ) from None
-    if not math.isfinite(alpha) or alpha <= 0:
-        raise ValueError(f"partition {scheme!r}: ALPHA must be positive")
-    return alpha
-
-
 def site_data(
     dataset: Dataset,
     indices: np.ndarray,
@@ -147,10 +110,33 @@ def site_data(
 def all_sites(
     dataset: Dataset, num_sites: int, scheme: str, *, seed: int = 0, test_fraction: float = 0.2
 ) -> list[SiteData]:
+    """Every site's share: what ``share`` gives each agent, computed once for all of them."""
+    parts = partition(dataset.y, num_sites, scheme, seed=seed)
     return [
-        site_data(dataset, idx, test_fraction=test_fraction, seed=seed)
-        for idx in partition(dataset.y, num_sites, scheme, seed=seed)
+        _with_scanner(
+            dataset,
+            site_data(dataset, idx, test_fraction=test_fraction, seed=seed),
+            scheme,
+            index,
+            seed,
+        )
+        for index, idx in enumerate(parts)
     ]
+
+
+def _with_scanner(dataset: Dataset, data: SiteData, scheme: str, index: int, seed: int) -> SiteData:
+    """Under ``feature-shift``, pass a site's images through its own scanner."""
+    if not parse_scheme(scheme).shifts_features:
+        return data
+    if dataset.standardize or len(dataset.input_shape) != 3:
+        raise ValueError(f"partition feature-shift applies to image datasets, not {dataset.name!r}")
+    scanner = Scanner.for_site(index, seed)
+    return SiteData(
+        scanner.apply(data.x_train, seed * 7919 + 2 * index),
+        data.y_train,
+        scanner.apply(data.x_test, seed * 7919 + 2 * index + 1),
+        data.y_test,
+    )
 
 
 def pooled(sites: list[SiteData]) -> SiteData:
@@ -175,4 +161,5 @@ def share(
     """Site ``index``'s share of a built-in dataset: what one agent loads in the demo."""
     dataset = load(name, seed=seed)
     indices = partition(dataset.y, num_sites, partition_scheme, seed=seed)[index]
-    return site_data(dataset, indices, test_fraction=test_fraction, seed=seed)
+    data = site_data(dataset, indices, test_fraction=test_fraction, seed=seed)
+    return _with_scanner(dataset, data, partition_scheme, index, seed)

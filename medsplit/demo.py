@@ -12,7 +12,6 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from contextlib import ExitStack
@@ -25,9 +24,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from medsplit.broker import Mosquitto, find_mosquitto
 from medsplit.datasets import DATASETS
-from medsplit.embedded_broker import PROTOCOL, EmbeddedBroker
+from medsplit.embedded_broker import start_local_broker
+from medsplit.partitions import SCHEMES, parse_scheme
 
 PLANS = {
     ("breast-cancer", "split"): "mlp-ehr",
@@ -43,7 +42,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--dataset", choices=DATASETS, default="breast-cancer")
-    parser.add_argument("--partition", default="iid", help="iid or dirichlet:ALPHA (label skew)")
+    parser.add_argument("--partition", default="iid", help=SCHEMES)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -87,8 +86,10 @@ class DemoOptions:
             raise SystemExit("error: --sites must be at least 1")
         if args.rounds < 1:
             raise SystemExit("error: --rounds must be at least 1")
-        if args.partition != "iid" and not args.partition.startswith("dirichlet:"):
-            raise SystemExit(f"error: --partition {args.partition!r}: use iid or dirichlet:ALPHA")
+        try:
+            parse_scheme(args.partition)
+        except ValueError as exc:
+            raise SystemExit(f"error: --partition: {exc}") from None
         out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         return cls(
             mode=args.mode,
@@ -179,23 +180,9 @@ def _broker(options: DemoOptions, stack: ExitStack, console: Console) -> tuple[s
     """The broker URL and MQTT version: the one given, a local Mosquitto, or an embedded one."""
     if options.broker is not None:
         return options.broker, "5"
-    if not options.embedded_broker:
-        try:
-            find_mosquitto()
-        except RuntimeError:
-            console.print(
-                "Mosquitto not found: using the embedded Python broker (amqtt, MQTT 3.1.1)"
-            )
-        else:
-            workdir = Path(
-                stack.enter_context(tempfile.TemporaryDirectory(prefix="medsplit-broker-"))
-            )
-            mosquitto = stack.enter_context(Mosquitto(workdir))
-            console.print(f"broker: Mosquitto on {mosquitto.url}")
-            return mosquitto.url, "5"
-    embedded = stack.enter_context(EmbeddedBroker())
-    console.print(f"broker: embedded amqtt on {embedded.url}")
-    return embedded.url, PROTOCOL
+    broker = start_local_broker(stack, embedded=options.embedded_broker)
+    console.print(f"broker: {broker.description}")
+    return broker.url, broker.protocol
 
 
 def _start(

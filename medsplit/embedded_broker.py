@@ -10,10 +10,14 @@ port. Real deployments use Mosquitto (or EMQX) with TLS; this is for one machine
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import threading
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from medsplit.broker import free_port, wait_for_port
+from medsplit.broker import Mosquitto, find_mosquitto, free_port, wait_for_port
 
 PROTOCOL = "3.1.1"
 
@@ -66,3 +70,26 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class LocalBroker:
+    url: str
+    protocol: str  # the MQTT version its clients must speak
+    description: str
+
+
+def start_local_broker(stack: ExitStack, *, embedded: bool = False) -> LocalBroker:
+    """A broker for one machine, stopped when ``stack`` closes: Mosquitto when installed (and
+    not ``embedded``), otherwise the in-process amqtt broker."""
+    if not embedded:
+        try:
+            find_mosquitto()
+        except RuntimeError:
+            pass
+        else:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="medsplit-broker-"))
+            mosquitto = stack.enter_context(Mosquitto(Path(workdir)))
+            return LocalBroker(mosquitto.url, "5", f"Mosquitto on {mosquitto.url}")
+    broker = stack.enter_context(EmbeddedBroker())
+    return LocalBroker(broker.url, PROTOCOL, f"embedded amqtt (MQTT 3.1.1) on {broker.url}")

@@ -1,4 +1,10 @@
-"""The split-learning protocol: message kinds, the job spec sent to sites, and tensor specs.
+"""The protocol: message kinds, the job spec sent to sites, and tensor specs.
+
+Four modes share it. Split learning (``split``, ``split-u``) exchanges cut-layer tensors step
+by step; federated learning (``fedavg``, ``flop``) exchanges weights once per round. In every
+mode a round is ``train`` (weights down) -> ``done`` (weights up) -> ``evaluate`` -> ``metrics``;
+which weights travel is ``exchanged_keys``: the head (and tail) in split modes, the whole model
+in ``fedavg``, only the plan's shared tensors in ``flop`` -- private layers never leave a site.
 
 Uplink (site -> aggregator): ``hello``, ``activations``, ``trunk-grad``, ``done``,
 ``eval-activations``, ``metrics``, ``error``.
@@ -9,6 +15,8 @@ One training step, vanilla ``split``: ``activations`` {h, y} up, ``gradients`` {
 U-shaped ``split-u``: ``activations`` {h} up, ``trunk-out`` {t} down, ``trunk-grad`` {g} up,
 ``act-grad`` {g} down; labels never leave the site. Evaluation never sends labels in either
 mode: ``eval-activations`` {h} up, ``eval-out`` {t} down, metrics computed on the site.
+
+Federated rounds have no cut-layer messages: a site trains the whole model locally.
 
 Both sides derive the exact tensor specs of every message from the plan, and the ``Endpoint``
 refuses anything else before it reaches a model.
@@ -24,7 +32,7 @@ from pydantic import BaseModel, ConfigDict
 
 from medsplit.training import OptimizerConfig
 from medsplit.wire import TensorSpec, WireDtype
-from models import SplitPlan, cut_shapes, split_model
+from models import SplitPlan, cut_shapes
 
 HELLO, SETUP, TRAIN, EVALUATE, FINISH, ERROR = (
     "hello",
@@ -42,6 +50,9 @@ ACTIVATIONS, GRADIENTS, TRUNK_OUT, TRUNK_GRAD, ACT_GRAD = (
     "act-grad",
 )
 DONE, METRICS, EVAL_ACTIVATIONS, EVAL_OUT = "done", "metrics", "eval-activations", "eval-out"
+
+SPLIT_MODES = ("split", "split-u")
+FEDERATED_MODES = ("fedavg", "flop")
 
 
 class JobSpec(BaseModel):
@@ -71,7 +82,11 @@ class JobSpec(BaseModel):
 
     @property
     def labels_on_site(self) -> bool:
-        return self.mode == "split-u"
+        return self.mode != "split"
+
+    @property
+    def federated(self) -> bool:
+        return self.mode in FEDERATED_MODES
 
 
 def edge_keys(plan: SplitPlan) -> list[str]:
@@ -81,43 +96,63 @@ def edge_keys(plan: SplitPlan) -> list[str]:
     return [k for k in keys if k.split(".", 1)[0] in edge_blocks]
 
 
-def _edge_state_specs(plan: SplitPlan) -> dict[str, TensorSpec]:
+def exchanged_keys(plan: SplitPlan, mode: str) -> list[str]:
+    """The state-dict keys that travel in ``train``/``evaluate``/``done`` for ``mode``.
+
+    Split modes hand the site's own segments around; ``fedavg`` averages the whole model;
+    ``flop`` averages only the plan's shared tensors, so private ones never leave a site.
+    """
+    if mode in SPLIT_MODES:
+        return edge_keys(plan)
+    if mode == "fedavg":
+        return list(plan.model.state_keys)
+    if mode == "flop":
+        return [k for k in plan.model.state_keys if k in plan.shared_keys]
+    raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(SPLIT_MODES + FEDERATED_MODES)}")
+
+
+def _state_specs(plan: SplitPlan, keys: list[str]) -> dict[str, TensorSpec]:
     with torch.device("meta"):  # building on meta is cheap; only running on it is not
-        parts = split_model(plan.model.build(), plan)
-    state: dict[str, torch.Tensor] = dict(parts.head.state_dict())
-    if parts.tail is not None:
-        state.update(parts.tail.state_dict())
-    return {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in state.items()}
+        state = plan.model.build().state_dict()
+    return {k: TensorSpec(state[k].dtype, tuple(state[k].shape)) for k in keys}
 
 
 class TensorSpecs:
     """Every message's expected tensors for one plan and mode (batch dimension free)."""
 
     def __init__(self, plan: SplitPlan, mode: str) -> None:
-        shapes = cut_shapes(plan, 1)
-        head_out = TensorSpec(torch.float32, (None, *shapes["head_out"][1:]))
-        edge_state = _edge_state_specs(plan)
-        labels = TensorSpec(torch.int64, (None,))
-        trunk_shape = shapes.get("trunk_out", shapes["logits"])  # vanilla: trunk ends in logits
-        trunk_out = TensorSpec(torch.float32, (None, *trunk_shape[1:]))
+        weights = _state_specs(plan, exchanged_keys(plan, mode))
         self.by_kind: dict[str, dict[str, TensorSpec]] = {
-            ACTIVATIONS: {"h": head_out, "y": labels} if mode == "split" else {"h": head_out},
-            GRADIENTS: {"g": head_out},
-            TRUNK_OUT: {"t": trunk_out},
-            TRUNK_GRAD: {"g": trunk_out},
-            ACT_GRAD: {"g": head_out},
-            EVAL_ACTIVATIONS: {"h": head_out},
-            EVAL_OUT: {"t": trunk_out},
-            TRAIN: edge_state,
-            EVALUATE: edge_state,
-            DONE: edge_state,
+            TRAIN: weights,
+            EVALUATE: weights,
+            DONE: weights,
             HELLO: {},
             SETUP: {},
             METRICS: {},
             FINISH: {},
             ERROR: {},
         }
+        if mode in SPLIT_MODES:
+            self.by_kind.update(_cut_layer_specs(plan, mode))
 
     def expected(self, kind: str) -> dict[str, TensorSpec] | None:
         """Specs for ``kind``; an unknown kind expects nothing, so any tensor is refused."""
         return self.by_kind.get(kind, {})
+
+
+def _cut_layer_specs(plan: SplitPlan, mode: str) -> dict[str, dict[str, TensorSpec]]:
+    """Specs of the step-by-step messages of split learning (batch dimension free)."""
+    shapes = cut_shapes(plan, 1)
+    head_out = TensorSpec(torch.float32, (None, *shapes["head_out"][1:]))
+    labels = TensorSpec(torch.int64, (None,))
+    trunk_shape = shapes.get("trunk_out", shapes["logits"])  # vanilla: trunk ends in logits
+    trunk_out = TensorSpec(torch.float32, (None, *trunk_shape[1:]))
+    return {
+        ACTIVATIONS: {"h": head_out, "y": labels} if mode == "split" else {"h": head_out},
+        GRADIENTS: {"g": head_out},
+        TRUNK_OUT: {"t": trunk_out},
+        TRUNK_GRAD: {"g": trunk_out},
+        ACT_GRAD: {"g": head_out},
+        EVAL_ACTIVATIONS: {"h": head_out},
+        EVAL_OUT: {"t": trunk_out},
+    }

@@ -92,6 +92,23 @@ def train_centralized(
 ) -> list[float]:
     """The baseline every split mode is compared with: the whole model, all data, one place."""
     opt = make_optimizer(model.parameters(), optimizer)
+    return train_epochs(
+        model, opt, x, y, epochs=epochs, batch_size=batch_size, seed=seed, first_epoch=first_epoch
+    )
+
+
+def train_epochs(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int,
+    first_epoch: int = 0,
+) -> list[float]:
+    """Plain local training with a given optimizer (kept by the caller across calls)."""
     losses = []
     model.train()
     for epoch in range(first_epoch, first_epoch + epochs):
@@ -104,3 +121,11 @@ def train_centralized(
             total += float(loss.detach()) * len(idx)
         losses.append(total / len(y))
     return losses
+
+
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Metrics:
+    """Held-out metrics of a whole model, in evaluation mode."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+    return evaluate_logits(logits, y)

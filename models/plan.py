@@ -18,6 +18,7 @@ start-up with the field, the bad value and the allowed values, not mid-training.
 from __future__ import annotations
 
 import fnmatch
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,21 @@ class ModelSpec(BaseModel):
     def input_shape(self) -> tuple[int, ...]:
         return registry.get(self.name).input_shape(self.args)
 
-    def build(self) -> torch.nn.Sequential:
-        return registry.build(self.name, self.args)
+    def build(self, seed: int | None = None) -> torch.nn.Sequential:
+        """The model; with ``seed``, initialised exactly as ``torch.manual_seed(seed)`` would.
+
+        Seeded builds leave the global generator alone and hold a lock, so several parties of
+        one job built at once in one process (threads, in tests and experiments) still start
+        from identical weights.
+        """
+        if seed is None:
+            return registry.build(self.name, self.args)
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return registry.build(self.name, self.args)
+
+
+_SEEDED_BUILD = threading.Lock()
 
 
 def _cut_position(value: str | int, layers: tuple[str, ...]) -> int:

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from experiments.inprocess import run_job
 from medsplit import datasets
 from medsplit.broker import Mosquitto
 from medsplit.config import JobConfig
 from medsplit.embedded_broker import EmbeddedBroker
 from medsplit.transport import MqttSettings, MqttTransport
-from tests.support.jobs import run_job
 
 pytestmark = pytest.mark.integration
 

@@ -97,6 +97,7 @@ def test_site_config_validates_data_and_device() -> None:
         ({"dataset": "mnist"}, "data.dataset"),
         ({"num_sites": 2, "index": 2}, "data"),
         ({"partition": "shards"}, "data.partition"),
+        ({"partition": "dirichlet:0"}, "data.partition"),
     ]:
         with pytest.raises(ConfigError) as info:
             SiteConfig.from_mapping({"site_id": "a", "job_id": "j", "data": data})
@@ -142,7 +143,8 @@ def test_bad_partitions_are_refused() -> None:
     for scheme, message in [
         ("dirichlet:x", "ALPHA must be a number"),
         ("dirichlet:-1", "positive"),
-        ("shards:2", "unknown partition"),
+        ("shards:x", "K must be a whole number"),
+        ("stripes", "unknown partition"),
     ]:
         with pytest.raises(ValueError, match=message):
             datasets.partition(labels, 3, scheme)

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from edge_agent.agent import Agent
+from experiments.inprocess import run_job
 from medsplit import datasets, topics
 from medsplit.transport import Endpoint, MemoryBroker, MemoryTransport
 from medsplit.wire import Envelope
-from tests.support.jobs import run_job
 from tests.unit.test_split_learning import _config, _sites
 
 JOB = "job-t"
@@ -106,7 +106,7 @@ def test_aggregator_ignores_strangers_and_rejects_malformed_activations(tmp_path
     assert not any("/mallory/down/" in topic for _, topic, _ in broker.published)
     # The site kept its layers in its state directory.
     saved = load_file(str(tmp_path / "edge.safetensors"))
-    assert set(saved) == set(result.coordinator.edge_state)
+    assert set(saved) == set(result.coordinator.global_state)
 
 
 class _CrashingAgent(Agent):

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["models", "medsplit", "edge_agent", "aggregator"]
+PACKAGES = ["models", "medsplit", "edge_agent", "aggregator", "experiments"]
 
 
 def _python_files(*folders: str) -> list[Path]:

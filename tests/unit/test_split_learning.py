@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 import torch
 
+from experiments.inprocess import run_job
 from medsplit import datasets
 from medsplit.config import JobConfig
 from medsplit.training import OptimizerConfig, evaluate_logits, train_centralized
 from medsplit.transport import MemoryBroker, MemoryTransport
 from medsplit.wire import Decoder
-from tests.support.jobs import run_job
 
 
 def _config(**overrides: Any) -> JobConfig:
@@ -125,7 +125,7 @@ def test_parallel_rounds_average_edge_weights_by_sample_count() -> None:
     assert set(uploaded) == set(names)
     n = {site: d.train_samples for site, d in data.items()}
     assert n["site-a"] != n["site-b"]  # a weighted and a plain mean differ
-    for key, averaged in result.coordinator.edge_state.items():
+    for key, averaged in result.coordinator.global_state.items():
         expected = (
             uploaded["site-a"][key] * n["site-a"] + uploaded["site-b"][key] * n["site-b"]
         ) / sum(n.values())

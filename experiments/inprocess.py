@@ -1,4 +1,8 @@
-"""Running a whole job in one process (threads) over any transport, for tests."""
+"""A whole job in one process: the aggregator in the calling thread, one thread per agent.
+
+Every party still talks only through its own transport (a real broker in experiments and
+integration tests, the in-memory twin in unit tests), exactly as separate processes would.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def run_job(
         def serve(agent: Agent = agent) -> None:
             try:
                 agent.run(max_seconds=timeout)
-            except BaseException as exc:  # surfaced to the test below
+            except BaseException as exc:  # surfaced to the caller below
                 errors.append(exc)
 
         threads.append(threading.Thread(target=serve, name=f"agent-{site}", daemon=True))
@@ -69,6 +73,10 @@ def run_job(
         thread.start()
     try:
         history = coordinator.run()
+    except BaseException:
+        for agent in agents.values():  # no finish will come: do not wait for their timeouts
+            agent.stop()
+        raise
     finally:
         for thread in threads:
             thread.join(timeout)
@@ -76,5 +84,7 @@ def run_job(
             transport.close()
     if errors:
         raise errors[0]
-    assert all(agent.finished for agent in agents.values())
+    unfinished = sorted(site for site, agent in agents.items() if not agent.finished)
+    if unfinished:
+        raise RuntimeError(f"agents {unfinished} did not finish the job")
     return JobResult(history, coordinator, agents)

@@ -1,0 +1,78 @@
+"""The two baselines every collaborative mode is judged against; no network involved.
+
+* ``centralized``: all sites' training data pooled in one place (what privacy rules forbid):
+  the upper bound a collaboration hopes to reach.
+* ``local``: each site trains alone on its own data: what a hospital gets without collaborating.
+
+Both use the job's model, optimizer, batch size, seed and batch order, train ``local_epochs``
+per round for ``rounds`` rounds, and evaluate every site on its own held-out split each round,
+so their records read exactly like a distributed job's.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aggregator.coordinator import RoundRecord
+from medsplit.config import JobConfig
+from medsplit.datasets import SiteData, pooled
+from medsplit.training import evaluate_model, make_optimizer, train_epochs
+
+
+def run_centralized(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord]:
+    model = config.plan.model.build(seed=config.seed)
+    optimizer = make_optimizer(model.parameters(), config.optimizer)
+    everything = pooled(list(sites.values()))
+    history = []
+    for round in range(config.rounds):
+        started = time.perf_counter()
+        losses = train_epochs(
+            model,
+            optimizer,
+            everything.x_train,
+            everything.y_train,
+            epochs=config.local_epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            first_epoch=round * config.local_epochs,
+        )
+        record = RoundRecord(round, train_loss={"pooled": sum(losses) / len(losses)})
+        record.train_seconds = time.perf_counter() - started
+        record.metrics = {
+            site: evaluate_model(model, data.x_test, data.y_test).as_meta()
+            for site, data in sites.items()
+        }
+        record.seconds = time.perf_counter() - started
+        history.append(record)
+    return history
+
+
+def run_local(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord]:
+    models = {site: config.plan.model.build(seed=config.seed) for site in sites}
+    optimizers = {
+        site: make_optimizer(model.parameters(), config.optimizer) for site, model in models.items()
+    }
+    history = []
+    for round in range(config.rounds):
+        started = time.perf_counter()
+        record = RoundRecord(round)
+        for site, data in sites.items():
+            losses = train_epochs(
+                models[site],
+                optimizers[site],
+                data.x_train,
+                data.y_train,
+                epochs=config.local_epochs,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                first_epoch=round * config.local_epochs,
+            )
+            record.train_loss[site] = sum(losses) / len(losses)
+        record.train_seconds = time.perf_counter() - started
+        record.metrics = {
+            site: evaluate_model(models[site], data.x_test, data.y_test).as_meta()
+            for site, data in sites.items()
+        }
+        record.seconds = time.perf_counter() - started
+        history.append(record)
+    return history

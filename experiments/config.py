@@ -1,0 +1,203 @@
+"""The experiment file: which modes, partitions, site counts and seeds to compare, and how.
+
+Every cell of the grid becomes one ``JobConfig`` -- the same validated config the aggregator
+reads -- before anything runs, so a typo fails in a second, not after an hour of training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from medsplit.config import BrokerConfig, JobConfig, Orchestration
+from medsplit.datasets import DATASETS
+from medsplit.ids import ID_PATTERN
+from medsplit.partitions import parse_scheme
+from medsplit.training import OptimizerConfig
+from medsplit.wire import WireDtype
+from models import ConfigError
+from models.config_errors import load_yaml_mapping, validate
+
+ExperimentMode = Literal["centralized", "local", "fedavg", "flop", "split", "split-u"]
+ALL_MODES: tuple[ExperimentMode, ...] = (
+    "centralized",
+    "local",
+    "fedavg",
+    "flop",
+    "split",
+    "split-u",
+)
+BASELINES = ("centralized", "local")
+
+# Plans per dataset: one architecture per dataset, cut (or not) as each mode needs.
+DEFAULT_PLANS: dict[str, dict[str, str]] = {
+    "breast-cancer": {"federated": "mlp-ehr", "split": "mlp-ehr", "split-u": "mlp-ehr-u"},
+    "synthetic-cxr": {"federated": "cnn-cxr", "split": "cnn-cxr", "split-u": "cnn-cxr-u"},
+}
+
+
+class Plans(BaseModel):
+    """Which plan each family of modes uses; all must describe the same model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    federated: str | None = Field(None, description="centralized, local, fedavg, flop")
+    split: str | None = Field(None, description="vanilla split (no tail)")
+    split_u: str | None = Field(None, alias="split-u", description="U-shaped split (a tail)")
+
+
+class ExperimentConfig(BaseModel):
+    """A grid of modes x partitions x site counts x seeds on one dataset. See docs/experiments.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    name: str = Field(pattern=ID_PATTERN)
+    dataset: str = "breast-cancer"
+    modes: list[ExperimentMode] = Field(default_factory=lambda: list(ALL_MODES), min_length=1)
+    orchestrations: list[Orchestration] = Field(
+        default_factory=lambda: list[Orchestration](["sequential"]),
+        min_length=1,
+        description="for split and split-u; fedavg and flop always run parallel rounds",
+    )
+    partitions: list[str] = Field(default_factory=lambda: ["iid"], min_length=1)
+    sites: list[int] = Field(default_factory=lambda: [3], min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    rounds: int = Field(10, ge=1, le=10_000)
+    local_epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    sample_fraction: float = Field(1.0, gt=0, le=1)
+    wire_dtype: WireDtype = "float32"
+    plans: Plans = Plans()
+    broker: BrokerConfig | None = Field(
+        None, description="default: start Mosquitto here (or the embedded amqtt broker)"
+    )
+    out: Path | None = Field(None, description="default: runs/experiments/NAME")
+    timeout_s: float = Field(3600.0, gt=0, description="per distributed job")
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, name: str) -> str:
+        if name not in DATASETS:
+            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+        return name
+
+    @field_validator("partitions")
+    @classmethod
+    def _known_partitions(cls, schemes: list[str]) -> list[str]:
+        for scheme in schemes:
+            parse_scheme(scheme)
+        return schemes
+
+    @field_validator("sites")
+    @classmethod
+    def _site_counts(cls, counts: list[int]) -> list[int]:
+        if any(n < 1 or n > 1000 for n in counts):
+            raise ValueError(f"site counts must be between 1 and 1000, got {counts}")
+        return counts
+
+    @model_validator(mode="after")
+    def _jobs_validate(self) -> ExperimentConfig:
+        # Build every job once: a bad plan/mode combination fails now, naming the cell.
+        models = {}
+        for cell in self.cells():
+            try:
+                job = self.job_config(cell, broker_url="mqtt://127.0.0.1:1883")
+            except ConfigError as exc:
+                raise ValueError(f"{cell.label()}: {exc}") from None
+            models[cell.mode] = job.plan.model
+        if len({m.model_dump_json() for m in models.values()}) > 1:
+            raise ValueError(
+                "plans: every mode must train the same model so the comparison is fair; "
+                f"got {', '.join(f'{mode}: {m.name} {m.args}' for mode, m in models.items())}"
+            )
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return self.out or Path("runs") / "experiments" / self.name
+
+    def plan_for(self, mode: str) -> str:
+        defaults = DEFAULT_PLANS.get(self.dataset, DEFAULT_PLANS["breast-cancer"])
+        family = mode if mode in ("split", "split-u") else "federated"
+        chosen = {"federated": self.plans.federated, "split": self.plans.split}.get(
+            family, self.plans.split_u
+        )
+        return chosen or defaults[family]
+
+    def cells(self) -> list[Cell]:
+        """Every run of the grid, baselines first, in a stable order."""
+        cells = []
+        for partition, sites, mode, seed in itertools.product(
+            self.partitions, self.sites, self.modes, self.seeds
+        ):
+            orchestrations: list[str] = list(self.orchestrations)
+            if mode not in ("split", "split-u"):
+                orchestrations = ["parallel" if mode in ("fedavg", "flop") else "none"]
+            for orchestration in orchestrations:
+                cells.append(Cell(mode, orchestration, partition, sites, seed))
+        return cells
+
+    def job_config(self, cell: Cell, broker_url: str, protocol: str = "5") -> JobConfig:
+        site_ids = [f"site-{i + 1:02d}" for i in range(cell.sites)]
+        job: dict[str, Any] = {
+            "job_id": cell.job_id(self.name),
+            "plan": self.plan_for(cell.mode),
+            "mode": cell.mode if cell.mode not in BASELINES else "fedavg",
+            "rounds": self.rounds,
+            "local_epochs": self.local_epochs,
+            "batch_size": self.batch_size,
+            "optimizer": self.optimizer.model_dump(),
+            "seed": cell.seed,
+            "sites": site_ids,
+            "sample_fraction": self.sample_fraction,
+            "wire_dtype": self.wire_dtype,
+            "dataset": self.dataset,
+            "broker": {"url": broker_url, "protocol": protocol},
+            "round_deadline_s": self.timeout_s,
+            "join_deadline_s": min(self.timeout_s, 120.0),
+            "run_dir": str(self.output_dir / "runs" / cell.job_id(self.name)),
+        }
+        if cell.orchestration != "none":
+            job["orchestration"] = cell.orchestration
+        config: JobConfig = JobConfig.from_mapping(job, f"<experiment {self.name}>")
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ExperimentConfig:
+        config: ExperimentConfig = validate(cls, load_yaml_mapping(path), str(path))
+        return config
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    mode: str
+    orchestration: str  # "none" for the baselines
+    partition: str
+    sites: int
+    seed: int
+
+    def label(self) -> str:
+        return f"{self.method}, {self.partition}, {self.sites} sites, seed {self.seed}"
+
+    @property
+    def method(self) -> str:
+        """The row name in the results: the mode, plus the orchestration for split modes."""
+        if self.mode in ("split", "split-u"):
+            return f"{self.mode} ({self.orchestration})"
+        return self.mode
+
+    def job_id(self, experiment: str) -> str:
+        text = f"{experiment}-{self.mode}-{self.orchestration}-{self.partition}-{self.sites}s-{self.seed}"
+        text = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
+        if len(text) <= 64:
+            return text
+        return f"{text[:55]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"

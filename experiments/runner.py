@@ -1,0 +1,143 @@
+"""Run every cell of an experiment grid and write the comparison.
+
+Distributed modes run as a real job through a real broker: the aggregator and one agent per
+site, each with its own MQTT connection (threads of this process, so that 20 sites do not mean
+20 copies of PyTorch on a small machine). Baselines run without a network. A cell that fails is
+recorded as failed with its reason, and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from aggregator.coordinator import JobFailed, RoundRecord
+from aggregator.report import report_dict, write_report
+from experiments.baselines import run_centralized, run_local
+from experiments.config import BASELINES, Cell, ExperimentConfig
+from experiments.inprocess import run_job
+from medsplit import datasets
+from medsplit.config import JobConfig
+from medsplit.embedded_broker import start_local_broker
+from medsplit.transport import MqttTransport, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CellResult:
+    cell: Cell
+    status: str  # "completed" or "failed"
+    history: list[RoundRecord] = field(default_factory=list)
+    traffic: dict[str, dict[str, int]] = field(default_factory=dict)  # per site, whole job
+    wall_time_s: float = 0.0
+    error: str = ""
+
+    def final(self) -> dict[str, float | None]:
+        """Mean over sites of the last round's held-out metrics."""
+        if not self.history:
+            return {"loss": None, "accuracy": None, "auroc": None}
+        return self.history[-1].mean()
+
+    def bytes_per_site(self, direction: str) -> float:
+        if not self.traffic:
+            return 0.0
+        return sum(t[direction] for t in self.traffic.values()) / len(self.traffic)
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    console: Console | None = None,
+    on_result: Callable[[CellResult], None] | None = None,
+) -> list[CellResult]:
+    console = console or Console(stderr=True)
+    cells = config.cells()
+    results = []
+    with ExitStack() as stack:
+        if config.broker is not None:
+            url, protocol = config.broker.url, str(config.broker.protocol)
+        else:
+            broker = start_local_broker(stack)
+            url, protocol = broker.url, broker.protocol
+            console.print(f"broker: {broker.description}")
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(config.name, total=len(cells))
+            for cell in cells:
+                progress.update(task, description=cell.label())
+                result = run_cell(config, cell, url, protocol)
+                if result.status != "completed":
+                    console.print(f"[red]{cell.label()} failed:[/red] {result.error}")
+                results.append(result)
+                if on_result is not None:
+                    on_result(result)
+                progress.advance(task)
+    return results
+
+
+def run_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol: str) -> CellResult:
+    job = config.job_config(cell, broker_url, protocol)
+    dataset = datasets.load(config.dataset, seed=cell.seed)
+    shares = datasets.all_sites(dataset, cell.sites, cell.partition, seed=cell.seed)
+    sites = dict(zip(job.sites, shares, strict=True))
+    started = time.monotonic()
+    result = CellResult(cell, "completed")
+    late = 0
+    try:
+        if cell.mode == "centralized":
+            result.history = run_centralized(job, sites)
+        elif cell.mode == "local":
+            result.history = run_local(job, sites)
+        else:
+            outcome = run_job(job, sites, _transport_factory(job), timeout=config.timeout_s)
+            result.history = outcome.history
+            result.traffic = {
+                s: {"up": st.bytes_up, "down": st.bytes_down}
+                for s, st in outcome.coordinator.sites.items()
+            }
+            late = outcome.coordinator.late_messages
+    except (JobFailed, TransportError, TimeoutError, RuntimeError, ValueError) as exc:
+        result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+    result.wall_time_s = time.monotonic() - started
+    report = report_dict(
+        job,
+        result.history,
+        result.traffic,
+        result.wall_time_s,
+        status=result.status,
+        late_messages=late,
+        mode=cell.mode if cell.mode in BASELINES else None,
+    )
+    report["partition"] = cell.partition
+    if result.error:
+        report["error"] = result.error
+    write_report(job.output_dir, report)
+    return result
+
+
+def _transport_factory(job: JobConfig) -> Callable[[str], Transport]:
+    # Every party needs its own client id, whatever the experiment's broker section says.
+    broker = job.broker.model_copy(update={"client_id": None})
+
+    def make(party: str) -> Transport:
+        return MqttTransport(broker.settings(f"{job.job_id}-{party}"[:128]))
+
+    return make
+
+
+def summary_key(result: CellResult) -> tuple[Any, ...]:
+    cell = result.cell
+    return (cell.partition, cell.sites, cell.method)
