@@ -1,4 +1,4 @@
-"""Every split mode and orchestration through a real Mosquitto, and the demo as processes."""
+"""Every mode and orchestration through a real Mosquitto, and the demo as processes."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.mark.parametrize("orchestration", ["sequential", "parallel"])
-@pytest.mark.parametrize(("mode", "plan"), [("split", "mlp-ehr"), ("split-u", "mlp-ehr-u")])
+@pytest.mark.parametrize(
+    ("mode", "plan"),
+    [("split", "mlp-ehr"), ("split-u", "mlp-ehr-u"), ("fedavg", "mlp-ehr"), ("flop", "mlp-ehr")],
+)
 def test_modes_train_and_improve_over_mosquitto(
     mosquitto: Mosquitto, mode: str, plan: str, orchestration: str
 ) -> None:

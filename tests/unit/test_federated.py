@@ -1,0 +1,248 @@
+"""FedAvg and FLOP: the strategies' maths, exactness, privacy of private layers, traffic."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any
+
+import pytest
+import torch
+
+from aggregator.strategy import FedAvg, Flop, Reply
+from edge_agent.local_model import LocalModel
+from experiments.inprocess import run_job
+from medsplit import datasets
+from medsplit import protocol as p
+from medsplit.config import JobConfig
+from medsplit.training import OptimizerConfig, train_centralized
+from medsplit.transport import MemoryBroker, MemoryTransport
+from medsplit.wire import Decoder, Envelope
+from models import ConfigError, cut_shapes
+
+
+def _config(**overrides: Any) -> JobConfig:
+    base: dict[str, Any] = {
+        "job_id": "job-f",
+        "plan": "mlp-ehr",
+        "mode": "flop",
+        "rounds": 3,
+        "batch_size": 16,
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "seed": 5,
+        "sites": ["site-a"],
+        "round_deadline_s": 60,
+        "join_deadline_s": 60,
+    }
+    base.update(overrides)
+    return JobConfig.from_mapping(base)
+
+
+def _sites(names: list[str], partition: str = "iid") -> dict[str, datasets.SiteData]:
+    shares = datasets.all_sites(datasets.load("breast-cancer"), len(names), partition, seed=0)
+    return dict(zip(names, shares, strict=True))
+
+
+def _uplink(broker: MemoryBroker) -> list[tuple[str, Envelope]]:
+    """Every envelope any agent published, decoded as a receiver would."""
+    decoder = Decoder(dedup_window=10**6)
+    out = []
+    for client, _, payload in broker.published:
+        if client != "aggregator":
+            envelope = decoder.feed(payload)
+            if envelope is not None:
+                out.append((client, envelope))
+    return out
+
+
+# -- strategies ---------------------------------------------------------------------------------
+
+
+def test_fedavg_samples_a_reproducible_fraction_of_sites_but_never_below_min_sites() -> None:
+    sites = [f"s{i}" for i in range(10)]
+    strategy = FedAvg(fraction=0.3, min_sites=2, seed=1)
+    chosen = [strategy.configure_round(r, sites) for r in range(6)]
+    assert all(len(c) == 3 for c in chosen)
+    assert all(c == sorted(c, key=sites.index) for c in chosen)  # roster order kept
+    assert chosen == [strategy.configure_round(r, sites) for r in range(6)]
+    assert len({tuple(c) for c in chosen}) > 1  # different rounds, different sites
+    assert len(FedAvg(fraction=0.1, min_sites=4).configure_round(0, sites)) == 4
+    assert FedAvg().configure_round(0, sites) == sites
+
+
+def test_fedavg_weights_sites_by_sample_count() -> None:
+    current = {"w": torch.zeros(2), "n": torch.tensor(0)}
+    replies = [
+        Reply("a", {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, samples=30),
+        Reply("b", {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}, samples=10),
+    ]
+    out = FedAvg().aggregate(current, replies)
+    torch.testing.assert_close(out["w"], torch.tensor([1.75, 3.5]))
+    assert int(out["n"]) == 5  # counters take the maximum, not an average
+
+
+def test_strategies_refuse_unusable_replies() -> None:
+    current = {"features.w": torch.zeros(2)}
+    good = {"features.w": torch.ones(2)}
+    with pytest.raises(ValueError, match="site a sent other tensors"):
+        FedAvg().aggregate(current, [Reply("a", {"x": torch.ones(2)}, 5)])
+    with pytest.raises(ValueError, match="0 samples"):
+        FedAvg().aggregate(current, [Reply("a", good, 0)])
+    flop = Flop(private_keys=frozenset({"classifier.w"}))
+    leaky = {**good, "classifier.w": torch.ones(2)}
+    with pytest.raises(ValueError, match=r"site b sent private tensors \['classifier.w'\]"):
+        flop.aggregate(current, [Reply("b", leaky, 5)])
+    with pytest.raises(ValueError, match="must not hold private"):
+        flop.aggregate({**current, "classifier.w": torch.zeros(2)}, [Reply("b", good, 5)])
+    with pytest.raises(ValueError, match="fraction"):
+        FedAvg(fraction=0)
+
+
+def test_flop_needs_a_plan_with_private_layers() -> None:
+    plan = {"model": {"name": "mlp", "args": {"in_features": 30}}, "cut": 1}
+    with pytest.raises(ConfigError, match="mode: flop needs a plan with both shared and private"):
+        _config(plan=plan)
+    assert _config(mode="fedavg").orchestration == "parallel"  # federated rounds default
+    assert _config(mode="split", orchestration="sequential").orchestration == "sequential"
+
+
+# -- exactness ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "flop"])
+def test_one_site_federated_training_equals_centralized_training(mode: str) -> None:
+    # With SGD (no optimizer state to reset between rounds) and one site, averaging is the
+    # identity: R rounds of one local epoch must give exactly R epochs of centralized training.
+    sgd = {"name": "sgd", "lr": 0.05}
+    config = _config(mode=mode, optimizer=sgd, rounds=3)
+    data = _sites(["site-a"])
+    broker = MemoryBroker()
+    result = run_job(config, data, lambda cid: MemoryTransport(broker, cid))
+
+    reference = config.plan.model.build(seed=config.seed)
+    train_centralized(
+        reference,
+        data["site-a"].x_train,
+        data["site-a"].y_train,
+        epochs=3,
+        batch_size=16,
+        optimizer=OptimizerConfig(**sgd),
+        seed=config.seed,
+    )
+    site_model = result.agents["site-a"].segments
+    assert isinstance(site_model, LocalModel)
+    combined = {**site_model.full_state(), **result.coordinator.final_state()}
+    for key, expected in reference.state_dict().items():
+        torch.testing.assert_close(combined[key], expected, atol=1e-6, rtol=0), key
+    if mode == "flop":
+        assert set(result.coordinator.final_state()) == config.plan.shared_keys
+
+
+# -- privacy ------------------------------------------------------------------------------------
+
+
+def test_flop_private_layers_never_leave_a_site_and_survive_every_round(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    names = ["site-a", "site-b", "site-c"]
+    config = _config(sites=names, rounds=3)
+    snapshots: dict[int, list[tuple[str, dict[str, torch.Tensor]]]] = defaultdict(list)
+    start_round, state = LocalModel.start_round, LocalModel.state
+
+    def record_start(self: LocalModel) -> None:  # right after the global weights were loaded
+        snapshots[id(self)].append(("start", self.private_state()))
+        start_round(self)
+
+    def record_end(self: LocalModel) -> dict[str, torch.Tensor]:  # what ``done`` carries
+        snapshots[id(self)].append(("end", self.private_state()))
+        return state(self)
+
+    monkeypatch.setattr(LocalModel, "start_round", record_start)
+    monkeypatch.setattr(LocalModel, "state", record_end)
+    broker = MemoryBroker()
+    result = run_job(config, _sites(names, "dirichlet:0.5"), lambda c: MemoryTransport(broker, c))
+
+    private = config.plan.private_keys
+    initial = {
+        k: v
+        for k, v in config.plan.model.build(seed=config.seed).state_dict().items()
+        if k in private
+    }
+    # 1. Private layers are restored before each local round: a round starts exactly where the
+    #    site's previous round ended, and the first round from the initial weights.
+    for model_id, events in snapshots.items():
+        assert [kind for kind, _ in events] == ["start", "end"] * config.rounds, model_id
+        for key in private:
+            assert torch.equal(events[0][1][key], initial[key])
+        for (_, ended), (_, started) in zip(events[1::2], events[2::2], strict=False):
+            assert all(torch.equal(ended[k], started[k]) for k in private)
+        for (_, started), (_, ended) in zip(events[0::2], events[1::2], strict=True):
+            assert not torch.equal(started["classifier.weight"], ended["classifier.weight"])
+    # 2. ...and differ between sites after training.
+    finals = [m.segments.private_state() for m in result.agents.values()]  # type: ignore[union-attr]
+    for i in range(len(finals)):
+        for j in range(i + 1, len(finals)):
+            assert (
+                finals[i]["classifier.weight"] - finals[j]["classifier.weight"]
+            ).abs().max() > 1e-3
+    # 3. No private tensor is ever published: not by name, and not its bytes in any payload.
+    uplink = _uplink(broker)
+    assert {e.kind for _, e in uplink} >= {p.HELLO, p.DONE, p.METRICS}
+    for _, envelope in uplink:
+        assert not set(envelope.tensors) & private, envelope.kind
+        if envelope.kind == p.DONE:
+            assert set(envelope.tensors) == config.plan.shared_keys
+    payloads = [payload for client, _, payload in broker.published if client != "aggregator"]
+    private_values = [
+        snap[k].numpy().tobytes()
+        for events in snapshots.values()
+        for _, snap in events
+        for k in snap
+    ]
+    assert private_values and not any(v in payload for v in private_values for payload in payloads)
+
+
+# -- traffic ------------------------------------------------------------------------------------
+
+
+def _numel(config: JobConfig, keys: frozenset[str] | set[str]) -> int:
+    state = config.plan.model.build().state_dict()
+    return sum(state[k].numel() for k in keys)
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "flop"])
+def test_federated_traffic_per_round_is_the_shared_parameters_times_four(mode: str) -> None:
+    names = ["site-a", "site-b"]
+    config = _config(mode=mode, sites=names, rounds=2)
+    broker = MemoryBroker()
+    result = run_job(config, _sites(names), lambda c: MemoryTransport(broker, c))
+    keys = config.plan.shared_keys if mode == "flop" else set(config.plan.model.state_keys)
+    analytic = 4 * _numel(config, keys)
+    assert (mode == "flop") == (analytic < 4 * _numel(config, set(config.plan.model.state_keys)))
+    done = [(c, e) for c, e in _uplink(broker) if e.kind == p.DONE]
+    assert len(done) == len(names) * config.rounds
+    assert all(e.payload_nbytes() == analytic for _, e in done)
+    for record in result.history[1:]:  # round 0 also carries the hello
+        for site in names:
+            up = record.bytes[site]["up"]
+            # done (the weights) plus metrics; framing costs a few hundred bytes per message.
+            assert analytic < up < analytic + 4096, (site, up, analytic)
+    for site in names:
+        total = sum(r.bytes[site]["up"] for r in result.history)
+        assert total == result.coordinator.sites[site].bytes_up
+
+
+def test_split_traffic_per_round_is_samples_times_the_activation_size() -> None:
+    names = ["site-a", "site-b"]
+    config = _config(mode="split-u", plan="mlp-ehr-u", sites=names, rounds=2)
+    data = _sites(names)
+    broker = MemoryBroker()
+    run_job(config, data, lambda c: MemoryTransport(broker, c))
+    per_sample = math.prod(cut_shapes(config.plan, 1)["head_out"][1:])
+    sent: dict[tuple[str, int], int] = defaultdict(int)
+    for client, envelope in _uplink(broker):
+        if envelope.kind == p.ACTIVATIONS:
+            sent[(client, envelope.round)] += envelope.payload_nbytes()
+    assert len(sent) == len(names) * config.rounds
+    for (site, _), nbytes in sent.items():
+        assert nbytes == data[site].train_samples * per_sample * 4
