@@ -23,6 +23,7 @@ check: lint typecheck test
 bench: setup
 	$(PY) bench/transport.py --write-docs
 	$(PY) bench/split_overhead.py --write-docs
+	$(PY) bench/round_time.py --write-docs
 
 
 clean:

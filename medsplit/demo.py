@@ -33,12 +33,20 @@ PLANS = {
     ("breast-cancer", "split-u"): "mlp-ehr-u",
     ("synthetic-cxr", "split"): "cnn-cxr",
     ("synthetic-cxr", "split-u"): "cnn-cxr-u",
+    ("breast-cancer", "fedavg"): "mlp-ehr",
+    ("breast-cancer", "flop"): "mlp-ehr",
+    ("synthetic-cxr", "fedavg"): "cnn-cxr",
+    ("synthetic-cxr", "flop"): "cnn-cxr",
 }
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=["split", "split-u"], default="split-u")
-    parser.add_argument("--orchestration", choices=["sequential", "parallel"], default="sequential")
+    parser.add_argument("--mode", choices=["split", "split-u", "fedavg", "flop"], default="split-u")
+    parser.add_argument(
+        "--orchestration",
+        choices=["sequential", "parallel"],
+        help="default: sequential for split modes, parallel for fedavg/flop",
+    )
     parser.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--dataset", choices=DATASETS, default="breast-cancer")
@@ -93,7 +101,8 @@ class DemoOptions:
         out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         return cls(
             mode=args.mode,
-            orchestration=args.orchestration,
+            orchestration=args.orchestration
+            or ("parallel" if args.mode in ("fedavg", "flop") else "sequential"),
             sites=args.sites,
             rounds=args.rounds,
             dataset=args.dataset,

@@ -97,7 +97,7 @@ class MqttTransport:
             # MQTT 3.1.1 has no session expiry: a persistent session is clean_session=False.
             clean_session=None if v5 else False,
         )
-        client.enable_logger(logging.getLogger("medsplit.transport.paho"))
+        client.enable_logger(_PahoLog(self))  # type: ignore[arg-type]
         client.reconnect_delay_set(s.reconnect_min_s, s.reconnect_max_s)
         client.connect_timeout = min(s.connect_timeout_s, 30.0)
         client.max_inflight_messages_set(s.max_inflight)
@@ -349,9 +349,27 @@ class MqttTransport:
         with contextlib.suppress(RuntimeError):
             self._client.loop_stop()
 
+    @property
+    def closing(self) -> bool:
+        return self._closed
+
     def __enter__(self) -> MqttTransport:
         self.connect()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """paho's log, minus one false alarm: after ``close()`` its loop thread may run once more
+    over the socket it just closed and log "Client is not connected" as an error."""
+
+    def __init__(self, transport: MqttTransport) -> None:
+        super().__init__(logging.getLogger("medsplit.transport.paho"), {})
+        self.transport = transport
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        if self.transport.closing and str(msg).startswith("Client is not connected"):
+            return
+        super().log(level, msg, *args, **kwargs)
