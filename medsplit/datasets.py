@@ -5,9 +5,9 @@
 * ``synthetic-cxr``: chest-radiograph-like 1x64x64 images with or without a round lesion,
   generated in memory from a seed (DICOM files arrive with the data issue).
 
-``site_data`` gives one site its share: a partition of the dataset (see ``medsplit.partitions``),
-then a stratified train/test split of that share, then standardisation with statistics of the
-site's *own* training split, exactly what a hospital could compute alone.
+``all_sites`` gives every site its share: a partition of the dataset (``medsplit.partitions``),
+then a stratified train/test split of each share, then (tabular data) standardisation with
+statistics combined from every site's count, sum and sum of squares -- never raw values.
 """
 
 from __future__ import annotations
@@ -93,26 +93,65 @@ def site_data(
     test_fraction: float = 0.2,
     seed: int = 0,
 ) -> SiteData:
-    """One site's train/test split (stratified when possible) and local standardisation."""
+    """One site's train/test split (stratified when possible), not yet standardised."""
     y = dataset.y[indices].numpy()
     stratify = y if min(np.bincount(y, minlength=dataset.num_classes)) >= 2 else None
     train_idx, test_idx = train_test_split(
         indices, test_size=test_fraction, random_state=seed, stratify=stratify
     )
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    x_train, x_test = dataset.x[train_idx], dataset.x[test_idx]
-    if dataset.standardize:
-        mean, std = x_train.mean(0), x_train.std(0).clamp_min(1e-6)
-        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
-    return SiteData(x_train, dataset.y[train_idx], x_test, dataset.y[test_idx])
+    return SiteData(
+        dataset.x[train_idx], dataset.y[train_idx], dataset.x[test_idx], dataset.y[test_idx]
+    )
+
+
+@dataclass(frozen=True)
+class FeatureSums:
+    """What a site may share to standardise features: a count and per-feature sums.
+
+    Sums of values and of squares reveal no single patient's record, yet combined across sites
+    they give exactly the pooled mean and standard deviation. Standardising each site with its
+    *own* statistics instead would erase what distinguishes sites -- under label skew, the very
+    difference between classes.
+    """
+
+    count: int
+    total: torch.Tensor
+    total_sq: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> FeatureSums:
+        wide = x.double()
+        return cls(len(x), wide.sum(0), (wide * wide).sum(0))
+
+    @staticmethod
+    def combine(parts: list[FeatureSums]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled mean and (sample) standard deviation, as float32."""
+        count = sum(p.count for p in parts)
+        total = torch.stack([p.total for p in parts]).sum(0)
+        total_sq = torch.stack([p.total_sq for p in parts]).sum(0)
+        mean = total / count
+        var = (total_sq - count * mean * mean) / max(count - 1, 1)
+        return mean.float(), var.clamp_min(0).sqrt().float().clamp_min(1e-6)
+
+
+def _standardise(dataset: Dataset, shares: list[SiteData]) -> list[SiteData]:
+    """Tabular features: standardise every site with statistics combined from all sites' sums."""
+    if not dataset.standardize:
+        return shares
+    mean, std = FeatureSums.combine([FeatureSums.of(s.x_train) for s in shares])
+    return [
+        SiteData((s.x_train - mean) / std, s.y_train, (s.x_test - mean) / std, s.y_test)
+        for s in shares
+    ]
 
 
 def all_sites(
     dataset: Dataset, num_sites: int, scheme: str, *, seed: int = 0, test_fraction: float = 0.2
 ) -> list[SiteData]:
-    """Every site's share: what ``share`` gives each agent, computed once for all of them."""
+    """Every site's share: partitioned, split, passed through its scanner, standardised."""
     parts = partition(dataset.y, num_sites, scheme, seed=seed)
-    return [
+    shares = [
         _with_scanner(
             dataset,
             site_data(dataset, idx, test_fraction=test_fraction, seed=seed),
@@ -122,6 +161,7 @@ def all_sites(
         )
         for index, idx in enumerate(parts)
     ]
+    return _standardise(dataset, shares)
 
 
 def _with_scanner(dataset: Dataset, data: SiteData, scheme: str, index: int, seed: int) -> SiteData:
@@ -158,8 +198,11 @@ def share(
     seed: int = 0,
     test_fraction: float = 0.2,
 ) -> SiteData:
-    """Site ``index``'s share of a built-in dataset: what one agent loads in the demo."""
+    """Site ``index``'s share of a built-in dataset: what one agent loads in the demo.
+
+    The standardisation statistics are combined from every share's sums, as a federated
+    statistics round would; for built-in data the agent can compute them itself.
+    """
     dataset = load(name, seed=seed)
-    indices = partition(dataset.y, num_sites, partition_scheme, seed=seed)[index]
-    data = site_data(dataset, indices, test_fraction=test_fraction, seed=seed)
-    return _with_scanner(dataset, data, partition_scheme, index, seed)
+    shares = all_sites(dataset, num_sites, partition_scheme, seed=seed, test_fraction=test_fraction)
+    return shares[index]

@@ -150,11 +150,17 @@ def test_bad_partitions_are_refused() -> None:
             datasets.partition(labels, 3, scheme)
 
 
-def test_site_share_is_standardised_with_its_own_training_statistics() -> None:
-    share = datasets.share("breast-cancer", "iid", 3, 1, seed=0)
-    assert torch.allclose(share.x_train.mean(0), torch.zeros(30), atol=1e-5)
-    assert torch.allclose(share.x_train.std(0), torch.ones(30), atol=1e-4)
-    assert len(share.y_test) > 0 and set(share.y_test.tolist()) == {0, 1}
+def test_sites_are_standardised_with_statistics_combined_from_their_sums() -> None:
+    shares = datasets.all_sites(datasets.load("breast-cancer"), 3, "dirichlet:0.3", seed=0)
+    together = torch.cat([s.x_train for s in shares])
+    # Exactly the pooled statistics, though no site handed over a raw value...
+    assert torch.allclose(together.mean(0), torch.zeros(30), atol=1e-5)
+    assert torch.allclose(together.std(0), torch.ones(30), atol=1e-4)
+    # ...and sites keep what tells them apart (here: their label mix), unlike local statistics.
+    assert max(float(s.x_train[:, 0].mean().abs()) for s in shares) > 0.2
+    share = datasets.share("breast-cancer", "dirichlet:0.3", 3, 1, seed=0)
+    assert torch.equal(share.x_test, shares[1].x_test)
+    assert len(share.y_test) > 0
 
 
 def test_synthetic_cxr_is_deterministic_and_labelled_by_lesions() -> None:

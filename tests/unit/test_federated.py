@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from aggregator.strategy import FedAvg, Flop, Reply
 from edge_agent.local_model import LocalModel
@@ -246,3 +249,35 @@ def test_split_traffic_per_round_is_samples_times_the_activation_size() -> None:
     assert len(sent) == len(names) * config.rounds
     for (site, _), nbytes in sent.items():
         assert nbytes == data[site].train_samples * per_sample * 4
+
+
+def _memory() -> Callable[[str], MemoryTransport]:
+    broker = MemoryBroker()
+    return lambda client: MemoryTransport(broker, client)
+
+
+def test_a_restarted_flop_site_takes_back_its_private_layers_from_its_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _sites(["site-a"])
+    run_job(_config(rounds=1), data, _memory(), state_dir=tmp_path)
+    saved = load_file(str(tmp_path / "edge.safetensors"))
+    private = _config().plan.private_keys
+    assert private <= set(saved)  # the whole site model is kept, private layers included
+
+    starts: list[dict[str, torch.Tensor]] = []
+    start_round = LocalModel.start_round
+
+    def record(self: LocalModel) -> None:
+        starts.append(self.private_state())
+        start_round(self)
+
+    monkeypatch.setattr(LocalModel, "start_round", record)
+    # The same job again (the agent restarted): training resumes from the saved private layers.
+    run_job(_config(rounds=1), data, _memory(), state_dir=tmp_path)
+    assert all(torch.equal(starts[0][k], saved[k]) for k in private)
+    # Another job never inherits them.
+    other = _config(job_id="job-other", rounds=1)
+    run_job(other, data, _memory(), state_dir=tmp_path)
+    initial = other.plan.model.build(seed=other.seed).state_dict()
+    assert all(torch.equal(starts[1][k], initial[k]) for k in private)
