@@ -156,7 +156,8 @@ class ExperimentConfig(BaseModel):
             "optimizer": self.optimizer.model_dump(),
             "seed": cell.seed,
             "sites": site_ids,
-            "sample_fraction": self.sample_fraction,
+            # Sequential rounds visit every site; sampling applies to parallel rounds only.
+            "sample_fraction": 1.0 if cell.orchestration == "sequential" else self.sample_fraction,
             "wire_dtype": self.wire_dtype,
             "dataset": self.dataset,
             "broker": {"url": broker_url, "protocol": protocol},

@@ -172,6 +172,10 @@ class JobConfig(_EnvFirst):
                 "mode: flop needs a plan with both shared and private layers "
                 "(e.g. private: [classifier]); with nothing private use mode: fedavg"
             )
+        if self.sample_fraction < 1 and self.orchestration == "sequential":
+            raise ValueError(
+                "sample_fraction: applies to parallel rounds; sequential rounds visit every site"
+            )
         if self.min_sites is not None and self.min_sites > len(self.sites):
             raise ValueError(
                 f"min_sites: {self.min_sites} is more than the {len(self.sites)} sites listed"

@@ -105,6 +105,8 @@ def test_flop_needs_a_plan_with_private_layers() -> None:
     plan = {"model": {"name": "mlp", "args": {"in_features": 30}}, "cut": 1}
     with pytest.raises(ConfigError, match="mode: flop needs a plan with both shared and private"):
         _config(plan=plan)
+    with pytest.raises(ConfigError, match="sample_fraction: applies to parallel rounds"):
+        _config(orchestration="sequential", sample_fraction=0.5)
     assert _config(mode="fedavg").orchestration == "parallel"  # federated rounds default
     assert _config(mode="split", orchestration="sequential").orchestration == "sequential"
 
