@@ -6,8 +6,9 @@
   generated in memory from a seed (DICOM files arrive with the data issue).
 
 ``all_sites`` gives every site its share: a partition of the dataset (``medsplit.partitions``),
-then a stratified train/test split of each share, then (tabular data) standardisation with
-statistics combined from every site's count, sum and sum of squares -- never raw values.
+then a stratified train/test split of each share, then standardisation (per feature, or per
+image channel) with statistics combined from every site's count, sum and sum of squares --
+never raw values.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ class Dataset:
     x: torch.Tensor  # float32, (n, *input_shape)
     y: torch.Tensor  # int64, (n,)
     num_classes: int
-    standardize: bool  # tabular features are standardised per site; images are not
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -58,10 +58,10 @@ def load(name: str, *, seed: int = 0) -> Dataset:
         bunch = load_breast_cancer()
         x = torch.tensor(bunch.data, dtype=torch.float32)
         y = torch.tensor(bunch.target, dtype=torch.int64)
-        return Dataset(name, x, y, num_classes=2, standardize=True)
+        return Dataset(name, x, y, num_classes=2)
     if name == "synthetic-cxr":
         x, y = synthetic_cxr(1200, seed=seed)
-        return Dataset(name, x, y, num_classes=2, standardize=False)
+        return Dataset(name, x, y, num_classes=2)
     raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
 
 
@@ -135,11 +135,23 @@ class FeatureSums:
         return mean.float(), var.clamp_min(0).sqrt().float().clamp_min(1e-6)
 
 
+def _columns(x: torch.Tensor) -> torch.Tensor:
+    """Values by feature: tabular rows as they are; images as one column per channel."""
+    if x.dim() == 2:
+        return x
+    return x.transpose(0, 1).reshape(x.shape[1], -1).T
+
+
 def _standardise(dataset: Dataset, shares: list[SiteData]) -> list[SiteData]:
-    """Tabular features: standardise every site with statistics combined from all sites' sums."""
-    if not dataset.standardize:
-        return shares
-    mean, std = FeatureSums.combine([FeatureSums.of(s.x_train) for s in shares])
+    """Standardise every site with statistics combined from all sites' sums.
+
+    Tabular data per feature; images per channel (one intensity scale for all pixels), which
+    keeps every site's scanner differences while putting intensities on a scale a network
+    trains well from.
+    """
+    mean, std = FeatureSums.combine([FeatureSums.of(_columns(s.x_train)) for s in shares])
+    if len(dataset.input_shape) == 3:
+        mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
     return [
         SiteData((s.x_train - mean) / std, s.y_train, (s.x_test - mean) / std, s.y_test)
         for s in shares
@@ -168,7 +180,7 @@ def _with_scanner(dataset: Dataset, data: SiteData, scheme: str, index: int, see
     """Under ``feature-shift``, pass a site's images through its own scanner."""
     if not parse_scheme(scheme).shifts_features:
         return data
-    if dataset.standardize or len(dataset.input_shape) != 3:
+    if len(dataset.input_shape) != 3:
         raise ValueError(f"partition feature-shift applies to image datasets, not {dataset.name!r}")
     scanner = Scanner.for_site(index, seed)
     return SiteData(

@@ -18,6 +18,7 @@ from experiments.runner import CellResult
 from medsplit import datasets
 from medsplit.cli import main
 from medsplit.config import JobConfig
+from medsplit.partitions import Scanner
 from models import ConfigError
 
 
@@ -137,7 +138,12 @@ def test_feature_shift_gives_each_site_its_own_scanner() -> None:
     plain = datasets.all_sites(dataset, 4, "iid", seed=0)
     for a, b in zip(shifted, plain, strict=True):
         assert torch.equal(a.y_train, b.y_train)  # same patients, other scanners
-        assert float(a.x_train.min()) >= 0 and float(a.x_train.max()) <= 1
+    scanned = Scanner.for_site(1, seed=0).apply(dataset.x[:20], seed=0)
+    assert float(scanned.min()) >= 0 and float(scanned.max()) <= 1
+    assert not torch.equal(scanned, dataset.x[:20])
+    # Intensities are put on one scale for all sites together, which keeps their differences.
+    pixels = torch.cat([s.x_train for s in shifted])
+    assert abs(float(pixels.mean())) < 1e-4 and abs(float(pixels.std()) - 1) < 1e-3
 
     def spread(shares: list[datasets.SiteData]) -> float:
         means = [float(s.x_train.mean()) for s in shares]
