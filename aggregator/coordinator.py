@@ -55,6 +55,7 @@ class RoundRecord:
     round: int
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_loss: dict[str, float] = field(default_factory=dict)
+    compute_seconds: dict[str, float] = field(default_factory=dict)  # each site's own training
     missed: list[str] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # this round's traffic
@@ -349,8 +350,7 @@ class Coordinator:
                 done = self._done[site]
                 if self._acceptable(self._reply(site)):
                     self.global_state = {k: done.tensors[k] for k in self.global_state}
-                    record.train_loss[site] = float(done.meta.get("train_loss") or 0.0)
-                    record.trained.append(site)
+                    self._record_training(record, site)
                 else:
                     record.missed.append(site)
             else:
@@ -377,10 +377,14 @@ class Coordinator:
             )
         replies = [self._reply(s) for s in answered]
         self.global_state = self.strategy.aggregate(self.global_state, replies)
-        record.trained = answered
-        record.train_loss = {
-            s: float(self._done[s].meta.get("train_loss") or 0.0) for s in answered
-        }
+        for site in answered:
+            self._record_training(record, site)
+
+    def _record_training(self, record: RoundRecord, site: str) -> None:
+        meta = self._done[site].meta
+        record.trained.append(site)
+        record.train_loss[site] = float(meta.get("train_loss") or 0.0)
+        record.compute_seconds[site] = float(meta.get("train_seconds") or 0.0)
 
     def _reply(self, site: str) -> Reply:
         done = self._done[site]

@@ -80,6 +80,7 @@ def _round(record: RoundRecord) -> dict[str, Any]:
         "mean": record.mean(),
         "sites": {s: {k: m.get(k) for k in keep} for s, m in record.metrics.items()},
         "train_loss": record.train_loss,
+        "compute_seconds": {s: round(v, 4) for s, v in record.compute_seconds.items()},
         "trained": record.trained,
         "missed": record.missed,
         "bytes": record.bytes,
