@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,3 +37,26 @@ def write_section(name: str, body: str) -> None:
     )
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(text)
+
+
+def bench_main(
+    name: str, doc: str | None, intro: Callable[[], str], run: Callable[[bool], str]
+) -> None:
+    """The command line every benchmark shares: ``[--quick] [--write-docs]``.
+
+    ``run(quick)`` returns the markdown table; with ``--write-docs`` it goes into this
+    benchmark's section of docs/benchmarks.md after ``intro()`` (heading, command, machine).
+    """
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--write-docs", action="store_true", help="write the table into docs/benchmarks.md"
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
+    args = parser.parse_args()
+    table = run(args.quick)
+    print()
+    print(table)
+    if args.write_docs:
+        write_section(name, f"{intro()}\n\n{table}\n")

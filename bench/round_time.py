@@ -18,7 +18,6 @@ breast-cancer (16 KB), so both the per-byte and the per-message costs show.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aggregator.coordinator import RoundRecord
-from bench._report import machine, write_section
+from bench._report import bench_main, machine
 from experiments.inprocess import run_job
 from medsplit import datasets
 from medsplit.broker import Mosquitto
@@ -96,31 +95,19 @@ def run(quick: bool) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def intro() -> str:
+    return (
+        "## Federated rounds: seconds per FedAvg/FLOP round through Mosquitto\n\n"
+        "Command: `make bench` (runs `python bench/round_time.py --write-docs`).\n"
+        f"Machine: {machine()}. Aggregator and agents are threads of one process, each with "
+        "its own MQTT connection to a Mosquitto on loopback; one local epoch per round, batch "
+        "32, IID shares. A round: the aggregator's training phase (weights down, local "
+        "training, weights up, averaging), median over rounds after a warm-up. Parallel: "
+        "how FedAvg runs. Sequential: the same job with one site training at a time, so that "
+        "network overhead = round - the sum of the compute times the sites report for their "
+        "own training, in the same rounds."
     )
-    parser.add_argument("--write-docs", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    table = run(args.quick)
-    print()
-    print(table)
-    if args.write_docs:
-        write_section(
-            "round_time",
-            "## Federated rounds: seconds per FedAvg/FLOP round through Mosquitto\n\n"
-            "Command: `make bench` (runs `python bench/round_time.py --write-docs`).\n"
-            f"Machine: {machine()}. Aggregator and agents are threads of one process, each with "
-            "its own MQTT connection to a Mosquitto on loopback; one local epoch per round, batch "
-            "32, IID shares. A round: the aggregator's training phase (weights down, local "
-            "training, weights up, averaging), median over rounds after a warm-up. Parallel: "
-            "how FedAvg runs. Sequential: the same job with one site training at a time, so that "
-            "network overhead = round - the sum of the compute times the sites report for their "
-            "own training, in the same rounds.\n\n"
-            f"{table}\n",
-        )
 
 
 if __name__ == "__main__":
-    main()
+    bench_main("round_time", __doc__, intro, run)

@@ -11,7 +11,6 @@ round (after a warm-up round); the ratio is against the centralized epoch measur
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -26,7 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._report import machine, write_section
+from bench._report import bench_main, machine
 from medsplit import datasets
 from medsplit.broker import Mosquitto
 from medsplit.training import OptimizerConfig, train_centralized
@@ -149,27 +148,15 @@ def run(quick: bool) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def intro() -> str:
+    return (
+        "## Split learning overhead: split-u through Mosquitto vs centralized\n\n"
+        "Command: `make bench` (runs `python bench/split_overhead.py --write-docs` after the transport benchmark).\n"
+        f"Machine: {machine()}. The aggregator and the agent are separate processes "
+        "(`medsplit aggregator`, `medsplit agent`) talking through Mosquitto on loopback; plan "
+        "`cnn-cxr-u` (head: first conv block, tail: classifier), one site with all images."
     )
-    parser.add_argument("--write-docs", action="store_true")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    table = run(args.quick)
-    print()
-    print(table)
-    if args.write_docs:
-        write_section(
-            "split_overhead",
-            "## Split learning overhead: split-u through Mosquitto vs centralized\n\n"
-            "Command: `make bench` (runs `python bench/split_overhead.py --write-docs` after the transport benchmark).\n"
-            f"Machine: {machine()}. The aggregator and the agent are separate processes "
-            "(`medsplit aggregator`, `medsplit agent`) talking through Mosquitto on loopback; plan "
-            "`cnn-cxr-u` (head: first conv block, tail: classifier), one site with all images.\n\n"
-            f"{table}\n",
-        )
 
 
 if __name__ == "__main__":
-    main()
+    bench_main("split_overhead", __doc__, intro, run)

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medsplit.config import BrokerConfig, JobConfig, Orchestration
-from medsplit.datasets import DATASETS
+from medsplit.datasets import check_name
 from medsplit.ids import ID_PATTERN
 from medsplit.partitions import parse_scheme
 from medsplit.training import OptimizerConfig
@@ -81,12 +81,7 @@ class ExperimentConfig(BaseModel):
     out: Path | None = Field(None, description="default: runs/experiments/NAME")
     timeout_s: float = Field(3600.0, gt=0, description="per distributed job")
 
-    @field_validator("dataset")
-    @classmethod
-    def _known_dataset(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-        return name
+    _known_dataset = field_validator("dataset")(lambda cls, name: check_name(name))
 
     @field_validator("partitions")
     @classmethod

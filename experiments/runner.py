@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from aggregator.coordinator import JobFailed, RoundRecord
 from aggregator.report import report_dict, write_report
@@ -26,6 +25,7 @@ from experiments.inprocess import run_job
 from medsplit import datasets
 from medsplit.config import JobConfig
 from medsplit.embedded_broker import start_local_broker
+from medsplit.progress import progress_bar
 from medsplit.transport import MqttTransport, Transport, TransportError
 
 log = logging.getLogger(__name__)
@@ -68,13 +68,7 @@ def run_experiment(
             broker = start_local_broker(stack)
             url, protocol = broker.url, broker.protocol
             console.print(f"broker: {broker.description}")
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console) as progress:
+        with progress_bar(console) as progress:
             task = progress.add_task(config.name, total=len(cells))
             for cell in cells:
                 progress.update(task, description=cell.label())

@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from medsplit.datasets import DATASETS
+from medsplit.datasets import check_name
 from medsplit.ids import ID_PATTERN
 from medsplit.partitions import SCHEMES, parse_scheme
 from medsplit.training import OptimizerConfig
@@ -204,12 +204,7 @@ class BuiltinData(BaseModel):
     seed: int = 0
     test_fraction: float = Field(0.2, gt=0, lt=1)
 
-    @field_validator("dataset")
-    @classmethod
-    def _known(cls, name: str) -> str:
-        if name not in DATASETS:
-            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-        return name
+    _known_dataset = field_validator("dataset")(lambda cls, name: check_name(name))
 
     @field_validator("partition")
     @classmethod

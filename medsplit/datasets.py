@@ -53,16 +53,22 @@ class SiteData:
         return len(self.y_train)
 
 
+def check_name(name: str) -> str:
+    """``name`` if it is a built-in dataset; ``ValueError`` listing the allowed ones otherwise."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    return name
+
+
 def load(name: str, *, seed: int = 0) -> Dataset:
+    check_name(name)
     if name == "breast-cancer":
         bunch = load_breast_cancer()
         x = torch.tensor(bunch.data, dtype=torch.float32)
         y = torch.tensor(bunch.target, dtype=torch.int64)
         return Dataset(name, x, y, num_classes=2)
-    if name == "synthetic-cxr":
-        x, y = synthetic_cxr(1200, seed=seed)
-        return Dataset(name, x, y, num_classes=2)
-    raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    x, y = synthetic_cxr(1200, seed=seed)  # synthetic-cxr
+    return Dataset(name, x, y, num_classes=2)
 
 
 def synthetic_cxr(

@@ -21,12 +21,12 @@ from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from medsplit.datasets import DATASETS
 from medsplit.embedded_broker import start_local_broker
 from medsplit.partitions import SCHEMES, parse_scheme
+from medsplit.progress import progress_bar
 
 PLANS = {
     ("breast-cancer", "split"): "mlp-ehr",
@@ -226,13 +226,7 @@ def _follow(
 ) -> dict[str, Any] | None:
     """Show the aggregator's progress events; return the report once it finished."""
     assert aggregator.stdout is not None
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console) as progress:
+    with progress_bar(console) as progress:
         joining = progress.add_task("sites joined", total=options.sites)
         rounds = progress.add_task("rounds", total=options.rounds)
         for line in aggregator.stdout:
