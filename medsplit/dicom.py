@@ -1,0 +1,142 @@
+"""One DICOM file to one training image, the way a radiology viewer would show it.
+
+The pipeline, in DICOM's own order (PS3.3 C.11 and C.7.6.3):
+
+1. stored values, as many bits as ``BitsStored`` says (pydicom unpacks and masks them);
+2. the Modality LUT: ``RescaleSlope``/``RescaleIntercept`` (or a Modality LUT Sequence) turn
+   stored values into physical ones, e.g. Hounsfield units;
+3. the VOI LUT: the configured window, else the file's VOI LUT Sequence or
+   ``WindowCenter``/``WindowWidth``, else the image's own minimum and maximum;
+4. ``MONOCHROME1`` is inverted so that bright always means dense;
+5. the chosen frame of a multi-frame file, resized to the model's input and scaled to [0, 1].
+
+Everything that can go wrong raises ``DicomError`` naming the file and what was expected:
+not DICOM, truncated, no pixel data, colour, a compressed transfer syntax without a decoder
+(with the package to install), a frame out of range.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+# Which pip packages decode which compressed transfer syntaxes (pydicom's pixel data handlers).
+_DECODERS = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Baseline
+    "1.2.840.10008.1.2.4.51": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70": "pylibjpeg pylibjpeg-libjpeg",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81": "pylibjpeg pylibjpeg-libjpeg",  # JPEG-LS Near-lossless
+    "1.2.840.10008.1.2.4.90": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91": "pylibjpeg pylibjpeg-openjpeg",  # JPEG 2000
+    "1.2.840.10008.1.2.5": "pylibjpeg pylibjpeg-rle",  # RLE Lossless
+}
+
+
+class DicomError(ValueError):
+    """A DICOM file that cannot become a training image; the message says which and why."""
+
+
+class Preprocessing(BaseModel):
+    """How images are prepared: the same in training, at every site, and when serving."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(64, ge=8, le=4096, description="images are resized to size x size")
+    window: tuple[float, float] | None = Field(
+        None, description="(center, width) in physical units; default: the file's own window"
+    )
+    frame: int = Field(0, ge=0, description="which frame of a multi-frame file")
+
+
+def read_image(path: str | Path, preprocessing: Preprocessing | None = None) -> torch.Tensor:
+    """The file's image as float32 [1, size, size] in [0, 1]; ``DicomError`` if impossible."""
+    return to_image(read_dataset(path), preprocessing or Preprocessing(), source=str(path))
+
+
+def read_dataset(path: str | Path) -> Dataset:
+    """Parse a DICOM file (header and pixel data), refusing non-DICOM and unreadable files."""
+    try:
+        return pydicom.dcmread(str(path))
+    except InvalidDicomError as exc:
+        raise DicomError(f"{path}: not a DICOM file ({exc})") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise DicomError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
+
+
+def to_image(
+    ds: Dataset, preprocessing: Preprocessing, *, source: str = "<dataset>"
+) -> torch.Tensor:
+    stored = _stored_pixels(ds, preprocessing.frame, source)
+    physical = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
+    low, high, windowed = _window(physical, ds, preprocessing.window)
+    scaled = (np.clip(windowed, low, high) - low) / max(high - low, 1e-12)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        scaled = 1.0 - scaled  # MONOCHROME1: the minimum is white
+    image = torch.from_numpy(scaled.astype(np.float32))[None, None]
+    if image.shape[-2:] != (preprocessing.size, preprocessing.size):
+        image = torch.nn.functional.interpolate(
+            image, size=(preprocessing.size, preprocessing.size), mode="area"
+        )
+    return image[0].clamp(0, 1)
+
+
+def _stored_pixels(ds: Dataset, frame: int, source: str) -> np.ndarray:
+    if "PixelData" not in ds:
+        raise DicomError(f"{source}: no pixel data (is it a structured report or a dose file?)")
+    photometric = ds.get("PhotometricInterpretation", "")
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomError(
+            f"{source}: photometric interpretation {photometric!r}; expected MONOCHROME1 or MONOCHROME2"
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frame >= frames:
+        raise DicomError(f"{source}: frame {frame} requested, the file has {frames}")
+    try:
+        pixels = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as exc:
+        raise DicomError(_decoder_message(ds, source, exc)) from None
+    except (ValueError, AttributeError, EOFError) as exc:
+        raise DicomError(f"{source}: pixel data truncated or malformed ({exc})") from None
+    return np.asarray(pixels[frame] if frames > 1 else pixels)
+
+
+def _decoder_message(ds: Dataset, source: str, exc: Exception) -> str:
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    name = syntax.name if syntax is not None else "unknown transfer syntax"
+    packages = _DECODERS.get(str(syntax), "a pydicom pixel data plugin for it")
+    return f"{source}: pixel data compressed as {name} ({syntax}); install {packages} to decode it ({exc})"
+
+
+def _window(
+    physical: np.ndarray, ds: Dataset, window: tuple[float, float] | None
+) -> tuple[float, float, np.ndarray]:
+    """The display range and the values to clip into it, in the VOI LUT's terms."""
+    if window is None and "VOILUTSequence" in ds:
+        lut = ds.VOILUTSequence[0]
+        bits = int(lut.LUTDescriptor[2])
+        return 0.0, float(2**bits - 1), np.asarray(apply_voi_lut(physical, ds), dtype=np.float64)
+    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
+        window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+    if window is not None:
+        center, width = window
+        if width <= 0:
+            raise ValueError(f"window width must be positive, got {width}")
+        return center - width / 2, center + width / 2, physical
+    return float(physical.min()), float(physical.max()), physical
+
+
+def _first(value: object) -> float:
+    """WindowCenter/WindowWidth may hold several windows; the first is the default one."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        return float(value[0])
+    return float(value)  # type: ignore[arg-type]
