@@ -81,6 +81,21 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_dicom_synth(args: argparse.Namespace) -> int:
+    from medsplit.dicom_synth import synthesize
+
+    try:
+        folders = synthesize(
+            Path(args.out), args.sites, args.per_site, seed=args.seed, size=args.size
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for folder in folders:
+        print(folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsplit",
@@ -128,6 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--config", required=True, help="experiment YAML (docs/experiments.md)")
     experiment.add_argument("--out", help="output directory (default: out from the config)")
     experiment.set_defaults(func=_cmd_experiment)
+
+    synth = commands.add_parser(
+        "dicom-synth", help="write chest-radiograph-like DICOM files, one scanner per site"
+    )
+    synth.add_argument("--out", required=True, help="output folder (site-N/ subfolders)")
+    synth.add_argument("--sites", type=int, default=3)
+    synth.add_argument("--per-site", type=int, default=100, help="images per site")
+    synth.add_argument("--size", type=int, default=64, help="image rows and columns")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_cmd_dicom_synth)
     return parser
 
 
