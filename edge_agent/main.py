@@ -9,6 +9,8 @@ import torch
 from edge_agent.agent import Agent
 from medsplit import datasets, topics
 from medsplit.config import SiteConfig
+from medsplit.datasets import SiteData
+from medsplit.dicom_source import DicomData, load_dicom_site
 from medsplit.transport import Endpoint, MqttTransport, Will
 
 log = logging.getLogger(__name__)
@@ -22,9 +24,16 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def run(config: SiteConfig) -> int:
+def load_data(config: SiteConfig) -> SiteData:
+    """The site's training data: a hospital's DICOM folder, or a share of a built-in dataset."""
     spec = config.data
-    data = datasets.share(
+    if isinstance(spec, DicomData):
+        data, summary = load_dicom_site(spec)
+        log.info("%s: %s", config.site_id, summary.describe())
+        for problem in summary.problems:  # file names stay in this site's own log
+            log.warning("%s: skipped %s", config.site_id, problem)
+        return data
+    return datasets.share(
         spec.dataset,
         spec.partition,
         spec.num_sites,
@@ -32,6 +41,10 @@ def run(config: SiteConfig) -> int:
         seed=spec.seed,
         test_fraction=spec.test_fraction,
     )
+
+
+def run(config: SiteConfig) -> int:
+    data = load_data(config)
     presence = topics.presence(config.job_id, config.site_id)
     transport = MqttTransport(
         config.broker.settings(f"{config.job_id}-{config.site_id}"),

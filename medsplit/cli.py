@@ -54,8 +54,14 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     from edge_agent.main import run
     from medsplit.config import SiteConfig
+    from medsplit.dicom_source import DataError
 
-    return run(SiteConfig.from_yaml(args.config))
+    config = SiteConfig.from_yaml(args.config)
+    try:
+        return run(config)
+    except DataError as exc:  # the site's data, checked before it joins the job
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

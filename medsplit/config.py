@@ -23,6 +23,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from medsplit.datasets import check_name
+from medsplit.dicom_source import DicomData
 from medsplit.ids import ID_PATTERN
 from medsplit.partitions import SCHEMES, parse_scheme
 from medsplit.training import OptimizerConfig
@@ -225,7 +226,7 @@ class SiteConfig(_EnvFirst):
     site_id: Id
     job_id: Id
     broker: BrokerConfig = BrokerConfig()
-    data: BuiltinData = BuiltinData()
+    data: Annotated[BuiltinData | DicomData, Field(discriminator="source")] = BuiltinData()
     device: Literal["cpu", "cuda", "auto"] = "auto"
     state_dir: Path = Field(
         Path("state"), description="private layers and optimizer state live here"

@@ -56,10 +56,15 @@ class Preprocessing(BaseModel):
         None, description="(center, width) in physical units; default: the file's own window"
     )
     frame: int = Field(0, ge=0, description="which frame of a multi-frame file")
+    mean: float = Field(0.0, description="subtracted after scaling to [0, 1]")
+    std: float = Field(1.0, gt=0, description="then divided by")
 
 
 def read_image(path: str | Path, preprocessing: Preprocessing | None = None) -> torch.Tensor:
-    """The file's image as float32 [1, size, size] in [0, 1]; ``DicomError`` if impossible."""
+    """The file's image as float32 [1, size, size]; ``DicomError`` if impossible.
+
+    Values are in [0, 1], then shifted and scaled by the preprocessing's ``mean`` and ``std``.
+    """
     return to_image(read_dataset(path), preprocessing or Preprocessing(), source=str(path))
 
 
@@ -87,7 +92,7 @@ def to_image(
         image = torch.nn.functional.interpolate(
             image, size=(preprocessing.size, preprocessing.size), mode="area"
         )
-    return image[0].clamp(0, 1)
+    return (image[0].clamp(0, 1) - preprocessing.mean) / preprocessing.std
 
 
 def _stored_pixels(ds: Dataset, frame: int, source: str) -> np.ndarray:

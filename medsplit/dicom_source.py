@@ -1,0 +1,225 @@
+"""A hospital's folder of DICOM files and its table of labels, as one site's training data.
+
+``labels.csv`` maps a key -- the file's path relative to the folder, its SOPInstanceUID, or its
+PatientID -- to a label value; the job fixes the label values (``classes``) so that every site
+encodes them alike. Every problem names the file or the CSV row: unreadable or truncated files,
+missing pixel data, labels for missing files, files without labels, unknown label values, a
+class absent at the site, wrong column names. With ``on_bad_input: skip`` bad files are left out
+and counted by reason in a ``LoadSummary``; with ``fail`` the first problems stop the agent at
+start-up, before it joins the job. Train and test are split by PatientID, so no patient is on
+both sides. Nothing read here -- no header value, no file name -- is ever sent anywhere: only
+the decoded images and label indices reach training.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydicom.dataset import Dataset
+from sklearn.model_selection import GroupShuffleSplit
+
+from medsplit.datasets import SiteData
+from medsplit.dicom import DicomError, Preprocessing, read_dataset, to_image
+
+Key = Literal["file", "sop_instance_uid", "patient_id"]
+
+
+class DataError(ValueError):
+    """Site data that cannot be used; the message names the file or row and what was expected."""
+
+
+class DicomData(BaseModel):
+    """A site's ``data`` section for DICOM images. See docs/data.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["dicom"] = "dicom"
+    folder: Path
+    labels: Path | None = Field(None, description="default: FOLDER/labels.csv")
+    key: Key = Field("file", description="what the key column holds")
+    key_column: str | None = Field(None, description="default: the key's name")
+    label_column: str = "label"
+    classes: list[str] = Field(min_length=2, description="label values, in class-index order")
+    preprocessing: Preprocessing = Preprocessing()
+    on_bad_input: Literal["skip", "fail"] = "fail"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _distinct_classes(self) -> DicomData:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes: values must be distinct, got {self.classes}")
+        return self
+
+    @property
+    def labels_path(self) -> Path:
+        return self.labels or self.folder / "labels.csv"
+
+
+@dataclass
+class LoadSummary:
+    """What was loaded and what was left out, by reason (no file names: safe to log anywhere)."""
+
+    loaded: int = 0
+    patients: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)  # with file names: for the local log only
+
+    def describe(self) -> str:
+        parts = [f"{self.loaded} images of {self.patients} patients loaded"]
+        parts += [f"{count} skipped: {reason}" for reason, count in sorted(self.skipped.items())]
+        return "; ".join(parts)
+
+
+@dataclass
+class _Collector:
+    policy: str
+    summary: LoadSummary
+
+    def problem(self, reason: str, detail: str) -> None:
+        """Record a problem; under ``fail`` it is fatal at once."""
+        if self.policy == "fail":
+            raise DataError(detail)
+        self.summary.skipped[reason] += 1
+        self.summary.problems.append(detail)
+
+
+def read_labels(config: DicomData) -> dict[str, str]:
+    """Key -> label value from the labels CSV, validated row by row."""
+    path = config.labels_path
+    key_column = config.key_column or config.key
+    try:
+        handle = path.open(newline="")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the labels table ({exc.strerror})") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [c for c in (key_column, config.label_column) if c not in columns]
+        if missing:
+            raise DataError(
+                f"{path}: missing column(s) {missing}; found {columns} "
+                f"(set key_column / label_column in the site's data config)"
+            )
+        labels: dict[str, str] = {}
+        for line, row in enumerate(reader, start=2):
+            key, value = (row[key_column] or "").strip(), (row[config.label_column] or "").strip()
+            if not key:
+                raise DataError(f"{path}, row {line}: empty {key_column!r}")
+            if key in labels and labels[key] != value and config.key != "patient_id":
+                raise DataError(f"{path}, row {line}: {key!r} is labelled twice")
+            labels[key] = value
+    if not labels:
+        raise DataError(f"{path}: no labelled rows")
+    return labels
+
+
+def load_dicom_site(config: DicomData) -> tuple[SiteData, LoadSummary]:
+    """Decode, label, validate and split one site's DICOM folder."""
+    if not config.folder.is_dir():
+        raise DataError(f"{config.folder}: not a folder")
+    labels = read_labels(config)
+    summary = LoadSummary()
+    collect = _Collector(config.on_bad_input, summary)
+    images, targets, patients, seen = [], [], [], set()
+    for path in _candidate_files(config):
+        relative = path.relative_to(config.folder).as_posix()
+        try:
+            # Keyed by file name, an unlabelled file is not read at all.
+            ds = None if config.key == "file" else read_dataset(path)
+            key = relative if ds is None else _header_key(ds, config.key)
+            value = labels.get(key)
+            if value is None:
+                collect.problem(
+                    "file without a label",
+                    f"{path}: no row for {config.key} {key!r} in {config.labels_path}",
+                )
+                continue
+            seen.add(key)
+            if value not in config.classes:
+                collect.problem(
+                    "unknown label value",
+                    f"{path}: label {value!r} is not one of the job's classes {config.classes}",
+                )
+                continue
+            ds = ds or read_dataset(path)
+            image = to_image(ds, config.preprocessing, source=str(path))
+        except DicomError as exc:
+            collect.problem(_reason(exc), str(exc))
+            continue
+        images.append(image)
+        targets.append(config.classes.index(value))
+        patients.append(str(ds.get("PatientID", "")) or relative)
+    for key in sorted(set(labels) - seen):
+        collect.problem(
+            "label for a missing file",
+            f"{config.labels_path}: {config.key} {key!r} has a label but no readable file in {config.folder}",
+        )
+    if not images:
+        raise DataError(f"{config.folder}: no usable images ({summary.describe()})")
+    y = torch.tensor(targets, dtype=torch.int64)
+    for index, name in enumerate(config.classes):
+        if not bool((y == index).any()):
+            collect.problem(
+                "class absent at this site", f"{config.folder}: no image of class {name!r}"
+            )
+    summary.loaded, summary.patients = len(images), len(set(patients))
+    return _patient_split(torch.stack(images), y, patients, config), summary
+
+
+def _candidate_files(config: DicomData) -> list[Path]:
+    """Every file under the folder but tables (.csv), hidden files and DICOMDIR indexes."""
+    return sorted(
+        p
+        for p in config.folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() != ".csv"
+        and not p.name.startswith(".")
+        and p.name.upper() != "DICOMDIR"
+    )
+
+
+def _header_key(ds: Dataset, key: str) -> str:
+    return str(ds.get("SOPInstanceUID" if key == "sop_instance_uid" else "PatientID", ""))
+
+
+def _reason(exc: DicomError) -> str:
+    text = str(exc)
+    for reason in (
+        "not a DICOM file",
+        "truncated",
+        "no pixel data",
+        "compressed",
+        "photometric",
+        "frame",
+    ):
+        if reason in text:
+            return reason
+    return "unreadable"
+
+
+def _patient_split(
+    x: torch.Tensor, y: torch.Tensor, patients: list[str], config: DicomData
+) -> SiteData:
+    if len(set(patients)) < 2:
+        raise DataError(
+            f"{config.folder}: images of {len(set(patients))} patient(s); a train/test split needs at least 2"
+        )
+    train, test = split_by_patient(patients, config.test_fraction, config.seed)
+    return SiteData(x[train], y[train], x[test], y[test])
+
+
+def split_by_patient(
+    patients: list[str], test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test indices such that all images of a patient fall on the same side."""
+    splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
+    train, test = next(splitter.split(np.zeros(len(patients)), groups=patients))
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
