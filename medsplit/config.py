@@ -14,9 +14,11 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
     StringConstraints,
+    Tag,
     field_validator,
     model_validator,
 )
@@ -220,13 +222,26 @@ class BuiltinData(BaseModel):
         return self
 
 
+def _data_source(value: Any) -> str:
+    """Which data section this is; ``source`` may be left out for a built-in share."""
+    if isinstance(value, dict):
+        return str(value.get("source", "builtin"))
+    return str(getattr(value, "source", "builtin"))
+
+
+SiteDataConfig = Annotated[
+    Annotated[BuiltinData, Tag("builtin")] | Annotated[DicomData, Tag("dicom")],
+    Discriminator(_data_source),
+]
+
+
 class SiteConfig(_EnvFirst):
     """What one edge agent runs."""
 
     site_id: Id
     job_id: Id
     broker: BrokerConfig = BrokerConfig()
-    data: Annotated[BuiltinData | DicomData, Field(discriminator="source")] = BuiltinData()
+    data: SiteDataConfig = BuiltinData()
     device: Literal["cpu", "cuda", "auto"] = "auto"
     state_dir: Path = Field(
         Path("state"), description="private layers and optimizer state live here"

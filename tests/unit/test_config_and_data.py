@@ -94,10 +94,12 @@ def test_site_config_validates_data_and_device() -> None:
     )
     assert site.data.index == 2 and site.device == "auto"
     for data, field in [
-        ({"dataset": "mnist"}, "data.dataset"),
-        ({"num_sites": 2, "index": 2}, "data"),
-        ({"partition": "shards"}, "data.partition"),
-        ({"partition": "dirichlet:0"}, "data.partition"),
+        # The data section's kind (its `source`, builtin by default) is part of the path.
+        ({"dataset": "mnist"}, "data.builtin.dataset"),
+        ({"num_sites": 2, "index": 2}, "data.builtin"),
+        ({"partition": "shards"}, "data.builtin.partition"),
+        ({"partition": "dirichlet:0"}, "data.builtin.partition"),
+        ({"source": "dicom", "folder": "x"}, "data.dicom.classes"),
     ]:
         with pytest.raises(ConfigError) as info:
             SiteConfig.from_mapping({"site_id": "a", "job_id": "j", "data": data})
