@@ -9,6 +9,7 @@ import torch
 from edge_agent.agent import Agent
 from medsplit import datasets, topics
 from medsplit.config import SiteConfig
+from medsplit.csv_source import CsvData, load_csv_site
 from medsplit.datasets import SiteData
 from medsplit.dicom_source import DicomData, load_dicom_site
 from medsplit.transport import Endpoint, MqttTransport, Will
@@ -25,10 +26,12 @@ def pick_device(choice: str) -> torch.device:
 
 
 def load_data(config: SiteConfig) -> SiteData:
-    """The site's training data: a hospital's DICOM folder, or a share of a built-in dataset."""
+    """The site's training data: a DICOM folder, an EHR table, or a built-in dataset's share."""
     spec = config.data
-    if isinstance(spec, DicomData):
-        data, summary = load_dicom_site(spec)
+    if isinstance(spec, DicomData | CsvData):
+        data, summary = (
+            load_dicom_site(spec) if isinstance(spec, DicomData) else load_csv_site(spec)
+        )
         log.info("%s: %s", config.site_id, summary.describe())
         for problem in summary.problems:  # file names stay in this site's own log
             log.warning("%s: skipped %s", config.site_id, problem)

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from medsplit import __version__
 from models import ConfigError, cut_shapes, load_plan
@@ -102,6 +103,51 @@ def _cmd_dicom_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    """Per-site sums out, combined statistics back: normalisation without pooling raw values."""
+    import json
+
+    from medsplit.config import SiteConfig
+    from medsplit.csv_source import CsvData, site_sums
+    from medsplit.datasets import FeatureSums
+    from medsplit.dicom_source import DataError
+
+    try:
+        if args.combine:
+            parts = [_sums_from_json(Path(path)) for path in args.combine]
+            mean, std = FeatureSums.combine(parts)
+            print(json.dumps({"normalization": {"mean": mean.tolist(), "std": std.tolist()}}))
+            return 0
+        config = SiteConfig.from_yaml(args.config)
+        if not isinstance(config.data, CsvData):
+            raise DataError(f"{args.config}: data-stats needs a site whose data source is csv")
+        sums = site_sums(config.data)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    payload = {"count": sums.count, "sum": sums.total.tolist(), "sum_sq": sums.total_sq.tolist()}
+    print(json.dumps(payload))
+    return 0
+
+
+def _sums_from_json(path: Path) -> Any:
+    import json
+
+    import torch
+
+    from medsplit.datasets import FeatureSums
+
+    try:
+        data = json.loads(path.read_text())
+        return FeatureSums(
+            int(data["count"]),
+            torch.tensor(data["sum"], dtype=torch.float64),
+            torch.tensor(data["sum_sq"], dtype=torch.float64),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not the output of `medsplit data-stats` ({exc})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsplit",
@@ -159,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", type=int, default=64, help="image rows and columns")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_dicom_synth)
+
+    stats = commands.add_parser(
+        "data-stats", help="a site's feature sums (safe to share), or combine them into statistics"
+    )
+    which = stats.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", help="site YAML with a csv data source: print its sums")
+    which.add_argument("--combine", nargs="+", metavar="SUMS.json", help="combine sites' sums")
+    stats.set_defaults(func=_cmd_data_stats)
     return parser
 
 

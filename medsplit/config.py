@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from medsplit.csv_source import CsvData
 from medsplit.datasets import check_name
 from medsplit.dicom_source import DicomData
 from medsplit.ids import ID_PATTERN
@@ -230,7 +231,9 @@ def _data_source(value: Any) -> str:
 
 
 SiteDataConfig = Annotated[
-    Annotated[BuiltinData, Tag("builtin")] | Annotated[DicomData, Tag("dicom")],
+    Annotated[BuiltinData, Tag("builtin")]
+    | Annotated[DicomData, Tag("dicom")]
+    | Annotated[CsvData, Tag("csv")],
     Discriminator(_data_source),
 ]
 

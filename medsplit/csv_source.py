@@ -1,0 +1,209 @@
+"""An export of EHR features (a CSV table) as one site's training data.
+
+The job fixes the encoding so that every site turns the same record into the same vector:
+numeric columns in the listed order, then each categorical column one-hot over its listed
+categories (an unseen category is an error, not a new column), then the label mapped through
+``classes``. Missing values follow ``missing``: ``fail`` names the row and column, ``drop`` leaves
+the row out, ``impute`` uses the feature's mean (numeric, from the job's ``normalization`` when
+given) or an all-zero one-hot (categorical). ``normalization`` holds per-feature means and
+standard deviations combined from every site's count, sum and sum of squares
+(``medsplit data-stats``), never from pooled raw values. Problems name the file, the row and the
+column; with ``on_bad_input: skip`` bad rows are counted by reason and left out.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from medsplit.datasets import FeatureSums, SiteData
+from medsplit.dicom_source import DataError, LoadSummary, split_by_patient
+
+
+class Normalization(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: list[float]
+    std: list[float]
+
+
+class CsvData(BaseModel):
+    """A site's ``data`` section for an EHR table. See docs/data.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["csv"] = "csv"
+    path: Path
+    label_column: str
+    classes: list[str] = Field(min_length=2, description="label values, in class-index order")
+    numeric: list[str] = Field(default_factory=list, description="numeric feature columns")
+    categorical: dict[str, list[str]] = Field(
+        default_factory=dict, description="column -> its categories, one-hot in this order"
+    )
+    missing: Literal["fail", "drop", "impute"] = "fail"
+    normalization: Normalization | None = Field(
+        None, description="per numeric feature; from `medsplit data-stats --combine`"
+    )
+    patient_column: str | None = Field(None, description="split train/test by this column")
+    on_bad_input: Literal["skip", "fail"] = "fail"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CsvData:
+        if not self.numeric and not self.categorical:
+            raise ValueError("list at least one feature column in numeric or categorical")
+        columns = [*self.numeric, *self.categorical, self.label_column]
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"columns used twice: {repeated}")
+        for column, categories in self.categorical.items():
+            if len(categories) < 1 or len(set(categories)) != len(categories):
+                raise ValueError(
+                    f"categorical.{column}: list distinct categories, got {categories}"
+                )
+        norm = self.normalization
+        if norm is not None and not (len(norm.mean) == len(norm.std) == len(self.numeric)):
+            raise ValueError(
+                f"normalization: needs one mean and one std per numeric column ({len(self.numeric)})"
+            )
+        if norm is not None and any(s <= 0 for s in norm.std):
+            raise ValueError("normalization.std: every value must be positive")
+        return self
+
+    @property
+    def features(self) -> list[str]:
+        """Names of the model's inputs, in order (for export metadata and error messages)."""
+        onehot = [f"{c}={v}" for c, values in self.categorical.items() for v in values]
+        return [*self.numeric, *onehot]
+
+
+class _RowError(ValueError):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+def read_rows(config: CsvData) -> tuple[list[dict[str, str]], list[int]]:
+    """The table's rows and their line numbers, after checking the header."""
+    try:
+        handle = config.path.open(newline="")
+    except OSError as exc:
+        raise DataError(f"{config.path}: cannot read the table ({exc.strerror})") from None
+    with handle:
+        reader = csv.DictReader(handle)
+        found = reader.fieldnames or []
+        wanted = [*config.numeric, *config.categorical, config.label_column]
+        if config.patient_column:
+            wanted.append(config.patient_column)
+        missing = [c for c in wanted if c not in found]
+        if missing:
+            raise DataError(f"{config.path}: missing column(s) {missing}; found {found}")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{config.path}: no rows")
+    return rows, list(range(2, len(rows) + 2))
+
+
+def load_csv_site(config: CsvData) -> tuple[SiteData, LoadSummary]:
+    rows, lines = read_rows(config)
+    summary = LoadSummary()
+    vectors, labels, patients = [], [], []
+    for row, line in zip(rows, lines, strict=True):
+        try:
+            vectors.append(_encode(row, line, config))
+            label = (row[config.label_column] or "").strip()
+            if label not in config.classes:
+                raise _RowError(
+                    "unknown label value",
+                    f"{config.path}, row {line}: {config.label_column} {label!r} is not one of {config.classes}",
+                )
+            labels.append(config.classes.index(label))
+        except _RowError as exc:
+            if len(vectors) > len(labels):
+                vectors.pop()
+            if config.on_bad_input == "fail" and exc.reason != "missing value (dropped)":
+                raise DataError(str(exc)) from None
+            summary.skipped[exc.reason] += 1
+            summary.problems.append(str(exc))
+            continue
+        patients.append(row[config.patient_column] if config.patient_column else f"row-{line}")
+    if not vectors:
+        raise DataError(f"{config.path}: no usable rows ({summary.describe()})")
+    x = torch.tensor(vectors, dtype=torch.float32)
+    x = _impute_and_normalise(x, config)
+    y = torch.tensor(labels, dtype=torch.int64)
+    absent = [name for i, name in enumerate(config.classes) if not bool((y == i).any())]
+    if absent and config.on_bad_input == "fail":
+        raise DataError(f"{config.path}: no row of class(es) {absent} at this site")
+    summary.skipped.update({"class absent at this site": len(absent)} if absent else {})
+    summary.loaded, summary.patients = len(y), len(set(patients))
+    train, test = split_by_patient(patients, config.test_fraction, config.seed)
+    return SiteData(x[train], y[train], x[test], y[test]), summary
+
+
+def _encode(row: dict[str, str], line: int, config: CsvData) -> list[float]:
+    """One record as numbers; NaN marks a missing numeric value to impute."""
+    out: list[float] = []
+    for column in config.numeric:
+        text = (row[column] or "").strip()
+        if not text:
+            out.append(_missing(config, line, column))
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            raise _RowError(
+                "not a number", f"{config.path}, row {line}: {column} {text!r} is not a number"
+            ) from None
+        if not math.isfinite(value):
+            raise _RowError("not a number", f"{config.path}, row {line}: {column} is {text!r}")
+        out.append(value)
+    for column, categories in config.categorical.items():
+        text = (row[column] or "").strip()
+        if not text:
+            _missing(config, line, column)
+            out += [0.0] * len(categories)  # imputed: no category
+            continue
+        if text not in categories:
+            raise _RowError(
+                "unknown category",
+                f"{config.path}, row {line}: {column} {text!r} is not one of {categories}",
+            )
+        out += [1.0 if text == c else 0.0 for c in categories]
+    return out
+
+
+def _missing(config: CsvData, line: int, column: str) -> float:
+    if config.missing == "fail":
+        raise _RowError("missing value", f"{config.path}, row {line}: {column} is empty")
+    if config.missing == "drop":
+        raise _RowError("missing value (dropped)", f"{config.path}, row {line}: {column} is empty")
+    return math.nan
+
+
+def _impute_and_normalise(x: torch.Tensor, config: CsvData) -> torch.Tensor:
+    numeric = x[:, : len(config.numeric)]
+    if config.normalization is not None:
+        mean = torch.tensor(config.normalization.mean)
+        std = torch.tensor(config.normalization.std)
+    else:
+        present = torch.nan_to_num(numeric, nan=0.0)
+        counts = (~numeric.isnan()).sum(0).clamp_min(1)
+        mean, std = present.sum(0) / counts, torch.ones(len(config.numeric))
+    filled = torch.where(numeric.isnan(), mean.expand_as(numeric), numeric)
+    if config.normalization is not None:
+        filled = (filled - mean) / std
+    return torch.cat([filled, x[:, len(config.numeric) :]], dim=1)
+
+
+def site_sums(config: CsvData) -> FeatureSums:
+    """This site's count and per-feature sums of its numeric columns: safe to share."""
+    data, _ = load_csv_site(config.model_copy(update={"normalization": None}))
+    x = torch.cat([data.x_train, data.x_test])[:, : len(config.numeric)]
+    return FeatureSums.of(x)
