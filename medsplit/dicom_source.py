@@ -22,11 +22,11 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydicom.dataset import Dataset
 from sklearn.model_selection import GroupShuffleSplit
 
 from medsplit.datasets import SiteData
 from medsplit.dicom import DicomError, Preprocessing, read_dataset, to_image
+from medsplit.image_cache import ImageCache
 
 Key = Literal["file", "sop_instance_uid", "patient_id"]
 
@@ -51,6 +51,9 @@ class DicomData(BaseModel):
     on_bad_input: Literal["skip", "fail"] = "fail"
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
+    cache_dir: Path | None = Field(
+        None, description="keep decoded images here (on the site) to skip decoding on restart"
+    )
 
     @model_validator(mode="after")
     def _distinct_classes(self) -> DicomData:
@@ -129,12 +132,13 @@ def load_dicom_site(config: DicomData) -> tuple[SiteData, LoadSummary]:
     summary = LoadSummary()
     collect = _Collector(config.on_bad_input, summary)
     images, targets, patients, seen = [], [], [], set()
+    cache = None if config.cache_dir is None else ImageCache(config.cache_dir, config.preprocessing)
     for path in _candidate_files(config):
         relative = path.relative_to(config.folder).as_posix()
         try:
             # Keyed by file name, an unlabelled file is not read at all.
-            ds = None if config.key == "file" else read_dataset(path)
-            key = relative if ds is None else _header_key(ds, config.key)
+            decoded = None if config.key == "file" else _decode(path, config, cache)
+            key = relative if decoded is None else decoded[1][_HEADER[config.key]]
             value = labels.get(key)
             if value is None:
                 collect.problem(
@@ -149,14 +153,13 @@ def load_dicom_site(config: DicomData) -> tuple[SiteData, LoadSummary]:
                     f"{path}: label {value!r} is not one of the job's classes {config.classes}",
                 )
                 continue
-            ds = ds or read_dataset(path)
-            image = to_image(ds, config.preprocessing, source=str(path))
+            image, header = decoded or _decode(path, config, cache)
         except DicomError as exc:
             collect.problem(_reason(exc), str(exc))
             continue
         images.append(image)
         targets.append(config.classes.index(value))
-        patients.append(str(ds.get("PatientID", "")) or relative)
+        patients.append(header["PatientID"] or relative)
     for key in sorted(set(labels) - seen):
         collect.problem(
             "label for a missing file",
@@ -186,8 +189,22 @@ def _candidate_files(config: DicomData) -> list[Path]:
     )
 
 
-def _header_key(ds: Dataset, key: str) -> str:
-    return str(ds.get("SOPInstanceUID" if key == "sop_instance_uid" else "PatientID", ""))
+_HEADER = {"sop_instance_uid": "SOPInstanceUID", "patient_id": "PatientID"}
+
+
+def _decode(
+    path: Path, config: DicomData, cache: ImageCache | None
+) -> tuple[torch.Tensor, dict[str, str]]:
+    """The file's image and the two header values loading needs, from the cache when it can."""
+    cached = None if cache is None else cache.get(path)
+    if cached is not None:
+        return cached
+    ds = read_dataset(path)
+    header = {name: str(ds.get(name, "")) for name in _HEADER.values()}
+    image = to_image(ds, config.preprocessing, source=str(path))
+    if cache is not None:
+        cache.put(path, image, header)
+    return image, header
 
 
 def _reason(exc: DicomError) -> str:

@@ -13,6 +13,7 @@ import torch
 from pydicom.data import get_testdata_file
 
 from experiments.inprocess import run_job
+from medsplit import dicom_source as source
 from medsplit.config import JobConfig, SiteConfig
 from medsplit.dicom_source import DataError, DicomData, load_dicom_site, split_by_patient
 from medsplit.dicom_synth import synthesize, synthesize_site
@@ -186,3 +187,33 @@ def test_no_dicom_header_value_is_ever_published(tmp_path: Path) -> None:
     for secret in secrets:
         needle = secret.encode()
         assert not any(needle in payload for payload in published), secret
+
+
+def test_the_decoded_image_cache_skips_decoding_until_a_file_changes(
+    tmp_path: Path, synth: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _site(tmp_path, synth)
+    config = _data(folder, cache_dir=tmp_path / "cache")
+    first, _ = load_dicom_site(config)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == len(_rows(folder))
+
+    decoded: list[Path] = []
+    real = source.read_dataset
+
+    def counting(path: Path) -> Any:
+        decoded.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(source, "read_dataset", counting)
+    again, _ = load_dicom_site(config)
+    assert decoded == [] and torch.equal(again.x_train, first.x_train)
+    changed = folder / _rows(folder)[0]["file"]
+    changed.write_bytes(changed.read_bytes())  # same content, new modification time
+    load_dicom_site(config)
+    assert decoded == [changed]
+    # Another window is another image: nothing cached applies.
+    decoded.clear()
+    load_dicom_site(
+        _data(folder, cache_dir=tmp_path / "cache", preprocessing={"window": [500, 600]})
+    )
+    assert len(decoded) == len(_rows(folder))

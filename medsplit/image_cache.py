@@ -1,0 +1,50 @@
+"""Decoded images kept on the site's own disk, so that a restart does not decode every file again.
+
+An entry is keyed by the file's absolute path, size and modification time and by the
+preprocessing, so a changed file or a changed window is decoded afresh. Entries are safetensors
+files (never pickle); the two header values loading needs (SOPInstanceUID, PatientID) ride in
+the entry's metadata. The cache lives next to the site's state and never leaves the site.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from medsplit.dicom import Preprocessing
+
+Header = dict[str, str]
+
+
+class ImageCache:
+    def __init__(self, folder: Path, preprocessing: Preprocessing) -> None:
+        self.folder = folder
+        self.preprocessing = preprocessing.model_dump_json()
+        self.hits = self.misses = 0
+
+    def _entry(self, path: Path) -> Path:
+        stat = path.stat()
+        text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.preprocessing}"
+        return self.folder / f"{hashlib.sha256(text.encode()).hexdigest()[:40]}.safetensors"
+
+    def get(self, path: Path) -> tuple[torch.Tensor, Header] | None:
+        entry = self._entry(path)
+        try:
+            with safe_open(str(entry), framework="pt") as handle:
+                image, header = handle.get_tensor("image"), dict(handle.metadata() or {})
+        except (OSError, SafetensorError):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return image, header
+
+    def put(self, path: Path, image: torch.Tensor, header: Header) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        entry = self._entry(path)
+        tmp = entry.with_suffix(".tmp")
+        save_file({"image": image.contiguous()}, str(tmp), metadata=header)
+        tmp.replace(entry)
