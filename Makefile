@@ -24,6 +24,7 @@ bench: setup
 	$(PY) bench/transport.py --write-docs
 	$(PY) bench/split_overhead.py --write-docs
 	$(PY) bench/round_time.py --write-docs
+	$(PY) bench/data_loading.py --write-docs
 
 
 clean:
