@@ -10,10 +10,13 @@ from typing import Any
 import pydicom
 import pytest
 import torch
+import yaml
 from pydicom.data import get_testdata_file
 
+from edge_agent.main import load_data
 from experiments.inprocess import run_job
 from medsplit import dicom_source as source
+from medsplit.cli import main
 from medsplit.config import JobConfig, SiteConfig
 from medsplit.dicom_source import DataError, DicomData, load_dicom_site, split_by_patient
 from medsplit.dicom_synth import synthesize, synthesize_site
@@ -217,3 +220,16 @@ def test_the_decoded_image_cache_skips_decoding_until_a_file_changes(
         _data(folder, cache_dir=tmp_path / "cache", preprocessing={"window": [500, 600]})
     )
     assert len(decoded) == len(_rows(folder))
+
+
+def test_an_agent_loads_its_dicom_folder_or_refuses_to_start(
+    tmp_path: Path, synth: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = {"site_id": "a", "job_id": "j"}
+    data = {"source": "dicom", "folder": str(synth / "site-2"), "classes": CLASSES}
+    loaded = load_data(SiteConfig.from_mapping({**site, "data": data}))
+    assert len(loaded.y_train) + len(loaded.y_test) == len(_rows(synth / "site-2"))
+    config = tmp_path / "site.yaml"
+    config.write_text(yaml.safe_dump({**site, "data": {**data, "folder": str(tmp_path / "none")}}))
+    assert main(["agent", "--config", str(config)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / 'none'}: not a folder")
