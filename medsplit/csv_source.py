@@ -21,8 +21,9 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medsplit.datasets import FeatureSums, SiteData
+from medsplit.datasets import FeatureSums
 from medsplit.dicom_source import DataError, LoadSummary, split_by_patient
+from medsplit.site_data import SiteData
 
 
 class Normalization(BaseModel):

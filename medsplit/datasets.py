@@ -3,7 +3,8 @@
 * ``breast-cancer``: scikit-learn's Wisconsin diagnostic set (569 real patients x 30 features,
   binary). Shipped inside scikit-learn, so nothing is downloaded.
 * ``synthetic-cxr``: chest-radiograph-like 1x64x64 images with or without a round lesion,
-  generated in memory from a seed (DICOM files arrive with the data issue).
+  generated from a seed, written as DICOM once and read back through the ``dicom`` source
+  (``medsplit.builtin_dicom``), as a hospital's images are.
 
 ``all_sites`` gives every site its share: a partition of the dataset (``medsplit.partitions``),
 then a stratified train/test split of each share, then standardisation (per feature, or per
@@ -21,7 +22,10 @@ import torch
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
+from medsplit.builtin_dicom import synthetic_cxr_from_dicom
 from medsplit.partitions import Scanner, parse_scheme, partition
+from medsplit.site_data import SiteData
+from medsplit.synthetic import synthetic_cxr
 
 __all__ = ["DATASETS", "Dataset", "SiteData", "all_sites", "load", "partition", "pooled", "share"]
 
@@ -41,18 +45,6 @@ class Dataset:
         return tuple(self.x.shape[1:])
 
 
-@dataclass(frozen=True)
-class SiteData:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-
-    @property
-    def train_samples(self) -> int:
-        return len(self.y_train)
-
-
 def check_name(name: str) -> str:
     """``name`` if it is a built-in dataset; ``ValueError`` listing the allowed ones otherwise."""
     if name not in DATASETS:
@@ -67,29 +59,9 @@ def load(name: str, *, seed: int = 0) -> Dataset:
         x = torch.tensor(bunch.data, dtype=torch.float32)
         y = torch.tensor(bunch.target, dtype=torch.int64)
         return Dataset(name, x, y, num_classes=2)
-    x, y = synthetic_cxr(1200, seed=seed)  # synthetic-cxr
+    # synthetic-cxr: generated, written as DICOM once, read back through the dicom source.
+    x, y = synthetic_cxr_from_dicom(*synthetic_cxr(1200, seed=seed), seed=seed)
     return Dataset(name, x, y, num_classes=2)
-
-
-def synthetic_cxr(
-    count: int, *, size: int = 64, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chest-radiograph-like images: lung fields, ribs, noise; label 1 adds a faint round lesion."""
-    g = torch.Generator().manual_seed(seed)
-    coords = torch.linspace(-1, 1, size)
-    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
-    lungs = torch.exp(-(((xx.abs() - 0.45) / 0.3) ** 2) - (yy / 0.7) ** 2)
-    ribs = 0.15 * torch.sin(yy * 18) ** 2 * lungs
-    labels = torch.randint(0, 2, (count,), generator=g)
-    images = torch.empty(count, 1, size, size)
-    for i in range(count):
-        image = 0.6 * lungs + ribs + 0.08 * torch.randn(size, size, generator=g)
-        if labels[i] == 1:
-            cx, cy = (torch.rand(2, generator=g) - 0.5) * 1.2
-            radius = 0.08 + 0.08 * torch.rand(1, generator=g)
-            image += 0.35 * torch.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * radius**2))
-        images[i, 0] = image.clamp(0, 1.5) / 1.5
-    return images, labels
 
 
 def site_data(

@@ -24,9 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sklearn.model_selection import GroupShuffleSplit
 
-from medsplit.datasets import SiteData
 from medsplit.dicom import DicomError, Preprocessing, read_dataset, to_image
 from medsplit.image_cache import ImageCache
+from medsplit.site_data import SiteData
 
 Key = Literal["file", "sop_instance_uid", "patient_id"]
 
@@ -126,6 +126,14 @@ def read_labels(config: DicomData) -> dict[str, str]:
 
 def load_dicom_site(config: DicomData) -> tuple[SiteData, LoadSummary]:
     """Decode, label, validate and split one site's DICOM folder."""
+    x, y, patients, summary = load_dicom_folder(config)
+    return _patient_split(x, y, patients, config), summary
+
+
+def load_dicom_folder(
+    config: DicomData,
+) -> tuple[torch.Tensor, torch.Tensor, list[str], LoadSummary]:
+    """Decode, label and validate a DICOM folder: images, labels and patients, in file order."""
     if not config.folder.is_dir():
         raise DataError(f"{config.folder}: not a folder")
     labels = read_labels(config)
@@ -174,7 +182,7 @@ def load_dicom_site(config: DicomData) -> tuple[SiteData, LoadSummary]:
                 "class absent at this site", f"{config.folder}: no image of class {name!r}"
             )
     summary.loaded, summary.patients = len(images), len(set(patients))
-    return _patient_split(torch.stack(images), y, patients, config), summary
+    return torch.stack(images), y, patients, summary
 
 
 def _candidate_files(config: DicomData) -> list[Path]:

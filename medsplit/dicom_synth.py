@@ -23,8 +23,8 @@ import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from medsplit.datasets import synthetic_cxr
 from medsplit.partitions import Scanner
+from medsplit.synthetic import synthetic_cxr
 
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 LABELS = ("normal", "lesion")
@@ -105,27 +105,43 @@ def write_dicom(
 
 def synthesize_site(out: Path, index: int, count: int, *, seed: int = 0, size: int = 64) -> Path:
     """One site's folder of DICOM files and its labels.csv; returns the folder."""
-    folder = out / f"site-{index + 1}"
-    folder.mkdir(parents=True, exist_ok=True)
     images, labels = synthetic_cxr(count, size=size, seed=seed * 1000 + index)
     images = Scanner.for_site(index, seed).apply(images, seed=seed * 1000 + index)
     encoding = Encoding.for_site(index, seed)
     rng = np.random.default_rng([seed, index, 0xFACE])
     noisy = images[:, 0].numpy() + rng.normal(0, encoding.noise, size=images[:, 0].shape)
+    folder = out / f"site-{index + 1}"
+    write_folder(
+        folder, np.clip(noisy, 0, 1), labels.numpy(), encoding, rng, prefix=f"S{index + 1}"
+    )
+    return folder
+
+
+def write_folder(
+    folder: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    encoding: Encoding,
+    rng: np.random.Generator,
+    *,
+    prefix: str,
+) -> None:
+    """Images (n, rows, cols) in 0..1 as DICOM files plus labels.csv; some patients get two."""
+    folder.mkdir(parents=True, exist_ok=True)
     rows = []
     patient = 0
-    for i in range(count):
+    for i in range(len(images)):
         if i == 0 or rng.random() < 0.7:  # most patients have one image, some two
             patient += 1
-        patient_id = f"S{index + 1}-P{patient:04d}"
+        patient_id = f"{prefix}-P{patient:04d}"
         date = datetime.date(2020, 1, 1) + datetime.timedelta(days=int(rng.integers(0, 2500)))
         name = f"image-{i:05d}.dcm"
         uid = write_dicom(
             folder / name,
-            encoding.stored_values(np.clip(noisy[i], 0, 1)),
+            encoding.stored_values(images[i]),
             encoding,
             patient_id=patient_id,
-            patient_name=f"Synthetic^Patient{index + 1}x{patient}",
+            patient_name=f"Synthetic^Patient{prefix}x{patient}",
             study_date=date.strftime("%Y%m%d"),
         )
         rows.append((name, uid, patient_id, LABELS[int(labels[i])]))
@@ -133,7 +149,6 @@ def synthesize_site(out: Path, index: int, count: int, *, seed: int = 0, size: i
         writer = csv.writer(handle)
         writer.writerow(("file", "sop_instance_uid", "patient_id", "label"))
         writer.writerows(rows)
-    return folder
 
 
 def synthesize(

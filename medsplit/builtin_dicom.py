@@ -1,0 +1,57 @@
+"""The built-in ``synthetic-cxr`` dataset, read the way a hospital's images are: from DICOM.
+
+The first load writes the images as DICOM files (``medsplit.dicom_synth``, one neutral
+scanner: 16 bits, ``MONOCHROME2``, no noise or tone of its own) into a cache folder, then every
+load reads them through the same ``dicom`` source an agent uses for a hospital's folder, with
+its decoded-image cache. Partitions (``feature-shift`` included) then apply as for any dataset.
+The folder is ``$MEDSPLIT_CACHE`` or ``~/.cache/medsplit``; it is written to a temporary name and
+renamed, so agents starting together never read a half-written set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medsplit.dicom import Preprocessing
+from medsplit.dicom_source import DicomData, load_dicom_folder
+from medsplit.dicom_synth import LABELS, Encoding, write_folder
+
+NEUTRAL = Encoding(16, 0.05, 0.0, "MONOCHROME2", pixel_spacing=0.15, noise=0.0)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MEDSPLIT_CACHE") or Path.home() / ".cache" / "medsplit")
+
+
+def synthetic_cxr_from_dicom(
+    images: torch.Tensor, labels: torch.Tensor, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write ``images`` (n, 1, h, w in 0..1) as DICOM once, and read them back as a hospital would."""
+    folder = cache_root() / f"synthetic-cxr-{len(images)}x{images.shape[-1]}-seed{seed}-v1"
+    if not (folder / "labels.csv").is_file():
+        _write_atomically(folder, images, labels, seed)
+    config = DicomData(
+        folder=folder,
+        classes=list(LABELS),
+        preprocessing=Preprocessing(size=int(images.shape[-1])),
+        cache_dir=folder.with_name(folder.name + "-decoded"),
+    )
+    x, y, _, _ = load_dicom_folder(config)
+    return x, y
+
+
+def _write_atomically(folder: Path, images: torch.Tensor, labels: torch.Tensor, seed: int) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    rng = np.random.default_rng([seed, 0xC0DE])
+    write_folder(staging, images[:, 0].numpy(), labels.numpy(), NEUTRAL, rng, prefix="B")
+    try:
+        staging.rename(folder)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(staging, ignore_errors=True)
