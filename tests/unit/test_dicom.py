@@ -156,3 +156,19 @@ def test_dicom_synth_writes_sites_that_differ(
         encodings.append((ds.BitsStored, ds.PhotometricInterpretation, float(ds.RescaleSlope)))
     assert encodings[0] != encodings[1]
     assert main(["dicom-synth", "--out", str(tmp_path), "--sites", "0"]) == 2
+
+
+def test_bits_above_bits_stored_are_ignored(tmp_path: Path) -> None:
+    # Scanners may leave overlay or garbage bits above BitsStored; they are not part of the value.
+    encoding = Encoding(12, 1.0, 0.0, "MONOCHROME2", pixel_spacing=0.15, noise=0.0)
+    stored = np.full((8, 8), 0x0123, dtype=np.uint16)
+    stored[0, 1] = 0x0FFF
+    clean = tmp_path / "clean.dcm"
+    write_dicom(clean, stored, encoding, patient_id="P", patient_name="A^B", study_date="20260101")
+    stored[0, 0] = 0xF123  # same 12-bit value, high bits set
+    dirty = tmp_path / "dirty.dcm"
+    write_dicom(dirty, stored, encoding, patient_id="P", patient_name="A^B", study_date="20260101")
+    assert int(pydicom.dcmread(dirty).pixel_array[0, 0]) == 0x123
+    assert torch.equal(
+        read_image(clean, Preprocessing(size=8)), read_image(dirty, Preprocessing(size=8))
+    )
