@@ -55,7 +55,7 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     from edge_agent.main import run
     from medsplit.config import SiteConfig
-    from medsplit.dicom_source import DataError
+    from medsplit.site_data import DataError
 
     config = SiteConfig.from_yaml(args.config)
     try:
@@ -110,7 +110,7 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     from medsplit.config import SiteConfig
     from medsplit.csv_source import CsvData, site_sums
     from medsplit.datasets import FeatureSums
-    from medsplit.dicom_source import DataError
+    from medsplit.site_data import DataError
 
     try:
         if args.combine:

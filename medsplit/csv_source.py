@@ -22,8 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medsplit.datasets import FeatureSums
-from medsplit.dicom_source import DataError, LoadSummary, split_by_patient
-from medsplit.site_data import SiteData
+from medsplit.site_data import DataError, LoadSummary, SiteData, split_by_patient
 
 
 class Normalization(BaseModel):

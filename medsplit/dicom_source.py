@@ -14,25 +14,18 @@ the decoded images and label indices reach training.
 from __future__ import annotations
 
 import csv
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from sklearn.model_selection import GroupShuffleSplit
 
 from medsplit.dicom import DicomError, Preprocessing, read_dataset, to_image
 from medsplit.image_cache import ImageCache
-from medsplit.site_data import SiteData
+from medsplit.site_data import DataError, LoadSummary, SiteData, split_by_patient
 
 Key = Literal["file", "sop_instance_uid", "patient_id"]
-
-
-class DataError(ValueError):
-    """Site data that cannot be used; the message names the file or row and what was expected."""
 
 
 class DicomData(BaseModel):
@@ -64,21 +57,6 @@ class DicomData(BaseModel):
     @property
     def labels_path(self) -> Path:
         return self.labels or self.folder / "labels.csv"
-
-
-@dataclass
-class LoadSummary:
-    """What was loaded and what was left out, by reason (no file names: safe to log anywhere)."""
-
-    loaded: int = 0
-    patients: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-    problems: list[str] = field(default_factory=list)  # with file names: for the local log only
-
-    def describe(self) -> str:
-        parts = [f"{self.loaded} images of {self.patients} patients loaded"]
-        parts += [f"{count} skipped: {reason}" for reason, count in sorted(self.skipped.items())]
-        return "; ".join(parts)
 
 
 @dataclass
@@ -239,12 +217,3 @@ def _patient_split(
         )
     train, test = split_by_patient(patients, config.test_fraction, config.seed)
     return SiteData(x[train], y[train], x[test], y[test])
-
-
-def split_by_patient(
-    patients: list[str], test_fraction: float, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and test indices such that all images of a patient fall on the same side."""
-    splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
-    train, test = next(splitter.split(np.zeros(len(patients)), groups=patients))
-    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))

@@ -1,10 +1,13 @@
-"""What every data source hands the agent: a site's training and held-out tensors."""
+"""What every data source hands the agent, and what they share: errors, summary, patient split."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from sklearn.model_selection import GroupShuffleSplit
 
 
 @dataclass(frozen=True)
@@ -17,3 +20,31 @@ class SiteData:
     @property
     def train_samples(self) -> int:
         return len(self.y_train)
+
+
+class DataError(ValueError):
+    """Site data that cannot be used; the message names the file or row and what was expected."""
+
+
+@dataclass
+class LoadSummary:
+    """What was loaded and what was left out, by reason (no file names: safe to log anywhere)."""
+
+    loaded: int = 0
+    patients: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)  # with file names: for the local log only
+
+    def describe(self) -> str:
+        parts = [f"{self.loaded} images of {self.patients} patients loaded"]
+        parts += [f"{count} skipped: {reason}" for reason, count in sorted(self.skipped.items())]
+        return "; ".join(parts)
+
+
+def split_by_patient(
+    patients: list[str], test_fraction: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train and test indices such that all images of a patient fall on the same side."""
+    splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
+    train, test = next(splitter.split(np.zeros(len(patients)), groups=patients))
+    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))

@@ -15,7 +15,7 @@ from sklearn.datasets import load_breast_cancer
 from medsplit.cli import main
 from medsplit.config import SiteConfig
 from medsplit.csv_source import CsvData, load_csv_site
-from medsplit.dicom_source import DataError
+from medsplit.site_data import DataError
 from models import ConfigError
 
 NUMERIC = ["mean radius", "mean texture", "mean area"]

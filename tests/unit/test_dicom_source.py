@@ -18,8 +18,9 @@ from experiments.inprocess import run_job
 from medsplit import dicom_source as source
 from medsplit.cli import main
 from medsplit.config import JobConfig, SiteConfig
-from medsplit.dicom_source import DataError, DicomData, load_dicom_site, split_by_patient
+from medsplit.dicom_source import DicomData, load_dicom_site
 from medsplit.dicom_synth import synthesize, synthesize_site
+from medsplit.site_data import DataError, split_by_patient
 from medsplit.transport import MemoryBroker, MemoryTransport
 from models import ConfigError
 
