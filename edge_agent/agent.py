@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from edge_agent.local_model import LocalModel
 from edge_agent.segments import EdgeSegments
@@ -304,11 +304,11 @@ class Agent:
             return
         try:
             with safe_open(str(path), framework="pt") as handle:
-                same_job = (handle.metadata() or {}).get("job_id") == self.spec.job_id
-            state = load_file(str(path)) if same_job else {}
-            if same_job:
-                model.load_private(state)
-                log.info("%s: private layers restored from %s", self.site_id, path)
+                if (handle.metadata() or {}).get("job_id") != self.spec.job_id:
+                    return  # another job's layers: start from the job's initial weights
+                state = {k: handle.get_tensor(k) for k in model.private_keys}
+            model.load_private(state)
+            log.info("%s: private layers restored from %s", self.site_id, path)
         except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
             log.warning("%s: cannot restore private layers from %s: %s", self.site_id, path, exc)
 

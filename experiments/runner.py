@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
 
 from rich.console import Console
 
@@ -130,8 +129,3 @@ def _transport_factory(job: JobConfig) -> Callable[[str], Transport]:
         return MqttTransport(broker.settings(f"{job.job_id}-{party}"[:128]))
 
     return make
-
-
-def summary_key(result: CellResult) -> tuple[Any, ...]:
-    cell = result.cell
-    return (cell.partition, cell.sites, cell.method)

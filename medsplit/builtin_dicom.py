@@ -21,6 +21,7 @@ import torch
 from medsplit.dicom import Preprocessing
 from medsplit.dicom_source import DicomData, load_dicom_folder
 from medsplit.dicom_synth import LABELS, Encoding, write_folder
+from medsplit.synthetic import synthetic_cxr
 
 NEUTRAL = Encoding(16, 0.05, 0.0, "MONOCHROME2", pixel_spacing=0.15, noise=0.0)
 
@@ -30,16 +31,19 @@ def cache_root() -> Path:
 
 
 def synthetic_cxr_from_dicom(
-    images: torch.Tensor, labels: torch.Tensor, seed: int
+    count: int, *, size: int = 64, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Write ``images`` (n, 1, h, w in 0..1) as DICOM once, and read them back as a hospital would."""
-    folder = cache_root() / f"synthetic-cxr-{len(images)}x{images.shape[-1]}-seed{seed}-v1"
+    """``synthetic_cxr(count, size, seed)`` written as DICOM once, read back as a hospital would.
+
+    The images are generated only when the folder is written, not on every load.
+    """
+    folder = cache_root() / f"synthetic-cxr-{count}x{size}-seed{seed}-v1"
     if not (folder / "labels.csv").is_file():
-        _write_atomically(folder, images, labels, seed)
+        _write_atomically(folder, *synthetic_cxr(count, size=size, seed=seed), seed)
     config = DicomData(
         folder=folder,
         classes=list(LABELS),
-        preprocessing=Preprocessing(size=int(images.shape[-1])),
+        preprocessing=Preprocessing(size=size),
         cache_dir=folder.with_name(folder.name + "-decoded"),
     )
     x, y, _, _ = load_dicom_folder(config)

@@ -22,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medsplit.datasets import FeatureSums
-from medsplit.site_data import DataError, LoadSummary, SiteData, split_by_patient
+from medsplit.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
 
 
 class Normalization(BaseModel):
@@ -84,9 +84,10 @@ class CsvData(BaseModel):
 
 
 class _RowError(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: str, detail: str, *, dropped: bool = False) -> None:
         super().__init__(detail)
         self.reason = reason
+        self.dropped = dropped  # left out by the missing-value policy, not bad input
 
 
 def read_rows(config: CsvData) -> tuple[list[dict[str, str]], list[int]]:
@@ -113,38 +114,42 @@ def read_rows(config: CsvData) -> tuple[list[dict[str, str]], list[int]]:
 def load_csv_site(config: CsvData) -> tuple[SiteData, LoadSummary]:
     rows, lines = read_rows(config)
     summary = LoadSummary()
+    collect = Collector(config.on_bad_input, summary)
     vectors, labels, patients = [], [], []
     for row, line in zip(rows, lines, strict=True):
         try:
-            vectors.append(_encode(row, line, config))
-            label = (row[config.label_column] or "").strip()
-            if label not in config.classes:
-                raise _RowError(
-                    "unknown label value",
-                    f"{config.path}, row {line}: {config.label_column} {label!r} is not one of {config.classes}",
-                )
-            labels.append(config.classes.index(label))
+            vector, label = _encode(row, line, config), _label(row, line, config)
         except _RowError as exc:
-            if len(vectors) > len(labels):
-                vectors.pop()
-            if config.on_bad_input == "fail" and exc.reason != "missing value (dropped)":
-                raise DataError(str(exc)) from None
-            summary.skipped[exc.reason] += 1
-            summary.problems.append(str(exc))
+            if exc.dropped:
+                collect.note(exc.reason, str(exc))
+            else:
+                collect.problem(exc.reason, str(exc))
             continue
+        vectors.append(vector)
+        labels.append(label)
         patients.append(row[config.patient_column] if config.patient_column else f"row-{line}")
     if not vectors:
         raise DataError(f"{config.path}: no usable rows ({summary.describe()})")
-    x = torch.tensor(vectors, dtype=torch.float32)
-    x = _impute_and_normalise(x, config)
+    x = _impute_and_normalise(torch.tensor(vectors, dtype=torch.float32), config)
     y = torch.tensor(labels, dtype=torch.int64)
     absent = [name for i, name in enumerate(config.classes) if not bool((y == i).any())]
-    if absent and config.on_bad_input == "fail":
-        raise DataError(f"{config.path}: no row of class(es) {absent} at this site")
-    summary.skipped.update({"class absent at this site": len(absent)} if absent else {})
+    if absent:
+        collect.problem(
+            "class absent at this site", f"{config.path}: no row of class(es) {absent} at this site"
+        )
     summary.loaded, summary.patients = len(y), len(set(patients))
     train, test = split_by_patient(patients, config.test_fraction, config.seed)
     return SiteData(x[train], y[train], x[test], y[test]), summary
+
+
+def _label(row: dict[str, str], line: int, config: CsvData) -> int:
+    label = (row[config.label_column] or "").strip()
+    if label not in config.classes:
+        raise _RowError(
+            "unknown label value",
+            f"{config.path}, row {line}: {config.label_column} {label!r} is not one of {config.classes}",
+        )
+    return config.classes.index(label)
 
 
 def _encode(row: dict[str, str], line: int, config: CsvData) -> list[float]:
@@ -183,7 +188,9 @@ def _missing(config: CsvData, line: int, column: str) -> float:
     if config.missing == "fail":
         raise _RowError("missing value", f"{config.path}, row {line}: {column} is empty")
     if config.missing == "drop":
-        raise _RowError("missing value (dropped)", f"{config.path}, row {line}: {column} is empty")
+        raise _RowError(
+            "missing value (dropped)", f"{config.path}, row {line}: {column} is empty", dropped=True
+        )
     return math.nan
 
 

@@ -27,7 +27,17 @@ from medsplit.partitions import Scanner, parse_scheme, partition
 from medsplit.site_data import SiteData
 from medsplit.synthetic import synthetic_cxr
 
-__all__ = ["DATASETS", "Dataset", "SiteData", "all_sites", "load", "partition", "pooled", "share"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "SiteData",
+    "all_sites",
+    "load",
+    "partition",
+    "pooled",
+    "share",
+    "synthetic_cxr",
+]
 
 DATASETS = ("breast-cancer", "synthetic-cxr")
 DatasetName = Literal["breast-cancer", "synthetic-cxr"]
@@ -60,7 +70,7 @@ def load(name: str, *, seed: int = 0) -> Dataset:
         y = torch.tensor(bunch.target, dtype=torch.int64)
         return Dataset(name, x, y, num_classes=2)
     # synthetic-cxr: generated, written as DICOM once, read back through the dicom source.
-    x, y = synthetic_cxr_from_dicom(*synthetic_cxr(1200, seed=seed), seed=seed)
+    x, y = synthetic_cxr_from_dicom(1200, seed=seed)
     return Dataset(name, x, y, num_classes=2)
 
 

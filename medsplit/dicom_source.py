@@ -14,7 +14,6 @@ the decoded images and label indices reach training.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medsplit.dicom import DicomError, Preprocessing, read_dataset, to_image
 from medsplit.image_cache import ImageCache
-from medsplit.site_data import DataError, LoadSummary, SiteData, split_by_patient
+from medsplit.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
 
 Key = Literal["file", "sop_instance_uid", "patient_id"]
 
@@ -57,19 +56,6 @@ class DicomData(BaseModel):
     @property
     def labels_path(self) -> Path:
         return self.labels or self.folder / "labels.csv"
-
-
-@dataclass
-class _Collector:
-    policy: str
-    summary: LoadSummary
-
-    def problem(self, reason: str, detail: str) -> None:
-        """Record a problem; under ``fail`` it is fatal at once."""
-        if self.policy == "fail":
-            raise DataError(detail)
-        self.summary.skipped[reason] += 1
-        self.summary.problems.append(detail)
 
 
 def read_labels(config: DicomData) -> dict[str, str]:
@@ -116,7 +102,7 @@ def load_dicom_folder(
         raise DataError(f"{config.folder}: not a folder")
     labels = read_labels(config)
     summary = LoadSummary()
-    collect = _Collector(config.on_bad_input, summary)
+    collect = Collector(config.on_bad_input, summary)
     images, targets, patients, seen = [], [], [], set()
     cache = None if config.cache_dir is None else ImageCache(config.cache_dir, config.preprocessing)
     for path in _candidate_files(config):

@@ -48,3 +48,21 @@ def split_by_patient(
     splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
     train, test = next(splitter.split(np.zeros(len(patients)), groups=patients))
     return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
+
+
+@dataclass
+class Collector:
+    """Where a data source reports bad input: fatal under ``fail``, counted under ``skip``."""
+
+    policy: str
+    summary: LoadSummary
+
+    def problem(self, reason: str, detail: str) -> None:
+        if self.policy == "fail":
+            raise DataError(detail)
+        self.note(reason, detail)
+
+    def note(self, reason: str, detail: str) -> None:
+        """Count an input left out on purpose (never fatal), e.g. a row dropped for a gap."""
+        self.summary.skipped[reason] += 1
+        self.summary.problems.append(detail)
