@@ -27,7 +27,7 @@ from aggregator.trunk import Trunk
 from medsplit import protocol as p
 from medsplit import topics
 from medsplit.config import JobConfig
-from medsplit.protocol import SPLIT_MODES, JobSpec, TensorSpecs, exchanged_keys
+from medsplit.protocol import SPLIT_MODES, JobSpec, TensorSpecs, exchanged_keys, final_keys
 from medsplit.transport import Endpoint, Received
 from medsplit.wire import Envelope, WireError
 from models import split_model
@@ -107,8 +107,9 @@ class Coordinator:
             optimizer=config.optimizer,
             seed=config.seed,
             wire_dtype=config.wire_dtype,
+            release_trunk=config.release_trunk,
         )
-        specs = TensorSpecs(plan, config.mode)
+        specs = TensorSpecs(plan, config.mode, release_trunk=config.release_trunk)
         endpoint.set_expected(lambda header: specs.expected(header.kind))
         endpoint.on_reject = self._on_reject
         self.sites = {site: SiteState(site) for site in config.sites}
@@ -295,8 +296,9 @@ class Coordinator:
         self._await_sites()
         for round in range(self.config.rounds):
             self._run_round(round)
-        for site in self._joined():
-            self._send(site, p.FINISH)
+        final = self.final_tensors()
+        for site in self._joined():  # each over its own channel
+            self._send(site, p.FINISH, round=self.config.rounds, tensors=final)
         self.endpoint.flush()
         return self.history
 
@@ -408,6 +410,12 @@ class Coordinator:
     def _forget(self, site: str) -> None:
         if self.trunk is not None:
             self.trunk.forget(site)
+
+    def final_tensors(self) -> dict[str, torch.Tensor]:
+        """What ``finish`` carries: the final global state, and the trunk if the job releases it."""
+        keys = final_keys(self.config.plan, self.config.mode, self.config.release_trunk)
+        state = self.final_state()
+        return {k: state[k] for k in keys}
 
     def final_state(self) -> dict[str, torch.Tensor]:
         """The weights the aggregator holds at the end.

@@ -4,7 +4,8 @@ Everything happens in one thread that reads from the ``Endpoint``: MQTT callback
 (see ``medsplit.transport``). The agent is a small state machine driven by the aggregator's
 messages: ``setup`` (build its layers), ``train`` (run local epochs: in split modes exchanging
 cut-layer tensors step by step, in federated modes entirely locally), ``evaluate`` (held-out
-metrics), ``finish``.
+metrics), ``finish`` (assemble this site's own model from the final weights, keep it in the
+state directory and export it to ONNX).
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ from safetensors.torch import save_file
 
 from edge_agent.local_model import LocalModel
 from edge_agent.segments import EdgeSegments
+from edge_agent.site_model import (
+    ONNX_FILE,
+    SiteModelError,
+    assemble,
+    export_site_model,
+    save_site_model,
+    site_card,
+)
 from medsplit import protocol as p
 from medsplit import topics
 from medsplit.datasets import SiteData
@@ -30,6 +39,7 @@ from medsplit.training import batch_order, evaluate_logits, loss_fn, train_epoch
 from medsplit.transport import Endpoint, Received
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
 from medsplit.wire.frame import MetaValue
+from models.onnx_export import ExportError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,7 @@ class Agent:
         reply_timeout_s: float = 300.0,
         hello_interval_s: float = 5.0,
         state_dir: Path | None = None,
+        export_onnx: bool = False,
     ) -> None:
         self.site_id, self.job_id = site_id, job_id
         self.endpoint = endpoint
@@ -60,6 +71,9 @@ class Agent:
         self.reply_timeout_s = reply_timeout_s
         self.hello_interval_s = hello_interval_s
         self.state_dir = state_dir
+        self.export_onnx = export_onnx
+        self.site_model: Path | None = None  # written at finish
+        self.onnx_model: Path | None = None
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
         self.segments: EdgeSegments | LocalModel | None = None
@@ -177,6 +191,7 @@ class Agent:
                 self._evaluate(env)
             elif env.kind == p.FINISH:
                 self.finished = True
+                self._finish(env)
             elif env.kind == p.ERROR:
                 log.warning("%s: aggregator reported an error: %s", self.site_id, dict(env.meta))
         except StepTimeout as exc:
@@ -192,7 +207,9 @@ class Agent:
 
     def _setup(self, env: Envelope) -> None:
         self.spec = JobSpec.from_meta(env.meta.get("spec"))
-        self.specs = TensorSpecs(self.spec.plan, self.spec.mode)
+        self.specs = TensorSpecs(
+            self.spec.plan, self.spec.mode, release_trunk=self.spec.release_trunk
+        )
         if self.spec.federated:
             self.segments = LocalModel(self.spec, self.device)
             self._restore_private(self.segments)
@@ -311,6 +328,43 @@ class Agent:
             log.info("%s: private layers restored from %s", self.site_id, path)
         except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
             log.warning("%s: cannot restore private layers from %s: %s", self.site_id, path, exc)
+
+    # -- the end of the job ----------------------------------------------------------------------
+
+    def _finish(self, env: Envelope) -> None:
+        """Assemble this site's own model from the final weights; keep it, and export it."""
+        if self.segments is None or self.spec is None or self.state_dir is None:
+            return
+        state = assemble(self.segments, env.tensors, self.spec)
+        card = site_card(self.spec, self.site_id, self.data.card)
+        if state is None or card is None:
+            why = "the job keeps the trunk (release_trunk: false)" if card else "no data card"
+            log.info("%s: no site model assembled: %s", self.site_id, why)
+            return
+        self.site_model = save_site_model(self.state_dir, state, card)
+        log.info("%s: site model written to %s", self.site_id, self.site_model)
+        if self.export_onnx:
+            self._export()
+
+    def _export(self) -> None:
+        """Export to ONNX with parity checked on this site's own held-out samples."""
+        if self.state_dir is None or self.site_model is None:
+            return
+        target = self.state_dir / ONNX_FILE
+        sample = self.data.x_test[:32] if len(self.data.y_test) else None
+        try:
+            result = export_site_model(self.site_model, target, sample=sample)
+        except (ExportError, SiteModelError) as exc:  # the weights stay; export can be redone
+            log.error("%s: ONNX export failed: %s", self.site_id, exc)
+            return
+        self.onnx_model = result.path
+        log.info(
+            "%s: exported %s (opset %d, parity %.2g)",
+            self.site_id,
+            result.path,
+            result.opset,
+            result.max_abs_diff,
+        )
 
     # -- evaluation -------------------------------------------------------------------------------
 

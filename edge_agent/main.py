@@ -74,6 +74,7 @@ def run(config: SiteConfig) -> int:
         reply_timeout_s=config.reply_timeout_s,
         hello_interval_s=config.hello_interval_s,
         state_dir=config.state_dir,
+        export_onnx=config.export_onnx,
     )
     try:
         agent.run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aggregator.coordinator import Coordinator, RoundRecord
@@ -33,11 +34,13 @@ def run_job(
     *,
     timeout: float = 300.0,
     before_run: Callable[[], None] | None = None,
+    state_root: Path | None = None,
     **agent_kw: Any,
 ) -> JobResult:
     """Aggregator in this thread, one thread per agent; every agent must finish.
 
-    ``before_run`` is called once the aggregator is subscribed, before any agent starts.
+    ``before_run`` is called once the aggregator is subscribed, before any agent starts. With
+    ``state_root`` each site keeps its state in ``state_root/SITE``, as the demo lays it out.
     """
     agg_transport = make_transport("aggregator")
     agg_transport.connect()
@@ -54,12 +57,9 @@ def run_job(
     for site, site_data in data.items():
         transport = make_transport(site)
         transports.append(transport)
-        transport.connect()
-        for topic_filter in topics.site_subscriptions(config.job_id, site):
-            transport.subscribe(topic_filter)
-        agent = Agent(
-            site, config.job_id, Endpoint(transport), site_data, hello_interval_s=0.5, **agent_kw
-        )
+        if state_root is not None:
+            agent_kw["state_dir"] = state_root / site
+        agent = _agent(config.job_id, site, site_data, transport, agent_kw)
         agents[site] = agent
 
         def serve(agent: Agent = agent) -> None:
@@ -88,3 +88,13 @@ def run_job(
     if unfinished:
         raise RuntimeError(f"agents {unfinished} did not finish the job")
     return JobResult(history, coordinator, agents)
+
+
+def _agent(
+    job_id: str, site: str, data: SiteData, transport: Transport, agent_kw: dict[str, Any]
+) -> Agent:
+    """A site's agent on its own connected, subscribed transport."""
+    transport.connect()
+    for topic_filter in topics.site_subscriptions(job_id, site):
+        transport.subscribe(topic_filter)
+    return Agent(site, job_id, Endpoint(transport), data, hello_interval_s=0.5, **agent_kw)

@@ -21,9 +21,12 @@ import torch
 from medsplit.dicom import Preprocessing
 from medsplit.dicom_source import DicomData, load_dicom_folder
 from medsplit.dicom_synth import LABELS, Encoding, write_folder
+
+__all__ = ["BUILTIN_PREPROCESSING", "LABELS", "cache_root", "synthetic_cxr_from_dicom"]
 from medsplit.synthetic import synthetic_cxr
 
 NEUTRAL = Encoding(16, 0.05, 0.0, "MONOCHROME2", pixel_spacing=0.15, noise=0.0)
+BUILTIN_PREPROCESSING = Preprocessing(size=64)  # the files' own window; standardised later
 
 
 def cache_root() -> Path:
@@ -43,7 +46,7 @@ def synthetic_cxr_from_dicom(
     config = DicomData(
         folder=folder,
         classes=list(LABELS),
-        preprocessing=Preprocessing(size=size),
+        preprocessing=BUILTIN_PREPROCESSING.model_copy(update={"size": size}),
         cache_dir=folder.with_name(folder.name + "-decoded"),
     )
     x, y, _, _ = load_dicom_folder(config)

@@ -148,6 +148,48 @@ def _sums_from_json(path: Path) -> Any:
         raise ValueError(f"{path}: not the output of `medsplit data-stats` ({exc})") from None
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from edge_agent.site_model import SiteModelError, export_site_model
+    from models.onnx_export import ExportError
+
+    try:
+        result = export_site_model(Path(args.run), Path(args.out), site=args.site)
+    except (SiteModelError, ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{result.path}  ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
+        f"max |onnxruntime - torch| {result.max_abs_diff:.2g})"
+    )
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from edge_agent.serving.app import Limits
+    from edge_agent.serving.predictor import ModelLoadError, ProviderUnavailable
+    from edge_agent.serving.server import ServeOptions, serve
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    options = ServeOptions(
+        model=Path(args.model),
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        threads=args.threads,
+        limits=Limits(max_body_bytes=args.max_body_mb * 1024 * 1024, max_batch=args.max_batch),
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    try:
+        serve(options)
+    except (ModelLoadError, ProviderUnavailable) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medsplit",
@@ -213,7 +255,35 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--config", help="site YAML with a csv data source: print its sums")
     which.add_argument("--combine", nargs="+", metavar="SUMS.json", help="combine sites' sums")
     stats.set_defaults(func=_cmd_data_stats)
+    _add_model_commands(commands)
     return parser
+
+
+def _add_model_commands(commands: Any) -> None:
+    """``export`` and ``serve``: a site's trained model, after the job."""
+    export = commands.add_parser(
+        "export", help="export a site's trained model to ONNX (checked against torch)"
+    )
+    export.add_argument(
+        "--run", required=True, help="the run directory (RUN/state/SITE), or a site's state_dir"
+    )
+    export.add_argument("--site", help="site id (needed for a run directory of several sites)")
+    export.add_argument("--out", required=True, help="where to write the .onnx file")
+    export.set_defaults(func=_cmd_export)
+
+    serve = commands.add_parser("serve", help="serve an exported model over HTTP (onnxruntime)")
+    serve.add_argument("--model", required=True, help="a model.onnx written by medsplit")
+    serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cpu", help="cuda fails if unavailable"
+    )
+    serve.add_argument("--threads", type=int, default=0, help="per inference (0: automatic)")
+    serve.add_argument("--max-batch", type=int, default=64, help="inputs per batch request")
+    serve.add_argument("--max-body-mb", type=int, default=64, help="largest request body")
+    serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, help="and this private key (PEM)")
+    serve.set_defaults(func=_cmd_serve)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -130,6 +130,10 @@ class JobConfig(_EnvFirst):
         600.0, gt=0, description="how long to wait for sites to say hello"
     )
     wire_dtype: WireDtype = "float32"
+    release_trunk: bool = Field(
+        True,
+        description="split modes: send each site the final trunk, so it can export its model",
+    )
     dataset: str = Field("unknown", description="recorded in the report")
     broker: BrokerConfig = BrokerConfig()
     run_dir: Path | None = Field(
@@ -250,6 +254,9 @@ class SiteConfig(_EnvFirst):
         Path("state"), description="private layers and optimizer state live here"
     )
     reply_timeout_s: float = Field(300.0, gt=0, description="give up on a training step after this")
+    export_onnx: bool = Field(
+        True, description="at the end of a job, export the site's model to state_dir/model.onnx"
+    )
     hello_interval_s: float = Field(
         5.0, gt=0, description="repeat hello until the aggregator answers"
     )

@@ -14,7 +14,6 @@ column; with ``on_bad_input: skip`` bad rows are counted by reason and left out.
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medsplit.datasets import FeatureSums
+from medsplit.inputs import DataCard, FeatureInput, InputError
 from medsplit.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
 
 
@@ -79,8 +79,7 @@ class CsvData(BaseModel):
     @property
     def features(self) -> list[str]:
         """Names of the model's inputs, in order (for export metadata and error messages)."""
-        onehot = [f"{c}={v}" for c, values in self.categorical.items() for v in values]
-        return [*self.numeric, *onehot]
+        return feature_input(self).features
 
 
 class _RowError(ValueError):
@@ -130,7 +129,7 @@ def load_csv_site(config: CsvData) -> tuple[SiteData, LoadSummary]:
         patients.append(row[config.patient_column] if config.patient_column else f"row-{line}")
     if not vectors:
         raise DataError(f"{config.path}: no usable rows ({summary.describe()})")
-    x = _impute_and_normalise(torch.tensor(vectors, dtype=torch.float32), config)
+    x, encoding = _impute_and_normalise(torch.tensor(vectors, dtype=torch.float32), config)
     y = torch.tensor(labels, dtype=torch.int64)
     absent = [name for i, name in enumerate(config.classes) if not bool((y == i).any())]
     if absent:
@@ -139,7 +138,8 @@ def load_csv_site(config: CsvData) -> tuple[SiteData, LoadSummary]:
         )
     summary.loaded, summary.patients = len(y), len(set(patients))
     train, test = split_by_patient(patients, config.test_fraction, config.seed)
-    return SiteData(x[train], y[train], x[test], y[test]), summary
+    card = DataCard(input=encoding, classes=config.classes)
+    return SiteData(x[train], y[train], x[test], y[test], card), summary
 
 
 def _label(row: dict[str, str], line: int, config: CsvData) -> int:
@@ -154,59 +154,37 @@ def _label(row: dict[str, str], line: int, config: CsvData) -> int:
 
 def _encode(row: dict[str, str], line: int, config: CsvData) -> list[float]:
     """One record as numbers; NaN marks a missing numeric value to impute."""
-    out: list[float] = []
-    for column in config.numeric:
-        text = (row[column] or "").strip()
-        if not text:
-            out.append(_missing(config, line, column))
-            continue
-        try:
-            value = float(text)
-        except ValueError:
-            raise _RowError(
-                "not a number", f"{config.path}, row {line}: {column} {text!r} is not a number"
-            ) from None
-        if not math.isfinite(value):
-            raise _RowError("not a number", f"{config.path}, row {line}: {column} is {text!r}")
-        out.append(value)
-    for column, categories in config.categorical.items():
-        text = (row[column] or "").strip()
-        if not text:
-            _missing(config, line, column)
-            out += [0.0] * len(categories)  # imputed: no category
-            continue
-        if text not in categories:
-            raise _RowError(
-                "unknown category",
-                f"{config.path}, row {line}: {column} {text!r} is not one of {categories}",
-            )
-        out += [1.0 if text == c else 0.0 for c in categories]
-    return out
+    try:
+        return feature_input(config).encode_record(row, allow_missing=config.missing == "impute")
+    except InputError as exc:
+        dropped = exc.reason == "missing value" and config.missing == "drop"
+        reason = "missing value (dropped)" if dropped else exc.reason
+        raise _RowError(reason, f"{config.path}, row {line}: {exc}", dropped=dropped) from None
 
 
-def _missing(config: CsvData, line: int, column: str) -> float:
-    if config.missing == "fail":
-        raise _RowError("missing value", f"{config.path}, row {line}: {column} is empty")
-    if config.missing == "drop":
-        raise _RowError(
-            "missing value (dropped)", f"{config.path}, row {line}: {column} is empty", dropped=True
-        )
-    return math.nan
+def feature_input(config: CsvData, fill: list[float] | None = None) -> FeatureInput:
+    """The table's encoding; without ``normalization`` numeric values are not rescaled."""
+    norm, width = config.normalization, len(config.numeric)
+    return FeatureInput(
+        numeric=config.numeric,
+        categorical=config.categorical,
+        mean=norm.mean if norm else [0.0] * width,
+        std=norm.std if norm else [1.0] * width,
+        fill=fill,
+    )
 
 
-def _impute_and_normalise(x: torch.Tensor, config: CsvData) -> torch.Tensor:
+def _impute_and_normalise(x: torch.Tensor, config: CsvData) -> tuple[torch.Tensor, FeatureInput]:
+    """Missing values take the job's mean (or this site's, without ``normalization``)."""
     numeric = x[:, : len(config.numeric)]
     if config.normalization is not None:
-        mean = torch.tensor(config.normalization.mean)
-        std = torch.tensor(config.normalization.std)
+        fill = list(config.normalization.mean)
     else:
         present = torch.nan_to_num(numeric, nan=0.0)
         counts = (~numeric.isnan()).sum(0).clamp_min(1)
-        mean, std = present.sum(0) / counts, torch.ones(len(config.numeric))
-    filled = torch.where(numeric.isnan(), mean.expand_as(numeric), numeric)
-    if config.normalization is not None:
-        filled = (filled - mean) / std
-    return torch.cat([filled, x[:, len(config.numeric) :]], dim=1)
+        fill = (present.sum(0) / counts).tolist()
+    encoding = feature_input(config, fill if config.missing == "impute" else None)
+    return encoding.standardise(x), encoding
 
 
 def site_sums(config: CsvData) -> FeatureSums:

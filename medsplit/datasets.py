@@ -22,7 +22,9 @@ import torch
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from medsplit.builtin_dicom import synthetic_cxr_from_dicom
+from medsplit.builtin_dicom import BUILTIN_PREPROCESSING, LABELS, synthetic_cxr_from_dicom
+from medsplit.dicom import Preprocessing
+from medsplit.inputs import DataCard, FeatureInput, ImageInput
 from medsplit.partitions import Scanner, parse_scheme, partition
 from medsplit.site_data import SiteData
 from medsplit.synthetic import synthetic_cxr
@@ -49,6 +51,9 @@ class Dataset:
     x: torch.Tensor  # float32, (n, *input_shape)
     y: torch.Tensor  # int64, (n,)
     num_classes: int
+    classes: tuple[str, ...] = ()
+    feature_names: tuple[str, ...] = ()  # tabular data
+    preprocessing: Preprocessing | None = None  # images: how they were read from DICOM
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -68,10 +73,17 @@ def load(name: str, *, seed: int = 0) -> Dataset:
         bunch = load_breast_cancer()
         x = torch.tensor(bunch.data, dtype=torch.float32)
         y = torch.tensor(bunch.target, dtype=torch.int64)
-        return Dataset(name, x, y, num_classes=2)
+        return Dataset(
+            name,
+            x,
+            y,
+            num_classes=2,
+            classes=tuple(str(c) for c in bunch.target_names),
+            feature_names=tuple(str(f) for f in bunch.feature_names),
+        )
     # synthetic-cxr: generated, written as DICOM once, read back through the dicom source.
     x, y = synthetic_cxr_from_dicom(1200, seed=seed)
-    return Dataset(name, x, y, num_classes=2)
+    return Dataset(name, x, y, num_classes=2, classes=LABELS, preprocessing=BUILTIN_PREPROCESSING)
 
 
 def site_data(
@@ -138,12 +150,28 @@ def _standardise(dataset: Dataset, shares: list[SiteData]) -> list[SiteData]:
     trains well from.
     """
     mean, std = FeatureSums.combine([FeatureSums.of(_columns(s.x_train)) for s in shares])
+    card = _card(dataset, mean, std)
     if len(dataset.input_shape) == 3:
         mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)
     return [
-        SiteData((s.x_train - mean) / std, s.y_train, (s.x_test - mean) / std, s.y_test)
+        SiteData((s.x_train - mean) / std, s.y_train, (s.x_test - mean) / std, s.y_test, card)
         for s in shares
     ]
+
+
+def _card(dataset: Dataset, mean: torch.Tensor, std: torch.Tensor) -> DataCard:
+    """The encoding of a built-in dataset: its standardisation folded into the record."""
+    if dataset.preprocessing is not None:  # one channel: the scalar mean/std of Preprocessing
+        preprocessing = dataset.preprocessing.model_copy(
+            update={"mean": float(mean[0]), "std": float(std[0])}
+        )
+        return DataCard(
+            input=ImageInput(preprocessing=preprocessing), classes=list(dataset.classes)
+        )
+    features = FeatureInput(
+        numeric=list(dataset.feature_names), mean=mean.tolist(), std=std.tolist()
+    )
+    return DataCard(input=features, classes=list(dataset.classes))
 
 
 def all_sites(
@@ -186,6 +214,7 @@ def pooled(sites: list[SiteData]) -> SiteData:
         torch.cat([s.y_train for s in sites]),
         torch.cat([s.x_test for s in sites]),
         torch.cat([s.y_test for s in sites]),
+        sites[0].card,
     )
 
 

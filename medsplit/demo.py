@@ -3,7 +3,8 @@
 It starts a broker (Mosquitto, or the one given with ``--broker``), writes a job config and one
 site config per hospital into the run directory (real, editable files: the same ones a
 deployment uses), starts ``medsplit aggregator`` and one ``medsplit agent`` per site, shows
-progress, and prints the per-site results when the job ends.
+progress, and prints the per-site results when the job ends. Each site exports its own model
+to ``RUN/state/SITE/model.onnx`` when the job finishes.
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def run_demo(options: DemoOptions) -> int:
         console.print(f"[red]the job did not complete[/red]; logs are in {logs}")
         return code or 1
     _print_results(report, console)
+    _print_models(options.out, report["sites"], console)
     return code
 
 
@@ -307,6 +309,20 @@ def _print_results(report: dict[str, Any], console: Console) -> None:
     console.print(
         f"wall time {report['wall_time_s']:.1f} s; report.json, curves.png and model.safetensors are in the run directory"
     )
+
+
+def _print_models(out: Path, sites: list[str], console: Console) -> None:
+    """Where each site's exported model is, and how to serve one."""
+    models = [out / "state" / site / "model.onnx" for site in sites]
+    present = [m for m in models if m.is_file()]
+    for model in models:
+        console.print(
+            f"model of {model.parent.name}: {model if model in present else 'not exported (see its log)'}"
+        )
+    if present:
+        console.print(
+            f"serve one: medsplit serve --model {present[0]} --port 8080   (docs/inference.md)"
+        )
 
 
 def _fmt(value: float | None) -> str:

@@ -18,6 +18,7 @@ not DICOM, truncated, no pixel data, colour, a compressed transfer syntax withou
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -68,14 +69,19 @@ def read_image(path: str | Path, preprocessing: Preprocessing | None = None) -> 
     return to_image(read_dataset(path), preprocessing or Preprocessing(), source=str(path))
 
 
-def read_dataset(path: str | Path) -> Dataset:
-    """Parse a DICOM file (header and pixel data), refusing non-DICOM and unreadable files."""
+def read_dataset(path: str | Path | BinaryIO, source: str | None = None) -> Dataset:
+    """Parse a DICOM file (header and pixel data), refusing non-DICOM and unreadable files.
+
+    ``path`` may be an open binary file (an upload); ``source`` names it in errors.
+    """
+    if source is None:
+        source = str(path)
     try:
-        return pydicom.dcmread(str(path))
+        return pydicom.dcmread(str(path) if isinstance(path, str | Path) else path)
     except InvalidDicomError as exc:
-        raise DicomError(f"{path}: not a DICOM file ({exc})") from None
-    except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-        raise DicomError(f"{path}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
+        raise DicomError(f"{source}: not a DICOM file ({exc})") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DicomError(f"{source}: unreadable DICOM ({type(exc).__name__}: {exc})") from None
 
 
 def to_image(

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medsplit.dicom import DicomError, Preprocessing, read_dataset, to_image
 from medsplit.image_cache import ImageCache
+from medsplit.inputs import DataCard, ImageInput
 from medsplit.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
 
 Key = Literal["file", "sop_instance_uid", "patient_id"]
@@ -202,4 +203,5 @@ def _patient_split(
             f"{config.folder}: images of {len(set(patients))} patient(s); a train/test split needs at least 2"
         )
     train, test = split_by_patient(patients, config.test_fraction, config.seed)
-    return SiteData(x[train], y[train], x[test], y[test])
+    card = DataCard(input=ImageInput(preprocessing=config.preprocessing), classes=config.classes)
+    return SiteData(x[train], y[train], x[test], y[test], card)

@@ -11,6 +11,9 @@ Uplink (site -> aggregator): ``hello``, ``activations``, ``trunk-grad``, ``done`
 Downlink (aggregator -> site): ``setup``, ``train``, ``gradients``, ``trunk-out``, ``act-grad``,
 ``evaluate``, ``eval-out``, ``finish``, ``error``.
 
+``finish`` carries the final weights (``final_keys``): the global state and, in split modes
+with ``release_trunk``, the trunk, so that every site can assemble and export its own model.
+
 One training step, vanilla ``split``: ``activations`` {h, y} up, ``gradients`` {g} down.
 U-shaped ``split-u``: ``activations`` {h} up, ``trunk-out`` {t} down, ``trunk-grad`` {g} up,
 ``act-grad`` {g} down; labels never leave the site. Evaluation never sends labels in either
@@ -70,6 +73,7 @@ class JobSpec(BaseModel):
     optimizer: OptimizerConfig
     seed: int
     wire_dtype: WireDtype
+    release_trunk: bool = True
 
     def to_meta(self) -> str:
         return self.model_dump_json()
@@ -111,6 +115,19 @@ def exchanged_keys(plan: SplitPlan, mode: str) -> list[str]:
     raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(SPLIT_MODES + FEDERATED_MODES)}")
 
 
+def final_keys(plan: SplitPlan, mode: str, release_trunk: bool) -> list[str]:
+    """The keys ``finish`` carries: the final global state, plus the trunk when it is released.
+
+    With them a site assembles its own whole model: in ``flop`` the averaged shared layers and
+    its private ones, in split modes its head (and tail) and the aggregator's trunk.
+    """
+    keys = exchanged_keys(plan, mode)
+    if mode in SPLIT_MODES and release_trunk:
+        trunk = set(plan.trunk)
+        keys += [k for k in plan.model.state_keys if k.split(".", 1)[0] in trunk]
+    return keys
+
+
 def _state_specs(plan: SplitPlan, keys: list[str]) -> dict[str, TensorSpec]:
     with torch.device("meta"):  # building on meta is cheap; only running on it is not
         state = plan.model.build().state_dict()
@@ -120,7 +137,7 @@ def _state_specs(plan: SplitPlan, keys: list[str]) -> dict[str, TensorSpec]:
 class TensorSpecs:
     """Every message's expected tensors for one plan and mode (batch dimension free)."""
 
-    def __init__(self, plan: SplitPlan, mode: str) -> None:
+    def __init__(self, plan: SplitPlan, mode: str, *, release_trunk: bool = True) -> None:
         weights = _state_specs(plan, exchanged_keys(plan, mode))
         self.by_kind: dict[str, dict[str, TensorSpec]] = {
             TRAIN: weights,
@@ -129,7 +146,7 @@ class TensorSpecs:
             HELLO: {},
             SETUP: {},
             METRICS: {},
-            FINISH: {},
+            FINISH: _state_specs(plan, final_keys(plan, mode, release_trunk)),
             ERROR: {},
         }
         if mode in SPLIT_MODES:

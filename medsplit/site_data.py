@@ -9,13 +9,18 @@ import numpy as np
 import torch
 from sklearn.model_selection import GroupShuffleSplit
 
+from medsplit.inputs import DataCard
+
 
 @dataclass(frozen=True)
 class SiteData:
+    """A site's tensors, and (``card``) how its source made them, for export and serving."""
+
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    card: DataCard | None = None
 
     @property
     def train_samples(self) -> int:

@@ -9,8 +9,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import onnxruntime
 import pytest
+import torch
 
+from edge_agent.site_model import load_site_model
 from experiments.inprocess import run_job
 from medsplit import datasets
 from medsplit.broker import Mosquitto
@@ -99,6 +102,17 @@ def test_demo_runs_the_federation_as_processes(mosquitto: Mosquitto, tmp_path: P
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
     assert (out / "model.safetensors").stat().st_size > 0
     assert "hospital-1" in completed.stdout and "accuracy" in completed.stdout  # the results table
+    # Every hospital assembled its own model (trunk released at finish) and exported it.
+    for site in ("hospital-1", "hospital-2"):
+        model, card = load_site_model(out / "state" / site / "site-model.safetensors")
+        assert card.site_id == site and card.job_id == report["job_id"]
+        session = onnxruntime.InferenceSession(str(out / "state" / site / "model.onnx"))
+        x = torch.randn(4, 30)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        (logits,) = session.run(["logits"], {"input": x.numpy()})
+        assert abs(logits - expected).max() <= 1e-4
+    assert "medsplit serve --model" in completed.stderr
 
 
 def test_split_learning_over_the_embedded_python_broker() -> None:

@@ -1,0 +1,221 @@
+"""``medsplit serve``: a site's exported model behind HTTP, on uvicorn (an ASGI server).
+
+Endpoints:
+
+* ``POST /predict`` -- one input: a DICOM file (``Content-Type: application/dicom``, or one
+  file in ``multipart/form-data``), or JSON ``{"features": [...]}`` / ``{"record": {...}}`` /
+  ``{"image": [[...]]}``. Answers ``{"class", "probabilities", "model"}``.
+* ``POST /predict/batch`` -- several: DICOM files in one ``multipart/form-data`` request, or JSON
+  ``{"instances": [...]}``. Answers ``{"predictions": [...], "model"}``, in request order.
+* ``GET /healthz``, ``GET /metadata`` (the model card, input encoding, runtime),
+  ``GET /metrics`` (Prometheus).
+
+Bad input never reaches the model: a body that is not DICOM or not JSON, the wrong number of
+features, an unknown category, an image of the wrong size, too many instances -- each is a 4xx
+answer ``{"error": ...}`` that says what was wrong and what was expected. Inference runs in a
+worker thread so the event loop keeps answering health checks.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from edge_agent.serving.predictor import Prediction, Predictor
+from medsplit import __version__
+from medsplit.inputs import InputError
+
+DICOM_TYPES = ("application/dicom", "application/octet-stream")
+
+
+class HttpError(Exception):
+    """An answer other than 200, with the message the client gets."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may carry."""
+
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_batch: int = 64
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "medsplit_inference_requests",
+            "HTTP prediction requests by endpoint and status code",
+            ["endpoint", "status"],
+            registry=self.registry,
+        )
+        self.predictions = Counter(
+            "medsplit_inference_predictions", "Inputs predicted", registry=self.registry
+        )
+        self.seconds = Histogram(
+            "medsplit_inference_request_seconds",
+            "Time to answer a prediction request (reading, preprocessing, inference)",
+            ["endpoint"],
+            registry=self.registry,
+        )
+
+
+def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
+    app = FastAPI(
+        title="medsplit inference",
+        version=__version__,
+        description=f"Site {predictor.card.site_id} of job {predictor.card.job_id}",
+    )
+    metrics = _Metrics()
+    provenance = {
+        "job_id": predictor.card.job_id,
+        "site_id": predictor.card.site_id,
+        "weights_sha256": predictor.card.weights_sha256,
+    }
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metadata")
+    def metadata() -> dict[str, Any]:
+        return predictor.describe()
+
+    async def answer(endpoint: str, work: Callable[[], Awaitable[dict[str, Any]]]) -> JSONResponse:
+        started = time.perf_counter()
+        try:
+            body, status = await work(), 200
+        except HttpError as exc:
+            body, status = {"error": str(exc)}, exc.status
+        except InputError as exc:
+            body, status = {"error": str(exc), "reason": exc.reason}, 422
+        metrics.requests.labels(endpoint, str(status)).inc()
+        metrics.seconds.labels(endpoint).observe(time.perf_counter() - started)
+        return JSONResponse(body, status_code=status)
+
+    @app.post("/predict")
+    async def predict(request: Request) -> JSONResponse:
+        async def work() -> dict[str, Any]:
+            inputs = await _read_inputs(request, predictor, limits, batch=False)
+            (prediction,) = await _run(predictor, inputs, metrics)
+            return {**prediction.as_json(), "model": provenance}
+
+        return await answer("predict", work)
+
+    @app.post("/predict/batch")
+    async def predict_batch(request: Request) -> JSONResponse:
+        async def work() -> dict[str, Any]:
+            inputs = await _read_inputs(request, predictor, limits, batch=True)
+            predictions = await _run(predictor, inputs, metrics)
+            return {"predictions": [p.as_json() for p in predictions], "model": provenance}
+
+        return await answer("predict_batch", work)
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+async def _run(predictor: Predictor, inputs: list[Any], metrics: _Metrics) -> list[Prediction]:
+    predictions = await run_in_threadpool(predictor.predict, inputs)
+    metrics.predictions.inc(len(predictions))
+    return predictions
+
+
+async def _read_inputs(
+    request: Request, predictor: Predictor, limits: Limits, *, batch: bool
+) -> list[Any]:
+    """The request's inputs as model-ready tensors, whatever form they came in."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
+        raise HttpError(
+            413, f"request body of {length} bytes; the limit is {limits.max_body_bytes}"
+        )
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "application/json":
+        items = _json_items(await _body(request, limits), batch, limits)
+        return [
+            predictor.from_json(item, f"instances[{i}]" if batch else "body")
+            for i, item in enumerate(items)
+        ]
+    if kind in DICOM_TYPES:
+        if batch:
+            raise HttpError(415, "send several DICOM files as multipart/form-data")
+        data = await _body(request, limits)
+        return [await run_in_threadpool(predictor.from_dicom, data, "upload")]
+    if kind == "multipart/form-data":
+        files = await _uploads(request, limits, batch)
+        return [await run_in_threadpool(predictor.from_dicom, data, name) for name, data in files]
+    raise HttpError(
+        415,
+        f"unsupported Content-Type {kind or '(none)'!r}; send application/dicom, "
+        "multipart/form-data (DICOM files) or application/json",
+    )
+
+
+async def _body(request: Request, limits: Limits) -> bytes:
+    """The raw body, refused once it grows past the limit (whatever Content-Length said)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limits.max_body_bytes:
+            raise HttpError(413, f"request body over the limit of {limits.max_body_bytes} bytes")
+        chunks.append(chunk)
+    if not size:
+        raise HttpError(400, "empty request body")
+    return b"".join(chunks)
+
+
+def _json_items(body: bytes, batch: bool, limits: Limits) -> list[Any]:
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HttpError(400, f"body is not valid JSON ({exc})") from None
+    if not batch:
+        return [document]
+    if not isinstance(document, dict) or set(document) != {"instances"}:
+        raise HttpError(422, 'body: expected {"instances": [...]}')
+    items = document["instances"]
+    if not isinstance(items, list) or not items:
+        raise HttpError(422, "instances: expected a non-empty list")
+    if len(items) > limits.max_batch:
+        raise HttpError(413, f"instances: {len(items)} items; the limit is {limits.max_batch}")
+    return items
+
+
+async def _uploads(request: Request, limits: Limits, batch: bool) -> list[tuple[str, bytes]]:
+    """Every uploaded file of a multipart request, with its name for error messages."""
+    most = limits.max_batch if batch else 1
+    try:
+        form = await request.form(max_files=most, max_fields=most)
+    except Exception as exc:  # starlette's multipart errors share no base class
+        raise HttpError(400, f"unreadable multipart body ({exc})") from None
+    uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+    if not uploads:
+        raise HttpError(422, "multipart body holds no file; upload DICOM files as file fields")
+    if not batch and len(uploads) != 1:
+        raise HttpError(422, f"/predict takes one file, got {len(uploads)}; use /predict/batch")
+    return [
+        (upload.filename or f"file {i}", await upload.read()) for i, upload in enumerate(uploads)
+    ]

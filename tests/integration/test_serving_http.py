@@ -1,0 +1,346 @@
+"""Train, export at ``finish``, serve over HTTP on uvicorn, query like a hospital system would."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pydicom.data
+import pytest
+import torch
+
+from edge_agent.serving.app import Limits
+from edge_agent.serving.predictor import ProviderUnavailable, providers_for
+from edge_agent.serving.server import ServeOptions, build_server
+from edge_agent.site_model import load_site_model
+from experiments.inprocess import run_job
+from medsplit import datasets
+from medsplit.config import JobConfig
+from medsplit.dicom import Preprocessing, read_image
+from medsplit.dicom_source import DicomData, load_dicom_site
+from medsplit.dicom_synth import synthesize
+from medsplit.transport import MemoryBroker, MemoryTransport
+
+CNN = {"name": "cnn", "args": {"image_size": 32, "channels": [8, 16], "hidden": 32}}
+PREPROCESSING = Preprocessing(size=32, mean=0.3, std=0.25)
+
+
+def _train(tmp: Path, job: dict[str, Any], data: dict[str, datasets.SiteData]) -> Path:
+    """A one-round job whose agents export their models at finish; site-1's state dir."""
+    base = {"job_id": "job-serve", "rounds": 1, "sites": list(data), "batch_size": 16}
+    config = JobConfig.from_mapping({**base, **job})
+    broker = MemoryBroker()
+    result = run_job(
+        config,
+        data,
+        lambda client: MemoryTransport(broker, client),
+        state_root=tmp / "state",
+        export_onnx=True,
+    )
+    for agent in result.agents.values():
+        assert agent.onnx_model is not None and agent.onnx_model.is_file()
+    return tmp / "state" / "site-1"
+
+
+@pytest.fixture(scope="module")
+def image_site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A split-u CNN trained on generated DICOM folders: (state dir, site-1's DICOM folder)."""
+    tmp = tmp_path_factory.mktemp("image")
+    folders = synthesize(tmp / "dicom", 2, 24, seed=1, size=48)
+    data = {}
+    for index, folder in enumerate(folders):
+        config = DicomData(folder=folder, classes=["normal", "lesion"], preprocessing=PREPROCESSING)
+        data[f"site-{index + 1}"] = load_dicom_site(config)[0]
+    job = {"plan": {"model": CNN, "cut": "conv1", "tail_cut": "fc"}, "mode": "split-u"}
+    return _train(tmp, job, data), folders[0]
+
+
+@pytest.fixture(scope="module")
+def table_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A FLOP MLP on breast-cancer: site-1's state dir."""
+    shares = datasets.all_sites(datasets.load("breast-cancer"), 2, "iid", seed=0)
+    data = {"site-1": shares[0], "site-2": shares[1]}
+    return _train(tmp_path_factory.mktemp("table"), {"plan": "mlp-ehr", "mode": "flop"}, data)
+
+
+@contextmanager
+def serving(model: Path, limits: Limits = Limits()) -> Iterator[httpx.Client]:
+    """uvicorn in a thread on a socket bound to a free loopback port."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = build_server(ServeOptions(model=model, limits=limits))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # uvicorn sets it once it accepts connections
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    port = sock.getsockname()[1]
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def _torch_probabilities(state_dir: Path, x: torch.Tensor) -> torch.Tensor:
+    model, _ = load_site_model(state_dir / "site-model.safetensors")
+    with torch.no_grad():
+        return torch.softmax(model(x), dim=1)
+
+
+def test_dicom_uploads_are_answered_as_the_trained_model_would(
+    image_site: tuple[Path, Path],
+) -> None:
+    state_dir, folder = image_site
+    files = sorted(folder.glob("*.dcm"))[:3]
+    expected = _torch_probabilities(
+        state_dir, torch.stack([read_image(f, PREPROCESSING) for f in files])
+    )
+    with serving(state_dir / "model.onnx") as client:
+        answer = client.post(
+            "/predict",
+            content=files[0].read_bytes(),
+            headers={"Content-Type": "application/dicom"},
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert list(body["probabilities"]) == ["normal", "lesion"]
+        got = torch.tensor(list(body["probabilities"].values()))
+        torch.testing.assert_close(got, expected[0], atol=1e-5, rtol=0)
+        assert body["class"] == ["normal", "lesion"][int(expected[0].argmax())]
+        assert body["model"]["site_id"] == "site-1"
+
+        uploads = [("files", (f.name, f.read_bytes(), "application/dicom")) for f in files]
+        batch = client.post("/predict/batch", files=uploads)
+        assert batch.status_code == 200, batch.text
+        rows = [list(p["probabilities"].values()) for p in batch.json()["predictions"]]
+        torch.testing.assert_close(torch.tensor(rows), expected, atol=1e-5, rtol=0)
+
+        # One multipart file works on /predict too, and so does a real CT of another size.
+        single = client.post("/predict", files=[uploads[1]])
+        assert single.json()["probabilities"] == batch.json()["predictions"][1]["probabilities"]
+        ct = Path(pydicom.data.get_testdata_file("CT_small.dcm"))
+        assert (
+            client.post("/predict", files={"file": ("ct.dcm", ct.read_bytes())}).status_code == 200
+        )
+
+        # An image already preprocessed elsewhere, as JSON.
+        image = read_image(files[2], PREPROCESSING)[0].tolist()
+        as_json = client.post("/predict", json={"image": image})
+        assert as_json.status_code == 200
+        assert as_json.json()["probabilities"] == batch.json()["predictions"][2]["probabilities"]
+
+        health = client.get("/healthz")
+        assert health.json() == {"status": "ok"}
+        meta = client.get("/metadata").json()
+        assert meta["input_shape"] == [1, 32, 32] and meta["classes"] == ["normal", "lesion"]
+        assert meta["preprocessing"]["preprocessing"] == PREPROCESSING.model_dump(mode="json")
+        assert meta["providers"] == ["CPUExecutionProvider"] and meta["opset"] == 18
+        metrics = client.get("/metrics").text
+        assert 'medsplit_inference_requests_total{endpoint="predict",status="200"} 4.0' in metrics
+        assert "medsplit_inference_predictions_total 7.0" in metrics  # 1 + 3 + 1 + 1 + 1
+
+
+def test_bad_requests_get_4xx_answers_that_say_what_was_wrong(
+    image_site: tuple[Path, Path],
+) -> None:
+    state_dir, folder = image_site
+    dicom = sorted(folder.glob("*.dcm"))[0].read_bytes()
+    truncated = Path(pydicom.data.get_testdata_file("MR_truncated.dcm")).read_bytes()
+    cases: list[tuple[str, dict[str, Any], int, str]] = [
+        (
+            "/predict",
+            {"content": b"hello", "headers": {"Content-Type": "application/dicom"}},
+            422,
+            "not a DICOM file",
+        ),
+        (
+            "/predict",
+            {"content": truncated, "headers": {"Content-Type": "application/dicom"}},
+            422,
+            "truncated",
+        ),
+        (
+            "/predict",
+            {"content": dicom[:1000], "headers": {"Content-Type": "application/dicom"}},
+            422,
+            "upload",
+        ),
+        (
+            "/predict",
+            {"json": {"features": [1.0, 2.0]}},
+            422,
+            "this model takes images [1, 32, 32]",
+        ),
+        (
+            "/predict",
+            {"json": {"image": [[0.0] * 16] * 16}},
+            422,
+            "expected a preprocessed image of shape [1, 32, 32]",
+        ),
+        ("/predict", {"json": {"image": [[0.0] * 32] * 32, "record": {}}}, 422, "exactly one of"),
+        (
+            "/predict",
+            {"content": b"{not json", "headers": {"Content-Type": "application/json"}},
+            400,
+            "not valid JSON",
+        ),
+        (
+            "/predict",
+            {"content": b"", "headers": {"Content-Type": "application/dicom"}},
+            400,
+            "empty request body",
+        ),
+        (
+            "/predict",
+            {"content": b"x", "headers": {"Content-Type": "text/plain"}},
+            415,
+            "unsupported Content-Type 'text/plain'",
+        ),
+        (
+            "/predict",
+            {"files": [("a", ("a.dcm", dicom)), ("b", ("b.dcm", dicom))]},
+            400,
+            "multipart",
+        ),
+        ("/predict/batch", {"json": {"instances": []}}, 422, "non-empty list"),
+        (
+            "/predict/batch",
+            {"json": {"instances": [{"image": [[0.0] * 32] * 32}] * 3}},
+            413,
+            "limit is 2",
+        ),
+        (
+            "/predict/batch",
+            {"content": dicom, "headers": {"Content-Type": "application/dicom"}},
+            415,
+            "multipart/form-data",
+        ),
+        (
+            "/predict",
+            {"content": b"x" * 40_000, "headers": {"Content-Type": "application/dicom"}},
+            413,
+            "limit is 32768",
+        ),
+    ]
+    with serving(state_dir / "model.onnx", Limits(max_body_bytes=32_768, max_batch=2)) as client:
+        for path, request, status, message in cases:
+            answer = client.post(path, **request)
+            assert answer.status_code == status, (path, message, answer.text)
+            assert message in answer.json()["error"], (message, answer.json())
+        assert client.get("/healthz").status_code == 200  # nothing above hurt the service
+        metrics = client.get("/metrics").text
+        assert 'medsplit_inference_requests_total{endpoint="predict",status="422"} 6.0' in metrics
+
+
+def test_feature_vectors_and_records_are_answered(table_site: Path) -> None:
+    _, card = load_site_model(table_site / "site-model.safetensors")
+    raw = datasets.load("breast-cancer").x[:4]
+    encoding = card.data.input
+    expected = _torch_probabilities(
+        table_site, torch.stack([encoding.from_vector(r.tolist()) for r in raw])
+    )
+    names = list(datasets.load("breast-cancer").feature_names)
+    with serving(table_site / "model.onnx") as client:
+        vector = client.post("/predict", json={"features": raw[0].tolist()})
+        assert vector.status_code == 200, vector.text
+        got = torch.tensor(list(vector.json()["probabilities"].values()))
+        torch.testing.assert_close(got, expected[0], atol=1e-5, rtol=0)
+        assert list(vector.json()["probabilities"]) == ["malignant", "benign"]
+
+        record = dict(zip(names, raw[1].tolist(), strict=True))
+        instances = [
+            {"record": record},
+            {"features": raw[2].tolist()},
+            {"features": raw[3].tolist()},
+        ]
+        batch = client.post("/predict/batch", json={"instances": instances})
+        assert batch.status_code == 200, batch.text
+        rows = [list(p["probabilities"].values()) for p in batch.json()["predictions"]]
+        torch.testing.assert_close(torch.tensor(rows), expected[1:], atol=1e-5, rtol=0)
+
+        short = client.post("/predict", json={"features": raw[0].tolist()[:29]})
+        assert short.status_code == 422
+        assert "expected 30 values (mean radius, mean texture" in short.json()["error"]
+        bad = client.post(
+            "/predict/batch",
+            json={"instances": [{"features": raw[0].tolist()}, {"record": {"age": 3}}]},
+        )
+        assert (
+            bad.status_code == 422
+            and "instances[1].record: unknown column(s) ['age']" in bad.json()["error"]
+        )
+        dicom = Path(pydicom.data.get_testdata_file("CT_small.dcm")).read_bytes()
+        image = client.post(
+            "/predict", content=dicom, headers={"Content-Type": "application/dicom"}
+        )
+        assert (
+            image.status_code == 422
+            and "takes a feature vector (30 values)" in image.json()["error"]
+        )
+        assert client.get("/metadata").json()["features"] == names
+
+
+def test_the_serve_command_runs_uvicorn_and_refuses_what_it_cannot_serve(
+    table_site: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "medsplit", "serve", "--model", str(table_site / "model.onnx")]
+    process = subprocess.Popen([*command, "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            try:
+                if httpx.get(f"{url}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "medsplit serve did not come up"
+                time.sleep(0.1)
+        answer = httpx.post(f"{url}/predict", json={"features": [0.0] * 30})
+        assert answer.status_code == 200 and set(answer.json()["probabilities"]) == {
+            "malignant",
+            "benign",
+        }
+    finally:
+        process.terminate()
+        process.wait(10)
+    missing = subprocess.run(
+        [sys.executable, "-m", "medsplit", "serve", "--model", str(tmp_path / "none.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "no such model file" in missing.stderr
+    (tmp_path / "plain.onnx").write_bytes(b"not onnx")
+    plain = subprocess.run(
+        [sys.executable, "-m", "medsplit", "serve", "--model", str(tmp_path / "plain.onnx")],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert plain.returncode == 2 and "onnxruntime cannot load it" in plain.stderr
+
+
+def test_cuda_is_used_only_when_it_is_there() -> None:
+    assert providers_for("cpu", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    assert providers_for("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]) == [
+        "CUDAExecutionProvider"
+    ]
+    with pytest.raises(ProviderUnavailable, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
+        providers_for("cuda", ["CPUExecutionProvider"])
