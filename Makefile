@@ -25,6 +25,7 @@ bench: setup
 	$(PY) bench/split_overhead.py --write-docs
 	$(PY) bench/round_time.py --write-docs
 	$(PY) bench/data_loading.py --write-docs
+	$(PY) bench/inference.py --write-docs
 
 
 clean:

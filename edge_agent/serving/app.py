@@ -115,8 +115,8 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
         async def work() -> dict[str, Any]:
-            inputs = await _read_inputs(request, predictor, limits, batch=False)
-            (prediction,) = await _run(predictor, inputs, metrics)
+            items = await _read_items(request, limits, batch=False)
+            (prediction,) = await _predict(predictor, items, metrics)
             return {**prediction.as_json(), "model": provenance}
 
         return await answer("predict", work)
@@ -124,8 +124,8 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
     @app.post("/predict/batch")
     async def predict_batch(request: Request) -> JSONResponse:
         async def work() -> dict[str, Any]:
-            inputs = await _read_inputs(request, predictor, limits, batch=True)
-            predictions = await _run(predictor, inputs, metrics)
+            items = await _read_items(request, limits, batch=True)
+            predictions = await _predict(predictor, items, metrics)
             return {"predictions": [p.as_json() for p in predictions], "model": provenance}
 
         return await answer("predict_batch", work)
@@ -137,36 +137,48 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
     return app
 
 
-async def _run(predictor: Predictor, inputs: list[Any], metrics: _Metrics) -> list[Prediction]:
-    predictions = await run_in_threadpool(predictor.predict, inputs)
+@dataclass(frozen=True)
+class _Item:
+    """One input as it arrived: DICOM bytes (``name`` for errors) or a JSON instance."""
+
+    name: str
+    dicom: bytes | None = None
+    document: Any = None
+
+
+async def _predict(predictor: Predictor, items: list[_Item], metrics: _Metrics) -> list[Prediction]:
+    """Decode and infer in one worker thread: the event loop only moves bytes."""
+
+    def work() -> list[Prediction]:
+        inputs = [
+            predictor.from_dicom(item.dicom, item.name)
+            if item.dicom is not None
+            else predictor.from_json(item.document, item.name)
+            for item in items
+        ]
+        return predictor.predict(inputs)
+
+    predictions = await run_in_threadpool(work)
     metrics.predictions.inc(len(predictions))
     return predictions
 
 
-async def _read_inputs(
-    request: Request, predictor: Predictor, limits: Limits, *, batch: bool
-) -> list[Any]:
-    """The request's inputs as model-ready tensors, whatever form they came in."""
+async def _read_items(request: Request, limits: Limits, *, batch: bool) -> list[_Item]:
+    """The request's inputs, whatever form they came in, not yet decoded."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-        raise HttpError(
-            413, f"request body of {length} bytes; the limit is {limits.max_body_bytes}"
-        )
+        raise HttpError(413, f"request body of {length} bytes; the limit is {limits.max_body_bytes}")
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        items = _json_items(await _body(request, limits), batch, limits)
-        return [
-            predictor.from_json(item, f"instances[{i}]" if batch else "body")
-            for i, item in enumerate(items)
-        ]
+        documents = _json_items(await _body(request, limits), batch, limits)
+        names = [f"instances[{i}]" for i in range(len(documents))] if batch else ["body"]
+        return [_Item(name, document=d) for name, d in zip(names, documents, strict=True)]
     if kind in DICOM_TYPES:
         if batch:
             raise HttpError(415, "send several DICOM files as multipart/form-data")
-        data = await _body(request, limits)
-        return [await run_in_threadpool(predictor.from_dicom, data, "upload")]
+        return [_Item("upload", dicom=await _body(request, limits))]
     if kind == "multipart/form-data":
-        files = await _uploads(request, limits, batch)
-        return [await run_in_threadpool(predictor.from_dicom, data, name) for name, data in files]
+        return [_Item(name, dicom=data) for name, data in await _uploads(request, limits, batch)]
     raise HttpError(
         415,
         f"unsupported Content-Type {kind or '(none)'!r}; send application/dicom, "
