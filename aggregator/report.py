@@ -8,7 +8,6 @@ and wall time.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from safetensors.torch import save_file
 
 from aggregator.coordinator import Coordinator, RoundRecord
 from medsplit.config import JobConfig
+from medsplit.files import atomic_write
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt
@@ -97,16 +97,7 @@ def write_run(run_dir: Path, report: dict[str, Any], final_state: dict[str, torc
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "report.json", json.dumps(report, indent=2).encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)
+    atomic_write(run_dir / "report.json", json.dumps(report, indent=2).encode())
 
 
 def plot_curves(report: dict[str, Any], path: Path) -> None:

@@ -40,7 +40,11 @@ from medsplit.model_card import ModelCard
 from models import load_plan
 from models.onnx_export import export_onnx
 
-PLANS = {"mlp (EHR, 30 features)": "mlp-ehr", "cnn (1x64x64)": "cnn-cxr", "resnet18 (1x64x64)": "resnet18-cxr"}
+PLANS = {
+    "mlp (EHR, 30 features)": "mlp-ehr",
+    "cnn (1x64x64)": "cnn-cxr",
+    "resnet18 (1x64x64)": "resnet18-cxr",
+}
 THREADS = torch.get_num_threads()
 
 
@@ -62,7 +66,7 @@ def _export(plan_name: str, out: Path) -> tuple[torch.nn.Module, Path]:
     model = card.plan.model.build(seed=0).eval()
     sample = torch.randn(8, *card.input_shape)
     path = out / f"{plan_name}.onnx"
-    export_onnx(model, sample, path, metadata=card.to_metadata())
+    path.write_bytes(export_onnx(model, sample, metadata=card.to_metadata()).data)
     return model, path
 
 
@@ -81,29 +85,39 @@ def _p(times: list[float], q: float) -> float:
     return float(np.percentile(times, q)) * 1e3
 
 
+def _eager_call(model: torch.nn.Module) -> Callable[[torch.Tensor], Callable[[], object]]:
+    def bind(x: torch.Tensor) -> Callable[[], object]:
+        def call() -> object:
+            with torch.inference_mode():
+                return model(x)
+
+        return call
+
+    return bind
+
+
+def _ort_call(
+    session: onnxruntime.InferenceSession,
+) -> Callable[[np.ndarray], Callable[[], object]]:
+    return lambda x: lambda: session.run(["logits"], {"input": x})
+
+
 def runtime_rows(out: Path, quick: bool) -> list[str]:
     rows = []
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = THREADS
     for label, plan_name in PLANS.items():
         model, path = _export(plan_name, out)
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
         shape = load_plan(plan_name).model.input_shape
         heavy = "resnet" in plan_name
         repeats = 30 if quick else (200 if heavy else 1000)
         one, batch = torch.randn(1, *shape), torch.randn(32, *shape)
         one_np, batch_np = one.numpy(), batch.numpy()
 
-        def eager(x: torch.Tensor) -> Callable[[], object]:
-            def call() -> object:
-                with torch.inference_mode():
-                    return model(x)
-
-            return call
-
-        def ort(x: np.ndarray) -> Callable[[], object]:
-            return lambda: session.run(["logits"], {"input": x})
-
+        eager, ort = _eager_call(model), _ort_call(session)
         t1, o1 = _latencies(eager(one), repeats), _latencies(ort(one_np), repeats)
         tb, ob = _latencies(eager(batch), repeats // 4), _latencies(ort(batch_np), repeats // 4)
         t_rate, o_rate = 32 / statistics.median(tb), 32 / statistics.median(ob)
@@ -124,7 +138,16 @@ def _free_port() -> int:
 
 def _start_server(model: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = _free_port()
-    command = [sys.executable, "-m", "medsplit", "serve", "--model", str(model), "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "medsplit",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+    ]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
     while True:

@@ -341,7 +341,11 @@ class Agent:
             why = "the job keeps the trunk (release_trunk: false)" if card else "no data card"
             log.info("%s: no site model assembled: %s", self.site_id, why)
             return
-        self.site_model = save_site_model(self.state_dir, state, card)
+        try:
+            self.site_model = save_site_model(self.state_dir, state, card)
+        except OSError as exc:  # e.g. a full disk: the job is over, the agent still exits cleanly
+            log.error("%s: cannot write the site model: %s", self.site_id, exc)
+            return
         log.info("%s: site model written to %s", self.site_id, self.site_model)
         if self.export_onnx:
             self._export()

@@ -9,6 +9,7 @@ file; nothing about a site's model is ever assembled on the aggregator.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 
 from edge_agent.local_model import LocalModel
 from edge_agent.segments import EdgeSegments
+from medsplit.files import atomic_write
 from medsplit.inputs import DataCard
 from medsplit.model_card import CardError, ModelCard
 from medsplit.protocol import JobSpec
@@ -123,7 +125,9 @@ def export_site_model(
         generator = torch.Generator().manual_seed(0)
         sample = torch.randn((8, *card.input_shape), generator=generator)
     card = card.model_copy(update={"weights_sha256": weights_sha256(model.state_dict())})
-    return export_onnx(model, sample, out, metadata=card.to_metadata())
+    result = export_onnx(model, sample, metadata=card.to_metadata())
+    atomic_write(out, result.data)  # only a model that passed the checks is ever written
+    return dataclasses.replace(result, path=out)
 
 
 def site_card(spec: JobSpec, site_id: str, data: DataCard | None) -> ModelCard | None:

@@ -5,14 +5,14 @@ pinned opset, so a hospital's runtime sees the same operators whatever torch bui
 caller's metadata goes into the model's ``metadata_props``. Before anything is written, the
 model passes ``onnx.checker`` and a parity check: onnxruntime and torch eager run the same sample
 batch (and its first row alone, which also proves the batch axis is dynamic) and must agree
-within ``tolerance``. A model that fails is never written; the error says by how much it failed.
+within ``tolerance``; the error says by how much a model failed. No file I/O here: the caller
+gets the checked bytes and decides where they go.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import threading
 import warnings
@@ -50,10 +50,14 @@ class ParityError(ExportError):
 
 @dataclass(frozen=True)
 class ExportResult:
-    path: Path
+    data: bytes  # the serialized ONNX model
     opset: int
     max_abs_diff: float
-    bytes: int
+    path: Path | None = None  # where the caller wrote it
+
+    @property
+    def bytes(self) -> int:
+        return len(self.data)
 
 
 def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
@@ -65,13 +69,12 @@ def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
 def export_onnx(
     model: nn.Module,
     sample: torch.Tensor,
-    path: str | Path,
     *,
     metadata: Mapping[str, str] | None = None,
     opset: int = OPSET,
     tolerance: float = 1e-4,
 ) -> ExportResult:
-    """Write ``model`` as ONNX to ``path`` (atomically) once it passes the checks above.
+    """``model`` as checked ONNX bytes, once it passes the checks above.
 
     ``sample`` is a batch of real or representative inputs, shape ``(batch, *input_shape)``.
     """
@@ -91,9 +94,7 @@ def export_onnx(
     diff = parity(model, data, sample)
     if not diff <= tolerance:  # NaN fails too
         raise ParityError(diff, tolerance)
-    target = Path(path)
-    _atomic_write(target, data)
-    return ExportResult(target, opset, diff, len(data))
+    return ExportResult(data, opset, diff)
 
 
 def parity(model: nn.Module, onnx_model: bytes, sample: torch.Tensor) -> float:
@@ -161,13 +162,3 @@ class _quiet_torch_onnx:  # noqa: N801 (used like a function)
     def __exit__(self, *exc: object) -> None:
         for lg, level in zip(self._loggers, self._levels, strict=True):
             lg.setLevel(level)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(path)

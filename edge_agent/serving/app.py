@@ -167,7 +167,9 @@ async def _read_items(request: Request, limits: Limits, *, batch: bool) -> list[
     """The request's inputs, whatever form they came in, not yet decoded."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limits.max_body_bytes:
-        raise HttpError(413, f"request body of {length} bytes; the limit is {limits.max_body_bytes}")
+        raise HttpError(
+            413, f"request body of {length} bytes; the limit is {limits.max_body_bytes}"
+        )
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
         documents = _json_items(await _body(request, limits), batch, limits)

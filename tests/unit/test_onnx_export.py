@@ -180,15 +180,37 @@ class _DifferentWhenExported(nn.Module):
         return out
 
 
-def test_export_refuses_a_model_whose_parity_fails_and_writes_nothing(tmp_path: Path) -> None:
-    out = tmp_path / "bad.onnx"
+class _ShiftWhenExported(nn.Module):
+    """Appended to a whole model: the identity in eager torch, a shift once exported."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1e-2 if torch.compiler.is_exporting() else x
+
+
+def test_export_refuses_a_model_whose_parity_fails_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     with pytest.raises(ParityError, match=r"differ by up to 0\.01") as caught:
-        export_onnx(_DifferentWhenExported(), torch.randn(3, 4), out)
+        export_onnx(_DifferentWhenExported(), torch.randn(3, 4))
     assert caught.value.max_abs_diff == pytest.approx(1e-2, rel=1e-3)
-    assert not out.exists() and not list(tmp_path.iterdir())
     # The same model within a looser tolerance exports: the check is what refused it.
-    export_onnx(_DifferentWhenExported(), torch.randn(3, 4), out, tolerance=0.1)
-    assert out.is_file()
+    assert export_onnx(_DifferentWhenExported(), torch.randn(3, 4), tolerance=0.1).data
+    # Through the site's export, a refused model leaves no file behind.
+    plan = _plan("mlp", "fedavg")
+    card = ModelCard(job_id="j", site_id="s", mode="fedavg", plan=plan, data=_card(plan, ""))
+    save_site_model(tmp_path, plan.model.build(seed=0).state_dict(), card)
+    real_build = type(plan.model).build
+
+    def build_broken(self: Any, seed: int | None = None) -> nn.Sequential:
+        model = real_build(self, seed)
+        model.add_module("broken", _ShiftWhenExported())
+        return model
+
+    monkeypatch.setattr(type(plan.model), "build", build_broken)
+    with pytest.raises(ParityError):
+        export_site_model(tmp_path, tmp_path / "model.onnx")
+    assert not (tmp_path / "model.onnx").exists()
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_export_reports_a_model_torch_cannot_export(tmp_path: Path) -> None:
@@ -198,10 +220,9 @@ def test_export_reports_a_model_torch_cannot_export(tmp_path: Path) -> None:
             return eigenvalues[None].expand(len(x), -1)
 
     with pytest.raises(ExportError, match="could not export"):
-        export_onnx(NoOnnxOperator(), torch.randn(3, 3), tmp_path / "m.onnx")
-    assert not (tmp_path / "m.onnx").exists()
+        export_onnx(NoOnnxOperator(), torch.randn(3, 3))
     with pytest.raises(ExportError, match="must be a batch"):
-        export_onnx(nn.Linear(3, 2), torch.randn(3), tmp_path / "m.onnx")
+        export_onnx(nn.Linear(3, 2), torch.randn(3))
 
 
 def test_a_card_must_fit_its_model() -> None:
