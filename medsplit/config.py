@@ -251,7 +251,7 @@ class SiteConfig(_EnvFirst):
     data: SiteDataConfig = BuiltinData()
     device: Literal["cpu", "cuda", "auto"] = "auto"
     state_dir: Path = Field(
-        Path("state"), description="private layers and optimizer state live here"
+        Path("state"), description="this site's layers, its final model and model.onnx live here"
     )
     reply_timeout_s: float = Field(300.0, gt=0, description="give up on a training step after this")
     export_onnx: bool = Field(
