@@ -19,6 +19,7 @@ worker thread so the event loop keeps answering health checks.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from edge_agent.serving.predictor import Prediction, Predictor
 from medsplit import __version__
 from medsplit.inputs import InputError
 
+log = logging.getLogger(__name__)
 DICOM_TYPES = ("application/dicom", "application/octet-stream")
 
 
@@ -108,6 +110,9 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
             body, status = {"error": str(exc)}, exc.status
         except InputError as exc:
             body, status = {"error": str(exc), "reason": exc.reason}, 422
+        except Exception:  # a bug, not the client's fault: say so, keep serving
+            log.exception("%s failed", endpoint)
+            body, status = {"error": "internal error; see the service log"}, 500
         metrics.requests.labels(endpoint, str(status)).inc()
         metrics.seconds.labels(endpoint).observe(time.perf_counter() - started)
         return JSONResponse(body, status_code=status)

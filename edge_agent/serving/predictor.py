@@ -122,6 +122,12 @@ class Predictor:
             return encoding.from_dicom(data, source)
         except DicomError as exc:
             raise InputError("not a usable DICOM file", str(exc)) from None
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+            # pydicom's LUT code on attributes a malformed file gets wrong
+            raise InputError(
+                "not a usable DICOM file",
+                f"{source}: cannot decode the image ({type(exc).__name__}: {exc})",
+            ) from None
 
     def from_json(self, item: object, field: str = "body") -> torch.Tensor:
         """One JSON instance: ``{"features": [...]}``, ``{"record": {...}}`` or ``{"image": ...}``."""

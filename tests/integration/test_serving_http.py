@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import subprocess
 import sys
@@ -158,6 +159,10 @@ def test_bad_requests_get_4xx_answers_that_say_what_was_wrong(
     state_dir, folder = image_site
     dicom = sorted(folder.glob("*.dcm"))[0].read_bytes()
     truncated = Path(pydicom.data.get_testdata_file("MR_truncated.dcm")).read_bytes()
+    odd = pydicom.dcmread(io.BytesIO(dicom))
+    odd.WindowWidth = 0  # a header the VOI LUT cannot use
+    buffer = io.BytesIO()
+    odd.save_as(buffer)
     cases: list[tuple[str, dict[str, Any], int, str]] = [
         (
             "/predict",
@@ -170,6 +175,12 @@ def test_bad_requests_get_4xx_answers_that_say_what_was_wrong(
             {"content": truncated, "headers": {"Content-Type": "application/dicom"}},
             422,
             "truncated",
+        ),
+        (
+            "/predict",
+            {"content": buffer.getvalue(), "headers": {"Content-Type": "application/dicom"}},
+            422,
+            "window width must be positive",
         ),
         (
             "/predict",
@@ -241,7 +252,7 @@ def test_bad_requests_get_4xx_answers_that_say_what_was_wrong(
             assert message in answer.json()["error"], (message, answer.json())
         assert client.get("/healthz").status_code == 200  # nothing above hurt the service
         metrics = client.get("/metrics").text
-        assert 'medsplit_inference_requests_total{endpoint="predict",status="422"} 6.0' in metrics
+        assert 'medsplit_inference_requests_total{endpoint="predict",status="422"} 7.0' in metrics
 
 
 def test_feature_vectors_and_records_are_answered(table_site: Path) -> None:
