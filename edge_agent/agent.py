@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from edge_agent.local_model import LocalModel
 from edge_agent.segments import EdgeSegments
@@ -34,6 +34,7 @@ from edge_agent.site_model import (
 from medsplit import protocol as p
 from medsplit import topics
 from medsplit.datasets import SiteData
+from medsplit.files import atomic_write
 from medsplit.protocol import JobSpec, TensorSpecs
 from medsplit.training import batch_order, evaluate_logits, loss_fn, train_epochs
 from medsplit.transport import Endpoint, Received
@@ -307,12 +308,9 @@ class Agent:
         """
         if self.state_dir is None or self.segments is None or self.spec is None:
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        target = self.state_dir / STATE_FILE
-        tmp = target.with_suffix(".tmp")
         metadata = {"job_id": self.spec.job_id, "mode": self.spec.mode, "site_id": self.site_id}
-        save_file(self.segments.full_state(), str(tmp), metadata=metadata)
-        tmp.replace(target)
+        data = save(self.segments.full_state(), metadata=metadata)
+        atomic_write(self.state_dir / STATE_FILE, data)
 
     def _restore_private(self, model: LocalModel) -> None:
         """After a restart, take back the private layers this site trained in this job."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from edge_agent.local_model import LocalModel
@@ -47,22 +47,19 @@ def assemble(
     if isinstance(segments, LocalModel):
         segments.load({k: final[k] for k in segments.keys})  # private layers stay the site's
         return segments.full_state()
-    segments.load(final)
-    state = {**{k: v.detach().cpu() for k, v in final.items()}, **segments.state()}
-    if any(k not in state for k in spec.plan.model.state_keys):
+    segments.load(final)  # the site's head/tail become the final ones
+    keys = spec.plan.model.state_keys
+    if any(k not in final for k in keys):
         return None
-    return {k: state[k] for k in spec.plan.model.state_keys}
+    return {k: final[k].detach().cpu() for k in keys}
 
 
 def save_site_model(state_dir: Path, state: Mapping[str, torch.Tensor], card: ModelCard) -> Path:
     """Write the assembled model and its card atomically; returns the file."""
-    state_dir.mkdir(parents=True, exist_ok=True)
     target = state_dir / SITE_MODEL_FILE
-    tmp = target.with_suffix(".tmp")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     card = card.model_copy(update={"weights_sha256": weights_sha256(tensors)})
-    save_file(tensors, str(tmp), metadata=card.to_metadata())
-    tmp.replace(target)
+    atomic_write(target, save(tensors, metadata=card.to_metadata()))
     return target
 
 

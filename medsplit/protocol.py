@@ -93,11 +93,15 @@ class JobSpec(BaseModel):
         return self.mode in FEDERATED_MODES
 
 
+def block_keys(plan: SplitPlan, blocks: tuple[str, ...]) -> list[str]:
+    """State-dict keys of the given top-level blocks, in the model's order."""
+    wanted = set(blocks)
+    return [k for k in plan.model.state_keys if k.split(".", 1)[0] in wanted]
+
+
 def edge_keys(plan: SplitPlan) -> list[str]:
     """State-dict keys of the layers that live on the site: head and (U-shaped) tail."""
-    keys = plan.model.state_keys
-    edge_blocks = set(plan.head) | set(plan.tail)
-    return [k for k in keys if k.split(".", 1)[0] in edge_blocks]
+    return block_keys(plan, plan.head + plan.tail)
 
 
 def exchanged_keys(plan: SplitPlan, mode: str) -> list[str]:
@@ -123,8 +127,7 @@ def final_keys(plan: SplitPlan, mode: str, release_trunk: bool) -> list[str]:
     """
     keys = exchanged_keys(plan, mode)
     if mode in SPLIT_MODES and release_trunk:
-        trunk = set(plan.trunk)
-        keys += [k for k in plan.model.state_keys if k.split(".", 1)[0] in trunk]
+        keys += block_keys(plan, plan.trunk)
     return keys
 
 
