@@ -7,17 +7,19 @@ and wall time.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import matplotlib
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from aggregator.coordinator import Coordinator, RoundRecord
-from medsplit.config import JobConfig
-from medsplit.files import atomic_write
+from aggregator.config import JobConfig
+from aggregator.coordinator import Coordinator
+from aggregator.state import RoundRecord
+from medsplit.storage import atomic_write
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt
@@ -58,10 +60,10 @@ def report_dict(
         "dataset": config.dataset,
         "model": config.plan.model.name,
         "sites": list(config.sites),
-        "rounds": config.rounds,
-        "local_epochs": config.local_epochs,
-        "batch_size": config.batch_size,
-        "wire_dtype": config.wire_dtype,
+        "rounds": config.rounds.count,
+        "local_epochs": config.training.local_epochs,
+        "batch_size": config.training.batch_size,
+        "wire_dtype": config.training.wire_dtype,
         "seed": config.seed,
         "history": rounds,
         "final": rounds[-1] if rounds else None,
@@ -89,9 +91,8 @@ def _round(record: RoundRecord) -> dict[str, Any]:
 
 def write_run(run_dir: Path, report: dict[str, Any], final_state: dict[str, torch.Tensor]) -> None:
     write_report(run_dir, report)
-    save_file(
-        {k: v.contiguous() for k, v in final_state.items()}, str(run_dir / "model.safetensors")
-    )
+    weights = save({k: v.contiguous() for k, v in final_state.items()})
+    atomic_write(run_dir / "model.safetensors", weights)
     plot_curves(report, run_dir / "curves.png")
 
 
@@ -121,5 +122,7 @@ def plot_curves(report: dict[str, Any], path: Path) -> None:
         f"{report['job_id']}: {report['mode']}, {report['orchestration']}, {report['dataset']}"
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=100)
     plt.close(fig)
+    atomic_write(path, image.getvalue())

@@ -1,13 +1,20 @@
-"""Federated strategies: pure objects that configure a round and aggregate its replies.
+"""Strategies: pure objects that carry the whole contract of a round, as Flower's do.
 
-A strategy never touches the network: the coordinator asks it which sites train this round and
-hands it the weights that came back. That keeps the maths testable on its own and lets one
-coordinator run ``fedavg``, ``flop`` and SplitFed's head/tail averaging alike.
+A round has training *turns* and then one evaluation. For each turn the strategy says who
+trains (``configure_train``); with the replies and the failures of the turn it says what the
+global weights become (``aggregate_train``); then it says who evaluates
+(``configure_evaluate``) and what the round's evaluation amounts to (``aggregate_evaluate``).
+A strategy never touches the network and keeps no state between calls: the job's ``JobState``
+holds everything, so a checkpointed job resumes with the same strategy object.
 
-* ``FedAvg`` (McMahan et al., 2017): the weighted mean of every exchanged tensor, weights being
-  each site's sample count; a fraction of the sites may be sampled per round.
+* ``FedAvg`` (McMahan et al., 2017): one turn; the weighted mean of every exchanged tensor,
+  weights being each site's sample count; a fraction of the sites may be sampled per round.
+  SplitFed averages the sites' heads (and tails) with it.
 * ``Flop`` (Yang et al., arXiv 2102.05218): the same mean over the plan's *shared* tensors only.
   It refuses a reply that carries a private tensor: private layers must never reach the server.
+* ``Cyclic`` (Poirot et al., arXiv 1912.12115; cyclic weight transfer): one turn per site, in
+  the job's order; each site starts from the weights the previous one handed on. It wraps
+  ``FedAvg`` or ``Flop`` for the checks of what a site may send.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -30,20 +37,45 @@ class Reply:
     samples: int
 
 
+Metrics = Mapping[str, Any]
+
+
 class Strategy(Protocol):
-    def configure_round(self, round: int, sites: Sequence[str]) -> list[str]:
-        """The sites asked to train in ``round``, chosen from the ``sites`` present."""
+    def configure_train(self, round: int, turn: int, sites: Sequence[str]) -> list[str]:
+        """The sites asked to train in ``turn`` of ``round``; none means training is over."""
         ...
 
     def check_reply(self, current: Mapping[str, torch.Tensor], reply: Reply) -> None:
         """Raise ``ValueError`` if the reply cannot be used (wrong tensors, no samples)."""
         ...
 
-    def aggregate(
-        self, current: Mapping[str, torch.Tensor], replies: Sequence[Reply]
+    def aggregate_train(
+        self,
+        current: Mapping[str, torch.Tensor],
+        replies: Sequence[Reply],
+        failures: Sequence[str],
     ) -> dict[str, torch.Tensor]:
-        """The new global weights from the round's replies."""
+        """The global weights after a turn, from its replies; ``failures`` did not answer."""
         ...
+
+    def configure_evaluate(self, round: int, sites: Sequence[str]) -> list[str]:
+        """The sites asked to evaluate the round's weights."""
+        ...
+
+    def aggregate_evaluate(
+        self, metrics: Mapping[str, Metrics], failures: Sequence[str]
+    ) -> dict[str, float | None]:
+        """The round's summary: the mean of each metric over the sites that answered."""
+        ...
+
+
+def mean_metrics(metrics: Mapping[str, Metrics]) -> dict[str, float | None]:
+    """Each metric's plain mean over the sites that reported it (None when nobody did)."""
+    out: dict[str, float | None] = {}
+    for name in ("loss", "accuracy", "auroc"):
+        values = [float(m[name]) for m in metrics.values() if m.get(name) is not None]
+        out[name] = sum(values) / len(values) if values else None
+    return out
 
 
 @dataclass(frozen=True)
@@ -64,21 +96,34 @@ class FedAvg:
         if self.min_sites < 1:
             raise ValueError(f"min_sites must be at least 1, got {self.min_sites}")
 
-    def configure_round(self, round: int, sites: Sequence[str]) -> list[str]:
+    def configure_train(self, round: int, turn: int, sites: Sequence[str]) -> list[str]:
+        if turn > 0:
+            return []  # one parallel turn per round
         wanted = max(self.min_sites, math.ceil(self.fraction * len(sites)))
         if wanted >= len(sites):
             return list(sites)
         chosen = set(random.Random(self.seed * 1_000_003 + round).sample(sorted(sites), wanted))
         return [site for site in sites if site in chosen]
 
-    def aggregate(
-        self, current: Mapping[str, torch.Tensor], replies: Sequence[Reply]
+    def aggregate_train(
+        self,
+        current: Mapping[str, torch.Tensor],
+        replies: Sequence[Reply],
+        failures: Sequence[str] = (),
     ) -> dict[str, torch.Tensor]:
-        if not replies:
-            raise ValueError("no replies to aggregate")
+        if not replies:  # nobody answered: the weights stay; the job decides about quorum
+            return dict(current)
         for reply in replies:
             self.check_reply(current, reply)
         return weighted_average([r.state for r in replies], [float(r.samples) for r in replies])
+
+    def configure_evaluate(self, round: int, sites: Sequence[str]) -> list[str]:
+        return list(sites)
+
+    def aggregate_evaluate(
+        self, metrics: Mapping[str, Metrics], failures: Sequence[str] = ()
+    ) -> dict[str, float | None]:
+        return mean_metrics(metrics)
 
     def check_reply(self, current: Mapping[str, torch.Tensor], reply: Reply) -> None:
         if reply.samples < 1:
@@ -105,6 +150,39 @@ class Flop(FedAvg):
         if overlap:
             raise ValueError(f"the global state must not hold private tensors {overlap[:3]}")
         super().check_reply(current, reply)
+
+
+@dataclass(frozen=True)
+class Cyclic:
+    """Sites take turns within a round; each hands its weights on to the next."""
+
+    base: FedAvg = field(default_factory=FedAvg)
+
+    def configure_train(self, round: int, turn: int, sites: Sequence[str]) -> list[str]:
+        return [sites[turn]] if turn < len(sites) else []
+
+    def check_reply(self, current: Mapping[str, torch.Tensor], reply: Reply) -> None:
+        self.base.check_reply(current, reply)
+
+    def aggregate_train(
+        self,
+        current: Mapping[str, torch.Tensor],
+        replies: Sequence[Reply],
+        failures: Sequence[str] = (),
+    ) -> dict[str, torch.Tensor]:
+        if not replies:  # the site missed its turn: the next one starts where it would have
+            return dict(current)
+        (reply,) = replies
+        self.check_reply(current, reply)
+        return {k: reply.state[k] for k in current}
+
+    def configure_evaluate(self, round: int, sites: Sequence[str]) -> list[str]:
+        return list(sites)
+
+    def aggregate_evaluate(
+        self, metrics: Mapping[str, Metrics], failures: Sequence[str] = ()
+    ) -> dict[str, float | None]:
+        return mean_metrics(metrics)
 
 
 def weighted_average(

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medsplit.training import OptimizerConfig, loss_fn, make_optimizer
+from medsplit.config import OptimizerConfig
+from medsplit.training import loss_fn, make_optimizer
 
 
 class Trunk:

@@ -23,9 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._report import bench_main, machine
-from medsplit.dicom_source import DicomData, load_dicom_site
-from medsplit.dicom_synth import synthesize_site
-from medsplit.training import OptimizerConfig, make_optimizer, train_epochs
+from edge_agent.data.dicom_source import DicomData, load_dicom_site
+from edge_agent.data.dicom_synth import synthesize_site
+from medsplit.config import OptimizerConfig
+from medsplit.training import make_optimizer, train_epochs
 from models import load_plan
 
 CLASSES = ["normal", "lesion"]

@@ -32,11 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 
 from bench._report import bench_main, machine
+from edge_agent.data.dicom import Preprocessing
+from edge_agent.data.dicom_synth import synthesize_site
+from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
+from edge_agent.model_card import ModelCard
 from edge_agent.serving.predictor import Predictor
-from medsplit.dicom import Preprocessing
-from medsplit.dicom_synth import synthesize_site
-from medsplit.inputs import DataCard, FeatureInput, ImageInput
-from medsplit.model_card import ModelCard
 from models import load_plan
 from models.onnx_export import export_onnx
 

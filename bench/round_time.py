@@ -26,13 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aggregator.coordinator import RoundRecord
+from aggregator.config import JobConfig
+from aggregator.state import RoundRecord
 from bench._report import bench_main, machine
+from edge_agent.data import datasets
 from experiments.inprocess import run_job
-from medsplit import datasets
-from medsplit.broker import Mosquitto
-from medsplit.config import JobConfig
-from medsplit.transport import MqttSettings, MqttTransport
+from medsplit.brokers.mosquitto import Mosquitto
+from medsplit.wiring import mqtt_connector
 
 SETTINGS = (("synthetic-cxr", "cnn-cxr"), ("breast-cancer", "mlp-ehr"))
 
@@ -49,18 +49,17 @@ def rounds_of(
             "plan": plan,
             "mode": mode,
             "orchestration": orchestration,
-            "rounds": rounds + 1,
-            "batch_size": 32,
+            "rounds": {"count": rounds + 1},
+            "training": {"batch_size": 32},
             "sites": names,
             "dataset": dataset,
+            "broker": {"url": f"mqtt://127.0.0.1:{port}"},
         }
     )
     shares = datasets.all_sites(datasets.load(dataset), n_sites, "iid", seed=0)
 
-    def transport(client: str) -> MqttTransport:
-        return MqttTransport(MqttSettings(port=port, client_id=f"{job_id}-{client}"))
-
-    result = run_job(config, dict(zip(names, shares, strict=True)), transport, timeout=1800)
+    connect = mqtt_connector(config.broker)
+    result = run_job(config, dict(zip(names, shares, strict=True)), connect, timeout=1800)
     return result.history[1:]
 
 

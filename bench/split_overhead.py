@@ -26,9 +26,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._report import bench_main, machine
-from medsplit import datasets
-from medsplit.broker import Mosquitto
-from medsplit.training import OptimizerConfig, train_centralized
+from edge_agent.data import datasets
+from medsplit.brokers.mosquitto import Mosquitto
+from medsplit.config import OptimizerConfig
+from medsplit.training import train_centralized
 from models import cut_shapes, load_plan
 
 PLAN = "cnn-cxr-u"
@@ -65,14 +66,13 @@ def split_epoch_seconds(
         "plan": PLAN,
         "mode": "split-u",
         "orchestration": "sequential",
-        "rounds": rounds + 1,
-        "batch_size": BATCH,
         "seed": 0,
         "sites": ["site-1"],
-        "wire_dtype": wire_dtype,
         "dataset": "synthetic-cxr",
+        "rounds": {"count": rounds + 1},
+        "training": {"batch_size": BATCH, "wire_dtype": wire_dtype},
         "broker": {"url": broker_url},
-        "run_dir": str(workdir / job_id),
+        "state": {"run_dir": str(workdir / job_id)},
     }
     site = {
         "site_id": "site-1",
@@ -86,8 +86,8 @@ def split_epoch_seconds(
             "seed": 0,
         },
         "device": "cpu",
-        "state_dir": str(workdir / f"{job_id}-state"),
-        "hello_interval_s": 0.5,
+        "state": {"dir": str(workdir / f"{job_id}-state")},
+        "waits": {"hello_interval_s": 0.5},
     }
     (workdir / f"{job_id}.yaml").write_text(yaml.safe_dump(job))
     (workdir / f"{job_id}-site.yaml").write_text(yaml.safe_dump(site))

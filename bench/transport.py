@@ -32,8 +32,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._report import machine, write_section
-from medsplit.broker import Mosquitto
-from medsplit.transport import Endpoint, MqttSettings, MqttTransport
+from medsplit.brokers.mosquitto import Mosquitto
+from medsplit.channel import Endpoint
+from medsplit.transport import MqttSettings, MqttTransport
 from medsplit.wire import Decoder, Envelope, WireDtype, encode, new_message_id
 
 KB, MB = 1024, 1024 * 1024

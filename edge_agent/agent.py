@@ -1,11 +1,18 @@
 """The hospital-side process: says hello, receives the job, trains its layers on request.
 
 Everything happens in one thread that reads from the ``Endpoint``: MQTT callbacks only enqueue
-(see ``medsplit.transport``). The agent is a small state machine driven by the aggregator's
-messages: ``setup`` (build its layers), ``train`` (run local epochs: in split modes exchanging
-cut-layer tensors step by step, in federated modes entirely locally), ``evaluate`` (held-out
-metrics), ``finish`` (assemble this site's own model from the final weights, keep it in the
-state directory and export it to ONNX).
+(see ``medsplit.transport``). The agent is a state machine (``AgentPhase``) driven by the
+aggregator's messages: it *announces* itself (``hello``, repeated with backoff) until ``setup``
+arrives, is then *ready*, *trains* on ``train`` (local epochs: in split modes exchanging
+cut-layer tensors step by step, in federated modes entirely locally), *evaluates* on
+``evaluate`` (held-out metrics) and is *finished* on ``finish`` (it assembles this site's own
+model from the final weights, keeps it in the state directory and exports it to ONNX). A
+``refused`` (this site is not in the job) ends it with ``NotInJob``.
+
+Every hello carries the agent's *incarnation*, an id of this process, so the aggregator tells
+a repeated hello (answered with the same ``setup``, which the agent ignores) from a restarted
+agent (whose unfinished request it repeats). When the aggregator's presence shows a new epoch
+(it restarted), the agent announces itself again. While it waits, it says what for.
 """
 
 from __future__ import annotations
@@ -14,13 +21,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from enum import Enum
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from edge_agent.data.datasets import SiteData
 from edge_agent.local_model import LocalModel
 from edge_agent.segments import EdgeSegments
 from edge_agent.site_model import (
@@ -31,13 +40,11 @@ from edge_agent.site_model import (
     save_site_model,
     site_card,
 )
-from medsplit import protocol as p
-from medsplit import topics
-from medsplit.datasets import SiteData
-from medsplit.files import atomic_write
-from medsplit.protocol import JobSpec, TensorSpecs
+from medsplit.channel import Endpoint, Received
+from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
+from medsplit.protocol.presence import Presence, new_incarnation
+from medsplit.storage import atomic_write
 from medsplit.training import batch_order, evaluate_logits, loss_fn, train_epochs
-from medsplit.transport import Endpoint, Received
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
 from medsplit.wire.frame import MetaValue
 from models.onnx_export import ExportError
@@ -49,6 +56,28 @@ STATE_FILE = "edge.safetensors"
 
 class StepTimeout(RuntimeError):
     """The aggregator did not answer a training step in time; the round is abandoned."""
+
+
+class NotInJob(RuntimeError):
+    """The aggregator says this site is not part of the job."""
+
+
+class AgentPhase(str, Enum):
+    ANNOUNCING = "announcing"  # hello until the aggregator answers with setup
+    READY = "ready"  # set up, waiting for a request
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    FINISHED = "finished"
+    REFUSED = "refused"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def hello_delay(hellos_sent: int, interval_s: float) -> float:
+    """Seconds until the next hello: quick at first (the aggregator may be subscribing right
+    now), then doubling up to ``interval_s``."""
+    return min(interval_s, 0.25 * 2.0**hellos_sent)
 
 
 class Agent:
@@ -64,6 +93,8 @@ class Agent:
         hello_interval_s: float = 5.0,
         state_dir: Path | None = None,
         export_onnx: bool = False,
+        status_interval_s: float = 10.0,
+        incarnation: str | None = None,
     ) -> None:
         self.site_id, self.job_id = site_id, job_id
         self.endpoint = endpoint
@@ -78,11 +109,22 @@ class Agent:
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
         self.segments: EdgeSegments | LocalModel | None = None
-        self.finished = False
+        self.status_interval_s = status_interval_s
+        self.incarnation = incarnation or new_incarnation()
+        self.phase = AgentPhase.ANNOUNCING
+        self.aggregator: Presence | None = None  # the live aggregator, from its presence
+        self.refusal: str | None = None
         self._stop = threading.Event()
         self._backlog: deque[Received] = deque()
+        self._hellos = 0
+        self._next_hello = 0.0
         endpoint.on_reject = self._report_reject
+        endpoint.on_presence = self._on_presence
         endpoint.set_expected(self._expected)
+
+    @property
+    def finished(self) -> bool:
+        return self.phase == AgentPhase.FINISHED
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -121,16 +163,28 @@ class Agent:
 
     def _report_reject(self, topic: str, error: WireError) -> None:
         self._send(
-            p.ERROR,
+            Kind.ERROR,
             meta={"error": type(error).__name__, "detail": str(error)[:500], "topic": topic},
         )
 
     def _await(self, kind: str, round: int, step: int) -> Envelope:
         """The reply to a step; other messages are kept for the main loop."""
-        deadline = time.monotonic() + self.reply_timeout_s
+        started = time.monotonic()
+        deadline = started + self.reply_timeout_s
+        next_status = started + self.status_interval_s
         while (remaining := deadline - time.monotonic()) > 0:
             if self._stop.is_set():
                 raise StepTimeout("the agent was asked to stop")
+            if time.monotonic() >= next_status:
+                log.info(
+                    "%s: round %d step %d: waiting %.0f s for %s from the aggregator",
+                    self.site_id,
+                    round,
+                    step,
+                    time.monotonic() - started,
+                    kind,
+                )
+                next_status += self.status_interval_s
             # Wake up now and then to notice stop(); a reply normally arrives in milliseconds.
             received = self.endpoint.receive(timeout=min(remaining, 0.5))
             if received is None:
@@ -138,10 +192,10 @@ class Agent:
             env = received.envelope
             if env.kind == kind and env.round == round and env.step == step:
                 return env
-            if env.kind in (p.FINISH, p.SETUP, p.TRAIN, p.EVALUATE):
+            if env.kind in (Kind.FINISH, Kind.SETUP, Kind.TRAIN, Kind.EVALUATE, Kind.REFUSED):
                 self._backlog.append(received)
-                if env.kind == p.FINISH:
-                    raise StepTimeout("the aggregator finished the job during a step")
+                if env.kind in (Kind.FINISH, Kind.REFUSED):
+                    raise StepTimeout(f"the aggregator sent {env.kind} during a step")
             else:
                 log.warning(
                     "%s: ignoring stale %s (round %s step %s)",
@@ -161,39 +215,90 @@ class Agent:
         self._stop.set()
 
     def run(self, *, max_seconds: float | None = None) -> None:
-        """Serve the job until ``finish`` (or ``max_seconds``)."""
+        """Serve the job until ``finish`` (or ``max_seconds``); ``NotInJob`` if refused."""
         stop_at = None if max_seconds is None else time.monotonic() + max_seconds
-        next_hello, hellos = 0.0, 0
+        next_status = time.monotonic() + self.status_interval_s
         while not self.finished and not self._stop.is_set():
-            if stop_at is not None and time.monotonic() > stop_at:
+            now = time.monotonic()
+            if stop_at is not None and now > stop_at:
                 raise TimeoutError(f"{self.site_id}: job not finished within {max_seconds} s")
-            if self.spec is None and time.monotonic() >= next_hello:
+            if self.phase == AgentPhase.ANNOUNCING and now >= self._next_hello:
                 self._hello()
-                # Quick at first (the aggregator may be subscribing right now), then patient.
-                hellos += 1
-                next_hello = time.monotonic() + min(self.hello_interval_s, 0.25 * 2**hellos)
+            if now >= next_status:
+                self._log_waiting()
+                next_status = now + self.status_interval_s
             received = (
                 self._backlog.popleft() if self._backlog else self.endpoint.receive(timeout=0.5)
             )
             if received is not None:
                 self._handle(received.envelope)
+            if self.refusal is not None:
+                raise NotInJob(self.refusal)
 
     def _hello(self) -> None:
-        meta = {"train_samples": self.data.train_samples, "test_samples": len(self.data.y_test)}
-        self._send(p.HELLO, meta=meta)
+        meta: dict[str, MetaValue] = {
+            "train_samples": self.data.train_samples,
+            "test_samples": len(self.data.y_test),
+            "incarnation": self.incarnation,
+        }
+        self._send(Kind.HELLO, meta=meta)
+        self._next_hello = time.monotonic() + hello_delay(self._hellos, self.hello_interval_s)
+        self._hellos += 1
+
+    def _on_presence(self, topic: str, presence: Presence) -> None:
+        """The aggregator's presence: a new epoch means it restarted and must hear from us."""
+        if presence.role != "aggregator" or presence.state == "probe":
+            return
+        if presence.state == "offline":
+            if self.aggregator is not None:
+                log.warning("%s: the aggregator of job %s went offline", self.site_id, self.job_id)
+            self.aggregator = None
+            return
+        new_epoch = self.aggregator is None or self.aggregator.incarnation != presence.incarnation
+        self.aggregator = presence
+        if new_epoch and self.phase != AgentPhase.FINISHED:
+            log.info("%s: aggregator online: %s; announcing", self.site_id, presence.describe())
+            self._hellos, self._next_hello = 0, 0.0
+            if self.phase != AgentPhase.ANNOUNCING:
+                self._hello()  # re-announce to the new epoch; its setup is the same job
+
+    def _log_waiting(self) -> None:
+        if self.phase == AgentPhase.ANNOUNCING:
+            if self.aggregator is None:
+                log.info(
+                    "%s: waiting for the aggregator of job %s: none is online yet",
+                    self.site_id,
+                    self.job_id,
+                )
+            else:
+                log.info(
+                    "%s: waiting for the aggregator of job %s to answer hello (%s)",
+                    self.site_id,
+                    self.job_id,
+                    self.aggregator.describe(),
+                )
+        elif self.phase == AgentPhase.READY:
+            log.info(
+                "%s: joined job %s; waiting for the aggregator's next request",
+                self.site_id,
+                self.job_id,
+            )
 
     def _handle(self, env: Envelope) -> None:
         try:
-            if env.kind == p.SETUP:
+            if env.kind == Kind.SETUP:
                 self._setup(env)
-            elif env.kind == p.TRAIN and self.segments is not None:
-                self._train(env)
-            elif env.kind == p.EVALUATE and self.segments is not None:
-                self._evaluate(env)
-            elif env.kind == p.FINISH:
-                self.finished = True
+            elif env.kind == Kind.TRAIN and self.segments is not None:
+                self._working(AgentPhase.TRAINING, self._train, env)
+            elif env.kind == Kind.EVALUATE and self.segments is not None:
+                self._working(AgentPhase.EVALUATING, self._evaluate, env)
+            elif env.kind == Kind.FINISH:
+                self.phase = AgentPhase.FINISHED
                 self._finish(env)
-            elif env.kind == p.ERROR:
+            elif env.kind == Kind.REFUSED:
+                self.phase = AgentPhase.REFUSED
+                self.refusal = str(env.meta.get("detail") or "this site is not part of the job")
+            elif env.kind == Kind.ERROR:
                 log.warning("%s: aggregator reported an error: %s", self.site_id, dict(env.meta))
         except StepTimeout as exc:
             log.warning("%s: round %s abandoned: %s", self.site_id, env.round, exc)
@@ -201,13 +306,30 @@ class Agent:
             # e.g. a setup whose job spec does not validate: report it, keep serving.
             log.warning("%s: could not handle %s: %s", self.site_id, env.kind, exc)
             self._send(
-                p.ERROR,
+                Kind.ERROR,
                 round=env.round,
                 meta={"error": type(exc).__name__, "detail": str(exc)[:500]},
             )
 
+    def _working(self, phase: AgentPhase, work: Callable[[Envelope], None], env: Envelope) -> None:
+        self.phase = phase
+        try:
+            work(env)
+        finally:
+            if self.phase == phase:  # a finish or a refusal that arrived meanwhile stands
+                self.phase = AgentPhase.READY
+
     def _setup(self, env: Envelope) -> None:
-        self.spec = JobSpec.from_meta(env.meta.get("spec"))
+        spec = JobSpec.from_meta(env.meta.get("spec"))
+        if spec.job_id != self.job_id:
+            raise ValueError(
+                f"setup for job {spec.job_id!r}, but this agent serves {self.job_id!r}"
+            )
+        if spec == self.spec:
+            if self.phase == AgentPhase.ANNOUNCING:
+                self.phase = AgentPhase.READY
+            return  # a repeated setup (we said hello more than once): nothing to rebuild
+        self.spec = spec
         self.specs = TensorSpecs(
             self.spec.plan, self.spec.mode, release_trunk=self.spec.release_trunk
         )
@@ -216,6 +338,7 @@ class Agent:
             self._restore_private(self.segments)
         else:
             self.segments = EdgeSegments(self.spec, self.device)
+        self.phase = AgentPhase.READY
         log.info(
             "%s: joined job %s (%s, %s)",
             self.site_id,
@@ -254,7 +377,7 @@ class Agent:
             "train_loss": train_loss,
             "train_seconds": time.perf_counter() - started,
         }
-        self._send(p.DONE, round=env.round, tensors=segments.state(), meta=meta)
+        self._send(Kind.DONE, round=env.round, tensors=segments.state(), meta=meta)
         self._save()
 
     def _train_split(self, round: int, epochs: int) -> float:
@@ -280,23 +403,23 @@ class Agent:
         h = seg.head(xb)
         if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
             self._send(
-                p.ACTIVATIONS,
+                Kind.ACTIVATIONS,
                 round=round,
                 step=step,
                 tensors={"h": h.detach(), "y": yb},
                 cast={"h"},
             )
-            reply = self._await(p.GRADIENTS, round, step)
+            reply = self._await(Kind.GRADIENTS, round, step)
             h.backward(reply.tensors["g"].to(self.device))
             seg.optimizer.step()
             return float(reply.meta.get("loss") or 0.0)
-        self._send(p.ACTIVATIONS, round=round, step=step, tensors={"h": h.detach()}, cast={"h"})
-        t = self._await(p.TRUNK_OUT, round, step).tensors["t"].to(self.device).requires_grad_()
+        self._send(Kind.ACTIVATIONS, round=round, step=step, tensors={"h": h.detach()}, cast={"h"})
+        t = self._await(Kind.TRUNK_OUT, round, step).tensors["t"].to(self.device).requires_grad_()
         loss = loss_fn(seg.tail(t), yb)
         loss.backward()
         assert t.grad is not None
-        self._send(p.TRUNK_GRAD, round=round, step=step, tensors={"g": t.grad}, cast={"g"})
-        h.backward(self._await(p.ACT_GRAD, round, step).tensors["g"].to(self.device))
+        self._send(Kind.TRUNK_GRAD, round=round, step=step, tensors={"g": t.grad}, cast={"g"})
+        h.backward(self._await(Kind.ACT_GRAD, round, step).tensors["g"].to(self.device))
         seg.optimizer.step()
         return float(loss.detach())
 
@@ -388,7 +511,7 @@ class Agent:
             "bytes_up": stats.sent_bytes,
             "bytes_down": stats.received_bytes,
         }
-        self._send(p.METRICS, round=env.round, meta=meta)
+        self._send(Kind.METRICS, round=env.round, meta=meta)
 
     def _split_logits(self, seg: EdgeSegments, round: int, x: torch.Tensor) -> torch.Tensor:
         """Held-out logits through the aggregator's trunk; labels never travel."""
@@ -397,7 +520,9 @@ class Agent:
         with torch.no_grad():
             for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
                 h = seg.head(x[idx])
-                self._send(p.EVAL_ACTIVATIONS, round=round, step=step, tensors={"h": h}, cast={"h"})
-                t = self._await(p.EVAL_OUT, round, step).tensors["t"].to(self.device)
+                self._send(
+                    Kind.EVAL_ACTIVATIONS, round=round, step=step, tensors={"h": h}, cast={"h"}
+                )
+                t = self._await(Kind.EVAL_OUT, round, step).tensors["t"].to(self.device)
                 outputs.append(seg.tail(t) if seg.tail is not None else t)
         return torch.cat(outputs)

@@ -6,15 +6,18 @@ import logging
 
 import torch
 
-from edge_agent.agent import Agent
-from medsplit import datasets, topics
-from medsplit.config import SiteConfig
-from medsplit.csv_source import CsvData, load_csv_site
-from medsplit.datasets import SiteData
-from medsplit.dicom_source import DicomData, load_dicom_site
-from medsplit.transport import Endpoint, MqttTransport, Will
+from edge_agent.agent import Agent, NotInJob
+from edge_agent.config import SiteConfig
+from edge_agent.data import datasets
+from edge_agent.data.csv_source import load_csv_site
+from edge_agent.data.datasets import SiteData
+from edge_agent.data.dicom_source import load_dicom_site
+from edge_agent.data.settings import CsvData, DicomData
+from medsplit.wiring import mqtt_connector, open_site
 
 log = logging.getLogger(__name__)
+
+EXIT_NOT_IN_JOB = 2
 
 
 def pick_device(choice: str) -> torch.device:
@@ -48,15 +51,6 @@ def load_data(config: SiteConfig) -> SiteData:
 
 def run(config: SiteConfig) -> int:
     data = load_data(config)
-    presence = topics.presence(config.job_id, config.site_id)
-    transport = MqttTransport(
-        config.broker.settings(f"{config.job_id}-{config.site_id}"),
-        will=Will(presence, b"offline"),
-        birth=Will(presence, b"online"),
-    )
-    transport.connect()
-    for topic_filter in topics.site_subscriptions(config.job_id, config.site_id):
-        transport.subscribe(topic_filter)
     device = pick_device(config.device)
     log.info(
         "%s: %d training and %d test samples on %s",
@@ -65,19 +59,30 @@ def run(config: SiteConfig) -> int:
         len(data.y_test),
         device,
     )
+    party = open_site(
+        config.job_id,
+        config.site_id,
+        mqtt_connector(config.broker),
+        client_id=config.broker.client_id,
+    )
     agent = Agent(
         config.site_id,
         config.job_id,
-        Endpoint(transport),
+        party.endpoint,
         data,
         device=device,
-        reply_timeout_s=config.reply_timeout_s,
-        hello_interval_s=config.hello_interval_s,
-        state_dir=config.state_dir,
+        reply_timeout_s=config.waits.reply_timeout_s,
+        hello_interval_s=config.waits.hello_interval_s,
+        status_interval_s=config.waits.status_interval_s,
+        state_dir=config.state.dir,
         export_onnx=config.export_onnx,
+        incarnation=party.incarnation,
     )
     try:
         agent.run()
+    except NotInJob as exc:
+        log.error("%s: refused by the aggregator: %s", config.site_id, exc)
+        return EXIT_NOT_IN_JOB
     finally:
-        transport.close()
+        party.close()
     return 0

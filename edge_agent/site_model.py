@@ -19,12 +19,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import nn
 
+from edge_agent.data.inputs import DataCard
 from edge_agent.local_model import LocalModel
+from edge_agent.model_card import CardError, ModelCard
 from edge_agent.segments import EdgeSegments
-from medsplit.files import atomic_write
-from medsplit.inputs import DataCard
-from medsplit.model_card import CardError, ModelCard
 from medsplit.protocol import JobSpec
+from medsplit.storage import atomic_write
 from models.onnx_export import ExportResult, export_onnx, weights_sha256
 
 log = logging.getLogger(__name__)

@@ -13,28 +13,28 @@ from __future__ import annotations
 
 import time
 
-from aggregator.coordinator import RoundRecord
-from medsplit.config import JobConfig
-from medsplit.datasets import SiteData, pooled
+from aggregator.config import JobConfig
+from aggregator.state import RoundRecord
+from edge_agent.data.datasets import SiteData, pooled
 from medsplit.training import evaluate_model, make_optimizer, train_epochs
 
 
 def run_centralized(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord]:
     model = config.plan.model.build(seed=config.seed)
-    optimizer = make_optimizer(model.parameters(), config.optimizer)
+    optimizer = make_optimizer(model.parameters(), config.training.optimizer)
     everything = pooled(list(sites.values()))
     history = []
-    for round in range(config.rounds):
+    for round in range(config.rounds.count):
         started = time.perf_counter()
         losses = train_epochs(
             model,
             optimizer,
             everything.x_train,
             everything.y_train,
-            epochs=config.local_epochs,
-            batch_size=config.batch_size,
+            epochs=config.training.local_epochs,
+            batch_size=config.training.batch_size,
             seed=config.seed,
-            first_epoch=round * config.local_epochs,
+            first_epoch=round * config.training.local_epochs,
         )
         record = RoundRecord(round, train_loss={"pooled": sum(losses) / len(losses)})
         record.train_seconds = time.perf_counter() - started
@@ -50,10 +50,11 @@ def run_centralized(config: JobConfig, sites: dict[str, SiteData]) -> list[Round
 def run_local(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord]:
     models = {site: config.plan.model.build(seed=config.seed) for site in sites}
     optimizers = {
-        site: make_optimizer(model.parameters(), config.optimizer) for site, model in models.items()
+        site: make_optimizer(model.parameters(), config.training.optimizer)
+        for site, model in models.items()
     }
     history = []
-    for round in range(config.rounds):
+    for round in range(config.rounds.count):
         started = time.perf_counter()
         record = RoundRecord(round)
         for site, data in sites.items():
@@ -62,10 +63,10 @@ def run_local(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord
                 optimizers[site],
                 data.x_train,
                 data.y_train,
-                epochs=config.local_epochs,
-                batch_size=config.batch_size,
+                epochs=config.training.local_epochs,
+                batch_size=config.training.batch_size,
                 seed=config.seed,
-                first_epoch=round * config.local_epochs,
+                first_epoch=round * config.training.local_epochs,
             )
             record.train_loss[site] = sum(losses) / len(losses)
         record.train_seconds = time.perf_counter() - started

@@ -15,12 +15,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from medsplit.config import BrokerConfig, JobConfig, Orchestration
-from medsplit.datasets import check_name
+from aggregator.config import JobConfig
+from edge_agent.data.names import check_name, parse_scheme
+from medsplit.config import BrokerConfig, OptimizerConfig
 from medsplit.ids import ID_PATTERN
-from medsplit.partitions import parse_scheme
-from medsplit.training import OptimizerConfig
-from medsplit.wire import WireDtype
+from medsplit.modes import Orchestration, WireDtype
 from models import ConfigError
 from models.config_errors import load_yaml_mapping, validate
 
@@ -61,7 +60,7 @@ class ExperimentConfig(BaseModel):
     dataset: str = "breast-cancer"
     modes: list[ExperimentMode] = Field(default_factory=lambda: list(ALL_MODES), min_length=1)
     orchestrations: list[Orchestration] = Field(
-        default_factory=lambda: list[Orchestration](["sequential"]),
+        default_factory=lambda: [Orchestration.SEQUENTIAL],
         min_length=1,
         description="for split and split-u; fedavg and flop always run parallel rounds",
     )
@@ -145,20 +144,26 @@ class ExperimentConfig(BaseModel):
             "job_id": cell.job_id(self.name),
             "plan": self.plan_for(cell.mode),
             "mode": cell.mode if cell.mode not in BASELINES else "fedavg",
-            "rounds": self.rounds,
-            "local_epochs": self.local_epochs,
-            "batch_size": self.batch_size,
-            "optimizer": self.optimizer.model_dump(),
             "seed": cell.seed,
             "sites": site_ids,
-            # Sequential rounds visit every site; sampling applies to parallel rounds only.
-            "sample_fraction": 1.0 if cell.orchestration == "sequential" else self.sample_fraction,
-            "wire_dtype": self.wire_dtype,
             "dataset": self.dataset,
+            "rounds": {
+                "count": self.rounds,
+                # Sequential rounds visit every site; sampling applies to parallel rounds only.
+                "sample_fraction": 1.0
+                if cell.orchestration == "sequential"
+                else self.sample_fraction,
+                "deadline_s": self.timeout_s,
+                "join_deadline_s": min(self.timeout_s, 120.0),
+            },
+            "training": {
+                "local_epochs": self.local_epochs,
+                "batch_size": self.batch_size,
+                "optimizer": self.optimizer.model_dump(),
+                "wire_dtype": self.wire_dtype,
+            },
             "broker": {"url": broker_url, "protocol": protocol},
-            "round_deadline_s": self.timeout_s,
-            "join_deadline_s": min(self.timeout_s, 120.0),
-            "run_dir": str(self.output_dir / "runs" / cell.job_id(self.name)),
+            "state": {"run_dir": str(self.output_dir / "runs" / cell.job_id(self.name))},
         }
         if cell.orchestration != "none":
             job["orchestration"] = cell.orchestration

@@ -8,6 +8,7 @@ over the whole job, and wall time. ``cells.csv`` keeps every single run for re-a
 from __future__ import annotations
 
 import csv
+import io
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import matplotlib
 
 from experiments.config import ExperimentConfig
 from experiments.runner import CellResult
+from medsplit.storage import atomic_write
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -119,25 +121,30 @@ def write_results(config: ExperimentConfig, results: list[CellResult]) -> list[P
     out.mkdir(parents=True, exist_ok=True)
     rows = summarize(results)
     written = [out / "results.md", out / "summary.csv", out / "cells.csv"]
-    written[0].write_text(markdown(config, rows))
+    atomic_write(written[0], markdown(config, rows).encode())
     _write_summary_csv(written[1], rows)
     _write_cells_csv(written[2], results)
     written += plot(config, results, rows)
     return written
 
 
+def _write_csv(path: Path, rows: list[list[object]]) -> None:
+    text = io.StringIO(newline="")
+    csv.writer(text).writerows(rows)
+    atomic_write(path, text.getvalue().encode())
+
+
 def _write_summary_csv(path: Path, rows: list[Row]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        header = ["partition", "sites", "method", "runs", "failed"]
-        for name in ("accuracy", "auroc", "mb_up", "mb_down", "seconds"):
-            header += [f"{name}_mean", f"{name}_std"]
-        writer.writerow(header)
-        for row in rows:
-            values: list[object] = [row.partition, row.sites, row.method, row.runs, row.failed]
-            for spread in (row.accuracy, row.auroc, row.mb_up, row.mb_down, row.seconds):
-                values += [spread.mean, spread.std]
-            writer.writerow(values)
+    header = ["partition", "sites", "method", "runs", "failed"]
+    for name in ("accuracy", "auroc", "mb_up", "mb_down", "seconds"):
+        header += [f"{name}_mean", f"{name}_std"]
+    table: list[list[object]] = [list(header)]
+    for row in rows:
+        values: list[object] = [row.partition, row.sites, row.method, row.runs, row.failed]
+        for spread in (row.accuracy, row.auroc, row.mb_up, row.mb_down, row.seconds):
+            values += [spread.mean, spread.std]
+        table.append(values)
+    _write_csv(path, table)
 
 
 CELL_COLUMNS = (
@@ -147,20 +154,18 @@ CELL_COLUMNS = (
 
 
 def _write_cells_csv(path: Path, results: list[CellResult]) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CELL_COLUMNS)
-        for r in results:
-            final = r.final()
-            cell = r.cell
-            writer.writerow(
-                [
-                    *(cell.method, cell.partition, cell.sites, cell.seed, r.status),
-                    *(final["accuracy"], final["auroc"]),
-                    *(r.bytes_per_site("up"), r.bytes_per_site("down"), round(r.wall_time_s, 3)),
-                    r.error,
-                ]
-            )
+    table: list[list[object]] = [list(CELL_COLUMNS)]
+    for r in results:
+        final, cell = r.final(), r.cell
+        table.append(
+            [
+                *(cell.method, cell.partition, cell.sites, cell.seed, r.status),
+                *(final["accuracy"], final["auroc"]),
+                *(r.bytes_per_site("up"), r.bytes_per_site("down"), round(r.wall_time_s, 3)),
+                r.error,
+            ]
+        )
+    _write_csv(path, table)
 
 
 def plot(config: ExperimentConfig, results: list[CellResult], rows: list[Row]) -> list[Path]:
@@ -206,7 +211,9 @@ def plot(config: ExperimentConfig, results: list[CellResult], rows: list[Row]) -
         fig.tight_layout()
         safe = partition.replace(":", "-")
         path = config.output_dir / f"{safe}-{sites}sites.png"
-        fig.savefig(path, dpi=100)
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=100)
         plt.close(fig)
+        atomic_write(path, image.getvalue())
         written.append(path)
     return written

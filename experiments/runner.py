@@ -16,16 +16,18 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
-from aggregator.coordinator import JobFailed, RoundRecord
+from aggregator.config import JobConfig
+from aggregator.coordinator import JobFailed
 from aggregator.report import report_dict, write_report
+from aggregator.state import RoundRecord
+from edge_agent.data import datasets
 from experiments.baselines import run_centralized, run_local
 from experiments.config import BASELINES, Cell, ExperimentConfig
 from experiments.inprocess import run_job
-from medsplit import datasets
-from medsplit.config import JobConfig
-from medsplit.embedded_broker import start_local_broker
-from medsplit.progress import progress_bar
-from medsplit.transport import MqttTransport, Transport, TransportError
+from experiments.progress import progress_bar
+from medsplit.brokers.embedded import start_local_broker
+from medsplit.transport import TransportError
+from medsplit.wiring import Connector, mqtt_connector
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,7 @@ def run_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol: st
         elif cell.mode == "local":
             result.history = run_local(job, sites)
         else:
-            outcome = run_job(job, sites, _transport_factory(job), timeout=config.timeout_s)
+            outcome = run_job(job, sites, _connector(job), timeout=config.timeout_s)
             result.history = outcome.history
             result.traffic = {
                 s: {"up": st.bytes_up, "down": st.bytes_down}
@@ -121,11 +123,6 @@ def run_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol: st
     return result
 
 
-def _transport_factory(job: JobConfig) -> Callable[[str], Transport]:
+def _connector(job: JobConfig) -> Connector:
     # Every party needs its own client id, whatever the experiment's broker section says.
-    broker = job.broker.model_copy(update={"client_id": None})
-
-    def make(party: str) -> Transport:
-        return MqttTransport(broker.settings(f"{job.job_id}-{party}"[:128]))
-
-    return make
+    return mqtt_connector(job.broker.model_copy(update={"client_id": None}))

@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from medsplit import __version__
-from models import ConfigError, cut_shapes, load_plan
-from models import names as architecture_names
-from models.plan import builtin_plan_names
-from models.registry import get as get_architecture
+from models.config_errors import ConfigError
+from models.plan_names import builtin_plan_names
+
+# Commands import what they drive when they run: `medsplit --help`, `--version` and a config
+# typo answer in a fraction of a second instead of waiting for torch (bench/startup.py).
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from models import names as architecture_names
+    from models.registry import get as get_architecture
+
     for name in architecture_names():
         arch = get_architecture(name)
         defaults = arch.parse_args({}).model_dump()
@@ -30,6 +34,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    from models import cut_shapes, load_plan
+
     plan = load_plan(args.plan)
     shapes = cut_shapes(plan, args.batch_size)
     print(f"model      {plan.model.name} {plan.model.args}")
@@ -45,19 +51,25 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_aggregator(args: argparse.Namespace) -> int:
-    from aggregator.main import run  # the CLI is the composition root: processes load lazily
-    from medsplit.config import JobConfig
+    from aggregator.config import JobConfig
 
-    overrides = {"run_dir": args.out} if args.out else {}
-    return run(JobConfig.from_yaml(args.config, **overrides), events=args.events)
+    config = JobConfig.from_yaml(args.config)
+    if args.out:
+        config = config.model_copy(
+            update={"state": config.state.model_copy(update={"run_dir": Path(args.out)})}
+        )
+    from aggregator.main import run  # the CLI is the composition root: processes load lazily
+
+    return run(config, events=args.events)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
-    from edge_agent.main import run
-    from medsplit.config import SiteConfig
-    from medsplit.site_data import DataError
+    from edge_agent.config import SiteConfig
 
     config = SiteConfig.from_yaml(args.config)
+    from edge_agent.data.site_data import DataError
+    from edge_agent.main import run
+
     try:
         return run(config)
     except DataError as exc:  # the site's data, checked before it joins the job
@@ -66,7 +78,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from medsplit.demo import DemoOptions, run_demo
+    from experiments.demo import run_demo
+    from experiments.demo_options import DemoOptions
 
     return run_demo(DemoOptions.from_args(args))
 
@@ -89,7 +102,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_dicom_synth(args: argparse.Namespace) -> int:
-    from medsplit.dicom_synth import synthesize
+    from edge_agent.data.dicom_synth import synthesize
 
     try:
         folders = synthesize(
@@ -107,10 +120,11 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     """Per-site sums out, combined statistics back: normalisation without pooling raw values."""
     import json
 
-    from medsplit.config import SiteConfig
-    from medsplit.csv_source import CsvData, site_sums
-    from medsplit.datasets import FeatureSums
-    from medsplit.site_data import DataError
+    from edge_agent.config import SiteConfig
+    from edge_agent.data.csv_source import site_sums
+    from edge_agent.data.datasets import FeatureSums
+    from edge_agent.data.settings import CsvData
+    from edge_agent.data.site_data import DataError
 
     try:
         if args.combine:
@@ -135,7 +149,7 @@ def _sums_from_json(path: Path) -> Any:
 
     import torch
 
-    from medsplit.datasets import FeatureSums
+    from edge_agent.data.datasets import FeatureSums
 
     try:
         data = json.loads(path.read_text())
@@ -223,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     agent.set_defaults(func=_cmd_agent)
 
-    from medsplit.demo import add_demo_arguments
+    from experiments.demo_options import add_demo_arguments
 
     demo = commands.add_parser(
         "demo", help="a whole federation on this machine, one process per site"
@@ -299,9 +313,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from medsplit.transport.base import TransportError
+
     try:
         status: int = args.func(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TransportError as exc:  # expected (an unreachable broker): one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return status

@@ -1,47 +1,44 @@
-"""Validated configuration of the two processes: the job (aggregator) and a site (edge agent).
+"""Loading the two processes' YAML files, and the settings groups both of them use.
 
-Both are YAML files whose every field can be overridden by an environment variable, which is
-how containers are configured: ``MEDSPLIT_ROUNDS=10``, ``MEDSPLIT_BROKER__URL=mqtts://…``,
-``MEDSPLIT_OPTIMIZER__LR=0.01`` (nested fields joined by ``__``). Environment wins over the file.
+Both files are YAML whose every field can be overridden by an environment variable, which is
+how containers are configured: ``MEDSPLIT_ROUNDS__COUNT=10``, ``MEDSPLIT_BROKER__URL=mqtts://…``,
+``MEDSPLIT_TRAINING__OPTIMIZER__LR=0.01`` (nested fields joined by ``__``). Environment wins.
+
+Settings are grouped by concern, as kopf groups its settings: ``broker`` (how to reach and
+treat the broker), ``waits`` (how patient a process is and how often it says what it waits
+for), and, per process, ``rounds``/``training``/``state`` (aggregator, ``aggregator.config``) or
+``data``/``state`` (site, ``edge_agent.config``). Every field is documented where it is
+declared; docs/configuration.md is the reference. A field from the flat layout of medsplit 0.1
+is refused with the name of its new place.
+
+Nothing here imports torch: a typo in a file is reported before the heavy libraries load.
 Any problem is a ``ConfigError`` naming the file and the field.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Discriminator,
-    Field,
-    SecretStr,
-    StringConstraints,
-    Tag,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from medsplit.csv_source import CsvData
-from medsplit.datasets import check_name
-from medsplit.dicom_source import DicomData
-from medsplit.ids import ID_PATTERN
-from medsplit.partitions import SCHEMES, parse_scheme
-from medsplit.training import OptimizerConfig
-from medsplit.transport import MqttSettings, TlsSettings
-from medsplit.wire import WireDtype
-from models import ConfigError, SplitPlan, load_plan
-from models.config_errors import load_yaml_mapping, validate
+from medsplit.transport.settings import MqttSettings, TlsSettings
+from models.config_errors import ConfigError, load_yaml_mapping, validate
 
-Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-Mode = Literal["split", "split-u", "fedavg", "flop"]
-Orchestration = Literal["sequential", "parallel"]
+
+def _as_in_transport(name: str) -> Any:
+    """The transport's own field (default, bounds, description), so the two never drift."""
+    return MqttSettings.model_fields[name]
 
 
 class BrokerConfig(BaseModel):
-    """Where the broker is and how to authenticate to it."""
+    """Where the broker is, how to authenticate to it, and how patient to be with it.
+
+    The timing and buffering fields are the transport's own (``MqttSettings``), exposed here so
+    that a site.yaml or job.yaml can reach every one of them.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -53,6 +50,15 @@ class BrokerConfig(BaseModel):
     protocol: Literal["5", "3.1.1"] = Field(
         "5", description="3.1.1 only for brokers without MQTT 5"
     )
+    keepalive_s: int = _as_in_transport("keepalive_s")
+    connect_timeout_s: float = _as_in_transport("connect_timeout_s")
+    retry_for_s: float | None = _as_in_transport("retry_for_s")
+    publish_timeout_s: float = _as_in_transport("publish_timeout_s")
+    reconnect_min_s: int = _as_in_transport("reconnect_min_s")
+    reconnect_max_s: int = _as_in_transport("reconnect_max_s")
+    session_expiry_s: int = _as_in_transport("session_expiry_s")
+    max_inflight: int = _as_in_transport("max_inflight")
+    inbox_max_bytes: int = _as_in_transport("inbox_max_bytes")
 
     @field_validator("url")
     @classmethod
@@ -62,23 +68,47 @@ class BrokerConfig(BaseModel):
         return url
 
     def settings(self, default_client_id: str, **overrides: Any) -> MqttSettings:
-        fields: dict[str, Any] = {
-            "client_id": self.client_id or default_client_id,
-            "tls": self.tls,
-            "protocol": self.protocol,
-        }
+        """The transport's settings for one connection of this process."""
+        fields: dict[str, Any] = self.model_dump(
+            exclude={"url", "username", "password", "client_id", "tls"}
+        )
+        fields |= {"client_id": self.client_id or default_client_id, "tls": self.tls}
         if self.username is not None:
             fields["username"] = self.username
             fields["password"] = self.password
-        return MqttSettings.from_url(self.url, **fields, **overrides)
+        return MqttSettings.from_url(self.url, **(fields | overrides))
 
 
-class _EnvFirst(BaseSettings):
-    """YAML values come in as init arguments; environment variables override them."""
+class OptimizerConfig(BaseModel):
+    """The optimizer every segment uses (each segment gets its own instance, on both sides)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Literal["sgd", "adam"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class WaitSettings(BaseModel):
+    """How often a waiting process says what it is waiting for (never silently)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status_interval_s: float = Field(
+        10.0, gt=0, description="while waiting, log what for (whom, which round) this often"
+    )
+
+
+class FileSettings(BaseSettings):
+    """A process's settings: YAML values as init arguments; environment variables override."""
 
     model_config = SettingsConfigDict(
         env_prefix="MEDSPLIT_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
+
+    # Fields of medsplit 0.1's flat layout, and where each one lives now.
+    moved_fields: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     def settings_customise_sources(
@@ -95,168 +125,28 @@ class _EnvFirst(BaseSettings):
     def from_yaml(cls, path: str | Path, **overrides: Any) -> Any:
         data = load_yaml_mapping(path)
         data.update(overrides)
-        # A relative plan path means "next to this config file", wherever we run from.
-        plan = data.get("plan")
-        if isinstance(plan, str) and (Path(path).parent / plan).is_file():
-            data["plan"] = str(Path(path).parent / plan)
-        return cls.from_mapping(data, str(path))
+        return cls.from_mapping(data, str(path), base=Path(path).parent)
 
     @classmethod
-    def from_mapping(cls, data: dict[str, Any], source: str = "<config>") -> Any:
+    def from_mapping(
+        cls, data: dict[str, Any], source: str = "<config>", *, base: Path | None = None
+    ) -> Any:
+        """Validate ``data``; relative file references are resolved against ``base``."""
+        cls._refuse_moved_fields(data, source)
+        data = cls.resolve_paths(dict(data), base)
         return validate(cls, data, source)
 
-
-class JobConfig(_EnvFirst):
-    """What the aggregator runs. See docs/split-learning.md and docs/federated.md."""
-
-    job_id: Id
-    plan: SplitPlan = Field(description="a built-in plan name, a YAML path, or the plan inline")
-    mode: Mode = "split-u"
-    orchestration: Orchestration = Field(
-        "sequential", description="default: sequential for split modes, parallel for fedavg/flop"
-    )
-    sample_fraction: float = Field(
-        1.0, gt=0, le=1, description="parallel rounds: share of sites asked to train each round"
-    )
-    rounds: int = Field(5, ge=1, le=100_000, description="epochs of the whole federation")
-    local_epochs: int = Field(1, ge=1, le=1000, description="passes over local data per round")
-    batch_size: int = Field(32, ge=1, le=65_536)
-    optimizer: OptimizerConfig = OptimizerConfig()
-    seed: int = 0
-    sites: list[Id] = Field(min_length=1, description="site ids expected to take part")
-    min_sites: int | None = Field(None, ge=1, description="default: all sites")
-    round_deadline_s: float = Field(600.0, gt=0, description="a round closes at this deadline")
-    join_deadline_s: float = Field(
-        600.0, gt=0, description="how long to wait for sites to say hello"
-    )
-    wire_dtype: WireDtype = "float32"
-    release_trunk: bool = Field(
-        True,
-        description="split modes: send each site the final trunk, so it can export its model",
-    )
-    dataset: str = Field("unknown", description="recorded in the report")
-    broker: BrokerConfig = BrokerConfig()
-    run_dir: Path | None = Field(
-        None, description="where report.json and plots go; default runs/JOB_ID"
-    )
-
-    @field_validator("plan", mode="before")
     @classmethod
-    def _load_plan(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            try:
-                return load_plan(value)
-            except ConfigError as exc:
-                raise ValueError(str(exc)) from None
-        return value
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_orchestration(cls, data: Any) -> Any:
-        # Federated rounds are naturally parallel; split learning's classic form is sequential.
-        federated = isinstance(data, dict) and data.get("mode") in ("fedavg", "flop")
-        if federated and "orchestration" not in data:
-            data = {**data, "orchestration": "parallel"}
+    def resolve_paths(cls, data: dict[str, Any], base: Path | None) -> dict[str, Any]:
+        """Hook for subclasses whose fields name files next to the config file."""
         return data
 
-    @field_validator("sites")
     @classmethod
-    def _unique(cls, sites: list[str]) -> list[str]:
-        duplicates = sorted({s for s in sites if sites.count(s) > 1})
-        if duplicates:
-            raise ValueError(f"site ids must be unique; repeated: {', '.join(duplicates)}")
-        return sites
-
-    @model_validator(mode="after")
-    def _consistent(self) -> JobConfig:
-        if self.mode == "split-u" and not self.plan.u_shaped:
-            raise ValueError("mode: split-u needs a plan with a tail (set tail_cut in the plan)")
-        if self.mode == "split" and self.plan.u_shaped:
-            raise ValueError(
-                "mode: split needs a plan without a tail (remove tail_cut, or use split-u)"
-            )
-        if self.mode == "flop" and not (self.plan.private_keys and self.plan.shared_keys):
-            raise ValueError(
-                "mode: flop needs a plan with both shared and private layers "
-                "(e.g. private: [classifier]); with nothing private use mode: fedavg"
-            )
-        if self.sample_fraction < 1 and self.orchestration == "sequential":
-            raise ValueError(
-                "sample_fraction: applies to parallel rounds; sequential rounds visit every site"
-            )
-        if self.min_sites is not None and self.min_sites > len(self.sites):
-            raise ValueError(
-                f"min_sites: {self.min_sites} is more than the {len(self.sites)} sites listed"
-            )
-        return self
-
-    @property
-    def quorum(self) -> int:
-        return self.min_sites or len(self.sites)
-
-    @property
-    def output_dir(self) -> Path:
-        return self.run_dir or Path("runs") / self.job_id
-
-
-class BuiltinData(BaseModel):
-    """A share of a built-in dataset: what the demo and the experiments give each site."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: Literal["builtin"] = "builtin"
-    dataset: str = "breast-cancer"
-    partition: str = Field("iid", description=SCHEMES)
-    num_sites: int = Field(1, ge=1)
-    index: int = Field(0, ge=0, description="which share, 0-based")
-    seed: int = 0
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-
-    _known_dataset = field_validator("dataset")(lambda cls, name: check_name(name))
-
-    @field_validator("partition")
-    @classmethod
-    def _scheme(cls, scheme: str) -> str:
-        parse_scheme(scheme)
-        return scheme
-
-    @model_validator(mode="after")
-    def _index_in_range(self) -> BuiltinData:
-        if self.index >= self.num_sites:
-            raise ValueError(f"index: {self.index} is out of range for num_sites={self.num_sites}")
-        return self
-
-
-def _data_source(value: Any) -> str:
-    """Which data section this is; ``source`` may be left out for a built-in share."""
-    if isinstance(value, dict):
-        return str(value.get("source", "builtin"))
-    return str(getattr(value, "source", "builtin"))
-
-
-SiteDataConfig = Annotated[
-    Annotated[BuiltinData, Tag("builtin")]
-    | Annotated[DicomData, Tag("dicom")]
-    | Annotated[CsvData, Tag("csv")],
-    Discriminator(_data_source),
-]
-
-
-class SiteConfig(_EnvFirst):
-    """What one edge agent runs."""
-
-    site_id: Id
-    job_id: Id
-    broker: BrokerConfig = BrokerConfig()
-    data: SiteDataConfig = BuiltinData()
-    device: Literal["cpu", "cuda", "auto"] = "auto"
-    state_dir: Path = Field(
-        Path("state"), description="this site's layers, its final model and model.onnx live here"
-    )
-    reply_timeout_s: float = Field(300.0, gt=0, description="give up on a training step after this")
-    export_onnx: bool = Field(
-        True, description="at the end of a job, export the site's model to state_dir/model.onnx"
-    )
-    hello_interval_s: float = Field(
-        5.0, gt=0, description="repeat hello until the aggregator answers"
-    )
+    def _refuse_moved_fields(cls, data: Mapping[str, Any], source: str) -> None:
+        problems = []
+        for old, new in cls.moved_fields.items():
+            head, _, rest = old.partition(":")  # "rounds:int": only when it is not a mapping
+            if head in data and not (rest == "scalar" and isinstance(data[head], Mapping)):
+                problems.append((head, f"moved: this setting is now {new} (docs/configuration.md)"))
+        if problems:
+            raise ConfigError(source, problems)

@@ -11,6 +11,10 @@ import re
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 KIND_PATTERN = r"^[a-z][a-z0-9_.-]{0,31}$"
+# The aggregator's identity (its certificate CN, its presence topic) and the broadcast level.
+AGGREGATOR_ID = "aggregator"
+BROADCAST_ID = "all"
+RESERVED_IDS = frozenset({AGGREGATOR_ID, BROADCAST_ID})
 _ID = re.compile(ID_PATTERN)
 _KIND = re.compile(KIND_PATTERN)
 

@@ -11,23 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from sklearn.metrics import roc_auc_score
 from torch import nn
 
-
-class OptimizerConfig(BaseModel):
-    """The optimizer every segment uses (each segment gets its own instance)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: Literal["sgd", "adam"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
-    weight_decay: float = Field(0.0, ge=0)
+from medsplit.config import OptimizerConfig
 
 
 def make_optimizer(
@@ -75,6 +63,8 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
         auroc = None
         if logits.shape[1] == 2 and len(labels.unique()) == 2:
             scores = logits.softmax(1)[:, 1].numpy()
+            from sklearn.metrics import roc_auc_score  # noqa: PLC0415 - only sites evaluate
+
             auroc = float(roc_auc_score(labels.numpy(), scores))
     return Metrics(loss if math.isfinite(loss) else float("nan"), accuracy, auroc, len(labels))
 

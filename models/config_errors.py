@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import yaml
-from pydantic import BaseModel, ValidationError
+if TYPE_CHECKING:  # pydantic and yaml load when a file is read, not when errors are named
+    from pydantic import BaseModel, ValidationError
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
+ModelT = TypeVar("ModelT", bound="BaseModel")
 
 
 class ConfigError(ValueError):
@@ -46,6 +46,8 @@ class ConfigError(ValueError):
 
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file whose top level must be a mapping; every failure is a ConfigError."""
+    import yaml  # noqa: PLC0415
+
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -68,6 +70,8 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
 
 def validate(model: type[ModelT], data: Mapping[str, Any], source: str) -> ModelT:
     """``model.model_validate(data)``, with any failure turned into a ConfigError for ``source``."""
+    from pydantic import ValidationError  # noqa: PLC0415
+
     try:
         return model.model_validate(data)
     except ValidationError as exc:

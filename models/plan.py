@@ -20,9 +20,9 @@ from __future__ import annotations
 import fnmatch
 import threading
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -34,10 +34,24 @@ from pydantic import (
     model_validator,
 )
 
-from models import registry
 from models.config_errors import ConfigError, load_yaml_mapping, validate
+from models.plan_names import BUILTIN_PLANS_DIR, builtin_plan_names
 
-BUILTIN_PLANS_DIR = Path(__file__).parent / "plans"
+if TYPE_CHECKING:
+    import torch
+
+
+def _registry() -> ModuleType:
+    """The architectures, imported on first use: reading a config must not load torch."""
+    from models import registry  # noqa: PLC0415
+
+    return registry
+
+
+def _torch() -> ModuleType:
+    import torch  # noqa: PLC0415
+
+    return torch
 
 
 class ModelSpec(BaseModel):
@@ -54,9 +68,9 @@ class ModelSpec(BaseModel):
     @field_validator("name")
     @classmethod
     def _known_architecture(cls, name: str) -> str:
-        if name not in registry.names():
+        if name not in _registry().names():
             raise ValueError(
-                f"unknown architecture {name!r}; allowed: {', '.join(registry.names())}"
+                f"unknown architecture {name!r}; allowed: {', '.join(_registry().names())}"
             )
         return name
 
@@ -67,7 +81,7 @@ class ModelSpec(BaseModel):
         if name is None:
             return args
         try:
-            parsed = registry.get(name).parse_args(args)
+            parsed = _registry().get(name).parse_args(args)
         except ValidationError as exc:
             details = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
@@ -80,7 +94,7 @@ class ModelSpec(BaseModel):
     @model_validator(mode="after")
     def _describe_structure(self) -> ModelSpec:
         # Built on the meta device: names and shapes only, no memory for weights.
-        with torch.device("meta"):
+        with _torch().device("meta"):
             model = self.build()
         self._layers = tuple(model._modules)
         self._state_keys = tuple(model.state_dict())
@@ -98,7 +112,8 @@ class ModelSpec(BaseModel):
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return registry.get(self.name).input_shape(self.args)
+        shape: tuple[int, ...] = _registry().get(self.name).input_shape(self.args)
+        return shape
 
     def build(self, seed: int | None = None) -> torch.nn.Sequential:
         """The model; with ``seed``, initialised exactly as ``torch.manual_seed(seed)`` would.
@@ -108,10 +123,10 @@ class ModelSpec(BaseModel):
         from identical weights.
         """
         if seed is None:
-            return registry.build(self.name, self.args)
-        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return registry.build(self.name, self.args)
+            return cast("torch.nn.Sequential", _registry().build(self.name, self.args))
+        with _SEEDED_BUILD, _torch().random.fork_rng(devices=[]):
+            _torch().manual_seed(seed)
+            return cast("torch.nn.Sequential", _registry().build(self.name, self.args))
 
 
 _SEEDED_BUILD = threading.Lock()
@@ -272,10 +287,6 @@ class SplitPlan(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> SplitPlan:
         return cls.from_mapping(load_yaml_mapping(path), str(path))
-
-
-def builtin_plan_names() -> list[str]:
-    return sorted(p.stem for p in BUILTIN_PLANS_DIR.glob("*.yaml"))
 
 
 def load_plan(name_or_path: str | Path) -> SplitPlan:

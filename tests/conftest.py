@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from medsplit.broker import Mosquitto
+from medsplit.brokers.mosquitto import Mosquitto
 
 
 @pytest.fixture(scope="session")

@@ -37,9 +37,9 @@ from prometheus_client import (
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from edge_agent.data.inputs import InputError
 from edge_agent.serving.predictor import Prediction, Predictor
 from medsplit import __version__
-from medsplit.inputs import InputError
 
 log = logging.getLogger(__name__)
 DICOM_TYPES = ("application/dicom", "application/octet-stream")

@@ -2,7 +2,7 @@
 
 The ``Predictor`` knows everything from the ONNX file: the model card in its metadata says how
 to turn a DICOM file, a record or a feature vector into the model's input (the same code the
-site trained with: ``medsplit.inputs``) and what the outputs are called. The execution provider
+site trained with: ``edge_agent.data.inputs``) and what the outputs are called. The execution provider
 is an explicit choice: ``cpu``, or ``cuda`` -- which fails with a clear error when this
 onnxruntime has no CUDA provider or cannot start it, instead of quietly running on the CPU.
 No HTTP here: ``edge_agent.serving.app`` puts it on the network.
@@ -20,9 +20,9 @@ import onnx
 import onnxruntime
 import torch
 
-from medsplit.dicom import DicomError
-from medsplit.inputs import FeatureInput, ImageInput, InputError
-from medsplit.model_card import CardError, ModelCard
+from edge_agent.data.dicom import DicomError
+from edge_agent.data.inputs import FeatureInput, ImageInput, InputError
+from edge_agent.model_card import CardError, ModelCard
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME
 
 Device = Literal["cpu", "cuda"]

@@ -13,24 +13,24 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from medsplit.transport.base import PublishRejected, PublishTimeout, TransportClosed
-
-CLOSED = "transport closed"
+from medsplit.transport.reasons import reason
 
 
 @dataclass
 class Ack:
-    """One awaited acknowledgement. ``failure`` is the broker's reason when it refused."""
+    """One awaited acknowledgement. ``failure`` is the broker's reason code when it refused."""
 
     mid: int
     done: threading.Event = field(default_factory=threading.Event)
-    failure: str | None = None
+    failure: int | None = None
+    closed: bool = False
 
 
 class AckTracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiting: dict[int, Ack] = {}
-        self._early: dict[int, str | None] = {}
+        self._early: dict[int, int | None] = {}
 
     def expect(self, mid: int) -> Ack:
         """Register interest in ``mid`` (call right after paho returned it)."""
@@ -43,7 +43,7 @@ class AckTracker:
                 self._waiting[mid] = ack
         return ack
 
-    def resolve(self, mid: int, failure: str | None) -> None:
+    def resolve(self, mid: int, failure: int | None) -> None:
         """Called on paho's thread when the broker acknowledged ``mid``."""
         with self._lock:
             ack = self._waiting.pop(mid, None)
@@ -53,12 +53,12 @@ class AckTracker:
         ack.failure = failure
         ack.done.set()
 
-    def fail_all(self, reason: str = CLOSED) -> None:
+    def fail_all(self) -> None:
         """Release every waiter (used on close)."""
         with self._lock:
             waiting, self._waiting = self._waiting, {}
         for ack in waiting.values():
-            ack.failure = reason
+            ack.closed = True
             ack.done.set()
 
 
@@ -94,9 +94,12 @@ class Delivery:
                     f"broker did not acknowledge message {index + 1} of {len(self._acks)} on "
                     f"{self.topic!r} within {self._timeout_s:g} s ({self._describe_link()})"
                 )
-            if ack.failure == CLOSED:
+            if ack.closed:
                 raise TransportClosed(f"publish to {self.topic!r} interrupted: transport closed")
-            if ack.failure:
+            if ack.failure is not None:
+                why = reason(ack.failure)
                 raise PublishRejected(
-                    f"broker rejected publication to {self.topic!r}: {ack.failure}"
+                    f"broker rejected publication to {self.topic!r}: {why.name}",
+                    reason_code=why.code,
+                    permanent=why.permanent,
                 )

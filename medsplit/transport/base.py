@@ -17,7 +17,26 @@ if TYPE_CHECKING:
 
 
 class TransportError(Exception):
-    """Base class of transport failures; library errors are mapped to these at the boundary."""
+    """Base class of transport failures; library errors are mapped to these at the boundary.
+
+    ``reason_code`` is the broker's MQTT 5 reason code when the broker refused something (see
+    ``medsplit.transport.reasons``), None for failures below MQTT (sockets, TLS, timeouts);
+    ``permanent`` says whether retrying the same request can succeed.
+    """
+
+    def __init__(
+        self, message: str, *, reason_code: int | None = None, permanent: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.reason_code = reason_code
+        self.permanent = permanent
+
+    @property
+    def not_authorized(self) -> bool:
+        """The broker's ACL or authentication refused us (retrying will not help)."""
+        from medsplit.transport.reasons import BAD_CREDENTIALS, NOT_AUTHORIZED  # noqa: PLC0415
+
+        return self.reason_code in (NOT_AUTHORIZED, BAD_CREDENTIALS)
 
 
 class ConnectFailed(TransportError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from medsplit.topics import matches
+from medsplit.protocol.topics import matches
 from medsplit.transport.acks import Delivery
 from medsplit.transport.base import ConnectFailed, Inbound, TransportClosed, TransportError, Will
 from medsplit.transport.inbox import ByteBoundedQueue

@@ -31,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from medsplit.transport import reasons
 from medsplit.transport.acks import Ack, AckTracker, Delivery
 from medsplit.transport.base import (
     ConnectFailed,
@@ -41,23 +42,17 @@ from medsplit.transport.base import (
     Will,
 )
 from medsplit.transport.inbox import ByteBoundedQueue
+from medsplit.transport.reasons import Reason
 from medsplit.transport.settings import MqttSettings
 
 log = logging.getLogger(__name__)
 
-# CONNACK reasons that retrying cannot fix: fail connect() at once instead of waiting it out.
-_PERMANENT_CONNACK = {
-    "Bad user name or password",
-    "Not authorized",
-    "Client identifier not valid",
-    "Unsupported protocol version",
-    "Banned",
-    "Bad authentication method",
-}
 
-
-def _is_failure(reason: ReasonCode | Any) -> bool:
-    return bool(getattr(reason, "is_failure", False))
+def _failure_code(code: ReasonCode | Any) -> int | None:
+    """paho's reason code as a number of ``reasons.REASONS`` when it is a failure, else None."""
+    if not getattr(code, "is_failure", False):
+        return None
+    return int(code.value)
 
 
 class MqttTransport:
@@ -81,7 +76,8 @@ class MqttTransport:
         self._closed = False
         self._started = False
         self._last_error: str | None = None
-        self._permanent_error: str | None = None
+        self._refusal: Reason | None = None  # the broker's last CONNACK refusal
+        self._tls_failure: ssl.SSLError | None = None  # a TLS alert before the first CONNACK
         self.reconnects = 0
         self._client = self._make_client(will)
 
@@ -136,13 +132,14 @@ class MqttTransport:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        if _is_failure(reason):
-            self._last_error = f"broker refused the connection: {reason}"
-            if str(reason) in _PERMANENT_CONNACK:
-                self._permanent_error = self._last_error
+        code = _failure_code(reason)
+        if code is not None:
+            self._refusal = refusal = reasons.reason(code)
+            self._last_error = f"broker refused the connection: {refusal.name}"
             log.warning("%s (%s:%s)", self._last_error, self.settings.host, self.settings.port)
             self._connack.set()
             return
+        self._refusal = None
         with self._sub_lock:
             subscriptions = dict(self._subscriptions)
         for topic_filter, qos in subscriptions.items():
@@ -163,6 +160,11 @@ class MqttTransport:
             self.settings.port,
             self.settings.client_id,
         )
+
+    def _on_tls_failure(self, error: ssl.SSLError) -> None:
+        if not self._started:  # before the first CONNACK: the credentials are at fault
+            self._tls_failure = error
+            self._connack.set()
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         self._last_error = f"cannot reach broker at {self.settings.host}:{self.settings.port}"
@@ -197,7 +199,7 @@ class MqttTransport:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._acks.resolve(mid, str(reason) if _is_failure(reason) else None)
+        self._acks.resolve(mid, _failure_code(reason))
 
     def _on_subscribe(
         self,
@@ -207,8 +209,8 @@ class MqttTransport:
         reasons: list[ReasonCode],
         properties: Properties | None,
     ) -> None:
-        failed = [str(r) for r in reasons if _is_failure(r)]
-        self._acks.resolve(mid, ", ".join(failed) if failed else None)
+        failed = [c for c in map(_failure_code, reasons) if c is not None]
+        self._acks.resolve(mid, failed[0] if failed else None)
 
     # -- Transport interface ----------------------------------------------------------------------
 
@@ -217,58 +219,95 @@ class MqttTransport:
         return self._connected.is_set()
 
     def connect(self) -> None:
-        """Connect and start paho's network thread; raises ConnectFailed after the timeout.
+        """Connect and start paho's network thread.
+
+        Retries with exponential backoff (``reconnect_min_s`` doubling to ``reconnect_max_s``),
+        logging one line per attempt, for ``retry_for_s`` seconds -- forever when it is None, as
+        a long-running agent or aggregator wants when its broker comes up after it. Raises
+        ``ConnectFailed`` at once for what retrying cannot fix (a TLS or certificate problem, a
+        permanent refusal such as "not authorized", with its reason code), and when
+        ``retry_for_s`` runs out.
 
         The first TCP connection and TLS handshake happen here, in the caller's thread, so that
-        their errors (refused, certificate rejected) reach the caller with their reason; later
-        reconnects are paho's, in its network thread.
+        their errors reach the caller with their reason; later reconnects are paho's.
         """
         self._check_open()
         s = self.settings
-        deadline = time.monotonic() + s.connect_timeout_s
+        deadline = None if s.retry_for_s is None else time.monotonic() + s.retry_for_s
         try:
             self._open_socket(deadline)
             self._client.loop_start()
-            # Wait for a CONNACK; a refusal that retrying cannot fix ends the wait at once.
-            while not self._connected.is_set() and not self._permanent_error:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._connack.wait(remaining)
-                self._connack.clear()
-            if not self._connected.is_set():
-                reason = self._permanent_error or self._last_error or "no answer"
-                raise ConnectFailed(
-                    f"could not connect to {s.host}:{s.port} as {s.client_id!r} "
-                    f"within {s.connect_timeout_s:g} s: {reason}"
-                )
+            self._await_connack(deadline)
         except ConnectFailed:
             self.close()  # stop paho's thread and release the socket; the transport is spent
             raise
 
-    def _open_socket(self, deadline: float) -> None:
-        """TCP connect and TLS handshake, retried with backoff until ``deadline``."""
+    def _await_connack(self, deadline: float | None) -> None:
+        """Wait for an accepted CONNACK; paho's thread reconnects after transient refusals."""
+        s = self.settings
+        while not self._connected.is_set():
+            refusal = self._refusal
+            if refusal is not None and refusal.permanent:
+                raise ConnectFailed(
+                    f"{s.host}:{s.port} refused the connection of {s.client_id!r}: {refusal.name}",
+                    reason_code=refusal.code,
+                    permanent=True,
+                )
+            if self._tls_failure is not None:  # e.g. the broker requires a client certificate
+                raise ConnectFailed(
+                    f"TLS with {s.host}:{s.port} failed: {self._tls_failure}", permanent=True
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ConnectFailed(
+                    f"could not connect to {s.host}:{s.port} as {s.client_id!r} within "
+                    f"{s.retry_for_s:g} s: {self._last_error or 'no answer'}",
+                    reason_code=None if refusal is None else refusal.code,
+                )
+            wait = s.connect_timeout_s if deadline is None else deadline - time.monotonic()
+            if not self._connack.wait(max(0.0, min(wait, s.connect_timeout_s))):
+                log.warning(
+                    "no answer from the broker at %s:%s yet (%s); still waiting",
+                    s.host,
+                    s.port,
+                    self._last_error or "connection open, no CONNACK",
+                )
+            self._connack.clear()
+
+    def _open_socket(self, deadline: float | None) -> None:
+        """TCP connect and TLS handshake, retried with backoff until ``deadline`` (None: ever)."""
         s = self.settings
         options: dict[str, Any] = {"keepalive": s.keepalive_s}
         if s.protocol == "5":
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             props.SessionExpiryInterval = s.session_expiry_s
             options |= {"clean_start": paho.MQTT_CLEAN_START_FIRST_ONLY, "properties": props}
-        delay = float(s.reconnect_min_s)
+        delay, attempt = float(s.reconnect_min_s), 0
         while True:
+            attempt += 1
             try:
                 self._client.connect(s.host, s.port, **options)
                 return
             except ssl.SSLError as exc:  # a certificate problem does not go away by retrying
-                raise ConnectFailed(f"TLS handshake with {s.host}:{s.port} failed: {exc}") from exc
+                raise ConnectFailed(
+                    f"TLS handshake with {s.host}:{s.port} failed: {exc}", permanent=True
+                ) from exc
             except (OSError, ValueError) as exc:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
                     raise ConnectFailed(
-                        f"could not connect to {s.host}:{s.port} within {s.connect_timeout_s:g} s: {exc}"
+                        f"could not connect to {s.host}:{s.port} within {s.retry_for_s:g} s "
+                        f"({attempt} attempts): {exc}"
                     ) from exc
-                log.info("broker %s:%s not reachable (%s); retrying", s.host, s.port, exc)
-                time.sleep(min(delay, remaining))
+                log.warning(
+                    "broker %s:%s not reachable (%s); attempt %d, next in %g s%s",
+                    s.host,
+                    s.port,
+                    exc,
+                    attempt,
+                    delay,
+                    "" if remaining is None else f" (giving up in {remaining:.0f} s)",
+                )
+                time.sleep(delay if remaining is None else min(delay, remaining))
                 delay = min(delay * 2, s.reconnect_max_s)
 
     def close(self) -> None:
@@ -298,10 +337,15 @@ class MqttTransport:
             raise SubscribeFailed(
                 f"no SUBACK for {topic_filter!r} within {self.settings.publish_timeout_s:g} s"
             )
-        if ack.failure:
+        if ack.failure is not None:
             with self._sub_lock:
                 self._subscriptions.pop(topic_filter, None)
-            raise SubscribeFailed(f"broker refused subscription to {topic_filter!r}: {ack.failure}")
+            why = reasons.reason(ack.failure)
+            raise SubscribeFailed(
+                f"broker refused subscription to {topic_filter!r}: {why.name}",
+                reason_code=why.code,
+                permanent=why.permanent,
+            )
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         self._delivery(topic, [self._send(topic, payload, qos, retain)]).wait()
@@ -362,8 +406,14 @@ class MqttTransport:
 
 
 class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
-    """paho's log, minus one false alarm: after ``close()`` its loop thread may run once more
-    over the socket it just closed and log "Client is not connected" as an error."""
+    """paho's log, which is also where its network thread reports a TLS alert.
+
+    paho swallows socket errors on its thread and logs them with the exception as an argument;
+    a TLS alert before the first CONNACK (TLS 1.3 reports a missing or refused client
+    certificate only then) is handed to the transport, which fails ``connect()`` at once: no
+    retry can fix it. One false alarm is dropped: after ``close()`` the loop thread may run
+    once more over the socket it just closed and log "Client is not connected" as an error.
+    """
 
     def __init__(self, transport: MqttTransport) -> None:
         super().__init__(logging.getLogger("medsplit.transport.paho"), {})
@@ -372,4 +422,7 @@ class _PahoLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         if self.transport.closing and str(msg).startswith("Client is not connected"):
             return
+        for arg in args:
+            if isinstance(arg, ssl.SSLError):
+                self.transport._on_tls_failure(arg)
         super().log(level, msg, *args, **kwargs)

@@ -54,7 +54,15 @@ class MqttSettings(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     keepalive_s: int = Field(30, ge=5, le=3600)
-    connect_timeout_s: float = Field(15.0, gt=0)
+    connect_timeout_s: float = Field(
+        15.0, gt=0, description="longest wait for one connection attempt to be answered"
+    )
+    retry_for_s: float | None = Field(
+        None,
+        gt=0,
+        description="keep retrying to connect this long (backoff, a log line per attempt); "
+        "default: forever",
+    )
     publish_timeout_s: float = Field(
         30.0, gt=0, description="longest wait for the next broker acknowledgement"
     )

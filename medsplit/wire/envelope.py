@@ -17,11 +17,11 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from medsplit.modes import WireDtype
 from medsplit.wire.errors import ChecksumMismatch, PayloadTooLarge
 from medsplit.wire.frame import PREFIX_BYTES, Header, MetaValue, pack_frame
 from medsplit.wire.tensors import (
     TensorSpec,
-    WireDtype,
     check_tensors,
     decode_tensors,
     encode_tensors,
@@ -70,6 +70,31 @@ class Envelope:
     meta: Mapping[str, MetaValue] = field(default_factory=dict)
     msg_id: str = field(default_factory=new_message_id)
     sent_at: float = field(default_factory=time.time)
+    reply_to: str | None = None  # the msg_id of the request this answers
+
+    def reply(
+        self,
+        sender: str,
+        kind: str,
+        *,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        meta: Mapping[str, MetaValue] | None = None,
+    ) -> Envelope:
+        """An answer from ``sender`` to this message: same job, round and step, correlated."""
+        return Envelope(
+            self.job,
+            sender,
+            kind,
+            round=self.round,
+            step=self.step,
+            tensors=dict(tensors or {}),
+            meta=dict(meta or {}),
+            reply_to=self.msg_id,
+        )
+
+    def error(self, sender: str, error: str, detail: str, **meta: MetaValue) -> Envelope:
+        """The ``error`` answer to this message: what went wrong (a class name) and why."""
+        return self.reply(sender, "error", meta={"error": error, "detail": detail[:500], **meta})
 
     def payload_nbytes(self) -> int:
         """Logical tensor bytes (before any wire down-casting)."""
@@ -100,6 +125,7 @@ def encode(
         "round": envelope.round,
         "step": envelope.step,
         "msg_id": envelope.msg_id,
+        "reply_to": envelope.reply_to,
         "size": len(payload),
         "sha256": hashlib.sha256(payload).hexdigest(),
         "sent_at": envelope.sent_at,
@@ -158,4 +184,5 @@ def open_payload(
         meta=header.meta,
         msg_id=header.msg_id,
         sent_at=header.sent_at,
+        reply_to=header.reply_to,
     )

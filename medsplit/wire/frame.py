@@ -59,6 +59,9 @@ class Header(BaseModel):
     round: int = Field(ge=0)
     step: int = Field(ge=0)
     msg_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
+    reply_to: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] | None = Field(
+        None, description="msg_id of the request this message answers (request/reply)"
+    )
     chunk: int = Field(ge=0)
     chunks: int = Field(ge=1)
     size: int = Field(ge=0, description="bytes of the whole payload")

@@ -11,15 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from medsplit.modes import WireDtype
 from medsplit.wire.errors import MalformedPayload, NonFiniteTensor, TensorSpecMismatch
 
-WireDtype = Literal["float32", "float16", "bfloat16"]
 _WIRE_DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _CASTABLE = {torch.float32: "float32", torch.float64: "float64"}
 _LOGICAL: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medsplit.broker import Mosquitto
+from medsplit.brokers.mosquitto import Mosquitto
 from medsplit.cli import main
 
 pytestmark = pytest.mark.integration

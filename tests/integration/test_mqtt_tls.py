@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from medsplit.broker import Mosquitto, find_mosquitto
+from medsplit.brokers.mosquitto import Mosquitto, find_mosquitto
 from medsplit.transport import ConnectFailed, MqttSettings, MqttTransport, TlsSettings
 from tests.support.certs import CertificateAuthority
 
@@ -69,8 +69,10 @@ def test_client_without_certificate_is_refused(
     ca: CertificateAuthority, tls_broker: Mosquitto
 ) -> None:
     transport = _transport(tls_broker.port, TlsSettings(ca_file=ca.ca_file))
-    with pytest.raises(ConnectFailed, match=f"localhost:{tls_broker.port}"):
+    # Refused at once, although connect() would otherwise retry for ever: no retry can help.
+    with pytest.raises(ConnectFailed, match=f"localhost:{tls_broker.port}") as info:
         transport.connect()
+    assert info.value.permanent
     transport.close()
 
 
@@ -112,9 +114,12 @@ def test_username_and_password(tmp_path: Path) -> None:
         with good:
             assert good.connected
         bad = MqttTransport(MqttSettings.from_url(f"mqtt://site-a:wrong@{url}", client_id="b"))
-        refused = r"refused the connection: (Bad user name or password|Not authorized)"
-        with pytest.raises(ConnectFailed, match=refused):
+        refused = r"refused the connection of 'b': (bad user name or password|not authorized)"
+        with pytest.raises(ConnectFailed, match=refused) as info:
             bad.connect()
+        # The reason code, not the text, tells a refusal from a transient failure.
+        assert info.value.not_authorized and info.value.permanent
+        assert info.value.reason_code in (0x86, 0x87)
         bad.close()
     finally:
         broker.stop()

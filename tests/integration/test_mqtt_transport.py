@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsplit import topics
-from medsplit.broker import Mosquitto, free_port
+from medsplit.brokers.mosquitto import Mosquitto, free_port
+from medsplit.channel import Endpoint
+from medsplit.protocol import topics
 from medsplit.transport import (
     ConnectFailed,
-    Endpoint,
     MqttSettings,
     MqttTransport,
     PublishTimeout,
@@ -198,7 +198,7 @@ def test_socket_has_tcp_nodelay(mosquitto: Mosquitto) -> None:
 
 def test_connect_to_closed_port_fails_with_clear_error() -> None:
     port = free_port()
-    transport = MqttTransport(_settings(port, connect_timeout_s=1.5))
+    transport = MqttTransport(_settings(port, retry_for_s=1.5))
     with pytest.raises(ConnectFailed, match=f"127.0.0.1:{port}"):
         transport.connect()
     transport.close()

@@ -18,17 +18,18 @@ import pydicom.data
 import pytest
 import torch
 
+from edge_agent.data import datasets
+from edge_agent.data.dicom import Preprocessing, read_image
+from edge_agent.data.dicom_source import DicomData, load_dicom_site
+from edge_agent.data.dicom_synth import synthesize
 from edge_agent.serving.app import Limits
 from edge_agent.serving.predictor import ProviderUnavailable, providers_for
 from edge_agent.serving.server import ServeOptions, build_server
 from edge_agent.site_model import load_site_model
 from experiments.inprocess import run_job
-from medsplit import datasets
-from medsplit.config import JobConfig
-from medsplit.dicom import Preprocessing, read_image
-from medsplit.dicom_source import DicomData, load_dicom_site
-from medsplit.dicom_synth import synthesize
-from medsplit.transport import MemoryBroker, MemoryTransport
+from medsplit.transport import MemoryBroker
+from medsplit.wiring import memory_connector
+from tests.support.configs import job_config
 
 CNN = {"name": "cnn", "args": {"image_size": 32, "channels": [8, 16], "hidden": 32}}
 PREPROCESSING = Preprocessing(size=32, mean=0.3, std=0.25)
@@ -37,12 +38,12 @@ PREPROCESSING = Preprocessing(size=32, mean=0.3, std=0.25)
 def _train(tmp: Path, job: dict[str, Any], data: dict[str, datasets.SiteData]) -> Path:
     """A one-round job whose agents export their models at finish; site-1's state dir."""
     base = {"job_id": "job-serve", "rounds": 1, "sites": list(data), "batch_size": 16}
-    config = JobConfig.from_mapping({**base, **job})
+    config = job_config({**base, **job})
     broker = MemoryBroker()
     result = run_job(
         config,
         data,
-        lambda client: MemoryTransport(broker, client),
+        memory_connector(broker),
         state_root=tmp / "state",
         export_onnx=True,
     )

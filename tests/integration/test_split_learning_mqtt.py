@@ -13,13 +13,14 @@ import onnxruntime
 import pytest
 import torch
 
+from edge_agent.data import datasets
 from edge_agent.site_model import load_site_model
 from experiments.inprocess import run_job
-from medsplit import datasets
-from medsplit.broker import Mosquitto
-from medsplit.config import JobConfig
-from medsplit.embedded_broker import EmbeddedBroker
-from medsplit.transport import MqttSettings, MqttTransport
+from medsplit.brokers.embedded import EmbeddedBroker
+from medsplit.brokers.mosquitto import Mosquitto
+from medsplit.config import BrokerConfig
+from medsplit.wiring import mqtt_connector
+from tests.support.configs import job_config
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +35,7 @@ def test_modes_train_and_improve_over_mosquitto(
 ) -> None:
     names = ["site-a", "site-b"]
     job = f"job-{uuid.uuid4().hex[:8]}"
-    config = JobConfig.from_mapping(
+    config = job_config(
         {
             "job_id": job,
             "plan": plan,
@@ -51,10 +52,8 @@ def test_modes_train_and_improve_over_mosquitto(
     )
     shares = datasets.all_sites(datasets.load("breast-cancer"), 2, "iid", seed=1)
 
-    def transport(client: str) -> MqttTransport:
-        return MqttTransport(MqttSettings(port=mosquitto.port, client_id=f"{job}-{client}"))
-
-    result = run_job(config, dict(zip(names, shares, strict=True)), transport, timeout=240)
+    connect = mqtt_connector(BrokerConfig(url=mosquitto.url))
+    result = run_job(config, dict(zip(names, shares, strict=True)), connect, timeout=240)
     first, last = result.history[0].mean(), result.history[-1].mean()
     assert set(result.history[-1].metrics) == set(names)
     assert last["loss"] < first["loss"]  # type: ignore[operator]
@@ -119,7 +118,7 @@ def test_split_learning_over_the_embedded_python_broker() -> None:
     """The fallback used by `medsplit demo` when Mosquitto is missing: amqtt, MQTT 3.1.1."""
     names = ["site-a", "site-b"]
     job = f"job-{uuid.uuid4().hex[:8]}"
-    config = JobConfig.from_mapping(
+    config = job_config(
         {
             "job_id": job,
             "plan": "mlp-ehr-u",
@@ -131,12 +130,7 @@ def test_split_learning_over_the_embedded_python_broker() -> None:
     )
     shares = datasets.all_sites(datasets.load("breast-cancer"), 2, "iid", seed=2)
     with EmbeddedBroker() as broker:
-
-        def transport(client: str) -> MqttTransport:
-            return MqttTransport(
-                MqttSettings(port=broker.port, client_id=f"{job}-{client}", protocol="3.1.1")
-            )
-
-        result = run_job(config, dict(zip(names, shares, strict=True)), transport, timeout=240)
+        connect = mqtt_connector(BrokerConfig(url=broker.url, protocol="3.1.1"))
+        result = run_job(config, dict(zip(names, shares, strict=True)), connect, timeout=240)
     assert [r.round for r in result.history] == [0, 1]
     assert result.history[-1].mean()["accuracy"] > 0.85  # type: ignore[operator]

@@ -5,9 +5,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsplit import datasets
+from aggregator.config import JobConfig
+from edge_agent.config import SiteConfig
+from edge_agent.data import datasets
 from medsplit.cli import main
-from medsplit.config import JobConfig, SiteConfig
 from models import ConfigError
 
 JOB_YAML = """
@@ -15,11 +16,11 @@ job_id: job-1
 plan: mlp-ehr-u
 mode: split-u
 orchestration: parallel
-rounds: 4
 sites: [hospital-a, hospital-b]
-min_sites: 1
-optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
-broker: {url: "mqtt://broker.example:1883"}
+rounds: {count: 4, min_sites: 1}
+training:
+  optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
+broker: {url: "mqtt://broker.example:1883", keepalive_s: 20, inbox_max_bytes: 1048576}
 """
 
 
@@ -27,28 +28,73 @@ def test_job_yaml_loads_with_every_field(tmp_path: Path) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(JOB_YAML)
     config = JobConfig.from_yaml(path)
-    assert (config.mode, config.orchestration, config.rounds, config.quorum) == (
+    assert (config.mode, config.orchestration, config.rounds.count, config.quorum) == (
         "split-u",
         "parallel",
         4,
         1,
     )
     assert config.plan.tail == ("classifier",)
-    assert config.optimizer.momentum == 0.9
-    assert config.broker.settings("agg").host == "broker.example"
+    assert config.training.optimizer.momentum == 0.9
+    settings = config.broker.settings("agg")
+    assert settings.host == "broker.example"
+    # The transport's knobs are reachable from the file, defaults included.
+    assert (settings.keepalive_s, settings.inbox_max_bytes) == (20, 1048576)
+    assert settings.publish_timeout_s == 30.0 and settings.retry_for_s is None
     assert config.output_dir == Path("runs/job-1")
+
+
+@pytest.mark.parametrize(
+    ("flat", "place"),
+    [
+        ("rounds: 4", "rounds.count"),
+        ("round_deadline_s: 60", "rounds.deadline_s"),
+        ("min_sites: 1", "rounds.min_sites"),
+        ("sample_fraction: 0.5", "rounds.sample_fraction"),
+        ("batch_size: 8", "training.batch_size"),
+        ("optimizer: {lr: 0.1}", "training.optimizer"),
+        ("wire_dtype: float16", "training.wire_dtype"),
+        ("run_dir: /tmp/x", "state.run_dir"),
+    ],
+)
+def test_a_flat_field_of_the_old_layout_names_its_new_place(
+    tmp_path: Path, flat: str, place: str
+) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(f"job_id: j\nplan: mlp-ehr-u\nsites: [a]\n{flat}\n")
+    with pytest.raises(ConfigError) as info:
+        JobConfig.from_yaml(path)
+    field, message = info.value.problems[0]
+    assert field == flat.split(":", maxsplit=1)[0] and place in message
+
+
+@pytest.mark.parametrize(
+    ("flat", "place"),
+    [
+        ("state_dir: /tmp/s", "state.dir"),
+        ("reply_timeout_s: 5", "waits.reply_timeout_s"),
+        ("hello_interval_s: 1", "waits.hello_interval_s"),
+    ],
+)
+def test_a_flat_site_field_names_its_new_place(tmp_path: Path, flat: str, place: str) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(f"site_id: a\njob_id: j\n{flat}\n")
+    with pytest.raises(ConfigError, match=place.replace(".", r"\.")):
+        SiteConfig.from_yaml(path)
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "job.yaml"
     path.write_text(JOB_YAML)
-    monkeypatch.setenv("MEDSPLIT_ROUNDS", "9")
-    monkeypatch.setenv("MEDSPLIT_OPTIMIZER__LR", "0.5")
+    monkeypatch.setenv("MEDSPLIT_ROUNDS__COUNT", "9")
+    monkeypatch.setenv("MEDSPLIT_TRAINING__OPTIMIZER__LR", "0.5")
     monkeypatch.setenv("MEDSPLIT_BROKER__URL", "mqtts://other:8883")
     config = JobConfig.from_yaml(path)
-    assert (config.rounds, config.optimizer.lr, config.optimizer.name) == (9, 0.5, "sgd")
+    optimizer = config.training.optimizer
+    assert (config.rounds.count, optimizer.lr, optimizer.name) == (9, 0.5, "sgd")
     assert config.broker.url == "mqtts://other:8883"
-    monkeypatch.setenv("MEDSPLIT_ROUNDS", "zero")
+    assert config.rounds.min_sites == 1  # the rest of the group stays as the file says
+    monkeypatch.setenv("MEDSPLIT_ROUNDS__COUNT", "zero")
     with pytest.raises(ConfigError, match="rounds"):
         JobConfig.from_yaml(path)
 
@@ -62,16 +108,18 @@ def test_plan_path_is_resolved_next_to_the_config(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("change", "field", "message"),
     [
-        ({"rounds": 0}, "rounds", "greater than or equal to 1"),
+        ({"rounds": {"count": 0}}, "rounds.count", "greater than or equal to 1"),
         ({"mode": "federated"}, "mode", "split"),
         ({"plan": "nope"}, "plan", "not a built-in plan"),
         ({"sites": ["a", "a"]}, "sites", "repeated: a"),
         ({"sites": ["a/b"]}, "sites.0", "pattern"),
-        ({"min_sites": 5}, "", "min_sites: 5 is more than"),
+        ({"rounds": {"min_sites": 5}}, "", "min_sites: 5 is more than"),
         ({"mode": "split"}, "", "needs a plan without a tail"),
         ({"broker": {"url": "http://x"}}, "broker.url", "mqtt://"),
-        ({"wire_dtype": "int8"}, "wire_dtype", "float16"),
+        ({"training": {"wire_dtype": "int8"}}, "training.wire_dtype", "float16"),
         ({"roundz": 3}, "roundz", "unknown field"),
+        ({"sites": ["a", "aggregator"]}, "sites", "reserved"),
+        ({"broker": {"keepalive_s": 1}}, "broker.keepalive_s", "greater than or equal to 5"),
     ],
 )
 def test_bad_job_configs_name_the_field(

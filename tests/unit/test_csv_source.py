@@ -12,10 +12,10 @@ import torch
 import yaml
 from sklearn.datasets import load_breast_cancer
 
+from edge_agent.config import SiteConfig
+from edge_agent.data.csv_source import CsvData, load_csv_site
+from edge_agent.data.site_data import DataError
 from medsplit.cli import main
-from medsplit.config import SiteConfig
-from medsplit.csv_source import CsvData, load_csv_site
-from medsplit.site_data import DataError
 from models import ConfigError
 
 NUMERIC = ["mean radius", "mean texture", "mean area"]

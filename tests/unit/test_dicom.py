@@ -13,9 +13,9 @@ import torch
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
+from edge_agent.data.dicom import DicomError, Preprocessing, read_dataset, read_image, to_image
+from edge_agent.data.dicom_synth import Encoding, write_dicom
 from medsplit.cli import main
-from medsplit.dicom import DicomError, Preprocessing, read_dataset, read_image, to_image
-from medsplit.dicom_synth import Encoding, write_dicom
 
 
 def _file(name: str) -> str:

@@ -13,16 +13,18 @@ import torch
 import yaml
 from pydicom.data import get_testdata_file
 
+from edge_agent.config import SiteConfig
+from edge_agent.data import dicom_source as source
+from edge_agent.data.dicom_source import DicomData, load_dicom_site
+from edge_agent.data.dicom_synth import synthesize, synthesize_site
+from edge_agent.data.site_data import DataError, split_by_patient
 from edge_agent.main import load_data
 from experiments.inprocess import run_job
-from medsplit import dicom_source as source
 from medsplit.cli import main
-from medsplit.config import JobConfig, SiteConfig
-from medsplit.dicom_source import DicomData, load_dicom_site
-from medsplit.dicom_synth import synthesize, synthesize_site
-from medsplit.site_data import DataError, split_by_patient
-from medsplit.transport import MemoryBroker, MemoryTransport
+from medsplit.transport import MemoryBroker
+from medsplit.wiring import memory_connector
 from models import ConfigError
+from tests.support.configs import job_config
 
 CLASSES = ["normal", "lesion"]
 
@@ -174,7 +176,7 @@ def test_no_dicom_header_value_is_ever_published(tmp_path: Path) -> None:
             str(ds.SOPInstanceUID),
         }
         secrets.add(path.name)
-    config = JobConfig.from_mapping(
+    config = job_config(
         {
             "job_id": "j",
             "plan": "cnn-cxr-u",
@@ -185,8 +187,8 @@ def test_no_dicom_header_value_is_ever_published(tmp_path: Path) -> None:
         }
     )
     broker = MemoryBroker()
-    run_job(config, sites, lambda c: MemoryTransport(broker, c))
-    published = [payload for client, _, payload in broker.published if client != "aggregator"]
+    run_job(config, sites, memory_connector(broker))
+    published = [p for client, _, p in broker.published if not client.startswith("aggregator")]
     assert published and secrets
     for secret in secrets:
         needle = secret.encode()

@@ -7,8 +7,9 @@ import threading
 import pytest
 import torch
 
-from medsplit import topics
-from medsplit.transport import Endpoint, MemoryBroker, MemoryTransport, TransportClosed, Will
+from medsplit.channel import Endpoint
+from medsplit.protocol import topics
+from medsplit.transport import MemoryBroker, MemoryTransport, TransportClosed, Will
 from medsplit.transport.inbox import ByteBoundedQueue
 from medsplit.wire import Envelope, TensorSpec, WireError, WireLimits, encode
 

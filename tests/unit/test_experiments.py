@@ -11,15 +11,16 @@ import pytest
 import torch
 import yaml
 
+from aggregator.config import JobConfig
+from edge_agent.data import datasets
+from edge_agent.data.partitions import Scanner
 from experiments.baselines import run_centralized, run_local
 from experiments.config import ExperimentConfig
 from experiments.results import write_results
 from experiments.runner import CellResult
-from medsplit import datasets
 from medsplit.cli import main
-from medsplit.config import JobConfig
-from medsplit.partitions import Scanner
 from models import ConfigError
+from tests.support.configs import job_config
 
 
 def _experiment(**overrides: Any) -> ExperimentConfig:
@@ -98,7 +99,7 @@ def _job(**overrides: Any) -> JobConfig:
         "sites": ["a", "b", "c"],
     }
     base.update(overrides)
-    return JobConfig.from_mapping(base)
+    return job_config(base)
 
 
 def test_local_baseline_is_each_site_alone_and_centralized_pools_everything() -> None:

@@ -12,16 +12,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from aggregator.config import JobConfig, OptimizerConfig
 from aggregator.strategy import FedAvg, Flop, Reply
+from edge_agent.data import datasets
 from edge_agent.local_model import LocalModel
 from experiments.inprocess import run_job
-from medsplit import datasets
-from medsplit import protocol as p
-from medsplit.config import JobConfig
-from medsplit.training import OptimizerConfig, train_centralized
+from medsplit.protocol import Kind, topics
+from medsplit.training import train_centralized
 from medsplit.transport import MemoryBroker, MemoryTransport
 from medsplit.wire import Decoder, Envelope
+from medsplit.wiring import memory_connector
 from models import ConfigError, cut_shapes
+from tests.support.configs import job_config
 
 
 def _config(**overrides: Any) -> JobConfig:
@@ -38,7 +40,7 @@ def _config(**overrides: Any) -> JobConfig:
         "join_deadline_s": 60,
     }
     base.update(overrides)
-    return JobConfig.from_mapping(base)
+    return job_config(base)
 
 
 def _sites(names: list[str], partition: str = "iid") -> dict[str, datasets.SiteData]:
@@ -47,14 +49,14 @@ def _sites(names: list[str], partition: str = "iid") -> dict[str, datasets.SiteD
 
 
 def _uplink(broker: MemoryBroker) -> list[tuple[str, Envelope]]:
-    """Every envelope any agent published, decoded as a receiver would."""
+    """Every envelope any agent published (with its site id), decoded as a receiver would."""
     decoder = Decoder(dedup_window=10**6)
     out = []
-    for client, _, payload in broker.published:
-        if client != "aggregator":
+    for client, topic, payload in broker.published:
+        if not client.startswith("aggregator") and not topics.is_presence(topic):
             envelope = decoder.feed(payload)
             if envelope is not None:
-                out.append((client, envelope))
+                out.append((envelope.site, envelope))
     return out
 
 
@@ -64,13 +66,13 @@ def _uplink(broker: MemoryBroker) -> list[tuple[str, Envelope]]:
 def test_fedavg_samples_a_reproducible_fraction_of_sites_but_never_below_min_sites() -> None:
     sites = [f"s{i}" for i in range(10)]
     strategy = FedAvg(fraction=0.3, min_sites=2, seed=1)
-    chosen = [strategy.configure_round(r, sites) for r in range(6)]
+    chosen = [strategy.configure_train(r, 0, sites) for r in range(6)]
     assert all(len(c) == 3 for c in chosen)
     assert all(c == sorted(c, key=sites.index) for c in chosen)  # roster order kept
-    assert chosen == [strategy.configure_round(r, sites) for r in range(6)]
+    assert chosen == [strategy.configure_train(r, 0, sites) for r in range(6)]
     assert len({tuple(c) for c in chosen}) > 1  # different rounds, different sites
-    assert len(FedAvg(fraction=0.1, min_sites=4).configure_round(0, sites)) == 4
-    assert FedAvg().configure_round(0, sites) == sites
+    assert len(FedAvg(fraction=0.1, min_sites=4).configure_train(0, 0, sites)) == 4
+    assert FedAvg().configure_train(0, 0, sites) == sites
 
 
 def test_fedavg_weights_sites_by_sample_count() -> None:
@@ -79,7 +81,7 @@ def test_fedavg_weights_sites_by_sample_count() -> None:
         Reply("a", {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}, samples=30),
         Reply("b", {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}, samples=10),
     ]
-    out = FedAvg().aggregate(current, replies)
+    out = FedAvg().aggregate_train(current, replies)
     torch.testing.assert_close(out["w"], torch.tensor([1.75, 3.5]))
     assert int(out["n"]) == 5  # counters take the maximum, not an average
 
@@ -88,15 +90,15 @@ def test_strategies_refuse_unusable_replies() -> None:
     current = {"features.w": torch.zeros(2)}
     good = {"features.w": torch.ones(2)}
     with pytest.raises(ValueError, match="site a sent other tensors"):
-        FedAvg().aggregate(current, [Reply("a", {"x": torch.ones(2)}, 5)])
+        FedAvg().aggregate_train(current, [Reply("a", {"x": torch.ones(2)}, 5)])
     with pytest.raises(ValueError, match="0 samples"):
-        FedAvg().aggregate(current, [Reply("a", good, 0)])
+        FedAvg().aggregate_train(current, [Reply("a", good, 0)])
     flop = Flop(private_keys=frozenset({"classifier.w"}))
     leaky = {**good, "classifier.w": torch.ones(2)}
     with pytest.raises(ValueError, match=r"site b sent private tensors \['classifier.w'\]"):
-        flop.aggregate(current, [Reply("b", leaky, 5)])
+        flop.aggregate_train(current, [Reply("b", leaky, 5)])
     with pytest.raises(ValueError, match="must not hold private"):
-        flop.aggregate({**current, "classifier.w": torch.zeros(2)}, [Reply("b", good, 5)])
+        flop.aggregate_train({**current, "classifier.w": torch.zeros(2)}, [Reply("b", good, 5)])
     with pytest.raises(ValueError, match="fraction"):
         FedAvg(fraction=0)
 
@@ -122,7 +124,7 @@ def test_one_site_federated_training_equals_centralized_training(mode: str) -> N
     config = _config(mode=mode, optimizer=sgd, rounds=3)
     data = _sites(["site-a"])
     broker = MemoryBroker()
-    result = run_job(config, data, lambda cid: MemoryTransport(broker, cid))
+    result = run_job(config, data, memory_connector(broker))
 
     reference = config.plan.model.build(seed=config.seed)
     train_centralized(
@@ -165,7 +167,7 @@ def test_flop_private_layers_never_leave_a_site_and_survive_every_round(
     monkeypatch.setattr(LocalModel, "start_round", record_start)
     monkeypatch.setattr(LocalModel, "state", record_end)
     broker = MemoryBroker()
-    result = run_job(config, _sites(names, "dirichlet:0.5"), lambda c: MemoryTransport(broker, c))
+    result = run_job(config, _sites(names, "dirichlet:0.5"), memory_connector(broker))
 
     private = config.plan.private_keys
     initial = {
@@ -176,7 +178,7 @@ def test_flop_private_layers_never_leave_a_site_and_survive_every_round(
     # 1. Private layers are restored before each local round: a round starts exactly where the
     #    site's previous round ended, and the first round from the initial weights.
     for model_id, events in snapshots.items():
-        assert [kind for kind, _ in events] == ["start", "end"] * config.rounds, model_id
+        assert [kind for kind, _ in events] == ["start", "end"] * config.rounds.count, model_id
         for key in private:
             assert torch.equal(events[0][1][key], initial[key])
         for (_, ended), (_, started) in zip(events[1::2], events[2::2], strict=False):
@@ -192,12 +194,12 @@ def test_flop_private_layers_never_leave_a_site_and_survive_every_round(
             ).abs().max() > 1e-3
     # 3. No private tensor is ever published: not by name, and not its bytes in any payload.
     uplink = _uplink(broker)
-    assert {e.kind for _, e in uplink} >= {p.HELLO, p.DONE, p.METRICS}
+    assert {e.kind for _, e in uplink} >= {Kind.HELLO, Kind.DONE, Kind.METRICS}
     for _, envelope in uplink:
         assert not set(envelope.tensors) & private, envelope.kind
-        if envelope.kind == p.DONE:
+        if envelope.kind == Kind.DONE:
             assert set(envelope.tensors) == config.plan.shared_keys
-    payloads = [payload for client, _, payload in broker.published if client != "aggregator"]
+    payloads = [p for client, _, p in broker.published if not client.startswith("aggregator")]
     private_values = [
         snap[k].numpy().tobytes()
         for events in snapshots.values()
@@ -220,12 +222,12 @@ def test_federated_traffic_per_round_is_the_shared_parameters_times_four(mode: s
     names = ["site-a", "site-b"]
     config = _config(mode=mode, sites=names, rounds=2)
     broker = MemoryBroker()
-    result = run_job(config, _sites(names), lambda c: MemoryTransport(broker, c))
+    result = run_job(config, _sites(names), memory_connector(broker))
     keys = config.plan.shared_keys if mode == "flop" else set(config.plan.model.state_keys)
     analytic = 4 * _numel(config, keys)
     assert (mode == "flop") == (analytic < 4 * _numel(config, set(config.plan.model.state_keys)))
-    done = [(c, e) for c, e in _uplink(broker) if e.kind == p.DONE]
-    assert len(done) == len(names) * config.rounds
+    done = [(c, e) for c, e in _uplink(broker) if e.kind == Kind.DONE]
+    assert len(done) == len(names) * config.rounds.count
     assert all(e.payload_nbytes() == analytic for _, e in done)
     for record in result.history[1:]:  # round 0 also carries the hello
         for site in names:
@@ -242,20 +244,20 @@ def test_split_traffic_per_round_is_samples_times_the_activation_size() -> None:
     config = _config(mode="split-u", plan="mlp-ehr-u", sites=names, rounds=2)
     data = _sites(names)
     broker = MemoryBroker()
-    run_job(config, data, lambda c: MemoryTransport(broker, c))
+    run_job(config, data, memory_connector(broker))
     per_sample = math.prod(cut_shapes(config.plan, 1)["head_out"][1:])
     sent: dict[tuple[str, int], int] = defaultdict(int)
     for client, envelope in _uplink(broker):
-        if envelope.kind == p.ACTIVATIONS:
+        if envelope.kind == Kind.ACTIVATIONS:
             sent[(client, envelope.round)] += envelope.payload_nbytes()
-    assert len(sent) == len(names) * config.rounds
+    assert len(sent) == len(names) * config.rounds.count
     for (site, _), nbytes in sent.items():
         assert nbytes == data[site].train_samples * per_sample * 4
 
 
 def _memory() -> Callable[[str], MemoryTransport]:
     broker = MemoryBroker()
-    return lambda client: MemoryTransport(broker, client)
+    return memory_connector(broker)
 
 
 def test_a_restarted_flop_site_takes_back_its_private_layers_from_its_state_dir(

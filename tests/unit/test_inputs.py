@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from medsplit import datasets
-from medsplit.builtin_dicom import cache_root
-from medsplit.csv_source import load_csv_site
-from medsplit.dicom import Preprocessing
-from medsplit.dicom_source import DicomData, load_dicom_site
-from medsplit.dicom_synth import synthesize
-from medsplit.inputs import DataCard, FeatureInput, ImageInput, InputError
+from edge_agent.data import datasets
+from edge_agent.data.builtin_dicom import cache_root
+from edge_agent.data.csv_source import load_csv_site
+from edge_agent.data.dicom import Preprocessing
+from edge_agent.data.dicom_source import DicomData, load_dicom_site
+from edge_agent.data.dicom_synth import synthesize
+from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput, InputError
 from tests.unit.test_csv_source import _config, _table
 
 

@@ -13,7 +13,12 @@ import pytest
 import torch
 from torch import nn
 
+from aggregator.config import OptimizerConfig
+from edge_agent.data import datasets
+from edge_agent.data.dicom import Preprocessing
+from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
 from edge_agent.local_model import LocalModel
+from edge_agent.model_card import CardError, ModelCard
 from edge_agent.segments import EdgeSegments
 from edge_agent.site_model import (
     SITE_MODEL_FILE,
@@ -25,17 +30,13 @@ from edge_agent.site_model import (
     save_site_model,
 )
 from experiments.inprocess import run_job
-from medsplit import datasets
-from medsplit.config import JobConfig
-from medsplit.dicom import Preprocessing
-from medsplit.inputs import DataCard, FeatureInput, ImageInput
-from medsplit.model_card import CardError, ModelCard
-from medsplit.protocol import FEDERATED_MODES, JobSpec, final_keys
-from medsplit.training import OptimizerConfig
-from medsplit.transport import MemoryBroker, MemoryTransport
+from medsplit.protocol import FEDERATED_MODES, JobSpec, final_keys, topics
+from medsplit.transport import MemoryBroker
 from medsplit.wire import Decoder
+from medsplit.wiring import memory_connector
 from models import SplitPlan
 from models.onnx_export import OPSET, ExportError, ParityError, export_onnx, weights_sha256
+from tests.support.configs import job_config
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "mlp": {"name": "mlp", "args": {"in_features": 30}},
@@ -260,7 +261,7 @@ def test_finish_hands_each_site_the_trunk_only_when_the_job_releases_it(
     release_trunk: bool, tmp_path: Path
 ) -> None:
     sites = ["site-a", "site-b"]
-    config = JobConfig.from_mapping(
+    config = job_config(
         {"job_id": "job-t", "plan": "mlp-ehr-u", "mode": "split-u", "rounds": 1, "sites": sites}
         | {"release_trunk": release_trunk}
     )
@@ -269,14 +270,16 @@ def test_finish_hands_each_site_the_trunk_only_when_the_job_releases_it(
     result = run_job(
         config,
         dict(zip(sites, shares, strict=True)),
-        lambda client: MemoryTransport(broker, client),
+        memory_connector(broker),
         state_root=tmp_path,
     )
     decoder = Decoder(dedup_window=10**6)
     finishes = {}
     for client, topic, payload in broker.published:
+        if topics.is_presence(topic):
+            continue
         envelope = decoder.feed(payload)
-        if client == "aggregator" and envelope is not None and envelope.kind == "finish":
+        if client.startswith("aggregator") and envelope is not None and envelope.kind == "finish":
             finishes[topic] = envelope
     assert set(finishes) == {f"medsplit/v1/job-t/{s}/down/finish" for s in sites}  # own channels
     trunk = {k for k in config.plan.model.state_keys if k.startswith("hidden2.")}

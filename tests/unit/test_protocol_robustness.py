@@ -10,10 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from edge_agent.agent import Agent
+from edge_agent.data import datasets
 from experiments.inprocess import run_job
-from medsplit import datasets, topics
-from medsplit.transport import Endpoint, MemoryBroker, MemoryTransport
+from medsplit.channel import Endpoint
+from medsplit.protocol import topics
+from medsplit.transport import MemoryBroker, MemoryTransport
 from medsplit.wire import Envelope
+from medsplit.wiring import memory_connector
 from tests.unit.test_split_learning import _config, _sites
 
 JOB = "job-t"
@@ -95,15 +98,16 @@ def test_aggregator_ignores_strangers_and_rejects_malformed_activations(tmp_path
     result = run_job(
         config,
         _sites(["site-a"]),
-        lambda cid: MemoryTransport(broker, cid),
+        memory_connector(broker),
         before_run=intrude,
         state_dir=tmp_path,
     )
     assert "mallory" not in result.coordinator.sites
     assert result.coordinator.endpoint.stats.rejected["BadMagic"] == 1
     assert len(result.history) == 1 and "site-a" in result.history[0].metrics
-    # Nothing was ever sent to the stranger.
-    assert not any("/mallory/down/" in topic for _, topic, _ in broker.published)
+    # The stranger was told it is not in the job, once, and was sent nothing else.
+    to_stranger = [topic for _, topic, _ in broker.published if "/mallory/down/" in topic]
+    assert to_stranger == [topics.down(JOB, "mallory", "refused")]
     # The site kept its layers in its state directory.
     saved = load_file(str(tmp_path / "edge.safetensors"))
     assert set(saved) == set(result.coordinator.global_state)

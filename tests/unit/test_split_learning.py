@@ -7,12 +7,15 @@ from typing import Any
 import pytest
 import torch
 
+from aggregator.config import JobConfig, OptimizerConfig
+from edge_agent.data import datasets
 from experiments.inprocess import run_job
-from medsplit import datasets
-from medsplit.config import JobConfig
-from medsplit.training import OptimizerConfig, evaluate_logits, train_centralized
-from medsplit.transport import MemoryBroker, MemoryTransport
+from medsplit.protocol import topics
+from medsplit.training import evaluate_logits, train_centralized
+from medsplit.transport import MemoryBroker
 from medsplit.wire import Decoder
+from medsplit.wiring import memory_connector
+from tests.support.configs import job_config
 
 
 def _config(**overrides: Any) -> JobConfig:
@@ -31,7 +34,7 @@ def _config(**overrides: Any) -> JobConfig:
         "dataset": "breast-cancer",
     }
     base.update(overrides)
-    return JobConfig.from_mapping(base)
+    return job_config(base)
 
 
 def _sites(names: list[str], partition: str = "iid") -> dict[str, datasets.SiteData]:
@@ -44,7 +47,7 @@ def test_one_site_split_training_equals_centralized_training(mode: str, plan: st
     config = _config(mode=mode, plan=plan, rounds=3)
     data = _sites(["site-a"])
     broker = MemoryBroker()
-    result = run_job(config, data, lambda cid: MemoryTransport(broker, cid))
+    result = run_job(config, data, memory_connector(broker))
 
     torch.manual_seed(config.seed)
     reference = config.plan.model.build()
@@ -66,13 +69,15 @@ def test_labels_never_leave_the_site_in_u_shaped_mode() -> None:
     config = _config(sites=["site-a", "site-b"], rounds=1)
     data = _sites(["site-a", "site-b"])
     broker = MemoryBroker()
-    run_job(config, data, lambda cid: MemoryTransport(broker, cid))
+    run_job(config, data, memory_connector(broker))
 
     labels = {site: d.y_train for site, d in data.items()}
     label_sets = {site: {*d.y_train.tolist(), *d.y_test.tolist()} for site, d in data.items()}
     decoder = Decoder(dedup_window=10**6)
     published_by_sites = [
-        (cid, payload) for cid, _, payload in broker.published if cid != "aggregator"
+        (cid, payload)
+        for cid, topic, payload in broker.published
+        if not cid.startswith("aggregator") and not topics.is_presence(topic)
     ]
     assert published_by_sites
     names_seen: set[str] = set()
@@ -99,7 +104,7 @@ def test_every_mode_and_orchestration_learns(mode: str, plan: str, orchestration
     names = ["site-a", "site-b", "site-c"]
     config = _config(mode=mode, plan=plan, orchestration=orchestration, sites=names, rounds=3)
     broker = MemoryBroker()
-    result = run_job(config, _sites(names), lambda cid: MemoryTransport(broker, cid))
+    result = run_job(config, _sites(names), memory_connector(broker))
     assert [r.round for r in result.history] == [0, 1, 2]
     first, last = result.history[0], result.history[-1]
     assert set(last.metrics) == set(names)
@@ -114,14 +119,16 @@ def test_parallel_rounds_average_edge_weights_by_sample_count() -> None:
     config = _config(orchestration="parallel", sites=names, rounds=1)
     data = _sites(names, partition="dirichlet:0.5")
     broker = MemoryBroker()
-    result = run_job(config, data, lambda cid: MemoryTransport(broker, cid))
+    result = run_job(config, data, memory_connector(broker))
     # What each site uploaded at the end of its local training, read off the broker.
     decoder = Decoder(dedup_window=10**6)
     uploaded = {}
-    for client_id, topic, payload in broker.published:
+    for _, topic, payload in broker.published:
+        if not topic.endswith("/up/done"):
+            continue
         envelope = decoder.feed(payload)
-        if envelope is not None and topic.endswith("/up/done"):
-            uploaded[client_id] = envelope.tensors
+        if envelope is not None:
+            uploaded[topics.parse(topic).site] = envelope.tensors
     assert set(uploaded) == set(names)
     n = {site: d.train_samples for site, d in data.items()}
     assert n["site-a"] != n["site-b"]  # a weighted and a plain mean differ
@@ -151,7 +158,7 @@ def test_accuracy_matches_centralized_training_over_three_seeds() -> None:
                 seed=seed,
             )
             broker = MemoryBroker()
-            result = run_job(config, data, lambda cid, b=broker: MemoryTransport(b, cid))
+            result = run_job(config, data, memory_connector(broker))
             accuracy[mode].append(result.history[-1].mean()["accuracy"])  # type: ignore[arg-type]
         torch.manual_seed(seed)
         model = config.plan.model.build()
@@ -179,9 +186,11 @@ def test_fp16_wire_down_casts_cut_layer_tensors_but_never_weights() -> None:
 
     config = _config(wire_dtype="float16", rounds=1)
     broker = MemoryBroker()
-    run_job(config, _sites(["site-a"]), lambda cid: MemoryTransport(broker, cid))
+    run_job(config, _sites(["site-a"]), memory_connector(broker))
     cast_by_kind: dict[str, set[str]] = {}
     for _, topic, payload in broker.published:
+        if topics.is_presence(topic):
+            continue
         header = unpack_frame(payload).header
         cast_by_kind.setdefault(topic.rsplit("/", 1)[-1], set()).update(header.cast)
     for kind in ("activations", "trunk-out", "trunk-grad", "act-grad"):

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from medsplit import topics
+from medsplit.protocol import topics
 from medsplit.transport import MqttSettings, TlsSettings
 
 

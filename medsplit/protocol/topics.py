@@ -3,7 +3,8 @@
 * ``medsplit/v1/{job}/{site}/up/{kind}``    site -> aggregator
 * ``medsplit/v1/{job}/{site}/down/{kind}``  aggregator -> one site
 * ``medsplit/v1/{job}/all/{kind}``          aggregator -> every site
-* ``medsplit/v1/{job}/{site}/presence``     retained; "offline" set by the Last Will
+* ``medsplit/v1/{job}/{party}/presence``    retained JSON (``presence``); the Last Will says
+  "offline". ``party`` is a site id or ``aggregator``, a reserved id.
 
 The broker's ACL (see the security design) grants each certificate identity exactly its own
 ``up`` and ``down`` subtrees, so the *topic* a message arrived on tells who sent it; receivers
@@ -15,10 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from medsplit.ids import check_id, check_kind
+from medsplit.ids import AGGREGATOR_ID, BROADCAST_ID, check_id, check_kind
 
 PREFIX = "medsplit/v1"
-BROADCAST = "all"
+BROADCAST = BROADCAST_ID
 Direction = Literal["up", "down", "all", "presence"]
 
 
@@ -34,15 +35,25 @@ def broadcast(job: str, kind: str) -> str:
     return f"{PREFIX}/{check_id(job, 'job')}/{BROADCAST}/{check_kind(kind)}"
 
 
-def presence(job: str, site: str) -> str:
-    return f"{PREFIX}/{check_id(job, 'job')}/{_site(site)}/presence"
+def presence(job: str, party: str) -> str:
+    """A site's presence, or the aggregator's (``party`` = ``aggregator``)."""
+    return f"{PREFIX}/{check_id(job, 'job')}/{_site(party)}/presence"
+
+
+def aggregator_presence(job: str) -> str:
+    return presence(job, AGGREGATOR_ID)
+
+
+def is_presence(topic: str) -> bool:
+    return topic.startswith(PREFIX + "/") and topic.endswith("/presence")
 
 
 def site_subscriptions(job: str, site: str) -> list[str]:
-    """What an edge agent subscribes to: its own downlink and the job's broadcasts."""
+    """What an edge agent subscribes to: its own downlink, the broadcasts, the aggregator."""
     return [
         f"{PREFIX}/{check_id(job, 'job')}/{_site(site)}/down/+",
         f"{PREFIX}/{job}/{BROADCAST}/+",
+        aggregator_presence(job),
     ]
 
 

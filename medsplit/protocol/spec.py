@@ -1,15 +1,10 @@
-"""The protocol: message kinds, the job spec sent to sites, and tensor specs.
+"""The job spec sent to sites, and the tensor specs of every message.
 
 Four modes share it. Split learning (``split``, ``split-u``) exchanges cut-layer tensors step
 by step; federated learning (``fedavg``, ``flop``) exchanges weights once per round. In every
 mode a round is ``train`` (weights down) -> ``done`` (weights up) -> ``evaluate`` -> ``metrics``;
 which weights travel is ``exchanged_keys``: the head (and tail) in split modes, the whole model
 in ``fedavg``, only the plan's shared tensors in ``flop`` -- private layers never leave a site.
-
-Uplink (site -> aggregator): ``hello``, ``activations``, ``trunk-grad``, ``done``,
-``eval-activations``, ``metrics``, ``error``.
-Downlink (aggregator -> site): ``setup``, ``train``, ``gradients``, ``trunk-out``, ``act-grad``,
-``evaluate``, ``eval-out``, ``finish``, ``error``.
 
 ``finish`` carries the final weights (``final_keys``): the global state and, in split modes
 with ``release_trunk``, the trunk, so that every site can assemble and export its own model.
@@ -33,29 +28,13 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from medsplit.training import OptimizerConfig
+from medsplit.config import OptimizerConfig
+from medsplit.modes import MODES, Mode, Orchestration, traits
+from medsplit.protocol.kinds import Kind
 from medsplit.wire import TensorSpec, WireDtype
 from models import SplitPlan, cut_shapes
 
-HELLO, SETUP, TRAIN, EVALUATE, FINISH, ERROR = (
-    "hello",
-    "setup",
-    "train",
-    "evaluate",
-    "finish",
-    "error",
-)
-ACTIVATIONS, GRADIENTS, TRUNK_OUT, TRUNK_GRAD, ACT_GRAD = (
-    "activations",
-    "gradients",
-    "trunk-out",
-    "trunk-grad",
-    "act-grad",
-)
-DONE, METRICS, EVAL_ACTIVATIONS, EVAL_OUT = "done", "metrics", "eval-activations", "eval-out"
-
-SPLIT_MODES = ("split", "split-u")
-FEDERATED_MODES = ("fedavg", "flop")
+K = Kind
 
 
 class JobSpec(BaseModel):
@@ -64,8 +43,8 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     job_id: str
-    mode: str
-    orchestration: str
+    mode: Mode
+    orchestration: Orchestration
     plan: SplitPlan
     rounds: int
     local_epochs: int
@@ -86,11 +65,11 @@ class JobSpec(BaseModel):
 
     @property
     def labels_on_site(self) -> bool:
-        return self.mode != "split"
+        return not MODES[self.mode].labels_travel
 
     @property
     def federated(self) -> bool:
-        return self.mode in FEDERATED_MODES
+        return MODES[self.mode].federated
 
 
 def block_keys(plan: SplitPlan, blocks: tuple[str, ...]) -> list[str]:
@@ -104,29 +83,28 @@ def edge_keys(plan: SplitPlan) -> list[str]:
     return block_keys(plan, plan.head + plan.tail)
 
 
-def exchanged_keys(plan: SplitPlan, mode: str) -> list[str]:
+def exchanged_keys(plan: SplitPlan, mode: Mode | str) -> list[str]:
     """The state-dict keys that travel in ``train``/``evaluate``/``done`` for ``mode``.
 
     Split modes hand the site's own segments around; ``fedavg`` averages the whole model;
     ``flop`` averages only the plan's shared tensors, so private ones never leave a site.
     """
-    if mode in SPLIT_MODES:
+    weights = traits(mode).weights
+    if weights == "edge":
         return edge_keys(plan)
-    if mode == "fedavg":
+    if weights == "all":
         return list(plan.model.state_keys)
-    if mode == "flop":
-        return [k for k in plan.model.state_keys if k in plan.shared_keys]
-    raise ValueError(f"unknown mode {mode!r}; allowed: {', '.join(SPLIT_MODES + FEDERATED_MODES)}")
+    return [k for k in plan.model.state_keys if k in plan.shared_keys]
 
 
-def final_keys(plan: SplitPlan, mode: str, release_trunk: bool) -> list[str]:
+def final_keys(plan: SplitPlan, mode: Mode | str, release_trunk: bool) -> list[str]:
     """The keys ``finish`` carries: the final global state, plus the trunk when it is released.
 
     With them a site assembles its own whole model: in ``flop`` the averaged shared layers and
     its private ones, in split modes its head (and tail) and the aggregator's trunk.
     """
     keys = exchanged_keys(plan, mode)
-    if mode in SPLIT_MODES and release_trunk:
+    if traits(mode).cut_layer and release_trunk:
         keys += block_keys(plan, plan.trunk)
     return keys
 
@@ -140,27 +118,23 @@ def _state_specs(plan: SplitPlan, keys: list[str]) -> dict[str, TensorSpec]:
 class TensorSpecs:
     """Every message's expected tensors for one plan and mode (batch dimension free)."""
 
-    def __init__(self, plan: SplitPlan, mode: str, *, release_trunk: bool = True) -> None:
+    def __init__(self, plan: SplitPlan, mode: Mode | str, *, release_trunk: bool = True) -> None:
         weights = _state_specs(plan, exchanged_keys(plan, mode))
         self.by_kind: dict[str, dict[str, TensorSpec]] = {
-            TRAIN: weights,
-            EVALUATE: weights,
-            DONE: weights,
-            HELLO: {},
-            SETUP: {},
-            METRICS: {},
-            FINISH: _state_specs(plan, final_keys(plan, mode, release_trunk)),
-            ERROR: {},
+            K.TRAIN: weights,
+            K.EVALUATE: weights,
+            K.DONE: weights,
+            K.FINISH: _state_specs(plan, final_keys(plan, mode, release_trunk)),
         }
-        if mode in SPLIT_MODES:
-            self.by_kind.update(_cut_layer_specs(plan, mode))
+        if traits(mode).cut_layer:
+            self.by_kind.update(_cut_layer_specs(plan, traits(mode).labels_travel))
 
     def expected(self, kind: str) -> dict[str, TensorSpec] | None:
-        """Specs for ``kind``; an unknown kind expects nothing, so any tensor is refused."""
+        """Specs for ``kind``; any other kind carries no tensors, so any tensor is refused."""
         return self.by_kind.get(kind, {})
 
 
-def _cut_layer_specs(plan: SplitPlan, mode: str) -> dict[str, dict[str, TensorSpec]]:
+def _cut_layer_specs(plan: SplitPlan, labels_travel: bool) -> dict[str, dict[str, TensorSpec]]:
     """Specs of the step-by-step messages of split learning (batch dimension free)."""
     shapes = cut_shapes(plan, 1)
     head_out = TensorSpec(torch.float32, (None, *shapes["head_out"][1:]))
@@ -168,11 +142,11 @@ def _cut_layer_specs(plan: SplitPlan, mode: str) -> dict[str, dict[str, TensorSp
     trunk_shape = shapes.get("trunk_out", shapes["logits"])  # vanilla: trunk ends in logits
     trunk_out = TensorSpec(torch.float32, (None, *trunk_shape[1:]))
     return {
-        ACTIVATIONS: {"h": head_out, "y": labels} if mode == "split" else {"h": head_out},
-        GRADIENTS: {"g": head_out},
-        TRUNK_OUT: {"t": trunk_out},
-        TRUNK_GRAD: {"g": trunk_out},
-        ACT_GRAD: {"g": head_out},
-        EVAL_ACTIVATIONS: {"h": head_out},
-        EVAL_OUT: {"t": trunk_out},
+        K.ACTIVATIONS: {"h": head_out, "y": labels} if labels_travel else {"h": head_out},
+        K.GRADIENTS: {"g": head_out},
+        K.TRUNK_OUT: {"t": trunk_out},
+        K.TRUNK_GRAD: {"g": trunk_out},
+        K.ACT_GRAD: {"g": head_out},
+        K.EVAL_ACTIVATIONS: {"h": head_out},
+        K.EVAL_OUT: {"t": trunk_out},
     }

@@ -23,11 +23,12 @@ from typing import BinaryIO
 import numpy as np
 import pydicom
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+
+from edge_agent.data.settings import Preprocessing
 
 # Which pip packages decode which compressed transfer syntaxes (pydicom's pixel data handlers).
 _DECODERS = {
@@ -45,20 +46,6 @@ _DECODERS = {
 
 class DicomError(ValueError):
     """A DICOM file that cannot become a training image; the message says which and why."""
-
-
-class Preprocessing(BaseModel):
-    """How images are prepared: the same in training, at every site, and when serving."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    size: int = Field(64, ge=8, le=4096, description="images are resized to size x size")
-    window: tuple[float, float] | None = Field(
-        None, description="(center, width) in physical units; default: the file's own window"
-    )
-    frame: int = Field(0, ge=0, description="which frame of a multi-frame file")
-    mean: float = Field(0.0, description="subtracted after scaling to [0, 1]")
-    std: float = Field(1.0, gt=0, description="then divided by")
 
 
 def read_image(path: str | Path, preprocessing: Preprocessing | None = None) -> torch.Tensor:

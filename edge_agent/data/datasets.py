@@ -4,9 +4,9 @@
   binary). Shipped inside scikit-learn, so nothing is downloaded.
 * ``synthetic-cxr``: chest-radiograph-like 1x64x64 images with or without a round lesion,
   generated from a seed, written as DICOM once and read back through the ``dicom`` source
-  (``medsplit.builtin_dicom``), as a hospital's images are.
+  (``edge_agent.data.builtin_dicom``), as a hospital's images are.
 
-``all_sites`` gives every site its share: a partition of the dataset (``medsplit.partitions``),
+``all_sites`` gives every site its share: a partition of the dataset (``edge_agent.data.partitions``),
 then a stratified train/test split of each share, then standardisation (per feature, or per
 image channel) with statistics combined from every site's count, sum and sum of squares --
 never raw values.
@@ -15,19 +15,19 @@ never raw values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from medsplit.builtin_dicom import BUILTIN_PREPROCESSING, LABELS, synthetic_cxr_from_dicom
-from medsplit.dicom import Preprocessing
-from medsplit.inputs import DataCard, FeatureInput, ImageInput
-from medsplit.partitions import Scanner, parse_scheme, partition
-from medsplit.site_data import SiteData
-from medsplit.synthetic import synthetic_cxr
+from edge_agent.data.builtin_dicom import BUILTIN_PREPROCESSING, LABELS, synthetic_cxr_from_dicom
+from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
+from edge_agent.data.names import DATASETS, check_name, parse_scheme
+from edge_agent.data.partitions import Scanner, partition
+from edge_agent.data.settings import Preprocessing
+from edge_agent.data.site_data import SiteData
+from edge_agent.data.synthetic import synthetic_cxr
 
 __all__ = [
     "DATASETS",
@@ -40,9 +40,6 @@ __all__ = [
     "share",
     "synthetic_cxr",
 ]
-
-DATASETS = ("breast-cancer", "synthetic-cxr")
-DatasetName = Literal["breast-cancer", "synthetic-cxr"]
 
 
 @dataclass(frozen=True)
@@ -58,13 +55,6 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x.shape[1:])
-
-
-def check_name(name: str) -> str:
-    """``name`` if it is a built-in dataset; ``ValueError`` listing the allowed ones otherwise."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
-    return name
 
 
 def load(name: str, *, seed: int = 0) -> Dataset:

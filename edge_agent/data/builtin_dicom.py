@@ -1,6 +1,6 @@
 """The built-in ``synthetic-cxr`` dataset, read the way a hospital's images are: from DICOM.
 
-The first load writes the images as DICOM files (``medsplit.dicom_synth``, one neutral
+The first load writes the images as DICOM files (``edge_agent.data.dicom_synth``, one neutral
 scanner: 16 bits, ``MONOCHROME2``, no noise or tone of its own) into a cache folder, then every
 load reads them through the same ``dicom`` source an agent uses for a hospital's folder, with
 its decoded-image cache. Partitions (``feature-shift`` included) then apply as for any dataset.
@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsplit.dicom import Preprocessing
-from medsplit.dicom_source import DicomData, load_dicom_folder
-from medsplit.dicom_synth import LABELS, Encoding, write_folder
+from edge_agent.data.dicom_source import load_dicom_folder
+from edge_agent.data.dicom_synth import LABELS, Encoding, write_folder
+from edge_agent.data.settings import DicomData, Preprocessing
 
 __all__ = ["BUILTIN_PREPROCESSING", "LABELS", "cache_root", "synthetic_cxr_from_dicom"]
-from medsplit.synthetic import synthetic_cxr
+from edge_agent.data.synthetic import synthetic_cxr
 
 NEUTRAL = Encoding(16, 0.05, 0.0, "MONOCHROME2", pixel_spacing=0.15, noise=0.0)
 BUILTIN_PREPROCESSING = Preprocessing(size=64)  # the files' own window; standardised later

@@ -14,72 +14,13 @@ column; with ``on_bad_input: skip`` bad rows are counted by reason and left out.
 from __future__ import annotations
 
 import csv
-from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medsplit.datasets import FeatureSums
-from medsplit.inputs import DataCard, FeatureInput, InputError
-from medsplit.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
-
-
-class Normalization(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mean: list[float]
-    std: list[float]
-
-
-class CsvData(BaseModel):
-    """A site's ``data`` section for an EHR table. See docs/data.md."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: Literal["csv"] = "csv"
-    path: Path
-    label_column: str
-    classes: list[str] = Field(min_length=2, description="label values, in class-index order")
-    numeric: list[str] = Field(default_factory=list, description="numeric feature columns")
-    categorical: dict[str, list[str]] = Field(
-        default_factory=dict, description="column -> its categories, one-hot in this order"
-    )
-    missing: Literal["fail", "drop", "impute"] = "fail"
-    normalization: Normalization | None = Field(
-        None, description="per numeric feature; from `medsplit data-stats --combine`"
-    )
-    patient_column: str | None = Field(None, description="split train/test by this column")
-    on_bad_input: Literal["skip", "fail"] = "fail"
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _consistent(self) -> CsvData:
-        if not self.numeric and not self.categorical:
-            raise ValueError("list at least one feature column in numeric or categorical")
-        columns = [*self.numeric, *self.categorical, self.label_column]
-        repeated = sorted({c for c in columns if columns.count(c) > 1})
-        if repeated:
-            raise ValueError(f"columns used twice: {repeated}")
-        for column, categories in self.categorical.items():
-            if len(categories) < 1 or len(set(categories)) != len(categories):
-                raise ValueError(
-                    f"categorical.{column}: list distinct categories, got {categories}"
-                )
-        norm = self.normalization
-        if norm is not None and not (len(norm.mean) == len(norm.std) == len(self.numeric)):
-            raise ValueError(
-                f"normalization: needs one mean and one std per numeric column ({len(self.numeric)})"
-            )
-        if norm is not None and any(s <= 0 for s in norm.std):
-            raise ValueError("normalization.std: every value must be positive")
-        return self
-
-    @property
-    def features(self) -> list[str]:
-        """Names of the model's inputs, in order (for export metadata and error messages)."""
-        return feature_input(self).features
+from edge_agent.data.datasets import FeatureSums
+from edge_agent.data.inputs import DataCard, FeatureInput, InputError
+from edge_agent.data.settings import CsvData
+from edge_agent.data.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
 
 
 class _RowError(ValueError):

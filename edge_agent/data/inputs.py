@@ -20,7 +20,8 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, model_validator
 
-from medsplit.dicom import Preprocessing, read_dataset, to_image
+from edge_agent.data.dicom import read_dataset, to_image
+from edge_agent.data.settings import Preprocessing
 
 
 class InputError(ValueError):
@@ -32,7 +33,7 @@ class InputError(ValueError):
 
 
 class ImageInput(BaseModel):
-    """One-channel images decoded from DICOM by ``medsplit.dicom`` with this preprocessing."""
+    """One-channel images decoded from DICOM by ``edge_agent.data.dicom`` with this preprocessing."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -15,48 +15,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from medsplit.dicom import DicomError, Preprocessing, read_dataset, to_image
-from medsplit.image_cache import ImageCache
-from medsplit.inputs import DataCard, ImageInput
-from medsplit.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
-
-Key = Literal["file", "sop_instance_uid", "patient_id"]
-
-
-class DicomData(BaseModel):
-    """A site's ``data`` section for DICOM images. See docs/data.md."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    source: Literal["dicom"] = "dicom"
-    folder: Path
-    labels: Path | None = Field(None, description="default: FOLDER/labels.csv")
-    key: Key = Field("file", description="what the key column holds")
-    key_column: str | None = Field(None, description="default: the key's name")
-    label_column: str = "label"
-    classes: list[str] = Field(min_length=2, description="label values, in class-index order")
-    preprocessing: Preprocessing = Preprocessing()
-    on_bad_input: Literal["skip", "fail"] = "fail"
-    test_fraction: float = Field(0.2, gt=0, lt=1)
-    seed: int = 0
-    cache_dir: Path | None = Field(
-        None, description="keep decoded images here (on the site) to skip decoding on restart"
-    )
-
-    @model_validator(mode="after")
-    def _distinct_classes(self) -> DicomData:
-        if len(set(self.classes)) != len(self.classes):
-            raise ValueError(f"classes: values must be distinct, got {self.classes}")
-        return self
-
-    @property
-    def labels_path(self) -> Path:
-        return self.labels or self.folder / "labels.csv"
+from edge_agent.data.dicom import DicomError, read_dataset, to_image
+from edge_agent.data.image_cache import ImageCache
+from edge_agent.data.inputs import DataCard, ImageInput
+from edge_agent.data.settings import DicomData
+from edge_agent.data.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
 
 
 def read_labels(config: DicomData) -> dict[str, str]:

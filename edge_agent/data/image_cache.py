@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from medsplit.dicom import Preprocessing
+from edge_agent.data.settings import Preprocessing
+from medsplit.storage import atomic_write
 
 Header = dict[str, str]
 
@@ -44,7 +45,4 @@ class ImageCache:
 
     def put(self, path: Path, image: torch.Tensor, header: Header) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        entry = self._entry(path)
-        tmp = entry.with_suffix(".tmp")
-        save_file({"image": image.contiguous()}, str(tmp), metadata=header)
-        tmp.replace(entry)
+        atomic_write(self._entry(path), save({"image": image.contiguous()}, metadata=header))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medsplit.broker import Mosquitto, find_mosquitto, free_port, wait_for_port
+from medsplit.brokers.mosquitto import Mosquitto, find_mosquitto, free_port, wait_for_port
 
 PROTOCOL = "3.1.1"
 

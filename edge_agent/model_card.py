@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
+from edge_agent.data.inputs import DataCard
 from medsplit import __version__
-from medsplit.inputs import DataCard
 from models import SplitPlan
 
 PREFIX = "medsplit."

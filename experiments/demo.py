@@ -9,14 +9,12 @@ to ``RUN/state/SITE/model.onnx`` when the job finishes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
 import uuid
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +22,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from medsplit.datasets import DATASETS
-from medsplit.embedded_broker import start_local_broker
-from medsplit.partitions import SCHEMES, parse_scheme
-from medsplit.progress import progress_bar
+from experiments.demo_options import DemoOptions
+from experiments.progress import progress_bar
+from medsplit.brokers.embedded import start_local_broker
+from medsplit.storage import atomic_write
 
 PLANS = {
     ("breast-cancer", "split"): "mlp-ehr",
@@ -39,84 +37,6 @@ PLANS = {
     ("synthetic-cxr", "fedavg"): "cnn-cxr",
     ("synthetic-cxr", "flop"): "cnn-cxr",
 }
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mode", choices=["split", "split-u", "fedavg", "flop"], default="split-u")
-    parser.add_argument(
-        "--orchestration",
-        choices=["sequential", "parallel"],
-        help="default: sequential for split modes, parallel for fedavg/flop",
-    )
-    parser.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--dataset", choices=DATASETS, default="breast-cancer")
-    parser.add_argument("--partition", default="iid", help=SCHEMES)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
-    )
-    parser.add_argument(
-        "--broker", help="use this broker (mqtt://host:port) instead of starting one"
-    )
-    parser.add_argument(
-        "--embedded-broker",
-        action="store_true",
-        help="use the in-process Python broker (amqtt, MQTT 3.1.1) even if Mosquitto is installed",
-    )
-    parser.add_argument("--out", type=Path, help="run directory (default runs/demo-TIMESTAMP)")
-    parser.add_argument(
-        "--timeout", type=float, default=1800, help="give up after this many seconds"
-    )
-
-
-@dataclass(frozen=True)
-class DemoOptions:
-    mode: str
-    orchestration: str
-    sites: int
-    rounds: int
-    dataset: str
-    partition: str
-    batch_size: int
-    lr: float
-    seed: int
-    wire_dtype: str
-    broker: str | None
-    embedded_broker: bool
-    out: Path
-    timeout: float
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> DemoOptions:
-        if args.sites < 1:
-            raise SystemExit("error: --sites must be at least 1")
-        if args.rounds < 1:
-            raise SystemExit("error: --rounds must be at least 1")
-        try:
-            parse_scheme(args.partition)
-        except ValueError as exc:
-            raise SystemExit(f"error: --partition: {exc}") from None
-        out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-        return cls(
-            mode=args.mode,
-            orchestration=args.orchestration
-            or ("parallel" if args.mode in ("fedavg", "flop") else "sequential"),
-            sites=args.sites,
-            rounds=args.rounds,
-            dataset=args.dataset,
-            partition=args.partition,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-            wire_dtype=args.wire_dtype,
-            broker=args.broker,
-            embedded_broker=args.embedded_broker,
-            out=out,
-            timeout=args.timeout,
-        )
 
 
 def write_configs(
@@ -131,18 +51,20 @@ def write_configs(
         "plan": PLANS[(options.dataset, options.mode)],
         "mode": options.mode,
         "orchestration": options.orchestration,
-        "rounds": options.rounds,
-        "batch_size": options.batch_size,
-        "optimizer": {"name": "adam", "lr": options.lr},
         "seed": options.seed,
         "sites": site_ids,
-        "wire_dtype": options.wire_dtype,
         "dataset": options.dataset,
+        "rounds": {"count": options.rounds},
+        "training": {
+            "batch_size": options.batch_size,
+            "optimizer": {"name": "adam", "lr": options.lr},
+            "wire_dtype": options.wire_dtype,
+        },
         "broker": {"url": broker_url, "protocol": protocol},
-        "run_dir": str(options.out.resolve()),
+        "state": {"run_dir": str(options.out.resolve())},
     }
     job_path = options.out / "job.yaml"
-    job_path.write_text(yaml.safe_dump(job, sort_keys=False))
+    atomic_write(job_path, yaml.safe_dump(job, sort_keys=False).encode())
     site_paths = []
     for index, site in enumerate(site_ids):
         site_cfg = {
@@ -158,10 +80,10 @@ def write_configs(
                 "seed": options.seed,
             },
             "device": "cpu",
-            "state_dir": str((options.out / "state" / site).resolve()),
+            "state": {"dir": str((options.out / "state" / site).resolve())},
         }
         path = options.out / f"{site}.yaml"
-        path.write_text(yaml.safe_dump(site_cfg, sort_keys=False))
+        atomic_write(path, yaml.safe_dump(site_cfg, sort_keys=False).encode())
         site_paths.append(path)
     return job_path, site_paths
 

@@ -2,10 +2,10 @@
 
 Each site gets its own scanner: bit depth (``BitsStored`` 12 or 16), photometric interpretation
 (``MONOCHROME1`` or ``MONOCHROME2``), rescale slope and intercept, pixel spacing, noise level,
-and an imaging chain (contrast, brightness, gamma; ``medsplit.partitions.Scanner``). The files
+and an imaging chain (contrast, brightness, gamma; ``edge_agent.data.partitions.Scanner``). The files
 are valid DICOM that other tools open: file meta, CR Image Storage SOP class, fresh UIDs,
 PatientID/PatientName, StudyDate, PixelSpacing, a default window. Decoded by
-``medsplit.dicom`` every site's images look alike again (bright = dense), except for what a real
+``edge_agent.data.dicom`` every site's images look alike again (bright = dense), except for what a real
 scanner leaves: noise and tone.
 
 Layout: ``OUT/site-N/IMAGE.dcm`` and ``OUT/site-N/labels.csv`` with the columns ``file``,
@@ -23,8 +23,8 @@ import numpy as np
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
-from medsplit.partitions import Scanner
-from medsplit.synthetic import synthetic_cxr
+from edge_agent.data.partitions import Scanner
+from edge_agent.data.synthetic import synthetic_cxr
 
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 LABELS = ("normal", "lesion")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import GroupShuffleSplit
 
-from medsplit.inputs import DataCard
+from edge_agent.data.inputs import DataCard
 
 
 @dataclass(frozen=True)

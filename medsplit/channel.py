@@ -1,11 +1,13 @@
-"""Envelopes over a transport: chunked sending, and de-duplicated, verified receiving.
+"""One party's channel: envelopes over a transport, and presence beside them.
 
 ``Endpoint`` is what agents and the aggregator use. ``send`` encodes an envelope into frames and
 publishes them pipelined, waiting for the broker's acknowledgements. ``receive`` pulls frames
 from the transport, reassembles, drops redeliveries by message id, verifies, checks that the
 header agrees with the topic it came on, and returns each message once. A bad message is logged,
 counted by error type in ``stats.rejected`` and handed to ``on_reject``; it never raises out of
-``receive``.
+``receive``. Presence topics never reach the envelope decoder: their JSON is parsed on its own
+and handed to ``on_presence`` (a malformed one is counted as ``BadPresence`` and dropped; nobody
+is answered, since presence has no sender to answer).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from medsplit import topics
+from medsplit.protocol import topics
+from medsplit.protocol.presence import Presence, PresenceError
 from medsplit.transport.acks import Delivery
 from medsplit.transport.base import Inbound, Transport
 from medsplit.wire import (
@@ -33,6 +36,7 @@ from medsplit.wire.reassembly import ExpectedFor
 log = logging.getLogger(__name__)
 
 RejectHandler = Callable[[str, WireError], None]
+PresenceHandler = Callable[[str, Presence], None]
 
 
 @dataclass
@@ -84,10 +88,12 @@ class Endpoint:
         max_buffered_bytes: int = 2 * 1024 * 1024 * 1024,
         dedup_window: int = 100_000,
         on_reject: RejectHandler | None = None,
+        on_presence: PresenceHandler | None = None,
     ) -> None:
         self.transport = transport
         self.limits = limits
         self.on_reject = on_reject
+        self.on_presence = on_presence
         self.stats = EndpointStats()
         self._pending: list[Delivery] = []
         self._decoder = Decoder(
@@ -157,6 +163,9 @@ class Endpoint:
     def _accept(self, inbound: Inbound) -> Received | None:
         self.stats.received_frames += 1
         self.stats.received_bytes += len(inbound.payload)
+        if topics.is_presence(inbound.topic):
+            self._presence(inbound)
+            return None
         try:
             envelope = self._decoder.feed(inbound.payload)
             if envelope is not None:
@@ -169,6 +178,18 @@ class Endpoint:
             return None
         self.stats.received_messages += 1
         return Received(inbound.topic, envelope)
+
+    def _presence(self, inbound: Inbound) -> None:
+        if not inbound.payload:
+            return  # a retained presence being cleared
+        try:
+            presence = Presence.from_bytes(inbound.payload)
+        except PresenceError as exc:
+            self.stats.rejected["BadPresence"] += 1
+            log.warning("ignored presence on %s: %s", inbound.topic, exc)
+            return
+        if self.on_presence is not None:
+            self.on_presence(inbound.topic, presence)
 
     def _reject(self, topic: str, error: WireError) -> None:
         kind = type(error).__name__

@@ -1,0 +1,220 @@
+"""``job.yaml``: what the aggregator runs, grouped by concern (docs/configuration.md).
+
+* top level: the job's identity and shape -- ``job_id``, ``plan``, ``mode``, ``orchestration``,
+  ``sites``, ``seed``, ``release_trunk``, ``dataset``;
+* ``rounds``: how many, how long each may take, how many sites must answer, sampling;
+* ``training``: what every site does in a round (epochs, batches, optimizer, wire precision);
+* ``broker``, ``waits``: the shared groups of ``medsplit.config``;
+* ``state``: where the run's report and weights go.
+
+Validation runs twice: first with the plan unchecked, so that a typo anywhere is reported in a
+fraction of a second, then in full, which builds the plan's architecture (torch).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, ClassVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+
+from medsplit.config import BrokerConfig, FileSettings, OptimizerConfig, WaitSettings
+from medsplit.ids import ID_PATTERN, RESERVED_IDS
+from medsplit.modes import MODES, Mode, Orchestration, WireDtype
+from models import ConfigError, SplitPlan
+from models.config_errors import validate
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+# True during the first pass, which leaves the plan for the second. A context variable, not
+# pydantic's validation context: pydantic-settings builds the model through __init__, which
+# drops that context.
+_SHAPE_ONLY: ContextVar[bool] = ContextVar("shape_only", default=False)
+
+
+class RoundSettings(BaseModel):
+    """How many rounds, and when a round closes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    count: int = Field(5, ge=1, le=100_000, description="rounds (epochs of the whole federation)")
+    deadline_s: float = Field(
+        600.0,
+        gt=0,
+        description="one deadline per round, training and evaluation together: a site that has "
+        "not answered by then is missed for the round",
+    )
+    join_deadline_s: float = Field(600.0, gt=0, description="how long to wait for sites to join")
+    min_sites: int | None = Field(
+        None, ge=1, description="sites that must answer for a round to count; default: all"
+    )
+    sample_fraction: float = Field(
+        1.0, gt=0, le=1, description="parallel rounds: share of sites asked to train each round"
+    )
+
+
+class TrainingSettings(BaseModel):
+    """What every site does when asked to train."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    local_epochs: int = Field(1, ge=1, le=1000, description="passes over local data per round")
+    batch_size: int = Field(32, ge=1, le=65_536)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    wire_dtype: WireDtype = Field(
+        "float32", description="activations and gradients on the wire; weights stay float32"
+    )
+
+
+class AggregatorState(BaseModel):
+    """What the aggregator writes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_dir: Path | None = Field(
+        None, description="where report.json, plots and weights go; default runs/JOB_ID"
+    )
+
+
+class JobConfig(FileSettings):
+    """What the aggregator runs. See docs/configuration.md."""
+
+    moved_fields: ClassVar[dict[str, str]] = {
+        "rounds:scalar": "rounds.count",
+        "round_deadline_s": "rounds.deadline_s",
+        "join_deadline_s": "rounds.join_deadline_s",
+        "min_sites": "rounds.min_sites",
+        "sample_fraction": "rounds.sample_fraction",
+        "local_epochs": "training.local_epochs",
+        "batch_size": "training.batch_size",
+        "optimizer": "training.optimizer",
+        "wire_dtype": "training.wire_dtype",
+        "run_dir": "state.run_dir",
+    }
+
+    job_id: Id
+    plan: SplitPlan = Field(description="a built-in plan name, a YAML path, or the plan inline")
+    mode: Mode = Mode.SPLIT_U
+    orchestration: Orchestration = Field(
+        None,  # type: ignore[assignment]  # filled in from the mode's default before validation
+        description="default: sequential for split modes, parallel for fedavg/flop",
+    )
+    sites: list[Id] = Field(min_length=1, description="site ids expected to take part")
+    seed: int = 0
+    release_trunk: bool = Field(
+        True,
+        description="split modes: send each site the final trunk, so it can export its model",
+    )
+    dataset: str = Field("unknown", description="recorded in the report")
+    rounds: RoundSettings = RoundSettings()
+    training: TrainingSettings = TrainingSettings()
+    broker: BrokerConfig = BrokerConfig()
+    waits: WaitSettings = WaitSettings()
+    state: AggregatorState = AggregatorState()
+
+    @classmethod
+    def from_mapping(
+        cls, data: dict[str, Any], source: str = "<config>", *, base: Path | None = None
+    ) -> Any:
+        cls._refuse_moved_fields(data, source)
+        data = cls.resolve_paths(dict(data), base)
+        # First pass without the plan: every other mistake is reported before torch loads.
+        token = _SHAPE_ONLY.set(True)
+        try:
+            validate(cls, data, source)
+        finally:
+            _SHAPE_ONLY.reset(token)
+        return validate(cls, data, source)
+
+    @classmethod
+    def resolve_paths(cls, data: dict[str, Any], base: Path | None) -> dict[str, Any]:
+        # A relative plan path means "next to this config file", wherever we run from.
+        plan = data.get("plan")
+        if base is not None and isinstance(plan, str) and (base / plan).is_file():
+            data["plan"] = str(base / plan)
+        return data
+
+    @field_validator("plan", mode="wrap")
+    @classmethod
+    def _load_plan(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if _SHAPE_ONLY.get():
+            if not isinstance(value, str | dict):
+                raise ValueError("expected a plan name, a YAML path or a mapping")
+            return value
+        if isinstance(value, str):
+            from models import load_plan  # noqa: PLC0415 - loads torch
+
+            try:
+                value = load_plan(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return handler(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_orchestration(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("orchestration") is None:
+            try:
+                mode = Mode(data.get("mode", Mode.SPLIT_U))
+            except ValueError:
+                return data  # the mode field reports it
+            data = {**data, "orchestration": MODES[mode].default_orchestration}
+        return data
+
+    @field_validator("sites")
+    @classmethod
+    def _unique(cls, sites: list[str]) -> list[str]:
+        duplicates = sorted({s for s in sites if sites.count(s) > 1})
+        if duplicates:
+            raise ValueError(f"site ids must be unique; repeated: {', '.join(duplicates)}")
+        reserved = sorted(set(sites) & RESERVED_IDS)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} is reserved and cannot be a site id")
+        return sites
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        rounds = self.rounds
+        if rounds.sample_fraction < 1 and self.orchestration == Orchestration.SEQUENTIAL:
+            raise ValueError(
+                "rounds.sample_fraction: applies to parallel rounds; sequential rounds visit "
+                "every site"
+            )
+        if rounds.min_sites is not None and rounds.min_sites > len(self.sites):
+            raise ValueError(
+                f"rounds.min_sites: {rounds.min_sites} is more than the {len(self.sites)} sites "
+                "listed"
+            )
+        if _SHAPE_ONLY.get():
+            return self
+        traits = MODES[self.mode]
+        if traits.u_shaped is True and not self.plan.u_shaped:
+            raise ValueError(
+                f"mode: {self.mode} needs a plan with a tail (set tail_cut in the plan)"
+            )
+        if traits.u_shaped is False and self.plan.u_shaped:
+            raise ValueError(
+                f"mode: {self.mode} needs a plan without a tail (remove tail_cut, or use split-u)"
+            )
+        if traits.weights == "shared" and not (self.plan.private_keys and self.plan.shared_keys):
+            raise ValueError(
+                f"mode: {self.mode} needs a plan with both shared and private layers "
+                "(e.g. private: [classifier]); with nothing private use mode: fedavg"
+            )
+        return self
+
+    @property
+    def quorum(self) -> int:
+        return self.rounds.min_sites or len(self.sites)
+
+    @property
+    def output_dir(self) -> Path:
+        return self.state.run_dir or Path("runs") / self.job_id

@@ -1,0 +1,411 @@
+"""The aggregator's whole position in a job, as one value, and its pure transitions.
+
+``JobState`` is everything the aggregator knows: the phase, the round, the training turn, who
+was asked what and who answered, the site registry, the global weights and the finished
+rounds. ``JobMachine.step(state, event, now)`` returns the next state and the messages to send;
+it performs no I/O and reads no clock (``now`` comes in with every call), so a job can be
+driven by a test with a fake clock, and saving a job is saving this value.
+
+A round is training turns (as many as the strategy asks for: one for parallel rounds, one per
+site for cyclic ones) followed by one evaluation, all under **one deadline per round**. A site
+that has not answered by the deadline is missed for the round, and a round with fewer than
+``min_sites`` trained sites fails the job, whatever the orchestration.
+
+Joining is idempotent. A repeated ``hello`` from the same agent process (same incarnation) is
+answered with ``setup`` again and nothing else; a ``hello`` from a restarted agent (new
+incarnation) also repeats what that site was asked in the current step, since the old process
+took the request with it. Either way a site trains a turn at most once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from enum import Enum
+from typing import Any
+
+import torch
+
+from aggregator.strategy import Reply, Strategy
+from medsplit.protocol import Kind
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+class Phase(str, Enum):
+    JOINING = "joining"
+    TRAINING = "training"
+    EVALUATING = "evaluating"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class SiteEntry:
+    """What the registry knows of one site (also what the status page will show)."""
+
+    site_id: str
+    joined: bool = False
+    incarnation: str | None = None  # the agent process that last said hello
+    connected: bool = False  # from presence (Last Will: offline)
+    last_seen: float | None = None
+    train_samples: int = 0
+    test_samples: int = 0
+    bytes_up: int = 0  # running totals as the site reports them
+    bytes_down: int = 0
+
+
+@dataclass
+class RoundRecord:
+    """One finished round, as the report shows it."""
+
+    round: int
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    train_loss: dict[str, float] = field(default_factory=dict)
+    compute_seconds: dict[str, float] = field(default_factory=dict)  # each site's own training
+    missed: list[str] = field(default_factory=list)
+    trained: list[str] = field(default_factory=list)
+    bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # this round's traffic
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+
+    def mean(self) -> dict[str, float | None]:
+        from aggregator.strategy import mean_metrics  # noqa: PLC0415 - one definition of "mean"
+
+        return mean_metrics(self.metrics)
+
+
+# -- events: what the driver observed ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hello:
+    site: str
+    incarnation: str
+    train_samples: int
+    test_samples: int
+
+
+@dataclass(frozen=True)
+class TrainDone:
+    site: str
+    round: int
+    reply: Reply
+    train_loss: float
+    compute_seconds: float
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    site: str
+    round: int
+    metrics: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SitePresence:
+    site: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passed (deadlines are checked on every event; a tick is an event with no news)."""
+
+
+Event = Hello | TrainDone | Evaluated | SitePresence | Tick
+
+
+# -- outgoing messages ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    """A message for one site. ``FINISH`` tensors are the driver's (it holds the trunk)."""
+
+    site: str
+    kind: Kind
+    round: int
+    tensors: Tensors = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Forget:
+    """The site's unfinished split-learning steps are void (it restarted or missed its turn)."""
+
+    site: str
+
+
+Out = Send | Forget
+
+
+# -- the state ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobState:
+    phase: Phase
+    sites: Mapping[str, SiteEntry]
+    weights: Tensors  # the global state: what the sites receive each round
+    deadline: float  # of joining, then of the current round
+    round: int = -1
+    turn: int = 0
+    asked: tuple[str, ...] = ()  # asked in the current step (turn or evaluation)
+    replies: Mapping[str, TrainDone] = field(default_factory=dict)  # this turn
+    evaluations: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # this round
+    refused: tuple[str, ...] = ()  # asked this step, but their reply was refused
+    record: RoundRecord | None = None  # the round in progress
+    round_started: float = 0.0
+    history: tuple[RoundRecord, ...] = ()
+    late_messages: int = 0
+    failure: str | None = None
+
+    @property
+    def joined(self) -> list[str]:
+        return [s for s, e in self.sites.items() if e.joined]
+
+    @property
+    def waiting_for(self) -> list[str]:
+        """Whom the job waits for now, in the job's order."""
+        if self.phase == Phase.JOINING:
+            return [s for s, e in self.sites.items() if not e.joined]
+        answered = set(self.refused) | (
+            set(self.replies) if self.phase == Phase.TRAINING else set(self.evaluations)
+        )
+        return [s for s in self.asked if s not in answered]
+
+    @property
+    def done(self) -> bool:
+        return self.phase in (Phase.FINISHED, Phase.FAILED)
+
+
+def initial_state(
+    sites: list[str], weights: Tensors, now: float, join_deadline_s: float
+) -> JobState:
+    return JobState(
+        Phase.JOINING,
+        {s: SiteEntry(s) for s in sites},
+        dict(weights),
+        deadline=now + join_deadline_s,
+    )
+
+
+@dataclass(frozen=True)
+class JobMachine:
+    """The rules of one job: its strategy and limits. ``step`` is the only entry point."""
+
+    strategy: Strategy
+    rounds: int
+    quorum: int
+    round_deadline_s: float
+    local_epochs: int
+
+    def step(self, state: JobState, event: Event, now: float) -> tuple[JobState, list[Out]]:
+        if state.done:
+            return state, []
+        out: list[Out] = []
+        if isinstance(event, Hello):
+            state = self._hello(state, event, now, out)
+        elif isinstance(event, TrainDone):
+            state = self._train_done(state, event, out)
+        elif isinstance(event, Evaluated):
+            state = self._evaluated(state, event)
+        elif isinstance(event, SitePresence):
+            state = self._presence(state, event, now)
+        state = self._advance(state, now, out)
+        return state, out
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def _hello(self, state: JobState, hello: Hello, now: float, out: list[Out]) -> JobState:
+        entry = state.sites[hello.site]
+        restarted = entry.incarnation is not None and entry.incarnation != hello.incarnation
+        state = _with_site(
+            state,
+            replace(
+                entry,
+                joined=True,
+                connected=True,
+                incarnation=hello.incarnation,
+                last_seen=now,
+                train_samples=hello.train_samples,
+                test_samples=hello.test_samples,
+            ),
+        )
+        out.append(Send(hello.site, Kind.SETUP, max(state.round, 0)))
+        if restarted and hello.site in state.waiting_for:
+            out.append(Forget(hello.site))
+            out.append(self._request(state, hello.site))
+        return state
+
+    def _train_done(self, state: JobState, done: TrainDone, out: list[Out]) -> JobState:
+        if (
+            state.phase != Phase.TRAINING
+            or done.round != state.round
+            or done.site not in state.waiting_for
+        ):
+            return replace(state, late_messages=state.late_messages + 1)
+        try:
+            self.strategy.check_reply(state.weights, done.reply)
+        except ValueError as exc:
+            out.append(
+                Send(
+                    done.site,
+                    Kind.ERROR,
+                    state.round,
+                    meta={"error": "ReplyRefused", "detail": str(exc)[:500]},
+                )
+            )
+            return replace(state, refused=(*state.refused, done.site))
+        return replace(state, replies={**state.replies, done.site: done})
+
+    def _evaluated(self, state: JobState, evaluated: Evaluated) -> JobState:
+        if (
+            state.phase != Phase.EVALUATING
+            or evaluated.round != state.round
+            or evaluated.site not in state.waiting_for
+        ):
+            return replace(state, late_messages=state.late_messages + 1)
+        return replace(state, evaluations={**state.evaluations, evaluated.site: evaluated.metrics})
+
+    def _presence(self, state: JobState, presence: SitePresence, now: float) -> JobState:
+        entry = state.sites[presence.site]
+        return _with_site(state, replace(entry, connected=presence.online, last_seen=now))
+
+    # -- progress ----------------------------------------------------------------------------------
+
+    def _advance(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        """Move on as far as the replies and the clock allow."""
+        while not state.done:
+            if state.phase == Phase.JOINING:
+                if state.waiting_for and now < state.deadline:
+                    return state
+                if len(state.joined) < self.quorum:
+                    return _failed(
+                        state,
+                        f"only {len(state.joined)} of {len(state.sites)} sites joined before the "
+                        f"join deadline (min_sites={self.quorum}); missing "
+                        f"{', '.join(state.waiting_for)}",
+                    )
+                state = self._start_round(state, 0, now, out)
+            elif state.waiting_for and now < state.deadline:
+                return state
+            elif state.phase == Phase.TRAINING:
+                state = self._close_turn(state, now, out)
+            else:
+                state = self._close_round(state, now, out)
+        return state
+
+    def _start_round(self, state: JobState, round: int, now: float, out: list[Out]) -> JobState:
+        if len(state.joined) < self.quorum:
+            return _failed(
+                state,
+                f"round {round}: only {len(state.joined)} sites present (min_sites={self.quorum})",
+            )
+        state = replace(
+            state,
+            phase=Phase.TRAINING,
+            round=round,
+            turn=0,
+            deadline=now + self.round_deadline_s,
+            round_started=now,
+            evaluations={},
+            record=RoundRecord(round),
+        )
+        return self._start_turn(state, now, out)
+
+    def _start_turn(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        sites = self.strategy.configure_train(state.round, state.turn, state.joined)
+        if not sites:
+            return self._start_evaluation(state, now, out)
+        state = replace(state, asked=tuple(sites), replies={}, refused=())
+        out.extend(self._request(state, site) for site in sites)
+        return state
+
+    def _close_turn(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        assert state.record is not None
+        missed = state.waiting_for
+        out.extend(Forget(site) for site in missed)
+        replies = [state.replies[s] for s in state.asked if s in state.replies]
+        failures = [s for s in state.asked if s not in state.replies]
+        weights = self.strategy.aggregate_train(state.weights, [r.reply for r in replies], failures)
+        record = replace(
+            state.record,
+            trained=[*state.record.trained, *(r.site for r in replies)],
+            missed=[*state.record.missed, *failures],
+            train_loss={**state.record.train_loss, **{r.site: r.train_loss for r in replies}},
+            compute_seconds={
+                **state.record.compute_seconds,
+                **{r.site: r.compute_seconds for r in replies},
+            },
+        )
+        state = replace(state, weights=weights, record=record, turn=state.turn + 1, asked=())
+        if now >= state.deadline:  # the round's time is up: no more turns
+            unasked = self._remaining_turns(state)
+            record = replace(record, missed=[*record.missed, *unasked])
+            return self._start_evaluation(replace(state, record=record), now, out)
+        return self._start_turn(state, now, out)
+
+    def _remaining_turns(self, state: JobState) -> list[str]:
+        """The sites the strategy would still have asked this round, in order."""
+        sites, turn = [], state.turn
+        while chosen := self.strategy.configure_train(state.round, turn, state.joined):
+            sites += chosen
+            turn += 1
+        return sites
+
+    def _start_evaluation(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        assert state.record is not None
+        if len(state.record.trained) < self.quorum:
+            return _failed(
+                state,
+                f"round {state.round}: only {len(state.record.trained)} sites trained before the "
+                f"deadline (min_sites={self.quorum}); missed {', '.join(state.record.missed)}",
+            )
+        record = replace(state.record, train_seconds=now - state.round_started)
+        sites = self.strategy.configure_evaluate(state.round, state.joined)
+        state = replace(
+            state, phase=Phase.EVALUATING, asked=tuple(sites), refused=(), record=record
+        )
+        out.extend(self._request(state, site) for site in sites)
+        return state
+
+    def _close_round(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        assert state.record is not None
+        sites = dict(state.sites)
+        traffic: dict[str, dict[str, int]] = {}
+        for site, metrics in state.evaluations.items():
+            # Sites report running totals; a round's traffic is the growth since the last one.
+            up, down = int(metrics.get("bytes_up") or 0), int(metrics.get("bytes_down") or 0)
+            entry = sites[site]
+            traffic[site] = {"up": up - entry.bytes_up, "down": down - entry.bytes_down}
+            sites[site] = replace(entry, bytes_up=up, bytes_down=down)
+        record = replace(
+            state.record,
+            metrics={s: dict(m) for s, m in state.evaluations.items()},
+            bytes=traffic,
+            seconds=now - state.round_started,
+        )
+        state = replace(state, sites=sites, history=(*state.history, record), record=None)
+        if state.round + 1 < self.rounds:
+            return self._start_round(state, state.round + 1, now, out)
+        out.extend(Send(site, Kind.FINISH, self.rounds) for site in state.joined)
+        return replace(state, phase=Phase.FINISHED, asked=())
+
+    def _request(self, state: JobState, site: str) -> Send:
+        """What ``site`` is asked in the current step: train or evaluate the global weights."""
+        if state.phase == Phase.EVALUATING:
+            return Send(site, Kind.EVALUATE, state.round, state.weights)
+        return Send(site, Kind.TRAIN, state.round, state.weights, {"epochs": self.local_epochs})
+
+
+def _with_site(state: JobState, entry: SiteEntry) -> JobState:
+    return replace(state, sites={**state.sites, entry.site_id: entry})
+
+
+def _failed(state: JobState, why: str) -> JobState:
+    return replace(state, phase=Phase.FAILED, failure=why, asked=())

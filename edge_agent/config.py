@@ -1,0 +1,93 @@
+"""``site.yaml``: what one edge agent runs, grouped by concern (docs/configuration.md).
+
+* top level: ``site_id``, ``job_id``, ``device``, ``export_onnx``;
+* ``data``: where this hospital's training data comes from (DICOM, CSV, or a built-in share);
+* ``broker``: the shared broker group of ``medsplit.config``;
+* ``waits``: how patient the agent is with the aggregator, and how often it says so;
+* ``state``: the directory that holds this site's layers, its final model and ``model.onnx``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    field_validator,
+)
+
+from edge_agent.data.settings import BuiltinData, CsvData, DicomData
+from medsplit.config import BrokerConfig, FileSettings, WaitSettings
+from medsplit.ids import ID_PATTERN, RESERVED_IDS
+
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+
+
+def _data_source(value: Any) -> str:
+    """Which data section this is; ``source`` may be left out for a built-in share."""
+    if isinstance(value, dict):
+        return str(value.get("source", "builtin"))
+    return str(getattr(value, "source", "builtin"))
+
+
+SiteDataConfig = Annotated[
+    Annotated[BuiltinData, Tag("builtin")]
+    | Annotated[DicomData, Tag("dicom")]
+    | Annotated[CsvData, Tag("csv")],
+    Discriminator(_data_source),
+]
+
+
+class SiteWaits(WaitSettings):
+    """How patient the agent is with the aggregator."""
+
+    reply_timeout_s: float = Field(
+        300.0, gt=0, description="give up on a training step the aggregator has not answered"
+    )
+    hello_interval_s: float = Field(
+        5.0, gt=0, description="repeat hello at most this far apart until the aggregator answers"
+    )
+
+
+class SiteState(BaseModel):
+    """What the agent keeps on disk."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: Path = Field(
+        Path("state"), description="this site's layers, its final model and model.onnx live here"
+    )
+
+
+class SiteConfig(FileSettings):
+    """What one edge agent runs. See docs/configuration.md."""
+
+    moved_fields: ClassVar[dict[str, str]] = {
+        "state_dir": "state.dir",
+        "reply_timeout_s": "waits.reply_timeout_s",
+        "hello_interval_s": "waits.hello_interval_s",
+    }
+
+    site_id: Id
+    job_id: Id
+    broker: BrokerConfig = BrokerConfig()
+    data: SiteDataConfig = BuiltinData()
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    export_onnx: bool = Field(
+        True, description="at the end of a job, export the site's model to state.dir/model.onnx"
+    )
+    waits: SiteWaits = SiteWaits()
+    state: SiteState = SiteState()
+
+    @field_validator("site_id")
+    @classmethod
+    def _not_reserved(cls, site_id: str) -> str:
+        if site_id in RESERVED_IDS:
+            raise ValueError(f"{site_id!r} is reserved and cannot be a site id")
+        return site_id

@@ -1,0 +1,150 @@
+"""The ``data`` section of a site.yaml, and the names it may use -- without torch or pydicom.
+
+These are the settings of every data source (DICOM folder, CSV table, built-in share) and the
+image preprocessing; the loaders that use them live beside this module. Kept free of heavy
+imports so that a site.yaml is validated, and its typos reported, in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from edge_agent.data.names import DATASETS, SCHEMES, check_name, parse_scheme
+
+
+class Preprocessing(BaseModel):
+    """How images are prepared: the same in training, at every site, and when serving."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(64, ge=8, le=4096, description="images are resized to size x size")
+    window: tuple[float, float] | None = Field(
+        None, description="(center, width) in physical units; default: the file's own window"
+    )
+    frame: int = Field(0, ge=0, description="which frame of a multi-frame file")
+    mean: float = Field(0.0, description="subtracted after scaling to [0, 1]")
+    std: float = Field(1.0, gt=0, description="then divided by")
+
+
+Key = Literal["file", "sop_instance_uid", "patient_id"]
+
+
+class DicomData(BaseModel):
+    """A site's ``data`` section for DICOM images. See docs/data.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["dicom"] = "dicom"
+    folder: Path
+    labels: Path | None = Field(None, description="default: FOLDER/labels.csv")
+    key: Key = Field("file", description="what the key column holds")
+    key_column: str | None = Field(None, description="default: the key's name")
+    label_column: str = "label"
+    classes: list[str] = Field(min_length=2, description="label values, in class-index order")
+    preprocessing: Preprocessing = Preprocessing()
+    on_bad_input: Literal["skip", "fail"] = "fail"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    cache_dir: Path | None = Field(
+        None, description="keep decoded images here (on the site) to skip decoding on restart"
+    )
+
+    @model_validator(mode="after")
+    def _distinct_classes(self) -> DicomData:
+        if len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes: values must be distinct, got {self.classes}")
+        return self
+
+    @property
+    def labels_path(self) -> Path:
+        return self.labels or self.folder / "labels.csv"
+
+
+class Normalization(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: list[float]
+    std: list[float]
+
+
+class CsvData(BaseModel):
+    """A site's ``data`` section for an EHR table. See docs/data.md."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["csv"] = "csv"
+    path: Path
+    label_column: str
+    classes: list[str] = Field(min_length=2, description="label values, in class-index order")
+    numeric: list[str] = Field(default_factory=list, description="numeric feature columns")
+    categorical: dict[str, list[str]] = Field(
+        default_factory=dict, description="column -> its categories, one-hot in this order"
+    )
+    missing: Literal["fail", "drop", "impute"] = "fail"
+    normalization: Normalization | None = Field(
+        None, description="per numeric feature; from `medsplit data-stats --combine`"
+    )
+    patient_column: str | None = Field(None, description="split train/test by this column")
+    on_bad_input: Literal["skip", "fail"] = "fail"
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CsvData:
+        if not self.numeric and not self.categorical:
+            raise ValueError("list at least one feature column in numeric or categorical")
+        columns = [*self.numeric, *self.categorical, self.label_column]
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise ValueError(f"columns used twice: {repeated}")
+        for column, categories in self.categorical.items():
+            if len(categories) < 1 or len(set(categories)) != len(categories):
+                raise ValueError(
+                    f"categorical.{column}: list distinct categories, got {categories}"
+                )
+        norm = self.normalization
+        if norm is not None and not (len(norm.mean) == len(norm.std) == len(self.numeric)):
+            raise ValueError(
+                f"normalization: needs one mean and one std per numeric column ({len(self.numeric)})"
+            )
+        if norm is not None and any(s <= 0 for s in norm.std):
+            raise ValueError("normalization.std: every value must be positive")
+        return self
+
+    @property
+    def features(self) -> list[str]:
+        """Names of the model's inputs, in order (for export metadata and error messages)."""
+        from edge_agent.data.csv_source import feature_input  # noqa: PLC0415 - loads torch
+
+        return feature_input(self).features
+
+
+class BuiltinData(BaseModel):
+    """A share of a built-in dataset: what the demo and the experiments give each site."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["builtin"] = "builtin"
+    dataset: str = Field("breast-cancer", description=f"one of {', '.join(DATASETS)}")
+    partition: str = Field("iid", description=SCHEMES)
+    num_sites: int = Field(1, ge=1)
+    index: int = Field(0, ge=0, description="which share, 0-based")
+    seed: int = 0
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+    _known_dataset = field_validator("dataset")(lambda cls, name: check_name(name))
+
+    @field_validator("partition")
+    @classmethod
+    def _scheme(cls, scheme: str) -> str:
+        parse_scheme(scheme)
+        return scheme
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> BuiltinData:
+        if self.index >= self.num_sites:
+            raise ValueError(f"index: {self.index} is out of range for num_sites={self.num_sites}")
+        return self

@@ -1,0 +1,1 @@
+"""Brokers for trials and tests: a local Mosquitto, or an embedded amqtt when none is installed."""

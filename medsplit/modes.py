@@ -1,0 +1,82 @@
+"""One vocabulary for the methods medsplit runs, and one table of what each one means.
+
+Everything that differs between modes -- which weights travel each round, whether cut-layer
+tensors travel per batch, whether labels leave a site, how rounds are orchestrated by default --
+is read from ``MODES`` rather than compared as strings across the code base. Adding a mode is
+adding a row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+
+class Mode(str, Enum):
+    """How the network is divided between the sites and the aggregator (docs/index.md)."""
+
+    SPLIT = "split"
+    SPLIT_U = "split-u"
+    FEDAVG = "fedavg"
+    FLOP = "flop"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Orchestration(str, Enum):
+    """Sites take turns (sequential, cyclic) or train at the same time (parallel)."""
+
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Activations and gradients may travel down-cast; weights always travel as float32.
+WireDtype = Literal["float32", "float16", "bfloat16"]
+
+Exchanged = Literal["edge", "all", "shared"]
+
+
+@dataclass(frozen=True)
+class ModeTraits:
+    """What one mode exchanges and keeps.
+
+    ``weights``: which state-dict entries travel in ``train``/``done`` -- the site's own
+    segments (``edge``: head and tail), the whole model (``all``), or only the plan's shared
+    tensors (``shared``; private layers never leave a site).
+    """
+
+    weights: Exchanged
+    cut_layer: bool  # activations and gradients travel per batch
+    labels_travel: bool
+    u_shaped: bool | None  # the plan must (True) or must not (False) have a tail; None: either
+    default_orchestration: Orchestration
+
+    @property
+    def federated(self) -> bool:
+        return not self.cut_layer
+
+
+MODES: dict[Mode, ModeTraits] = {
+    Mode.SPLIT: ModeTraits("edge", True, True, False, Orchestration.SEQUENTIAL),
+    Mode.SPLIT_U: ModeTraits("edge", True, False, True, Orchestration.SEQUENTIAL),
+    Mode.FEDAVG: ModeTraits("all", False, False, None, Orchestration.PARALLEL),
+    Mode.FLOP: ModeTraits("shared", False, False, None, Orchestration.PARALLEL),
+}
+
+
+def traits(mode: Mode | str) -> ModeTraits:
+    """The row of ``MODES`` for ``mode``; ValueError naming the allowed modes otherwise."""
+    try:
+        return MODES[Mode(mode)]
+    except ValueError:
+        allowed = ", ".join(m.value for m in Mode)
+        raise ValueError(f"unknown mode {mode!r}; allowed: {allowed}") from None
+
+
+SPLIT_MODES = tuple(m for m, t in MODES.items() if t.cut_layer)
+FEDERATED_MODES = tuple(m for m, t in MODES.items() if t.federated)

@@ -1,0 +1,36 @@
+"""Message kinds: the last level of every topic and the ``kind`` of every envelope header.
+
+Uplink (site -> aggregator): ``hello``, ``stats``, ``activations``, ``trunk-grad``, ``done``,
+``eval-activations``, ``metrics``, ``error``.
+Downlink (aggregator -> site): ``setup``, ``stats-request``, ``train``, ``gradients``,
+``trunk-out``, ``act-grad``, ``evaluate``, ``eval-out``, ``finish``, ``refused``, ``error``.
+Presence is not a kind: it travels on its own retained topic, as JSON (``presence``).
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Kind(str, Enum):
+    HELLO = "hello"
+    SETUP = "setup"
+    REFUSED = "refused"  # the aggregator will not take this site (not in the job)
+    STATS_REQUEST = "stats-request"
+    STATS = "stats"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    FINISH = "finish"
+    ERROR = "error"
+    ACTIVATIONS = "activations"
+    GRADIENTS = "gradients"
+    TRUNK_OUT = "trunk-out"
+    TRUNK_GRAD = "trunk-grad"
+    ACT_GRAD = "act-grad"
+    DONE = "done"
+    METRICS = "metrics"
+    EVAL_ACTIVATIONS = "eval-activations"
+    EVAL_OUT = "eval-out"
+
+    def __str__(self) -> str:
+        return self.value

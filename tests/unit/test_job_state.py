@@ -1,0 +1,195 @@
+"""The aggregator's job as a pure state machine: events in, state and messages out, fake clock.
+
+No threads, no transport: every test feeds ``JobMachine.step`` the events a driver would and
+reads what it would send.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from aggregator.state import (
+    Evaluated,
+    Event,
+    Forget,
+    Hello,
+    JobMachine,
+    JobState,
+    Out,
+    Phase,
+    Send,
+    Tick,
+    TrainDone,
+    initial_state,
+)
+from aggregator.strategy import Cyclic, FedAvg, Reply
+from medsplit.protocol import Kind
+
+WEIGHTS = {"w": torch.zeros(2)}
+DEADLINE = 10.0
+
+
+def _machine(strategy: FedAvg | Cyclic, *, rounds: int = 1, quorum: int = 1) -> JobMachine:
+    return JobMachine(
+        strategy, rounds=rounds, quorum=quorum, round_deadline_s=DEADLINE, local_epochs=1
+    )
+
+
+class Job:
+    """A machine, its state and a fake clock; ``feed`` keeps every message sent."""
+
+    def __init__(self, machine: JobMachine, sites: Sequence[str], join_deadline_s: float = 5.0):
+        self.machine = machine
+        self.now = 0.0
+        self.state: JobState = initial_state(list(sites), WEIGHTS, self.now, join_deadline_s)
+        self.sent: list[Out] = []
+
+    def feed(self, event: Event, at: float | None = None) -> list[Out]:
+        if at is not None:
+            self.now = at
+        self.state, out = self.machine.step(self.state, event, self.now)
+        self.sent += out
+        return out
+
+    def hello(self, site: str, incarnation: str = "one") -> list[Out]:
+        return self.feed(Hello(site, incarnation, train_samples=10, test_samples=5))
+
+    def done(self, site: str, value: float = 1.0) -> list[Out]:
+        reply = Reply(site, {"w": torch.full((2,), value)}, samples=10)
+        return self.feed(TrainDone(site, self.state.round, reply, 0.5, 0.1))
+
+    def evaluated(self, site: str) -> list[Out]:
+        return self.feed(Evaluated(site, self.state.round, {"accuracy": 0.9, "loss": 0.1}))
+
+    def kinds(self, site: str) -> list[Kind]:
+        return [m.kind for m in self.sent if isinstance(m, Send) and m.site == site]
+
+
+def test_a_repeated_hello_gets_setup_again_and_never_a_second_request() -> None:
+    job = Job(_machine(FedAvg()), ["a", "b"])
+    job.hello("a")
+    job.hello("b")  # everyone is in: round 0 starts
+    assert job.kinds("a") == [Kind.SETUP, Kind.TRAIN]
+    out = job.hello("a")  # the same agent said hello twice (its first hello crossed setup)
+    assert [m.kind for m in out if isinstance(m, Send)] == [Kind.SETUP]
+    assert job.kinds("a").count(Kind.TRAIN) == 1
+    assert job.state.waiting_for == ["a", "b"]
+
+
+def test_a_restarted_agent_is_asked_again_what_its_old_process_took_with_it() -> None:
+    job = Job(_machine(FedAvg()), ["a"])
+    job.hello("a", incarnation="first")
+    out = job.hello("a", incarnation="second")
+    assert Forget("a") in out  # its unfinished split steps are void
+    assert [m.kind for m in out if isinstance(m, Send)] == [Kind.SETUP, Kind.TRAIN]
+    job.done("a")
+    out = job.hello("a", incarnation="third")  # restarted after answering: nothing to repeat
+    assert [m.kind for m in out if isinstance(m, Send)] == [Kind.SETUP, Kind.EVALUATE]
+
+
+def test_a_round_is_train_then_evaluate_then_the_next_round_then_finish() -> None:
+    job = Job(_machine(FedAvg(), rounds=2), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    job.done("a", 1.0)
+    assert job.state.phase == Phase.TRAINING and job.state.waiting_for == ["b"]
+    job.done("b", 3.0)
+    assert job.state.phase == Phase.EVALUATING
+    torch.testing.assert_close(job.state.weights["w"], torch.full((2,), 2.0))
+    job.evaluated("a")
+    job.evaluated("b")
+    assert job.state.round == 1 and job.state.phase == Phase.TRAINING
+    for site in ("a", "b"):
+        job.done(site)
+    for site in ("a", "b"):
+        job.evaluated(site)
+    assert job.state.phase == Phase.FINISHED
+    assert job.kinds("a")[-1] == Kind.FINISH
+    assert [r.trained for r in job.state.history] == [["a", "b"], ["a", "b"]]
+    assert job.state.history[0].mean()["accuracy"] == 0.9
+
+
+def test_cyclic_rounds_hand_weights_on_one_site_at_a_time() -> None:
+    job = Job(_machine(Cyclic()), ["a", "b", "c"])
+    for site in ("a", "b", "c"):
+        job.hello(site)
+    assert job.state.waiting_for == ["a"]
+    job.done("a", 5.0)
+    assert job.state.waiting_for == ["b"]
+    train_b = [
+        m for m in job.sent if isinstance(m, Send) and m.site == "b" and m.kind == Kind.TRAIN
+    ]
+    torch.testing.assert_close(train_b[0].tensors["w"], torch.full((2,), 5.0))  # handed on
+
+
+def test_one_deadline_covers_the_whole_round_whatever_the_number_of_turns() -> None:
+    job = Job(_machine(Cyclic(), rounds=2), ["a", "b", "c"])
+    for site in ("a", "b", "c"):
+        job.hello(site)
+    job.feed(Tick(), at=1.0)
+    job.done("a")
+    job.feed(Tick(), at=DEADLINE)  # b never answered: at the round's deadline the round closes
+    record = job.state.history[0]
+    assert record.trained == ["a"] and record.missed == ["b", "c"]
+    assert job.kinds("c").count(Kind.TRAIN) == 0  # no turn after the deadline
+    assert Forget("b") in job.sent
+    assert job.state.round == 1  # the next round has its own deadline
+    assert job.state.deadline == DEADLINE + DEADLINE
+
+
+def test_min_sites_holds_in_sequential_rounds_too() -> None:
+    job = Job(_machine(Cyclic(), quorum=2), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    job.done("a")
+    job.feed(Tick(), at=DEADLINE)
+    assert job.state.phase == Phase.FAILED
+    assert "only 1 sites trained" in (job.state.failure or "")
+    assert "missed b" in (job.state.failure or "")
+
+
+def test_joining_fails_at_the_deadline_naming_who_is_missing() -> None:
+    job = Job(_machine(FedAvg(), quorum=2), ["a", "b", "c"], join_deadline_s=5.0)
+    job.hello("a")
+    job.feed(Tick(), at=4.9)
+    assert job.state.phase == Phase.JOINING and job.state.waiting_for == ["b", "c"]
+    job.feed(Tick(), at=5.0)
+    assert job.state.phase == Phase.FAILED
+    assert "missing b, c" in (job.state.failure or "")
+
+
+def test_the_quorum_starts_the_job_at_the_join_deadline() -> None:
+    job = Job(_machine(FedAvg(), quorum=1), ["a", "b"], join_deadline_s=5.0)
+    job.hello("a")
+    job.feed(Tick(), at=5.0)
+    assert job.state.phase == Phase.TRAINING and job.state.waiting_for == ["a"]
+
+
+def test_late_and_unasked_replies_are_counted_not_used() -> None:
+    job = Job(_machine(FedAvg(), rounds=2), ["a"])
+    job.hello("a")
+    job.done("a", 4.0)
+    stale = Reply("a", {"w": torch.full((2,), 9.0)}, samples=10)
+    job.feed(TrainDone("a", 0, stale, 0.1, 0.1))  # a second done for round 0
+    assert job.state.late_messages == 1
+    torch.testing.assert_close(job.state.weights["w"], torch.full((2,), 4.0))
+
+
+def test_a_refused_reply_is_answered_with_an_error_and_counts_as_missed() -> None:
+    job = Job(_machine(FedAvg()), ["a"])
+    job.hello("a")
+    bad = Reply("a", {"other": torch.ones(2)}, samples=10)
+    out = job.feed(TrainDone("a", 0, bad, 0.1, 0.1))
+    errors = [m for m in out if isinstance(m, Send) and m.kind == Kind.ERROR]
+    assert errors and errors[0].meta["error"] == "ReplyRefused"
+    assert job.state.phase == Phase.FAILED  # the only site's reply was refused: no quorum
+
+
+def test_the_state_is_a_value_that_every_step_replaces() -> None:
+    job = Job(_machine(FedAvg()), ["a"])
+    before = job.state
+    job.hello("a")
+    assert before.phase == Phase.JOINING and not before.sites["a"].joined  # untouched
+    assert job.state.sites["a"].joined and job.state.sites["a"].incarnation == "one"
