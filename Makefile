@@ -26,6 +26,7 @@ bench: setup
 	$(PY) bench/round_time.py --write-docs
 	$(PY) bench/data_loading.py --write-docs
 	$(PY) bench/inference.py --write-docs
+	$(PY) bench/startup.py --write-docs
 
 
 clean:

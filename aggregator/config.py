@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     BaseModel,
@@ -67,11 +67,28 @@ class TrainingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     local_epochs: int = Field(1, ge=1, le=1000, description="passes over local data per round")
-    batch_size: int = Field(32, ge=1, le=65_536)
+    batch_size: int = Field(32, ge=1, le=65_536, description="samples per training step")
     optimizer: OptimizerConfig = OptimizerConfig()
     wire_dtype: WireDtype = Field(
         "float32", description="activations and gradients on the wire; weights stay float32"
     )
+
+
+class Normalization(BaseModel):
+    """Fixed input statistics, in the encoding the sites' data sources produce."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mean: list[float] = Field(min_length=1, description="one per input feature, or per channel")
+    std: list[float] = Field(min_length=1, description="as many as mean, each > 0")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Normalization:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"std has {len(self.std)} values but mean has {len(self.mean)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("every std must be greater than 0")
+        return self
 
 
 class AggregatorState(BaseModel):
@@ -85,7 +102,7 @@ class AggregatorState(BaseModel):
 
 
 class JobConfig(FileSettings):
-    """What the aggregator runs. See docs/configuration.md."""
+    """What the aggregator runs: the job's identity and shape, and one group per concern."""
 
     moved_fields: ClassVar[dict[str, str]] = {
         "rounds:scalar": "rounds.count",
@@ -100,25 +117,31 @@ class JobConfig(FileSettings):
         "run_dir": "state.run_dir",
     }
 
-    job_id: Id
+    job_id: Id = Field(description="names the job in every topic; sites must use the same id")
     plan: SplitPlan = Field(description="a built-in plan name, a YAML path, or the plan inline")
-    mode: Mode = Mode.SPLIT_U
+    mode: Mode = Field(Mode.SPLIT_U, description="how the network is divided (docs/index.md)")
     orchestration: Orchestration = Field(
         None,  # type: ignore[assignment]  # filled in from the mode's default before validation
         description="default: sequential for split modes, parallel for fedavg/flop",
     )
     sites: list[Id] = Field(min_length=1, description="site ids expected to take part")
-    seed: int = 0
+    seed: int = Field(0, description="initial weights, batch order and sampling derive from it")
     release_trunk: bool = Field(
         True,
         description="split modes: send each site the final trunk, so it can export its model",
     )
     dataset: str = Field("unknown", description="recorded in the report")
+    normalization: Normalization | Literal["none", "federated"] = Field(
+        "federated",
+        description="federated: before training, every site sends counts, sums and sums of "
+        "squares (never values) and all apply the combined mean and std; or fixed mean/std; or "
+        "none",
+    )
     rounds: RoundSettings = RoundSettings()
     training: TrainingSettings = TrainingSettings()
-    broker: BrokerConfig = BrokerConfig()
-    waits: WaitSettings = WaitSettings()
-    state: AggregatorState = AggregatorState()
+    broker: BrokerConfig = Field(BrokerConfig(), description="the broker, shared group")
+    waits: WaitSettings = Field(WaitSettings(), description="how often waits are reported")
+    state: AggregatorState = Field(AggregatorState(), description="what the aggregator writes")
 
     @classmethod
     def from_mapping(
@@ -195,6 +218,12 @@ class JobConfig(FileSettings):
             )
         if _SHAPE_ONLY.get():
             return self
+        inputs = self.plan.model.input_shape[0]
+        if isinstance(self.normalization, Normalization) and len(self.normalization.mean) != inputs:
+            raise ValueError(
+                f"normalization: the plan's model takes {inputs} input features or channels, "
+                f"but {len(self.normalization.mean)} means are given"
+            )
         traits = MODES[self.mode]
         if traits.u_shaped is True and not self.plan.u_shaped:
             raise ValueError(

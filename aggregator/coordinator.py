@@ -33,6 +33,7 @@ from aggregator.state import (
     RoundRecord,
     SiteEntry,
     SitePresence,
+    StatsReported,
     Tick,
     TrainDone,
     initial_state,
@@ -44,6 +45,7 @@ from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, exchanged_keys, final_keys, topics
 from medsplit.protocol.presence import Presence
+from medsplit.statistics import FeatureSums
 from medsplit.wire import Envelope, WireError
 from models import split_model
 
@@ -88,6 +90,7 @@ class Coordinator:
             quorum=config.quorum,
             round_deadline_s=config.rounds.deadline_s,
             local_epochs=config.training.local_epochs,
+            normalization=_fixed_normalization(config),
         )
         self.state: JobState = initial_state(
             list(config.sites), weights, clock(), config.rounds.join_deadline_s
@@ -148,7 +151,7 @@ class Coordinator:
             timeout = max(0.0, min(1.0, self.state.deadline - now, next_status - now))
             received = self.endpoint.receive(timeout=timeout)
             if received is not None:
-                self._dispatch(received)
+                self.handle(received)
             self._step(Tick())
         self.endpoint.flush()
         if self.state.phase == Phase.FAILED:
@@ -177,7 +180,8 @@ class Coordinator:
 
     # -- receiving ---------------------------------------------------------------------------------------
 
-    def _dispatch(self, received: Received) -> None:
+    def handle(self, received: Received) -> None:
+        """Act on one received envelope (``run`` calls this for every message it reads)."""
         env = received.envelope
         try:
             site = topics.parse(received.topic).site
@@ -221,6 +225,14 @@ class Coordinator:
             )
             self.on_event({"event": "joined", "site": site, "train_samples": entry.train_samples})
 
+    def _on_stats(self, site: str, env: Envelope) -> None:
+        count = int(env.meta.get("count") or 0)
+        if count < 1:
+            raise ValueError(f"statistics of {count} samples")
+        self._step(
+            StatsReported(site, FeatureSums(count, env.tensors["sum"], env.tensors["sum_sq"]))
+        )
+
     def _on_done(self, site: str, env: Envelope) -> None:
         reply = Reply(site, env.tensors, int(env.meta.get("samples") or 0))
         loss = float(env.meta.get("train_loss") or 0.0)
@@ -260,6 +272,7 @@ class Coordinator:
 
     _handlers: ClassVar[dict[str, Callable[[Coordinator, str, Envelope], None]]] = {
         Kind.HELLO: _on_hello,
+        Kind.STATS: _on_stats,
         Kind.ACTIVATIONS: _on_activations,
         Kind.TRUNK_GRAD: _on_trunk_grad,
         Kind.EVAL_ACTIVATIONS: _on_eval_activations,
@@ -383,6 +396,9 @@ class Coordinator:
                 left,
             )
             return
+        if state.phase == Phase.STATISTICS:
+            log.info("waiting for statistics from %s (deadline in %.0f s)", missing, left)
+            return
         what = "to train" if state.phase == Phase.TRAINING else "to evaluate"
         log.info(
             "round %d/%d: waiting for %s %s (round deadline in %.0f s)",
@@ -410,6 +426,19 @@ class Coordinator:
         """
         trunk = {} if self.trunk is None else self.trunk.module.state_dict()
         return {**{k: v.detach().cpu() for k, v in trunk.items()}, **self.state.weights}
+
+
+def _fixed_normalization(
+    config: JobConfig,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[()] | None:
+    """The job's fixed statistics, () for none, or None for the statistics round."""
+    if config.normalization == "federated":
+        return None
+    if config.normalization == "none":
+        return ()
+    norm = config.normalization
+    assert not isinstance(norm, str)
+    return torch.tensor(norm.mean, dtype=torch.float32), torch.tensor(norm.std, dtype=torch.float32)
 
 
 def make_strategy(config: JobConfig) -> Strategy:

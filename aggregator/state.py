@@ -6,6 +6,10 @@ rounds. ``JobMachine.step(state, event, now)`` returns the next state and the me
 it performs no I/O and reads no clock (``now`` comes in with every call), so a job can be
 driven by a test with a fake clock, and saving a job is saving this value.
 
+Before the first round, a **statistics round** combines every site's count, sums and sums of
+squares of its inputs (never values) into the one normalisation every site applies; a job with a
+fixed normalisation skips it.
+
 A round is training turns (as many as the strategy asks for: one for parallel rounds, one per
 site for cyclic ones) followed by one evaluation, all under **one deadline per round**. A site
 that has not answered by the deadline is missed for the round, and a round with fewer than
@@ -28,12 +32,14 @@ import torch
 
 from aggregator.strategy import Reply, Strategy
 from medsplit.protocol import Kind
+from medsplit.statistics import FeatureSums
 
 Tensors = Mapping[str, torch.Tensor]
 
 
 class Phase(str, Enum):
     JOINING = "joining"
+    STATISTICS = "statistics"  # the sites' counts and sums, combined into one normalisation
     TRAINING = "training"
     EVALUATING = "evaluating"
     FINISHED = "finished"
@@ -106,6 +112,12 @@ class Evaluated:
 
 
 @dataclass(frozen=True)
+class StatsReported:
+    site: str
+    sums: FeatureSums
+
+
+@dataclass(frozen=True)
 class SitePresence:
     site: str
     online: bool
@@ -116,7 +128,7 @@ class Tick:
     """Time passed (deadlines are checked on every event; a tick is an event with no news)."""
 
 
-Event = Hello | TrainDone | Evaluated | SitePresence | Tick
+Event = Hello | StatsReported | TrainDone | Evaluated | SitePresence | Tick
 
 
 # -- outgoing messages ---------------------------------------------------------------------------
@@ -163,6 +175,8 @@ class JobState:
     history: tuple[RoundRecord, ...] = ()
     late_messages: int = 0
     failure: str | None = None
+    statistics: Mapping[str, FeatureSums] = field(default_factory=dict)
+    normalization: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std for every site
 
     @property
     def joined(self) -> list[str]:
@@ -173,8 +187,12 @@ class JobState:
         """Whom the job waits for now, in the job's order."""
         if self.phase == Phase.JOINING:
             return [s for s, e in self.sites.items() if not e.joined]
-        answered = set(self.refused) | (
-            set(self.replies) if self.phase == Phase.TRAINING else set(self.evaluations)
+        answered = set(self.refused) | set(
+            {
+                Phase.STATISTICS: self.statistics,
+                Phase.TRAINING: self.replies,
+                Phase.EVALUATING: self.evaluations,
+            }.get(self.phase, {})
         )
         return [s for s in self.asked if s not in answered]
 
@@ -203,6 +221,8 @@ class JobMachine:
     quorum: int
     round_deadline_s: float
     local_epochs: int
+    # None: run the statistics round; otherwise the fixed (mean, std) of the job, or () for none.
+    normalization: tuple[torch.Tensor, torch.Tensor] | tuple[()] | None = None
 
     def step(self, state: JobState, event: Event, now: float) -> tuple[JobState, list[Out]]:
         if state.done:
@@ -210,6 +230,8 @@ class JobMachine:
         out: list[Out] = []
         if isinstance(event, Hello):
             state = self._hello(state, event, now, out)
+        elif isinstance(event, StatsReported):
+            state = self._stats(state, event)
         elif isinstance(event, TrainDone):
             state = self._train_done(state, event, out)
         elif isinstance(event, Evaluated):
@@ -237,10 +259,17 @@ class JobMachine:
             ),
         )
         out.append(Send(hello.site, Kind.SETUP, max(state.round, 0)))
+        if state.normalization is not None:  # joined (again) after the statistics round
+            out.append(self._normalization(state, hello.site))
         if restarted and hello.site in state.waiting_for:
             out.append(Forget(hello.site))
             out.append(self._request(state, hello.site))
         return state
+
+    def _stats(self, state: JobState, stats: StatsReported) -> JobState:
+        if state.phase != Phase.STATISTICS or stats.site not in state.waiting_for:
+            return replace(state, late_messages=state.late_messages + 1)
+        return replace(state, statistics={**state.statistics, stats.site: stats.sums})
 
     def _train_done(self, state: JobState, done: TrainDone, out: list[Out]) -> JobState:
         if (
@@ -291,14 +320,51 @@ class JobMachine:
                         f"join deadline (min_sites={self.quorum}); missing "
                         f"{', '.join(state.waiting_for)}",
                     )
-                state = self._start_round(state, 0, now, out)
+                state = self._start_statistics(state, now, out)
             elif state.waiting_for and now < state.deadline:
                 return state
+            elif state.phase == Phase.STATISTICS:
+                state = self._close_statistics(state, now, out)
             elif state.phase == Phase.TRAINING:
                 state = self._close_turn(state, now, out)
             else:
                 state = self._close_round(state, now, out)
         return state
+
+    def _start_statistics(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        """Before training: combine every site's sums into one normalisation, or use the job's."""
+        if self.normalization is None:
+            state = replace(
+                state,
+                phase=Phase.STATISTICS,
+                asked=tuple(state.joined),
+                deadline=now + self.round_deadline_s,
+            )
+            out.extend(self._request(state, site) for site in state.asked)
+            return state
+        if self.normalization:  # fixed in the job: no round needed
+            state = replace(state, normalization=self.normalization)
+            out.extend(self._normalization(state, site) for site in state.joined)
+        return self._start_round(state, 0, now, out)
+
+    def _close_statistics(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        if len(state.statistics) < self.quorum:
+            return _failed(
+                state,
+                f"only {len(state.statistics)} sites sent their statistics before the deadline "
+                f"(min_sites={self.quorum}); missing {', '.join(state.waiting_for)}",
+            )
+        mean, std = FeatureSums.combine(
+            [state.statistics[s] for s in state.asked if s in state.statistics]
+        )
+        state = replace(state, normalization=(mean, std), asked=())
+        out.extend(self._normalization(state, site) for site in state.joined)
+        return self._start_round(state, 0, now, out)
+
+    def _normalization(self, state: JobState, site: str) -> Send:
+        assert state.normalization is not None
+        mean, std = state.normalization
+        return Send(site, Kind.NORMALIZATION, 0, {"mean": mean, "std": std})
 
     def _start_round(self, state: JobState, round: int, now: float, out: list[Out]) -> JobState:
         if len(state.joined) < self.quorum:
@@ -397,7 +463,9 @@ class JobMachine:
         return replace(state, phase=Phase.FINISHED, asked=())
 
     def _request(self, state: JobState, site: str) -> Send:
-        """What ``site`` is asked in the current step: train or evaluate the global weights."""
+        """What ``site`` is asked in the current step: its statistics, or to train or evaluate."""
+        if state.phase == Phase.STATISTICS:
+            return Send(site, Kind.STATS_REQUEST, 0)
         if state.phase == Phase.EVALUATING:
             return Send(site, Kind.EVALUATE, state.round, state.weights)
         return Send(site, Kind.TRAIN, state.round, state.weights, {"epochs": self.local_epochs})

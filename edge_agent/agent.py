@@ -31,6 +31,7 @@ from safetensors.torch import save
 
 from edge_agent.data.datasets import SiteData
 from edge_agent.local_model import LocalModel
+from edge_agent.normalization import normalise, site_sums
 from edge_agent.segments import EdgeSegments
 from edge_agent.site_model import (
     ONNX_FILE,
@@ -56,6 +57,11 @@ STATE_FILE = "edge.safetensors"
 
 class StepTimeout(RuntimeError):
     """The aggregator did not answer a training step in time; the round is abandoned."""
+
+
+def _short(values: torch.Tensor) -> str:
+    shown = ", ".join(f"{v:.3g}" for v in values[:4].tolist())
+    return f"[{shown}{', ...' if len(values) > 4 else ''}]"
 
 
 class NotInJob(RuntimeError):
@@ -98,7 +104,8 @@ class Agent:
     ) -> None:
         self.site_id, self.job_id = site_id, job_id
         self.endpoint = endpoint
-        self.data = data
+        self.loaded = data  # as the data source made it
+        self.data = data  # what training sees: after the federation's normalisation
         self.device = device or torch.device("cpu")
         self.reply_timeout_s = reply_timeout_s
         self.hello_interval_s = hello_interval_s
@@ -116,7 +123,8 @@ class Agent:
         self.refusal: str | None = None
         self._stop = threading.Event()
         self._backlog: deque[Received] = deque()
-        self._hellos = 0
+        self._hellos = 0  # since the last reset of the backoff (a new aggregator epoch)
+        self._hellos_total = 0
         self._next_hello = 0.0
         endpoint.on_reject = self._report_reject
         endpoint.on_presence = self._on_presence
@@ -125,6 +133,10 @@ class Agent:
     @property
     def finished(self) -> bool:
         return self.phase == AgentPhase.FINISHED
+
+    @property
+    def hellos_sent(self) -> int:
+        return self._hellos_total
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -227,8 +239,13 @@ class Agent:
             if now >= next_status:
                 self._log_waiting()
                 next_status = now + self.status_interval_s
+            wake = min(
+                next_status,
+                self._next_hello if self.phase == AgentPhase.ANNOUNCING else next_status,
+            )
+            timeout = max(0.0, min(0.5, wake - time.monotonic()))
             received = (
-                self._backlog.popleft() if self._backlog else self.endpoint.receive(timeout=0.5)
+                self._backlog.popleft() if self._backlog else self.endpoint.receive(timeout=timeout)
             )
             if received is not None:
                 self._handle(received.envelope)
@@ -244,6 +261,7 @@ class Agent:
         self._send(Kind.HELLO, meta=meta)
         self._next_hello = time.monotonic() + hello_delay(self._hellos, self.hello_interval_s)
         self._hellos += 1
+        self._hellos_total += 1
 
     def _on_presence(self, topic: str, presence: Presence) -> None:
         """The aggregator's presence: a new epoch means it restarted and must hear from us."""
@@ -288,6 +306,10 @@ class Agent:
         try:
             if env.kind == Kind.SETUP:
                 self._setup(env)
+            elif env.kind == Kind.STATS_REQUEST:
+                self._send_stats(env)
+            elif env.kind == Kind.NORMALIZATION:
+                self._normalise(env)
             elif env.kind == Kind.TRAIN and self.segments is not None:
                 self._working(AgentPhase.TRAINING, self._train, env)
             elif env.kind == Kind.EVALUATE and self.segments is not None:
@@ -310,6 +332,22 @@ class Agent:
                 round=env.round,
                 meta={"error": type(exc).__name__, "detail": str(exc)[:500]},
             )
+
+    def _send_stats(self, env: Envelope) -> None:
+        """Counts and sums of this site's training inputs: never a value leaves the site."""
+        sums = site_sums(self.loaded)
+        tensors = {"sum": sums.total, "sum_sq": sums.total_sq}
+        self._send(Kind.STATS, tensors=tensors, meta={"count": sums.count})
+
+    def _normalise(self, env: Envelope) -> None:
+        mean, std = env.tensors["mean"], env.tensors["std"]
+        self.data = normalise(self.loaded, mean, std)
+        log.info(
+            "%s: inputs normalised with the federation's statistics (mean %s, std %s)",
+            self.site_id,
+            _short(mean),
+            _short(std),
+        )
 
     def _working(self, phase: AgentPhase, work: Callable[[Envelope], None], env: Envelope) -> None:
         self.phase = phase

@@ -66,7 +66,7 @@ class SiteState(BaseModel):
 
 
 class SiteConfig(FileSettings):
-    """What one edge agent runs. See docs/configuration.md."""
+    """What one edge agent runs: its identity, its data, and one group per concern."""
 
     moved_fields: ClassVar[dict[str, str]] = {
         "state_dir": "state.dir",
@@ -74,11 +74,17 @@ class SiteConfig(FileSettings):
         "hello_interval_s": "waits.hello_interval_s",
     }
 
-    site_id: Id
-    job_id: Id
+    site_id: Id = Field(
+        description="this hospital's id: listed in the job, the CN of its certificate"
+    )
+    job_id: Id = Field(description="the job to take part in; the aggregator's job_id")
     broker: BrokerConfig = BrokerConfig()
-    data: SiteDataConfig = BuiltinData()
-    device: Literal["cpu", "cuda", "auto"] = "auto"
+    data: SiteDataConfig = Field(
+        BuiltinData(), description="where this site's training data comes from"
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        "auto", description="where the site's layers run; cuda fails if no GPU is available"
+    )
     export_onnx: bool = Field(
         True, description="at the end of a job, export the site's model to state.dir/model.onnx"
     )

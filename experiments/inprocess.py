@@ -8,6 +8,7 @@ in-memory twin in unit tests -- exactly as separate processes would.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,65 @@ class JobResult:
     agents: dict[str, Agent]
 
 
+@dataclass
+class _Sites:
+    """One agent per site, each on its own party and thread (not yet started)."""
+
+    parties: list[Party]
+    agents: dict[str, Agent]
+    threads: list[threading.Thread]
+    errors: list[BaseException]
+
+    @classmethod
+    def start(
+        cls,
+        job_id: str,
+        data: dict[str, SiteData],
+        connect: Connector,
+        *,
+        agent_type: type[Agent],
+        timeout: float,
+        state_root: Path | None,
+        agent_kw: dict[str, Any],
+    ) -> _Sites:
+        sites = cls([], {}, [], [])
+        for site, site_data in data.items():
+            party = open_site(job_id, site, connect)
+            sites.parties.append(party)
+            if state_root is not None:
+                agent_kw["state_dir"] = state_root / site
+            agent = agent_type(
+                site,
+                job_id,
+                party.endpoint,
+                site_data,
+                hello_interval_s=0.5,
+                incarnation=party.incarnation,
+                **agent_kw,
+            )
+            sites.agents[site] = agent
+            sites.threads.append(
+                threading.Thread(
+                    target=sites._serve, args=(agent, timeout), name=f"agent-{site}", daemon=True
+                )
+            )
+        return sites
+
+    def _serve(self, agent: Agent, timeout: float) -> None:
+        try:
+            agent.run(max_seconds=timeout)
+        except BaseException as exc:  # surfaced to the caller of run_job
+            self.errors.append(exc)
+
+
+def _await_hellos(agents: dict[str, Agent], count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(agent.hellos_sent < count for agent in agents.values()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"agents did not say hello {count} times within {timeout:g} s")
+        time.sleep(0.05)  # polling a counter the agent threads advance
+
+
 def run_job(
     config: JobConfig,
     data: dict[str, SiteData],
@@ -37,47 +97,38 @@ def run_job(
     before_run: Callable[[], None] | None = None,
     state_root: Path | None = None,
     agent_type: type[Agent] = Agent,
+    agents_first: bool = False,
     **agent_kw: Any,
 ) -> JobResult:
     """Aggregator in this thread, one thread per agent; every agent must finish.
 
     ``before_run`` is called once the aggregator is subscribed, before any agent starts. With
     ``state_root`` each site keeps its state in ``state_root/SITE``, as the demo lays it out.
+    With ``agents_first`` the agents start first and the aggregator only once every one of
+    them has said hello twice, as when a deployment's sites come up before its server.
     """
-    aggregator = open_aggregator(config.job_id, connect)
-    parties: list[Party] = [aggregator]
-    if before_run is not None:
-        before_run()
-    coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence)
-
-    agents: dict[str, Agent] = {}
-    errors: list[BaseException] = []
-    threads = []
-    for site, site_data in data.items():
-        party = open_site(config.job_id, site, connect)
-        parties.append(party)
-        if state_root is not None:
-            agent_kw["state_dir"] = state_root / site
-        agent = agent_type(
-            site,
-            config.job_id,
-            party.endpoint,
-            site_data,
-            hello_interval_s=0.5,
-            incarnation=party.incarnation,
-            **agent_kw,
-        )
-        agents[site] = agent
-
-        def serve(agent: Agent = agent) -> None:
-            try:
-                agent.run(max_seconds=timeout)
-            except BaseException as exc:  # surfaced to the caller below
-                errors.append(exc)
-
-        threads.append(threading.Thread(target=serve, name=f"agent-{site}", daemon=True))
+    sites = _Sites.start(
+        config.job_id,
+        data,
+        connect,
+        agent_type=agent_type,
+        timeout=timeout,
+        state_root=state_root,
+        agent_kw=agent_kw,
+    )
+    parties, agents, threads, errors = sites.parties, sites.agents, sites.threads, sites.errors
+    if not agents_first:
+        aggregator = open_aggregator(config.job_id, connect)
+        parties.insert(0, aggregator)
+        if before_run is not None:
+            before_run()
     for thread in threads:
         thread.start()
+    if agents_first:
+        _await_hellos(agents, 2, timeout)
+        aggregator = open_aggregator(config.job_id, connect)
+        parties.insert(0, aggregator)
+    coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence)
     try:
         history = coordinator.run()
     except BaseException:

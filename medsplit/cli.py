@@ -112,8 +112,28 @@ def _cmd_dicom_synth(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for folder in folders:
-        print(folder)
+        print(folder)  # stdout: the folders, one a line, for scripts
+        print(f"  {_describe_synth(folder)}", file=sys.stderr)
     return 0
+
+
+def _describe_synth(folder: Path) -> str:
+    """What one dicom-synth folder holds, as a person wants to read it."""
+    import collections
+    import csv
+
+    import pydicom
+
+    with (folder / "labels.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    counts = collections.Counter(row["label"] for row in rows)
+    ds = pydicom.dcmread(folder / rows[0]["file"], stop_before_pixels=True)
+    labels = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+    return (
+        f"{folder.name}: {len(rows)} {ds.Modality} images {ds.Rows}x{ds.Columns} "
+        f"({ds.BitsStored}-bit, {ds.PhotometricInterpretation}, rescale {float(ds.RescaleSlope):g}/"
+        f"{float(ds.RescaleIntercept):g}) and labels.csv ({labels})"
+    )
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
@@ -122,9 +142,9 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
     from edge_agent.config import SiteConfig
     from edge_agent.data.csv_source import site_sums
-    from edge_agent.data.datasets import FeatureSums
     from edge_agent.data.settings import CsvData
     from edge_agent.data.site_data import DataError
+    from medsplit.statistics import FeatureSums
 
     try:
         if args.combine:
@@ -149,7 +169,7 @@ def _sums_from_json(path: Path) -> Any:
 
     import torch
 
-    from edge_agent.data.datasets import FeatureSums
+    from medsplit.statistics import FeatureSums
 
     try:
         data = json.loads(path.read_text())

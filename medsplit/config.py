@@ -43,9 +43,11 @@ class BrokerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port")
-    tls: TlsSettings | None = None
-    username: str | None = None
-    password: SecretStr | None = None
+    tls: TlsSettings | None = Field(
+        None, description="ca_file, cert_file, key_file: mutual TLS (docs/transport.md)"
+    )
+    username: str | None = Field(None, description="for brokers with password authentication")
+    password: SecretStr | None = Field(None, description="never logged")
     client_id: str | None = Field(None, description="default: derived from the job and site ids")
     protocol: Literal["5", "3.1.1"] = Field(
         "5", description="3.1.1 only for brokers without MQTT 5"
@@ -84,10 +86,10 @@ class OptimizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: Literal["sgd", "adam"] = "adam"
-    lr: float = Field(1e-3, gt=0)
+    name: Literal["sgd", "adam"] = Field("adam", description="the optimizer algorithm")
+    lr: float = Field(1e-3, gt=0, description="learning rate")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="L2 penalty")
 
 
 class WaitSettings(BaseModel):

@@ -26,21 +26,31 @@ else
     log "python packages up to date"
 fi
 
+# Debian packages the tests use: Mosquitto (the broker), dicom3tools (dciodvfy checks the DICOM
+# that `medsplit dicom-synth` writes).
+apt_install() {
+    if command -v apt-get >/dev/null 2>&1; then
+        sudo=""
+        if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+        log "installing $* from Debian's packages"
+        $sudo apt-get update -qq
+        # A package's init script may try to start a system broker; the tests never use it.
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    else
+        log "WARNING: $* not installed and apt-get is unavailable; install by hand"
+    fi
+}
+
 find_mosquitto() {
     command -v mosquitto 2>/dev/null || { [ -x /usr/sbin/mosquitto ] && echo /usr/sbin/mosquitto; } || true
 }
 
-if [ -z "$(find_mosquitto)" ]; then
-    if command -v apt-get >/dev/null 2>&1; then
-        sudo=""
-        if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-        log "installing mosquitto from Debian's packages"
-        $sudo apt-get update -qq
-        # The package's init script may try to start a system broker; the tests never use it.
-        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends mosquitto >/dev/null
-    else
-        log "WARNING: mosquitto is not installed and apt-get is unavailable; install it by hand"
-    fi
+missing=""
+if [ -z "$(find_mosquitto)" ]; then missing="mosquitto"; fi
+if ! command -v dciodvfy >/dev/null 2>&1; then missing="$missing dicom3tools"; fi
+if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086 # one word a package
+    apt_install $missing
 fi
 
 m=$(find_mosquitto)

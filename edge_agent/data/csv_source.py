@@ -17,10 +17,10 @@ import csv
 
 import torch
 
-from edge_agent.data.datasets import FeatureSums
 from edge_agent.data.inputs import DataCard, FeatureInput, InputError
 from edge_agent.data.settings import CsvData
 from edge_agent.data.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
+from medsplit.statistics import FeatureSums
 
 
 class _RowError(ValueError):

@@ -28,6 +28,7 @@ from edge_agent.data.partitions import Scanner, partition
 from edge_agent.data.settings import Preprocessing
 from edge_agent.data.site_data import SiteData
 from edge_agent.data.synthetic import synthetic_cxr
+from medsplit.statistics import FeatureSums
 
 __all__ = [
     "DATASETS",
@@ -95,43 +96,6 @@ def site_data(
     )
 
 
-@dataclass(frozen=True)
-class FeatureSums:
-    """What a site may share to standardise features: a count and per-feature sums.
-
-    Sums of values and of squares reveal no single patient's record, yet combined across sites
-    they give exactly the pooled mean and standard deviation. Standardising each site with its
-    *own* statistics instead would erase what distinguishes sites -- under label skew, the very
-    difference between classes.
-    """
-
-    count: int
-    total: torch.Tensor
-    total_sq: torch.Tensor
-
-    @classmethod
-    def of(cls, x: torch.Tensor) -> FeatureSums:
-        wide = x.double()
-        return cls(len(x), wide.sum(0), (wide * wide).sum(0))
-
-    @staticmethod
-    def combine(parts: list[FeatureSums]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pooled mean and (sample) standard deviation, as float32."""
-        count = sum(p.count for p in parts)
-        total = torch.stack([p.total for p in parts]).sum(0)
-        total_sq = torch.stack([p.total_sq for p in parts]).sum(0)
-        mean = total / count
-        var = (total_sq - count * mean * mean) / max(count - 1, 1)
-        return mean.float(), var.clamp_min(0).sqrt().float().clamp_min(1e-6)
-
-
-def _columns(x: torch.Tensor) -> torch.Tensor:
-    """Values by feature: tabular rows as they are; images as one column per channel."""
-    if x.dim() == 2:
-        return x
-    return x.transpose(0, 1).reshape(x.shape[1], -1).T
-
-
 def _standardise(dataset: Dataset, shares: list[SiteData]) -> list[SiteData]:
     """Standardise every site with statistics combined from all sites' sums.
 
@@ -139,7 +103,7 @@ def _standardise(dataset: Dataset, shares: list[SiteData]) -> list[SiteData]:
     keeps every site's scanner differences while putting intensities on a scale a network
     trains well from.
     """
-    mean, std = FeatureSums.combine([FeatureSums.of(_columns(s.x_train)) for s in shares])
+    mean, std = FeatureSums.combine([FeatureSums.of_inputs(s.x_train) for s in shares])
     card = _card(dataset, mean, std)
     if len(dataset.input_shape) == 3:
         mean, std = mean.view(-1, 1, 1), std.view(-1, 1, 1)

@@ -16,13 +16,29 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pydicom
 import torch
+from pydicom.errors import InvalidDicomError
 
-from edge_agent.data.dicom import DicomError, read_dataset, to_image
+from edge_agent.data.dicom import (
+    DicomError,
+    has_window,
+    physical_sample,
+    read_dataset,
+    site_range,
+    to_image,
+)
 from edge_agent.data.image_cache import ImageCache
 from edge_agent.data.inputs import DataCard, ImageInput
 from edge_agent.data.settings import DicomData
-from edge_agent.data.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
+from edge_agent.data.site_data import (
+    Collector,
+    DataError,
+    Intensity,
+    LoadSummary,
+    SiteData,
+    split_by_patient,
+)
 
 
 def read_labels(config: DicomData) -> dict[str, str]:
@@ -57,8 +73,34 @@ def read_labels(config: DicomData) -> dict[str, str]:
 
 def load_dicom_site(config: DicomData) -> tuple[SiteData, LoadSummary]:
     """Decode, label, validate and split one site's DICOM folder."""
+    config = with_site_range(config)
     x, y, patients, summary = load_dicom_folder(config)
     return _patient_split(x, y, patients, config), summary
+
+
+def with_site_range(config: DicomData) -> DicomData:
+    """``config`` with its preprocessing's ``range`` fixed from this site's own images.
+
+    Needed for files without a stored window (or all files, with ``window: auto``); the range
+    then travels in the site's data card, so serving shows an upload as training saw it. Files
+    with a window are only read up to their pixel data; unreadable ones are left to the load.
+    """
+    pre = config.preprocessing
+    if pre.range is not None or isinstance(pre.window, tuple):
+        return config
+    samples = []
+    for path in _candidate_files(config):
+        try:
+            header = pydicom.dcmread(path, stop_before_pixels=True)
+            if pre.window != "auto" and has_window(header):
+                continue
+            samples.append(physical_sample(read_dataset(path), pre.frame, str(path)))
+        except (DicomError, InvalidDicomError, OSError, ValueError, KeyError, AttributeError):
+            continue  # the load reports it, with its reason
+    if not samples:
+        return config
+    fixed = pre.model_copy(update={"range": site_range(samples)})
+    return config.model_copy(update={"preprocessing": fixed})
 
 
 def load_dicom_folder(
@@ -113,7 +155,9 @@ def load_dicom_folder(
                 "class absent at this site", f"{config.folder}: no image of class {name!r}"
             )
     summary.loaded, summary.patients = len(images), len(set(patients))
-    return torch.stack(images), y, patients, summary
+    x = torch.stack(images)
+    summary.intensity = Intensity.of(x)
+    return x, y, patients, summary
 
 
 def _candidate_files(config: DicomData) -> list[Path]:
@@ -155,6 +199,7 @@ def _reason(exc: DicomError) -> str:
         "compressed",
         "photometric",
         "frame",
+        "constant image",
     ):
         if reason in text:
             return reason

@@ -89,7 +89,14 @@ def write_dicom(
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.Modality = "CR"
     ds.PatientID, ds.PatientName = patient_id, patient_name
-    ds.StudyDate = study_date
+    ds.PatientBirthDate, ds.PatientSex = "", ""  # Type 2: present, unknown
+    ds.StudyDate, ds.StudyTime = study_date, "120000"
+    ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", ""
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
+    ds.Manufacturer = "medsplit dicom-synth"
+    ds.PatientOrientation = ["L", "F"]  # Type 2C: required without image orientation
+    ds.RescaleType = "US"  # Type 1C with a rescale: unspecified units
     ds.Rows, ds.Columns = stored.shape
     ds.PixelSpacing = [encoding.pixel_spacing, encoding.pixel_spacing]
     ds.SamplesPerPixel = 1

@@ -1,7 +1,8 @@
 """Decoded images kept on the site's own disk, so that a restart does not decode every file again.
 
-An entry is keyed by the file's absolute path, size and modification time and by the
-preprocessing, so a changed file or a changed window is decoded afresh. Entries are safetensors
+An entry is keyed by the file's absolute path, size and modification time, by the
+preprocessing and by the decoder's version, so a changed file, a changed window or a change in
+how medsplit decodes is decoded afresh. Entries are safetensors
 files (never pickle); the two header values loading needs (SOPInstanceUID, PatientID) ride in
 the entry's metadata. The cache lives next to the site's state and never leaves the site.
 """
@@ -19,6 +20,8 @@ from edge_agent.data.settings import Preprocessing
 from medsplit.storage import atomic_write
 
 Header = dict[str, str]
+# Bump when ``edge_agent.data.dicom`` decodes the same file and preprocessing differently.
+DECODER = "2"  # 2: no window means the stored range, not each image's own min/max
 
 
 class ImageCache:
@@ -29,7 +32,7 @@ class ImageCache:
 
     def _entry(self, path: Path) -> Path:
         stat = path.stat()
-        text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.preprocessing}"
+        text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{self.preprocessing}|{DECODER}"
         return self.folder / f"{hashlib.sha256(text.encode()).hexdigest()[:40]}.safetensors"
 
     def get(self, path: Path) -> tuple[torch.Tensor, Header] | None:

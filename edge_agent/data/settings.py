@@ -21,10 +21,24 @@ class Preprocessing(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(64, ge=8, le=4096, description="images are resized to size x size")
-    window: tuple[float, float] | None = Field(
-        None, description="(center, width) in physical units; default: the file's own window"
+    window: tuple[float, float] | Literal["auto"] | None = Field(
+        None,
+        description="(center, width) in physical units, fixed for every file; 'auto' ignores "
+        "the files' stored windows and uses range; default: each file's own window, else range",
+    )
+    range: tuple[float, float] | None = Field(
+        None,
+        description="physical values shown as 0..1 for files without a window (or with "
+        "window: auto); default: fixed per site, from the 0.5-99.5 percentiles of its images",
     )
     frame: int = Field(0, ge=0, description="which frame of a multi-frame file")
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> Preprocessing:
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range: the low end must be below the high end, got {self.range}")
+        return self
+
     mean: float = Field(0.0, description="subtracted after scaling to [0, 1]")
     std: float = Field(1.0, gt=0, description="then divided by")
 

@@ -31,6 +31,32 @@ class DataError(ValueError):
     """Site data that cannot be used; the message names the file or row and what was expected."""
 
 
+@dataclass(frozen=True)
+class Intensity:
+    """Decoded image intensities of one site (0..1 scale): what to compare between scanners.
+
+    A site whose images all decode dark, or flat, stands out here before it trains a whole job
+    at chance level.
+    """
+
+    mean: float
+    std: float
+    low: float  # the 1st percentile of pixel values
+    high: float  # the 99th
+
+    @classmethod
+    def of(cls, images: torch.Tensor) -> Intensity:
+        sample = images.flatten()[:: max(1, images.numel() // 1_000_000)].double()
+        low, high = torch.quantile(sample, torch.tensor([0.01, 0.99], dtype=torch.float64))
+        return cls(float(sample.mean()), float(sample.std()), float(low), float(high))
+
+    def describe(self) -> str:
+        return (
+            f"decoded intensity mean {self.mean:.3f}, std {self.std:.3f}, "
+            f"1-99% {self.low:.3f}..{self.high:.3f}"
+        )
+
+
 @dataclass
 class LoadSummary:
     """What was loaded and what was left out, by reason (no file names: safe to log anywhere)."""
@@ -39,9 +65,12 @@ class LoadSummary:
     patients: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # with file names: for the local log only
+    intensity: Intensity | None = None  # images only
 
     def describe(self) -> str:
         parts = [f"{self.loaded} images of {self.patients} patients loaded"]
+        if self.intensity is not None:
+            parts.append(self.intensity.describe())
         parts += [f"{count} skipped: {reason}" for reason, count in sorted(self.skipped.items())]
         return "; ".join(parts)
 

@@ -61,10 +61,17 @@ class Mosquitto:
     are briefly offline).
     """
 
-    def __init__(self, workdir: Path, extra_config: str = "", *, anonymous: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        extra_config: str = "",
+        *,
+        anonymous: bool = True,
+        port: int | None = None,
+    ) -> None:
         self.workdir = workdir
         self.anonymous = anonymous
-        self.port = free_port()
+        self.port = port or free_port()
         self.extra_config = extra_config
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mosquitto.log"

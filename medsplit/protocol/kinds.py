@@ -2,8 +2,9 @@
 
 Uplink (site -> aggregator): ``hello``, ``stats``, ``activations``, ``trunk-grad``, ``done``,
 ``eval-activations``, ``metrics``, ``error``.
-Downlink (aggregator -> site): ``setup``, ``stats-request``, ``train``, ``gradients``,
-``trunk-out``, ``act-grad``, ``evaluate``, ``eval-out``, ``finish``, ``refused``, ``error``.
+Downlink (aggregator -> site): ``setup``, ``stats-request``, ``normalization``, ``train``,
+``gradients``, ``trunk-out``, ``act-grad``, ``evaluate``, ``eval-out``, ``finish``, ``refused``,
+``error``.
 Presence is not a kind: it travels on its own retained topic, as JSON (``presence``).
 """
 
@@ -16,8 +17,9 @@ class Kind(str, Enum):
     HELLO = "hello"
     SETUP = "setup"
     REFUSED = "refused"  # the aggregator will not take this site (not in the job)
-    STATS_REQUEST = "stats-request"
+    STATS_REQUEST = "stats-request"  # before training: send your counts and sums
     STATS = "stats"
+    NORMALIZATION = "normalization"  # the combined statistics every site applies
     TRAIN = "train"
     EVALUATE = "evaluate"
     FINISH = "finish"

@@ -126,6 +126,16 @@ class TensorSpecs:
             K.DONE: weights,
             K.FINISH: _state_specs(plan, final_keys(plan, mode, release_trunk)),
         }
+        # The statistics round: one value per input feature (tables) or channel (images).
+        channels = (plan.model.input_shape[0],)
+        self.by_kind[K.STATS] = {
+            "sum": TensorSpec(torch.float64, channels),
+            "sum_sq": TensorSpec(torch.float64, channels),
+        }
+        self.by_kind[K.NORMALIZATION] = {
+            "mean": TensorSpec(torch.float32, channels),
+            "std": TensorSpec(torch.float32, channels),
+        }
         if traits(mode).cut_layer:
             self.by_kind.update(_cut_layer_specs(plan, traits(mode).labels_travel))
 

@@ -53,7 +53,9 @@ class MqttSettings(BaseModel):
     tls: TlsSettings | None = None
     username: str | None = None
     password: SecretStr | None = None
-    keepalive_s: int = Field(30, ge=5, le=3600)
+    keepalive_s: int = Field(
+        30, ge=5, le=3600, description="MQTT keep-alive: a silent peer is dropped after 1.5x this"
+    )
     connect_timeout_s: float = Field(
         15.0, gt=0, description="longest wait for one connection attempt to be answered"
     )

@@ -22,6 +22,7 @@ from edge_agent.data import datasets
 from edge_agent.data.dicom import Preprocessing, read_image
 from edge_agent.data.dicom_source import DicomData, load_dicom_site
 from edge_agent.data.dicom_synth import synthesize
+from edge_agent.data.inputs import ImageInput
 from edge_agent.serving.app import Limits
 from edge_agent.serving.predictor import ProviderUnavailable, providers_for
 from edge_agent.serving.server import ServeOptions, build_server
@@ -95,6 +96,13 @@ def serving(model: Path, limits: Limits = Limits()) -> Iterator[httpx.Client]:
         sock.close()
 
 
+def _trained_preprocessing(state_dir: Path) -> Preprocessing:
+    """The site's preprocessing as training saw it: its own, then the federation's statistics."""
+    _, card = load_site_model(state_dir / "site-model.safetensors")
+    assert isinstance(card.data.input, ImageInput)
+    return card.data.input.preprocessing
+
+
 def _torch_probabilities(state_dir: Path, x: torch.Tensor) -> torch.Tensor:
     model, _ = load_site_model(state_dir / "site-model.safetensors")
     with torch.no_grad():
@@ -106,9 +114,11 @@ def test_dicom_uploads_are_answered_as_the_trained_model_would(
 ) -> None:
     state_dir, folder = image_site
     files = sorted(folder.glob("*.dcm"))[:3]
-    expected = _torch_probabilities(
-        state_dir, torch.stack([read_image(f, PREPROCESSING) for f in files])
-    )
+    trained = _trained_preprocessing(state_dir)
+    # The statistics round folded the federation's mean and std into the site's preprocessing.
+    assert (trained.size, trained.window) == (PREPROCESSING.size, PREPROCESSING.window)
+    assert (trained.mean, trained.std) != (PREPROCESSING.mean, PREPROCESSING.std)
+    expected = _torch_probabilities(state_dir, torch.stack([read_image(f, trained) for f in files]))
     with serving(state_dir / "model.onnx") as client:
         answer = client.post(
             "/predict",
@@ -138,7 +148,7 @@ def test_dicom_uploads_are_answered_as_the_trained_model_would(
         )
 
         # An image already preprocessed elsewhere, as JSON.
-        image = read_image(files[2], PREPROCESSING)[0].tolist()
+        image = read_image(files[2], trained)[0].tolist()
         as_json = client.post("/predict", json={"image": image})
         assert as_json.status_code == 200
         assert as_json.json()["probabilities"] == batch.json()["predictions"][2]["probabilities"]
@@ -147,7 +157,7 @@ def test_dicom_uploads_are_answered_as_the_trained_model_would(
         assert health.json() == {"status": "ok"}
         meta = client.get("/metadata").json()
         assert meta["input_shape"] == [1, 32, 32] and meta["classes"] == ["normal", "lesion"]
-        assert meta["preprocessing"]["preprocessing"] == PREPROCESSING.model_dump(mode="json")
+        assert meta["preprocessing"]["preprocessing"] == trained.model_dump(mode="json")
         assert meta["providers"] == ["CPUExecutionProvider"] and meta["opset"] == 18
         metrics = client.get("/metrics").text
         assert 'medsplit_inference_requests_total{endpoint="predict",status="200"} 4.0' in metrics

@@ -112,6 +112,13 @@ def test_demo_runs_the_federation_as_processes(mosquitto: Mosquitto, tmp_path: P
         (logits,) = session.run(["logits"], {"input": x.numpy()})
         assert abs(logits - expected).max() <= 1e-4
     assert "medsplit serve --model" in completed.stderr
+    # Presence is routed away from the envelope decoder: no party rejected anything, and every
+    # hospital joined exactly once.
+    logs = {p.name: p.read_text() for p in (out / "logs").glob("*.log")}
+    assert set(logs) == {"aggregator.log", "hospital-1.log", "hospital-2.log"}
+    for name, text in logs.items():
+        assert "rejected message" not in text and "BadMagic" not in text, name
+    assert logs["aggregator.log"].count(" joined: ") == 2
 
 
 def test_split_learning_over_the_embedded_python_broker() -> None:

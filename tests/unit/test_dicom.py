@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import itertools
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,10 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
 from edge_agent.data.dicom import DicomError, Preprocessing, read_dataset, read_image, to_image
+from edge_agent.data.dicom_source import load_dicom_folder, with_site_range
 from edge_agent.data.dicom_synth import Encoding, write_dicom
+from edge_agent.data.settings import DicomData
+from edge_agent.data.site_data import DataError
 from medsplit.cli import main
 
 
@@ -30,7 +34,7 @@ def _native(path: str, **kw: object) -> torch.Tensor:
     return read_image(path, Preprocessing(size=int(ds.Rows), **kw))  # type: ignore[arg-type]
 
 
-def test_ct_applies_the_rescale_and_spans_the_image_without_a_window() -> None:
+def test_a_lone_ct_without_a_window_spans_its_own_values() -> None:
     path = _file("CT_small.dcm")
     ds = pydicom.dcmread(path)
     assert "WindowCenter" not in ds and float(ds.RescaleSlope) == 1
@@ -39,6 +43,60 @@ def test_ct_applies_the_rescale_and_spans_the_image_without_a_window() -> None:
     )
     expected = (physical - physical.min()) / (physical.max() - physical.min())
     torch.testing.assert_close(_native(path)[0], torch.from_numpy(expected).float())
+    # With a range (what a site's loader fixes for all its files), the range is what counts.
+    low, high = float(physical.min()) - 100, float(physical.max()) + 100
+    ranged = _native(path, range=(low, high))[0]
+    torch.testing.assert_close(ranged, torch.from_numpy((physical - low) / (high - low)).float())
+
+
+def _written(tmp_path: Path, name: str, image: np.ndarray, **header: object) -> Path:
+    encoding = Encoding(12, 1.0, 0.0, "MONOCHROME2", pixel_spacing=0.15, noise=0.0)
+    path = tmp_path / name
+    stored = np.rint(image * 4095).astype(np.uint16)
+    write_dicom(path, stored, encoding, patient_id="P", patient_name="A^B", study_date="20260101")
+    if header:
+        ds = pydicom.dcmread(path)
+        for key, value in header.items():
+            if value is None:
+                delattr(ds, key)
+            else:
+                setattr(ds, key, value)
+        ds.save_as(path)
+    return path
+
+
+def test_without_a_window_a_site_keeps_absolute_intensity(tmp_path: Path) -> None:
+    """A brighter image of the same anatomy decodes brighter: the site fixes one range for all
+    its files (each file's own min/max made them identical)."""
+    rng = np.random.default_rng(0)
+    anatomy = rng.uniform(0.1, 0.3, size=(16, 16))
+    folder = tmp_path / "site"
+    folder.mkdir()
+    no_window = {"WindowCenter": None, "WindowWidth": None}
+    _written(folder, "dim.dcm", anatomy, **no_window)
+    _written(folder, "bright.dcm", anatomy + 0.4, **no_window)
+    (folder / "labels.csv").write_text("file,label\ndim.dcm,normal\nbright.dcm,lesion\n")
+    config = with_site_range(DicomData(folder=folder, classes=["normal", "lesion"]))
+    assert config.preprocessing.range is not None
+    x, y, _, summary = load_dicom_folder(config)
+    dim_image, bright_image = x[int((y == 0).nonzero()[0])], x[int((y == 1).nonzero()[0])]
+    assert float(bright_image.mean()) > float(dim_image.mean()) + 0.3
+    assert summary.intensity is not None and "decoded intensity mean" in summary.describe()
+    # Each file alone spans its own extent: the two would be the same picture.
+    alone = [read_image(folder / n, Preprocessing(size=16)) for n in ("dim.dcm", "bright.dcm")]
+    torch.testing.assert_close(alone[0], alone[1], atol=2e-3, rtol=0)
+
+
+def test_an_image_that_decodes_to_a_constant_is_refused_and_window_auto_recovers_it(
+    tmp_path: Path,
+) -> None:
+    image = np.random.default_rng(1).uniform(0.2, 0.4, size=(16, 16))
+    # A stored window far above every pixel value: everything clips to black.
+    broken = _written(tmp_path, "broken.dcm", image, WindowCenter=60000, WindowWidth=10)
+    with pytest.raises(DicomError, match=r"broken\.dcm: decodes to a constant image .*window"):
+        read_image(broken, Preprocessing(size=16))
+    recovered = read_image(broken, Preprocessing(size=16, window="auto"))
+    assert float(recovered.std()) > 0.01
 
 
 def test_mr_uses_the_files_window_and_big_endian_decodes_identically() -> None:
@@ -172,3 +230,37 @@ def test_bits_above_bits_stored_are_ignored(tmp_path: Path) -> None:
     assert torch.equal(
         read_image(clean, Preprocessing(size=8)), read_image(dirty, Preprocessing(size=8))
     )
+
+
+def test_a_site_skips_or_refuses_flat_images_like_any_other_fault(tmp_path: Path) -> None:
+    folder = tmp_path / "site"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        _written(folder, f"ok{i}.dcm", rng.uniform(0.2, 0.8, size=(16, 16)))
+    _written(folder, "flat.dcm", rng.uniform(0.2, 0.4, size=(16, 16)), WindowCenter=60000)
+    rows = "".join(f"ok{i}.dcm,{'normal' if i % 2 else 'lesion'}\n" for i in range(3))
+    (folder / "labels.csv").write_text("file,label\n" + rows + "flat.dcm,normal\n")
+    skip = DicomData(folder=folder, classes=["normal", "lesion"], on_bad_input="skip")
+    x, _, _, summary = load_dicom_folder(skip)
+    assert len(x) == 3 and summary.skipped == {"constant image": 1}
+    assert "1 skipped: constant image" in summary.describe()
+    with pytest.raises(DataError, match=r"flat\.dcm: decodes to a constant image"):
+        load_dicom_folder(skip.model_copy(update={"on_bad_input": "fail"}))
+
+
+def test_dicom_synth_files_pass_dciodvfy_and_the_command_says_what_it_wrote(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """dicom3tools' validator finds no error (Type 2 present, RescaleType, ...) in any scanner."""
+    assert main(["dicom-synth", "--out", str(tmp_path), "--sites", "4", "--per-site", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "site-1: 2 CR images 64x64 (12-bit, MONOCHROME2" in captured.err
+    for path in sorted(tmp_path.rglob("*.dcm")):
+        checked = subprocess.run(
+            ["dciodvfy", str(path)], capture_output=True, text=True, check=False
+        )
+        report = checked.stdout + checked.stderr
+        assert "CRImage" in report, report  # it recognised the IOD it validated
+        errors = [line for line in report.splitlines() if line.startswith("Error")]
+        assert errors == [], (path.name, errors)

@@ -20,20 +20,34 @@ from aggregator.state import (
     Out,
     Phase,
     Send,
+    StatsReported,
     Tick,
     TrainDone,
     initial_state,
 )
 from aggregator.strategy import Cyclic, FedAvg, Reply
 from medsplit.protocol import Kind
+from medsplit.statistics import FeatureSums
 
 WEIGHTS = {"w": torch.zeros(2)}
 DEADLINE = 10.0
 
 
-def _machine(strategy: FedAvg | Cyclic, *, rounds: int = 1, quorum: int = 1) -> JobMachine:
+def _machine(
+    strategy: FedAvg | Cyclic,
+    *,
+    rounds: int = 1,
+    quorum: int = 1,
+    normalization: tuple[torch.Tensor, torch.Tensor] | tuple[()] | None = (),
+) -> JobMachine:
+    """A job's rules; without a statistics round unless ``normalization`` is None."""
     return JobMachine(
-        strategy, rounds=rounds, quorum=quorum, round_deadline_s=DEADLINE, local_epochs=1
+        strategy,
+        rounds=rounds,
+        quorum=quorum,
+        round_deadline_s=DEADLINE,
+        local_epochs=1,
+        normalization=normalization,
     )
 
 
@@ -193,3 +207,53 @@ def test_the_state_is_a_value_that_every_step_replaces() -> None:
     job.hello("a")
     assert before.phase == Phase.JOINING and not before.sites["a"].joined  # untouched
     assert job.state.sites["a"].joined and job.state.sites["a"].incarnation == "one"
+
+
+def _sums(values: list[float]) -> FeatureSums:
+    return FeatureSums.of(torch.tensor(values, dtype=torch.float64)[:, None])
+
+
+def test_the_statistics_round_combines_sums_and_every_site_gets_the_result() -> None:
+    job = Job(_machine(FedAvg(), normalization=None), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    assert job.state.phase == Phase.STATISTICS
+    assert job.kinds("a") == [Kind.SETUP, Kind.STATS_REQUEST]
+    job.feed(StatsReported("a", _sums([1.0, 2.0, 3.0])))
+    assert job.state.waiting_for == ["b"]
+    out = job.feed(StatsReported("b", _sums([4.0, 5.0])))
+    sent = [m for m in out if isinstance(m, Send)]
+    assert [(m.site, m.kind) for m in sent] == [
+        ("a", Kind.NORMALIZATION),
+        ("b", Kind.NORMALIZATION),
+        ("a", Kind.TRAIN),
+        ("b", Kind.TRAIN),
+    ]
+    pooled = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])  # what pooling the values would give
+    torch.testing.assert_close(sent[0].tensors["mean"], pooled.mean()[None])
+    torch.testing.assert_close(sent[0].tensors["std"], pooled.std()[None])
+    # A site that restarts later is set up and normalised again before anything else.
+    out = job.hello("b", incarnation="two")
+    kinds = [m.kind for m in out if isinstance(m, Send)]
+    assert kinds == [Kind.SETUP, Kind.NORMALIZATION, Kind.TRAIN]
+
+
+def test_a_fixed_normalisation_skips_the_statistics_round() -> None:
+    fixed = (torch.tensor([0.5]), torch.tensor([0.25]))
+    job = Job(_machine(FedAvg(), normalization=fixed), ["a"])
+    job.hello("a")
+    assert job.kinds("a") == [Kind.SETUP, Kind.NORMALIZATION, Kind.TRAIN]
+    normalization = next(
+        m for m in job.sent if isinstance(m, Send) and m.kind == Kind.NORMALIZATION
+    )
+    assert torch.equal(normalization.tensors["std"], fixed[1])
+
+
+def test_statistics_missing_at_the_deadline_fail_the_job_below_quorum() -> None:
+    job = Job(_machine(FedAvg(), normalization=None, quorum=2), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    job.feed(StatsReported("a", _sums([1.0, 2.0])))
+    job.feed(Tick(), at=DEADLINE)
+    assert job.state.phase == Phase.FAILED
+    assert "missing b" in (job.state.failure or "")

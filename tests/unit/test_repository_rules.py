@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import ast
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ["models", "medsplit", "edge_agent", "aggregator", "experiments"]
@@ -70,3 +76,53 @@ def test_shared_kernel_reaches_the_processes_only_through_the_command_line() -> 
         if path.name == "cli.py":
             continue  # the composition root: it loads `medsplit aggregator` / `agent` lazily
         assert not _imports(path) & {"edge_agent", "aggregator"}, path
+
+
+def _loaded_by(module: str, heavy: set[str]) -> set[str]:
+    """Which of ``heavy`` a fresh interpreter has loaded after importing ``module``."""
+    probe = (
+        f"import sys, {module}; "
+        f"print(' '.join(sorted(m for m in {sorted(heavy)!r} if m in sys.modules)))"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    return set(completed.stdout.split())
+
+
+def _modules(*folders: str) -> list[str]:
+    return sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in _python_files(*folders)
+    )
+
+
+EDGE_ONLY = {"pydicom", "sklearn", "fastapi", "onnxruntime", "matplotlib"}
+
+
+@pytest.mark.parametrize("module", _modules("medsplit/wire", "medsplit/transport"))
+def test_the_wire_and_the_transport_load_no_edge_or_report_library(module: str) -> None:
+    assert _loaded_by(module, EDGE_ONLY) == set()
+
+
+@pytest.mark.parametrize("module", _modules("aggregator"))
+def test_the_aggregator_loads_no_dicom_stack_and_no_inference_server(module: str) -> None:
+    assert _loaded_by(module, {"pydicom", "sklearn", "onnxruntime", "fastapi"}) == set()
+
+
+@pytest.mark.parametrize(
+    "module", ["medsplit.cli", "medsplit.config", "aggregator.config", "edge_agent.config"]
+)
+def test_reading_a_config_loads_no_torch(module: str) -> None:
+    assert _loaded_by(module, {"torch", "pydicom", "sklearn"}) == set()
+
+
+def test_pyproject_extras_keep_each_image_small() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = lambda reqs: {re.split(r"[<>=;\[ ]", r, maxsplit=1)[0].lower() for r in reqs}  # noqa: E731
+    core = names(project["dependencies"])
+    extras = {k: names(v) for k, v in project["optional-dependencies"].items()}
+    assert not core & {"pydicom", "scikit-learn", "onnxruntime", "fastapi", "uvicorn", "amqtt"}
+    assert {"pydicom", "onnxruntime", "fastapi"} <= extras["edge"]
+    assert not extras["aggregator"] & {"pydicom", "scikit-learn", "onnxruntime", "fastapi"}
+    assert "amqtt" in extras["demo"]
