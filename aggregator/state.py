@@ -228,6 +228,9 @@ class JobMachine:
         if state.done:
             return state, []
         out: list[Out] = []
+        site = getattr(event, "site", None)
+        if site is not None and site in state.sites and not isinstance(event, Hello):
+            state = _with_site(state, replace(state.sites[site], last_seen=now))
         if isinstance(event, Hello):
             state = self._hello(state, event, now, out)
         elif isinstance(event, StatsReported):
@@ -237,7 +240,7 @@ class JobMachine:
         elif isinstance(event, Evaluated):
             state = self._evaluated(state, event)
         elif isinstance(event, SitePresence):
-            state = self._presence(state, event, now)
+            state = self._presence(state, event)
         state = self._advance(state, now, out)
         return state, out
 
@@ -301,9 +304,8 @@ class JobMachine:
             return replace(state, late_messages=state.late_messages + 1)
         return replace(state, evaluations={**state.evaluations, evaluated.site: evaluated.metrics})
 
-    def _presence(self, state: JobState, presence: SitePresence, now: float) -> JobState:
-        entry = state.sites[presence.site]
-        return _with_site(state, replace(entry, connected=presence.online, last_seen=now))
+    def _presence(self, state: JobState, presence: SitePresence) -> JobState:
+        return _with_site(state, replace(state.sites[presence.site], connected=presence.online))
 
     # -- progress ----------------------------------------------------------------------------------
 

@@ -164,10 +164,13 @@ class Agent:
             tensors=dict(tensors or {}),
             meta=dict(meta or {}),
         )
+        self._publish(envelope, cast)
+
+    def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
         # Only the tensors named in ``cast`` (activations, gradients) may travel down-cast.
         wire_dtype = self.spec.wire_dtype if self.spec else "float32"
         self.endpoint.send(
-            topics.up(self.job_id, self.site_id, kind),
+            topics.up(self.job_id, self.site_id, envelope.kind),
             envelope,
             wire_dtype=wire_dtype,
             cast=cast or set(),
@@ -327,17 +330,15 @@ class Agent:
         except (ValueError, KeyError, RuntimeError) as exc:
             # e.g. a setup whose job spec does not validate: report it, keep serving.
             log.warning("%s: could not handle %s: %s", self.site_id, env.kind, exc)
-            self._send(
-                Kind.ERROR,
-                round=env.round,
-                meta={"error": type(exc).__name__, "detail": str(exc)[:500]},
-            )
+            self._publish(env.error(self.site_id, type(exc).__name__, str(exc)))
 
     def _send_stats(self, env: Envelope) -> None:
         """Counts and sums of this site's training inputs: never a value leaves the site."""
         sums = site_sums(self.loaded)
         tensors = {"sum": sums.total, "sum_sq": sums.total_sq}
-        self._send(Kind.STATS, tensors=tensors, meta={"count": sums.count})
+        self._publish(
+            env.reply(self.site_id, Kind.STATS, tensors=tensors, meta={"count": sums.count})
+        )
 
     def _normalise(self, env: Envelope) -> None:
         mean, std = env.tensors["mean"], env.tensors["std"]

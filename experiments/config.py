@@ -19,7 +19,7 @@ from aggregator.config import JobConfig
 from edge_agent.data.names import check_name, parse_scheme
 from medsplit.config import BrokerConfig, OptimizerConfig
 from medsplit.ids import ID_PATTERN
-from medsplit.modes import Orchestration, WireDtype
+from medsplit.modes import MODES, SPLIT_MODES, Mode, Orchestration, WireDtype
 from models import ConfigError
 from models.config_errors import load_yaml_mapping, validate
 
@@ -119,7 +119,7 @@ class ExperimentConfig(BaseModel):
 
     def plan_for(self, mode: str) -> str:
         defaults = DEFAULT_PLANS.get(self.dataset, DEFAULT_PLANS["breast-cancer"])
-        family = mode if mode in ("split", "split-u") else "federated"
+        family = mode if mode in SPLIT_MODES else "federated"
         chosen = {"federated": self.plans.federated, "split": self.plans.split}.get(
             family, self.plans.split_u
         )
@@ -132,8 +132,10 @@ class ExperimentConfig(BaseModel):
             self.partitions, self.sites, self.modes, self.seeds
         ):
             orchestrations: list[str] = list(self.orchestrations)
-            if mode not in ("split", "split-u"):
-                orchestrations = ["parallel" if mode in ("fedavg", "flop") else "none"]
+            if mode in BASELINES:
+                orchestrations = ["none"]  # no network, no rounds to orchestrate
+            elif mode not in SPLIT_MODES:
+                orchestrations = [MODES[Mode(mode)].default_orchestration.value]
             for orchestration in orchestrations:
                 cells.append(Cell(mode, orchestration, partition, sites, seed))
         return cells
@@ -192,7 +194,7 @@ class Cell:
     @property
     def method(self) -> str:
         """The row name in the results: the mode, plus the orchestration for split modes."""
-        if self.mode in ("split", "split-u"):
+        if self.mode in SPLIT_MODES:
             return f"{self.mode} ({self.orchestration})"
         return self.mode
 

@@ -78,10 +78,14 @@ def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
         path = f"{prefix}{name}"
         annotation = field.annotation
         if name == "plan":
-            rows.append(f"| `{path}` | plan | required | {field.description} ([models and plans](models-and-plans.md)) |")
+            rows.append(
+                f"| `{path}` | plan | required | {field.description} ([models and plans](models-and-plans.md)) |"
+            )
             continue
         if name == "data":
-            rows.append(f"| `{path}` | data source | builtin share | {field.description} ([data](data.md)) |")
+            rows.append(
+                f"| `{path}` | data source | builtin share | {field.description} ([data](data.md)) |"
+            )
             continue
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             doc = (annotation.__doc__ or "").strip().splitlines()[0]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from edge_agent.data.partitions import Scanner
 from edge_agent.data.synthetic import synthetic_cxr
+from medsplit.storage import atomic_write
 
 CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 LABELS = ("normal", "lesion")
@@ -106,7 +108,9 @@ def write_dicom(
     ds.RescaleSlope, ds.RescaleIntercept = encoding.slope, encoding.intercept
     ds.WindowCenter, ds.WindowWidth = PHYSICAL_MAX / 2, PHYSICAL_MAX
     ds.PixelData = stored.astype("<u2").tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
+    encoded = io.BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    atomic_write(path, encoded.getvalue())
     return str(ds.SOPInstanceUID)
 
 
@@ -152,10 +156,11 @@ def write_folder(
             study_date=date.strftime("%Y%m%d"),
         )
         rows.append((name, uid, patient_id, LABELS[int(labels[i])]))
-    with (folder / "labels.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("file", "sop_instance_uid", "patient_id", "label"))
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(("file", "sop_instance_uid", "patient_id", "label"))
+    writer.writerows(rows)
+    atomic_write(folder / "labels.csv", table.getvalue().encode())
 
 
 def synthesize(

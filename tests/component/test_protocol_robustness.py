@@ -17,7 +17,7 @@ from medsplit.protocol import topics
 from medsplit.transport import MemoryBroker, MemoryTransport
 from medsplit.wire import Envelope
 from medsplit.wiring import memory_connector
-from tests.unit.test_split_learning import _config, _sites
+from tests.component.test_split_learning import _config, _sites
 
 JOB = "job-t"
 
