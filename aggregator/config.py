@@ -144,11 +144,7 @@ class JobConfig(FileSettings):
     state: AggregatorState = Field(AggregatorState(), description="what the aggregator writes")
 
     @classmethod
-    def from_mapping(
-        cls, data: dict[str, Any], source: str = "<config>", *, base: Path | None = None
-    ) -> Any:
-        cls._refuse_moved_fields(data, source)
-        data = cls.resolve_paths(dict(data), base)
+    def validated(cls, data: dict[str, Any], source: str) -> Any:
         # First pass without the plan: every other mistake is reported before torch loads.
         token = _SHAPE_ONLY.set(True)
         try:

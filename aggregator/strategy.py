@@ -78,8 +78,21 @@ def mean_metrics(metrics: Mapping[str, Metrics]) -> dict[str, float | None]:
     return out
 
 
+class EvaluateEverySite:
+    """The evaluation half of the contract most strategies share: every present site
+    evaluates, and the round's summary is the plain mean over those that answered."""
+
+    def configure_evaluate(self, round: int, sites: Sequence[str]) -> list[str]:
+        return list(sites)
+
+    def aggregate_evaluate(
+        self, metrics: Mapping[str, Metrics], failures: Sequence[str] = ()
+    ) -> dict[str, float | None]:
+        return mean_metrics(metrics)
+
+
 @dataclass(frozen=True)
-class FedAvg:
+class FedAvg(EvaluateEverySite):
     """Sample-weighted averaging of every exchanged tensor.
 
     ``fraction`` of the present sites train each round (at least ``min_sites``), drawn with a
@@ -117,14 +130,6 @@ class FedAvg:
             self.check_reply(current, reply)
         return weighted_average([r.state for r in replies], [float(r.samples) for r in replies])
 
-    def configure_evaluate(self, round: int, sites: Sequence[str]) -> list[str]:
-        return list(sites)
-
-    def aggregate_evaluate(
-        self, metrics: Mapping[str, Metrics], failures: Sequence[str] = ()
-    ) -> dict[str, float | None]:
-        return mean_metrics(metrics)
-
     def check_reply(self, current: Mapping[str, torch.Tensor], reply: Reply) -> None:
         if reply.samples < 1:
             raise ValueError(f"site {reply.site} trained on {reply.samples} samples")
@@ -153,7 +158,7 @@ class Flop(FedAvg):
 
 
 @dataclass(frozen=True)
-class Cyclic:
+class Cyclic(EvaluateEverySite):
     """Sites take turns within a round; each hands its weights on to the next."""
 
     base: FedAvg = field(default_factory=FedAvg)
@@ -175,14 +180,6 @@ class Cyclic:
         (reply,) = replies
         self.check_reply(current, reply)
         return {k: reply.state[k] for k in current}
-
-    def configure_evaluate(self, round: int, sites: Sequence[str]) -> list[str]:
-        return list(sites)
-
-    def aggregate_evaluate(
-        self, metrics: Mapping[str, Metrics], failures: Sequence[str] = ()
-    ) -> dict[str, float | None]:
-        return mean_metrics(metrics)
 
 
 def weighted_average(

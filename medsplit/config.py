@@ -135,7 +135,11 @@ class FileSettings(BaseSettings):
     ) -> Any:
         """Validate ``data``; relative file references are resolved against ``base``."""
         cls._refuse_moved_fields(data, source)
-        data = cls.resolve_paths(dict(data), base)
+        return cls.validated(cls.resolve_paths(dict(data), base), source)
+
+    @classmethod
+    def validated(cls, data: dict[str, Any], source: str) -> Any:
+        """Hook for subclasses that validate in more than one pass."""
         return validate(cls, data, source)
 
     @classmethod
