@@ -278,7 +278,7 @@ class Agent:
         new_epoch = self.aggregator is None or self.aggregator.incarnation != presence.incarnation
         self.aggregator = presence
         if new_epoch and self.phase != AgentPhase.FINISHED:
-            log.info("%s: aggregator online: %s; announcing", self.site_id, presence.describe())
+            log.info("%s: online: %s; announcing this site", self.site_id, presence.describe())
             self._hellos, self._next_hello = 0, 0.0
             if self.phase != AgentPhase.ANNOUNCING:
                 self._hello()  # re-announce to the new epoch; its setup is the same job

@@ -83,4 +83,5 @@ class Presence:
 
     def describe(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.since))
-        return f"{self.role} {self.party} (incarnation {self.incarnation}, up since {started})"
+        who = self.role if self.party == self.role else f"{self.role} {self.party}"
+        return f"{who} (incarnation {self.incarnation}, up since {started})"
