@@ -52,6 +52,7 @@ from models import split_model
 log = logging.getLogger(__name__)
 EventSink = Callable[[dict[str, Any]], None]
 REFUSAL_INTERVAL_S = 10.0  # a stranger repeating hello is refused at most this often
+MAX_REMEMBERED_STRANGERS = 1024
 
 __all__ = ["Coordinator", "JobFailed", "RoundRecord", "make_strategy"]
 
@@ -322,6 +323,8 @@ class Coordinator:
         now = self.clock()
         if now - self._refused_at.get(site, -REFUSAL_INTERVAL_S) < REFUSAL_INTERVAL_S:
             return
+        if len(self._refused_at) >= MAX_REMEMBERED_STRANGERS:  # bounded, whatever ids arrive
+            self._refused_at.clear()
         self._refused_at[site] = now
         log.warning("site %r is not part of job %s; told it so", site, self.config.job_id)
         detail = f"site {site!r} is not part of job {self.config.job_id} (its sites: {', '.join(self.config.sites)})"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from aggregator.config import JobConfig, OptimizerConfig
+from aggregator.config import JobConfig
 from aggregator.strategy import FedAvg, Flop, Reply
 from edge_agent.data import datasets
 from edge_agent.local_model import LocalModel
 from experiments.inprocess import run_job
+from medsplit.config import OptimizerConfig
 from medsplit.protocol import Kind, topics
 from medsplit.training import train_centralized
-from medsplit.transport import MemoryBroker, MemoryTransport
+from medsplit.transport import MemoryBroker
 from medsplit.wire import Decoder, Envelope
-from medsplit.wiring import memory_connector
+from medsplit.wiring import Connector, memory_connector
 from models import ConfigError, cut_shapes
 from tests.support.configs import job_config
 
@@ -255,7 +255,7 @@ def test_split_traffic_per_round_is_samples_times_the_activation_size() -> None:
         assert nbytes == data[site].train_samples * per_sample * 4
 
 
-def _memory() -> Callable[[str], MemoryTransport]:
+def _memory() -> Connector:
     broker = MemoryBroker()
     return memory_connector(broker)
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
 from edge_agent.agent import Agent, AgentPhase, NotInJob
 from edge_agent.data import datasets
@@ -23,7 +24,7 @@ from tests.support.configs import job_config
 JOB = "job-j"
 
 
-def _config(**overrides: object) -> object:
+def _config(**overrides: object) -> JobConfig:
     base = {
         "job_id": JOB,
         "plan": "mlp-ehr-u",
@@ -187,7 +188,7 @@ def test_the_aggregator_says_whom_it_waits_for(agent_logs: pytest.LogCaptureFixt
     config = _config(sites=["site-a", "site-b", "site-c"], join_deadline_s=0.5)
     config = config.model_copy(
         update={"waits": config.waits.model_copy(update={"status_interval_s": 0.1})}
-    )  # type: ignore[attr-defined]
+    )
     coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence)
     site = open_site(JOB, "site-a", memory_connector(broker))
     agent = Agent("site-a", JOB, site.endpoint, _data(), hello_interval_s=0.1)

@@ -7,9 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from aggregator.config import JobConfig, OptimizerConfig
+from aggregator.config import JobConfig
 from edge_agent.data import datasets
 from experiments.inprocess import run_job
+from medsplit.config import OptimizerConfig
 from medsplit.protocol import topics
 from medsplit.training import evaluate_logits, train_centralized
 from medsplit.transport import MemoryBroker

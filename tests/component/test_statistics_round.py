@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from aggregator.config import JobConfig
 from edge_agent.data import datasets
 from edge_agent.data.dicom import read_image
 from edge_agent.data.dicom_source import load_dicom_site
@@ -30,7 +31,7 @@ def _dicom_sites(tmp_path: Path) -> dict[str, datasets.SiteData]:
     return {f"site-{i + 1}": load_dicom_site(config(f))[0] for i, f in enumerate(folders)}
 
 
-def _job(sites: list[str], **extra: object) -> object:
+def _job(sites: list[str], **extra: object) -> JobConfig:
     plan = {"model": CNN, "cut": "conv1", "tail_cut": "fc"}
     return job_config({"job_id": "job-s", "plan": plan, "rounds": 1, "sites": sites, **extra})
 
