@@ -1,8 +1,8 @@
 """The hospital-side process: says hello, receives the job, trains its layers on request.
 
 Everything happens in one thread that reads from the ``Endpoint``: MQTT callbacks only enqueue
-(see ``medsplit.transport``). The agent is a state machine (``AgentPhase``) driven by the
-aggregator's messages: it *announces* itself (``hello``, repeated with backoff) until ``setup``
+(see ``medsplit.transport``). Its position in the job is one ``Lifecycle`` value with pure transitions
+(``edge_agent.lifecycle``), driven by the aggregator's messages and presence: it *announces* itself (``hello``, repeated with backoff) until ``setup``
 arrives, is then *ready*, *trains* on ``train`` (local epochs: in split modes exchanging
 cut-layer tensors step by step, in federated modes entirely locally), *evaluates* on
 ``evaluate`` (held-out metrics) and is *finished* on ``finish`` (it assembles this site's own
@@ -22,7 +22,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from edge_agent.data.datasets import SiteData
+from edge_agent.lifecycle import Action, AgentPhase, Lifecycle, SayHello
 from edge_agent.local_model import LocalModel
 from edge_agent.normalization import normalise, site_sums
 from edge_agent.segments import EdgeSegments
@@ -68,24 +68,6 @@ class NotInJob(RuntimeError):
     """The aggregator says this site is not part of the job."""
 
 
-class AgentPhase(str, Enum):
-    ANNOUNCING = "announcing"  # hello until the aggregator answers with setup
-    READY = "ready"  # set up, waiting for a request
-    TRAINING = "training"
-    EVALUATING = "evaluating"
-    FINISHED = "finished"
-    REFUSED = "refused"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def hello_delay(hellos_sent: int, interval_s: float) -> float:
-    """Seconds until the next hello: quick at first (the aggregator may be subscribing right
-    now), then doubling up to ``interval_s``."""
-    return min(interval_s, 0.25 * 2.0**hellos_sent)
-
-
 class Agent:
     def __init__(
         self,
@@ -118,17 +100,23 @@ class Agent:
         self.segments: EdgeSegments | LocalModel | None = None
         self.status_interval_s = status_interval_s
         self.incarnation = incarnation or new_incarnation()
-        self.phase = AgentPhase.ANNOUNCING
-        self.aggregator: Presence | None = None  # the live aggregator, from its presence
-        self.refusal: str | None = None
+        self.lifecycle = Lifecycle(
+            site_id, job_id, hello_interval_s=hello_interval_s, status_interval_s=status_interval_s
+        )
         self._stop = threading.Event()
         self._backlog: deque[Received] = deque()
-        self._hellos = 0  # since the last reset of the backoff (a new aggregator epoch)
-        self._hellos_total = 0
-        self._next_hello = 0.0
         endpoint.on_reject = self._report_reject
         endpoint.on_presence = self._on_presence
         endpoint.set_expected(self._expected)
+
+    @property
+    def phase(self) -> AgentPhase:
+        return self.lifecycle.phase
+
+    @property
+    def aggregator(self) -> Presence | None:
+        """The live aggregator, from its presence."""
+        return self.lifecycle.aggregator
 
     @property
     def finished(self) -> bool:
@@ -136,7 +124,16 @@ class Agent:
 
     @property
     def hellos_sent(self) -> int:
-        return self._hellos_total
+        return self.lifecycle.hellos_total
+
+    def _act(self, step: tuple[Lifecycle, list[Action]]) -> None:
+        """Take the lifecycle's next value and carry out what it asks for."""
+        self.lifecycle, actions = step
+        for action in actions:
+            if isinstance(action, SayHello):
+                self._hello()
+            else:
+                (log.warning if action.warning else log.info)("%s", action.text)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -232,28 +229,18 @@ class Agent:
     def run(self, *, max_seconds: float | None = None) -> None:
         """Serve the job until ``finish`` (or ``max_seconds``); ``NotInJob`` if refused."""
         stop_at = None if max_seconds is None else time.monotonic() + max_seconds
-        next_status = time.monotonic() + self.status_interval_s
         while not self.finished and not self._stop.is_set():
-            now = time.monotonic()
-            if stop_at is not None and now > stop_at:
+            if stop_at is not None and time.monotonic() > stop_at:
                 raise TimeoutError(f"{self.site_id}: job not finished within {max_seconds} s")
-            if self.phase == AgentPhase.ANNOUNCING and now >= self._next_hello:
-                self._hello()
-            if now >= next_status:
-                self._log_waiting()
-                next_status = now + self.status_interval_s
-            wake = min(
-                next_status,
-                self._next_hello if self.phase == AgentPhase.ANNOUNCING else next_status,
-            )
-            timeout = max(0.0, min(0.5, wake - time.monotonic()))
+            self._act(self.lifecycle.tick(time.monotonic()))
+            timeout = max(0.0, min(0.5, self.lifecycle.wake_at() - time.monotonic()))
             received = (
                 self._backlog.popleft() if self._backlog else self.endpoint.receive(timeout=timeout)
             )
             if received is not None:
                 self._handle(received.envelope)
-            if self.refusal is not None:
-                raise NotInJob(self.refusal)
+            if self.lifecycle.refusal is not None:
+                raise NotInJob(self.lifecycle.refusal)
 
     def _hello(self) -> None:
         meta: dict[str, MetaValue] = {
@@ -262,48 +249,9 @@ class Agent:
             "incarnation": self.incarnation,
         }
         self._send(Kind.HELLO, meta=meta)
-        self._next_hello = time.monotonic() + hello_delay(self._hellos, self.hello_interval_s)
-        self._hellos += 1
-        self._hellos_total += 1
 
     def _on_presence(self, topic: str, presence: Presence) -> None:
-        """The aggregator's presence: a new epoch means it restarted and must hear from us."""
-        if presence.role != "aggregator" or presence.state == "probe":
-            return
-        if presence.state == "offline":
-            if self.aggregator is not None:
-                log.warning("%s: the aggregator of job %s went offline", self.site_id, self.job_id)
-            self.aggregator = None
-            return
-        new_epoch = self.aggregator is None or self.aggregator.incarnation != presence.incarnation
-        self.aggregator = presence
-        if new_epoch and self.phase != AgentPhase.FINISHED:
-            log.info("%s: online: %s; announcing this site", self.site_id, presence.describe())
-            self._hellos, self._next_hello = 0, 0.0
-            if self.phase != AgentPhase.ANNOUNCING:
-                self._hello()  # re-announce to the new epoch; its setup is the same job
-
-    def _log_waiting(self) -> None:
-        if self.phase == AgentPhase.ANNOUNCING:
-            if self.aggregator is None:
-                log.info(
-                    "%s: waiting for the aggregator of job %s: none is online yet",
-                    self.site_id,
-                    self.job_id,
-                )
-            else:
-                log.info(
-                    "%s: waiting for the aggregator of job %s to answer hello (%s)",
-                    self.site_id,
-                    self.job_id,
-                    self.aggregator.describe(),
-                )
-        elif self.phase == AgentPhase.READY:
-            log.info(
-                "%s: joined job %s; waiting for the aggregator's next request",
-                self.site_id,
-                self.job_id,
-            )
+        self._act(self.lifecycle.saw_aggregator(presence, time.monotonic()))
 
     def _handle(self, env: Envelope) -> None:
         try:
@@ -318,11 +266,11 @@ class Agent:
             elif env.kind == Kind.EVALUATE and self.segments is not None:
                 self._working(AgentPhase.EVALUATING, self._evaluate, env)
             elif env.kind == Kind.FINISH:
-                self.phase = AgentPhase.FINISHED
+                self.lifecycle = self.lifecycle.finished()
                 self._finish(env)
             elif env.kind == Kind.REFUSED:
-                self.phase = AgentPhase.REFUSED
-                self.refusal = str(env.meta.get("detail") or "this site is not part of the job")
+                detail = str(env.meta.get("detail") or "this site is not part of the job")
+                self.lifecycle = self.lifecycle.refused(detail)
             elif env.kind == Kind.ERROR:
                 log.warning("%s: aggregator reported an error: %s", self.site_id, dict(env.meta))
         except StepTimeout as exc:
@@ -351,12 +299,11 @@ class Agent:
         )
 
     def _working(self, phase: AgentPhase, work: Callable[[Envelope], None], env: Envelope) -> None:
-        self.phase = phase
+        self.lifecycle = self.lifecycle.working(phase)
         try:
             work(env)
-        finally:
-            if self.phase == phase:  # a finish or a refusal that arrived meanwhile stands
-                self.phase = AgentPhase.READY
+        finally:  # a finish or a refusal that arrived meanwhile stands
+            self.lifecycle = self.lifecycle.idle(phase)
 
     def _setup(self, env: Envelope) -> None:
         spec = JobSpec.from_meta(env.meta.get("spec"))
@@ -365,8 +312,7 @@ class Agent:
                 f"setup for job {spec.job_id!r}, but this agent serves {self.job_id!r}"
             )
         if spec == self.spec:
-            if self.phase == AgentPhase.ANNOUNCING:
-                self.phase = AgentPhase.READY
+            self.lifecycle = self.lifecycle.set_up()
             return  # a repeated setup (we said hello more than once): nothing to rebuild
         self.spec = spec
         self.specs = TensorSpecs(
@@ -377,7 +323,7 @@ class Agent:
             self._restore_private(self.segments)
         else:
             self.segments = EdgeSegments(self.spec, self.device)
-        self.phase = AgentPhase.READY
+        self.lifecycle = self.lifecycle.set_up()
         log.info(
             "%s: joined job %s (%s, %s)",
             self.site_id,

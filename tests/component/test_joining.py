@@ -10,8 +10,9 @@ import pytest
 
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
-from edge_agent.agent import Agent, AgentPhase, NotInJob
+from edge_agent.agent import Agent, NotInJob
 from edge_agent.data import datasets
+from edge_agent.lifecycle import AgentPhase
 from experiments.inprocess import run_job
 from medsplit.channel import Endpoint
 from medsplit.protocol import Kind, topics
