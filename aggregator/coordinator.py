@@ -246,7 +246,17 @@ class Coordinator:
     def _on_error(self, site: str, env: Envelope) -> None:
         log.warning("site %s reported an error: %s", site, dict(env.meta))
 
+    def _asked(self, site: str, phase: Phase) -> bool:
+        """Whether ``site`` is in the middle of what it was asked: cut-layer traffic from a site
+        whose turn is over (it was missed at the deadline) must not touch the trunk."""
+        if self.state.phase == phase and site in self.state.waiting_for:
+            return True
+        self.state = replace(self.state, late_messages=self.state.late_messages + 1)
+        return False
+
     def _on_activations(self, site: str, env: Envelope) -> None:
+        if not self._asked(site, Phase.TRAINING):
+            return
         trunk = self._cut_layer_trunk()
         if MODES[self.config.mode].labels_travel:
             grad, loss = trunk.split_step(env.tensors["h"], env.tensors["y"])
@@ -261,6 +271,8 @@ class Coordinator:
             )
 
     def _on_trunk_grad(self, site: str, env: Envelope) -> None:
+        if not self._asked(site, Phase.TRAINING):
+            return
         grad = self._cut_layer_trunk().backward(site, env.round, env.step, env.tensors["g"])
         if grad is None:  # the forward pass it belongs to was forgotten (a restart, a deadline)
             self.state = replace(self.state, late_messages=self.state.late_messages + 1)
@@ -268,6 +280,8 @@ class Coordinator:
         self._reply(site, env.reply(AGGREGATOR_ID, Kind.ACT_GRAD, tensors={"g": grad}), cast={"g"})
 
     def _on_eval_activations(self, site: str, env: Envelope) -> None:
+        if not self._asked(site, Phase.EVALUATING):
+            return
         out = self._cut_layer_trunk().evaluate(env.tensors["h"])
         self._reply(site, env.reply(AGGREGATOR_ID, Kind.EVAL_OUT, tensors={"t": out}), cast={"t"})
 

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
@@ -230,3 +231,38 @@ def test_an_agent_announces_itself_again_to_a_new_aggregator_epoch() -> None:
     assert agent.aggregator is not None and agent.aggregator.incarnation == second.incarnation
     second.close()
     site.close()
+
+
+def test_cut_layer_traffic_from_a_site_not_asked_never_touches_the_trunk() -> None:
+    """A site whose turn is over (missed at the deadline, or not its turn) is not served."""
+    broker = MemoryBroker()
+    aggregator = open_aggregator(JOB, memory_connector(broker))
+    config = _config(sites=["site-a", "site-b"], orchestration="sequential", normalization="none")
+    coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence)
+    for site in ("site-a", "site-b"):
+        party = open_site(JOB, site, memory_connector(broker))
+        hello = {"train_samples": 10, "test_samples": 5, "incarnation": site}
+        Endpoint(party.transport).send(
+            topics.up(JOB, site, "hello"), Envelope(JOB, site, "hello", meta=hello)
+        )
+    while coordinator.state.round < 0:
+        received = aggregator.endpoint.receive(timeout=5)
+        assert received is not None
+        coordinator.handle(received)
+    assert coordinator.state.waiting_for == ["site-a"]  # site-a's turn, not site-b's
+    trunk_before = {k: v.clone() for k, v in coordinator.final_state().items()}
+    from models import cut_shapes  # noqa: PLC0415
+
+    head_out = cut_shapes(config.plan, 4)["head_out"]
+    out_of_turn = Envelope(JOB, "site-b", "activations", tensors={"h": torch.randn(*head_out)})
+    Endpoint(open_site(JOB, "site-b", memory_connector(broker), client_id="b2").transport).send(
+        topics.up(JOB, "site-b", "activations"), out_of_turn
+    )
+    received = aggregator.endpoint.receive(timeout=5)
+    assert received is not None
+    coordinator.handle(received)
+    assert coordinator.late_messages == 1
+    assert "trunk-out" not in _kinds_to(broker, "site-b")
+    after = coordinator.final_state()
+    assert all(torch.equal(trunk_before[k], after[k]) for k in trunk_before)
+    aggregator.close()
