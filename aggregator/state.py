@@ -25,28 +25,25 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import Any
 
 import torch
 
 from aggregator.strategy import Reply, Strategy
+from medsplit.modes import TextEnum
 from medsplit.protocol import Kind
 from medsplit.statistics import FeatureSums
 
 Tensors = Mapping[str, torch.Tensor]
 
 
-class Phase(str, Enum):
+class Phase(TextEnum):
     JOINING = "joining"
     STATISTICS = "statistics"  # the sites' counts and sums, combined into one normalisation
     TRAINING = "training"
     EVALUATING = "evaluating"
     FINISHED = "finished"
     FAILED = "failed"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,18 @@ up says hello once more so the new epoch's registry has it.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
 
+from medsplit.modes import TextEnum
 from medsplit.protocol.presence import Presence
 
 
-class AgentPhase(str, Enum):
+class AgentPhase(TextEnum):
     ANNOUNCING = "announcing"  # hello until the aggregator answers with setup
     READY = "ready"  # set up, waiting for a request
     TRAINING = "training"
     EVALUATING = "evaluating"
     FINISHED = "finished"
     REFUSED = "refused"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,14 @@ from enum import Enum
 from typing import Literal
 
 
-class Mode(str, Enum):
+class TextEnum(str, Enum):
+    """An enum whose members are their text: in f-strings, logs, JSON and YAML alike."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Mode(TextEnum):
     """How the network is divided between the sites and the aggregator (docs/index.md)."""
 
     SPLIT = "split"
@@ -21,18 +28,12 @@ class Mode(str, Enum):
     FEDAVG = "fedavg"
     FLOP = "flop"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class Orchestration(str, Enum):
+class Orchestration(TextEnum):
     """Sites take turns (sequential, cyclic) or train at the same time (parallel)."""
 
     SEQUENTIAL = "sequential"
     PARALLEL = "parallel"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 # Activations and gradients may travel down-cast; weights always travel as float32.

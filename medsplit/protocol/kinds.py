@@ -10,10 +10,10 @@ Presence is not a kind: it travels on its own retained topic, as JSON (``presenc
 
 from __future__ import annotations
 
-from enum import Enum
+from medsplit.modes import TextEnum
 
 
-class Kind(str, Enum):
+class Kind(TextEnum):
     HELLO = "hello"
     SETUP = "setup"
     REFUSED = "refused"  # the aggregator will not take this site (not in the job)
@@ -33,6 +33,3 @@ class Kind(str, Enum):
     METRICS = "metrics"
     EVAL_ACTIVATIONS = "eval-activations"
     EVAL_OUT = "eval-out"
-
-    def __str__(self) -> str:
-        return self.value
