@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from aggregator.strategy import Reply, Strategy
+from aggregator.strategy import Reply, Strategy, mean_metrics
 from medsplit.modes import TextEnum
 from medsplit.protocol import Kind
 from medsplit.statistics import FeatureSums
@@ -76,8 +76,6 @@ class RoundRecord:
     train_seconds: float = 0.0
 
     def mean(self) -> dict[str, float | None]:
-        from aggregator.strategy import mean_metrics  # noqa: PLC0415 - one definition of "mean"
-
         return mean_metrics(self.metrics)
 
 

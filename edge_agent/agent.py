@@ -90,7 +90,6 @@ class Agent:
         self.data = data  # what training sees: after the federation's normalisation
         self.device = device or torch.device("cpu")
         self.reply_timeout_s = reply_timeout_s
-        self.hello_interval_s = hello_interval_s
         self.state_dir = state_dir
         self.export_onnx = export_onnx
         self.site_model: Path | None = None  # written at finish
@@ -98,7 +97,6 @@ class Agent:
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
         self.segments: EdgeSegments | LocalModel | None = None
-        self.status_interval_s = status_interval_s
         self.incarnation = incarnation or new_incarnation()
         self.lifecycle = Lifecycle(
             site_id, job_id, hello_interval_s=hello_interval_s, status_interval_s=status_interval_s
@@ -183,7 +181,7 @@ class Agent:
         """The reply to a step; other messages are kept for the main loop."""
         started = time.monotonic()
         deadline = started + self.reply_timeout_s
-        next_status = started + self.status_interval_s
+        next_status = started + self.lifecycle.status_interval_s
         while (remaining := deadline - time.monotonic()) > 0:
             if self._stop.is_set():
                 raise StepTimeout("the agent was asked to stop")
@@ -196,7 +194,7 @@ class Agent:
                     time.monotonic() - started,
                     kind,
                 )
-                next_status += self.status_interval_s
+                next_status += self.lifecycle.status_interval_s
             # Wake up now and then to notice stop(); a reply normally arrives in milliseconds.
             received = self.endpoint.receive(timeout=min(remaining, 0.5))
             if received is None:

@@ -102,7 +102,8 @@ def run_job(
 ) -> JobResult:
     """Aggregator in this thread, one thread per agent; every agent must finish.
 
-    ``before_run`` is called once the aggregator is subscribed, before any agent starts. With
+    ``before_run`` is called once the aggregator is subscribed (before any agent starts, unless
+    ``agents_first``). With
     ``state_root`` each site keeps its state in ``state_root/SITE``, as the demo lays it out.
     With ``agents_first`` the agents start first and the aggregator only once every one of
     them has said hello twice, as when a deployment's sites come up before its server.
@@ -117,17 +118,17 @@ def run_job(
         agent_kw=agent_kw,
     )
     parties, agents, threads, errors = sites.parties, sites.agents, sites.threads, sites.errors
-    if not agents_first:
-        aggregator = open_aggregator(config.job_id, connect)
-        parties.insert(0, aggregator)
-        if before_run is not None:
-            before_run()
-    for thread in threads:
-        thread.start()
     if agents_first:
+        for thread in threads:
+            thread.start()
         _await_hellos(agents, 2, timeout)
-        aggregator = open_aggregator(config.job_id, connect)
-        parties.insert(0, aggregator)
+    aggregator = open_aggregator(config.job_id, connect)
+    parties.insert(0, aggregator)
+    if before_run is not None:
+        before_run()
+    if not agents_first:
+        for thread in threads:
+            thread.start()
     coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence)
     try:
         history = coordinator.run()
