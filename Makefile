@@ -27,6 +27,8 @@ bench: setup
 	$(PY) bench/data_loading.py --write-docs
 	$(PY) bench/inference.py --write-docs
 	$(PY) bench/startup.py --write-docs
+	$(PY) bench/checkpoint.py --write-docs
+	$(PY) bench/chaos.py --write-docs
 
 
 clean:

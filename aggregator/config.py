@@ -5,7 +5,8 @@
 * ``rounds``: how many, how long each may take, how many sites must answer, sampling;
 * ``training``: what every site does in a round (epochs, batches, optimizer, wire precision);
 * ``broker``, ``waits``: the shared groups of ``medsplit.config``;
-* ``state``: where the run's report and weights go.
+* ``state``: where the run's report and weights go;
+* ``checkpoint``: where the job is saved after every round, and how many saves are kept.
 
 Validation runs twice: first with the plan unchecked, so that a typo anywhere is reported in a
 fraction of a second, then in full, which builds the plan's architecture (torch).
@@ -53,6 +54,12 @@ class RoundSettings(BaseModel):
         "not answered by then is missed for the round",
     )
     join_deadline_s: float = Field(600.0, gt=0, description="how long to wait for sites to join")
+    finish_deadline_s: float = Field(
+        120.0,
+        ge=0,
+        description="after the last round, how long to wait for every site to confirm it has "
+        "its final model (a site that comes back meanwhile is sent it again)",
+    )
     min_sites: int | None = Field(
         None, ge=1, description="sites that must answer for a round to count; default: all"
     )
@@ -101,6 +108,26 @@ class AggregatorState(BaseModel):
     )
 
 
+class CheckpointSettings(BaseModel):
+    """Saving the job after every round, so a restarted aggregator goes on where it stopped."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="write a checkpoint after every closed round")
+    dir: Path | None = Field(
+        None,
+        description="where checkpoints go, in a folder per job id (a volume in containers, "
+        "which jobs may share); default RUN_DIR/checkpoints",
+    )
+    keep: int = Field(3, ge=1, le=1000, description="newest checkpoints kept; older ones removed")
+    every_steps: int = Field(
+        0,
+        ge=0,
+        description="sequential split rounds: also checkpoint every this many training steps, "
+        "so a long round is not redone from its start (0: after rounds only)",
+    )
+
+
 class JobConfig(FileSettings):
     """What the aggregator runs: the job's identity and shape, and one group per concern."""
 
@@ -142,6 +169,9 @@ class JobConfig(FileSettings):
     broker: BrokerConfig = Field(BrokerConfig(), description="the broker, shared group")
     waits: WaitSettings = Field(WaitSettings(), description="how often waits are reported")
     state: AggregatorState = Field(AggregatorState(), description="what the aggregator writes")
+    checkpoint: CheckpointSettings = Field(
+        CheckpointSettings(), description="saving the job to resume it (docs/operations.md)"
+    )
 
     @classmethod
     def validated(cls, data: dict[str, Any], source: str) -> Any:
@@ -212,6 +242,13 @@ class JobConfig(FileSettings):
                 f"rounds.min_sites: {rounds.min_sites} is more than the {len(self.sites)} sites "
                 "listed"
             )
+        if self.checkpoint.every_steps and not (
+            MODES[self.mode].cut_layer and self.orchestration == Orchestration.SEQUENTIAL
+        ):
+            raise ValueError(
+                "checkpoint.every_steps: applies to sequential split and split-u rounds, whose "
+                "steps run one site at a time; other rounds are checkpointed when they close"
+            )
         if _SHAPE_ONLY.get():
             return self
         inputs = self.plan.model.input_shape[0]
@@ -243,3 +280,8 @@ class JobConfig(FileSettings):
     @property
     def output_dir(self) -> Path:
         return self.state.run_dir or Path("runs") / self.job_id
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """This job's checkpoints: one folder per job id, so jobs can share a volume."""
+        return (self.checkpoint.dir or self.output_dir / "checkpoints") / self.job_id

@@ -8,26 +8,47 @@ not a state change: it is answered at once through the ``Trunk``.
 
 It never waits silently: while a step is open it logs, every ``waits.status_interval_s``, whom it
 waits for and how long the round has left.
+
+What keeps a job going through faults lives here too, since it is about messages, not rules:
+
+* every request (``train``, ``evaluate``, ``stats-request``, ``finish``) not answered within
+  ``waits.retry_interval_s`` is published again with the *same* message id, at doubling
+  intervals: the site answers a request once, and re-sends its answer to a repeat;
+* cut-layer answers go out through ``Endpoint.answer``, which keeps them: a repeated request
+  (its answer was lost) gets the same answer again instead of a second update of the trunk;
+* an answer counts only if it correlates (``reply_to``) with this aggregator's open request to
+  that site: replays from earlier rounds, earlier epochs or earlier runs are dropped and counted;
+* every downlink message carries the aggregator's epoch, so sites drop an older epoch's;
+* each ``Checkpoint`` the machine emits is written (``aggregator.checkpoint``) before anything
+  of the next round is sent, and a coordinator built over a checkpoint directory resumes from
+  its newest valid checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from aggregator.checkpoint import CheckpointStore
 from aggregator.config import JobConfig
 from aggregator.state import (
+    Checkpoint,
+    CloseTurn,
     Evaluated,
     Event,
+    FinishAcked,
     Forget,
     Hello,
     JobMachine,
     JobState,
+    OpenTurn,
     Out,
     Phase,
     RoundRecord,
@@ -37,6 +58,7 @@ from aggregator.state import (
     Tick,
     TrainDone,
     initial_state,
+    resumed_state,
 )
 from aggregator.strategy import Cyclic, FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
@@ -45,6 +67,7 @@ from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, exchanged_keys, final_keys, topics
 from medsplit.protocol.presence import Presence
+from medsplit.snapshots import set_rng_state
 from medsplit.statistics import FeatureSums
 from medsplit.wire import Envelope, WireError
 from models import split_model
@@ -53,12 +76,28 @@ log = logging.getLogger(__name__)
 EventSink = Callable[[dict[str, Any]], None]
 REFUSAL_INTERVAL_S = 10.0  # a stranger repeating hello is refused at most this often
 MAX_REMEMBERED_STRANGERS = 1024
+MAX_RETRY_FACTOR = 8  # a request is re-sent at most every 8 x waits.retry_interval_s
+REQUEST_KINDS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
 
-__all__ = ["Coordinator", "JobFailed", "RoundRecord", "make_strategy"]
+__all__ = ["Coordinator", "JobFailed", "JobInterrupted", "RoundRecord", "make_strategy"]
 
 
 class JobFailed(RuntimeError):
     """Too few sites joined or answered to go on, or another aggregator owns the job."""
+
+
+class JobInterrupted(RuntimeError):
+    """``stop()`` was called (SIGTERM): the job is saved up to its last closed round."""
+
+
+@dataclass
+class _Request:
+    """The open request to one site, re-sent until it is answered."""
+
+    envelope: Envelope
+    next_at: float
+    interval: float
+    sends: int = 1
 
 
 class Coordinator:
@@ -71,6 +110,8 @@ class Coordinator:
         on_event: EventSink | None = None,
         clock: Callable[[], float] = time.monotonic,
         presence: Presence | None = None,
+        checkpoints: CheckpointStore | None = None,
+        fresh: bool = False,
     ) -> None:
         self.config = config
         self.endpoint = endpoint
@@ -82,7 +123,12 @@ class Coordinator:
         self.trunk: Trunk | None = None
         if MODES[config.mode].cut_layer:
             trunk = split_model(model, plan).trunk
-            self.trunk = Trunk(trunk, config.training.optimizer, device or torch.device("cpu"))
+            self.trunk = Trunk(
+                trunk,
+                config.training.optimizer,
+                device or torch.device("cpu"),
+                parallel=config.orchestration == Orchestration.PARALLEL,
+            )
         full_state = model.state_dict()
         weights = {k: full_state[k].detach().clone() for k in exchanged_keys(plan, config.mode)}
         self.machine = JobMachine(
@@ -92,10 +138,17 @@ class Coordinator:
             round_deadline_s=config.rounds.deadline_s,
             local_epochs=config.training.local_epochs,
             normalization=_fixed_normalization(config),
+            finish_linger_s=config.rounds.finish_deadline_s,
+            snapshot_every=config.checkpoint.every_steps,
         )
+        self.checkpoints = checkpoints
+        self.last_checkpoint: Path | None = None
+        self.resumed_from: Path | None = None
         self.state: JobState = initial_state(
             list(config.sites), weights, clock(), config.rounds.join_deadline_s
         )
+        if checkpoints is not None and not fresh:
+            self._resume(checkpoints)
         self.spec = JobSpec(
             job_id=config.job_id,
             mode=config.mode,
@@ -113,8 +166,36 @@ class Coordinator:
         endpoint.set_expected(lambda header: specs.expected(header.kind))
         endpoint.on_reject = self._on_reject
         endpoint.on_presence = self._on_presence
+        endpoint.kept_answers = max(endpoint.kept_answers, 2 * len(config.sites))
         self._refused_at: dict[str, float] = {}
         self._rival: Presence | None = None
+        self._requests: dict[str, _Request] = {}
+        self._stop = threading.Event()
+        self.resent = 0  # requests published again because no answer came in time
+
+    def _resume(self, store: CheckpointStore) -> None:
+        loaded = store.newest(self.config)
+        if loaded is None:
+            return
+        self.state = resumed_state(
+            loaded.point, list(self.config.sites), self.clock(), self.config.rounds.join_deadline_s
+        )
+        if self.trunk is not None:
+            self.trunk.load_state(loaded.trunk_tensors, loaded.trunk_document)
+        set_rng_state(loaded.rng)
+        self.resumed_from = self.last_checkpoint = loaded.path
+        log.info(
+            "resuming job %s from %s: %d of %d rounds done; waiting for the sites to rejoin",
+            self.config.job_id,
+            loaded.path,
+            loaded.point.round,
+            self.config.rounds.count,
+        )
+
+    @property
+    def epoch(self) -> str:
+        """This aggregator's incarnation, stamped on every downlink message."""
+        return self.presence.incarnation if self.presence is not None else "-"
 
     # -- what the report and the tests read ---------------------------------------------------------
 
@@ -136,6 +217,11 @@ class Coordinator:
 
     # -- the loop ---------------------------------------------------------------------------------------
 
+    def stop(self) -> None:
+        """Ask ``run`` (another thread, or a signal handler) to return soon with
+        ``JobInterrupted``; the last closed round is already checkpointed."""
+        self._stop.set()
+
     def run(self) -> list[RoundRecord]:
         """Drive the job to its end; raises ``JobFailed`` when it cannot finish."""
         self._step(Tick())
@@ -145,11 +231,17 @@ class Coordinator:
                 raise JobFailed(
                     f"job {self.config.job_id} is already coordinated by {self._rival.describe()}"
                 )
+            if self._stop.is_set():
+                raise JobInterrupted(
+                    f"job {self.config.job_id} stopped in round {self.state.round + 1}; "
+                    f"{len(self.state.history)} rounds are saved"
+                )
             now = self.clock()
             if now >= next_status:
                 self._log_waiting(now)
                 next_status = now + self.config.waits.status_interval_s
-            timeout = max(0.0, min(1.0, self.state.deadline - now, next_status - now))
+            self._resend_due(now)
+            timeout = max(0.0, min(0.5, self.state.deadline - now, next_status - now))
             received = self.endpoint.receive(timeout=timeout)
             if received is not None:
                 self.handle(received)
@@ -167,9 +259,11 @@ class Coordinator:
         self._report_progress(before, self.state)
 
     def _execute(self, message: Out) -> None:
-        if isinstance(message, Forget):
-            if self.trunk is not None:
-                self.trunk.forget(message.site)
+        if isinstance(message, Checkpoint):
+            self._save_checkpoint(message)
+            return
+        if isinstance(message, Forget | OpenTurn | CloseTurn):
+            self._trunk_turns(message)
             return
         meta = dict(message.meta)
         tensors = dict(message.tensors)
@@ -177,7 +271,65 @@ class Coordinator:
             meta["spec"] = self.spec.to_meta()
         elif message.kind == Kind.FINISH:
             tensors = self.final_tensors()
-        self._send(message.site, message.kind, round=message.round, tensors=tensors, meta=meta)
+        envelope = self._send(
+            message.site, message.kind, round=message.round, tensors=tensors, meta=meta
+        )
+        if message.kind in REQUEST_KINDS:
+            retry = self.config.waits.retry_interval_s
+            self._requests[message.site] = _Request(envelope, self.clock() + retry, retry)
+
+    def _trunk_turns(self, message: Forget | OpenTurn | CloseTurn) -> None:
+        if self.trunk is None:
+            return
+        if isinstance(message, Forget):
+            self.trunk.forget(message.site)
+        elif isinstance(message, OpenTurn):
+            self.trunk.open_turn(message.sites)
+        else:
+            self.trunk.close_turn(message.samples)
+
+    def _save_checkpoint(self, message: Checkpoint) -> None:
+        if self.checkpoints is None:
+            return
+        trunk = self.trunk.state() if self.trunk is not None else None
+        try:
+            self.last_checkpoint = self.checkpoints.save(message.point, self.config, trunk)
+        except OSError as exc:  # a full disk must not kill the job: it is only less safe
+            log.error("could not write a checkpoint in %s: %s", self.checkpoints.directory, exc)
+            return
+        log.info("checkpoint written: %s", self.last_checkpoint)
+
+    def _resend_due(self, now: float) -> None:
+        """Publish again (same message id) each open request whose answer is overdue."""
+        waiting = set(self.state.waiting_for)
+        for site in list(self._requests):
+            request = self._requests[site]
+            if site not in waiting:
+                del self._requests[site]
+            elif now >= request.next_at and self.state.sites[site].connected:
+                log.info(
+                    "no answer from %s to %s (round %d) after %.0f s; sending it again",
+                    site,
+                    request.envelope.kind,
+                    request.envelope.round + 1,
+                    request.interval,
+                )
+                self._reply(site, request.envelope)
+                self.resent += 1
+                request.sends += 1
+                request.interval = min(
+                    request.interval * 2, self.config.waits.retry_interval_s * MAX_RETRY_FACTOR
+                )
+                request.next_at = now + request.interval
+
+    def _answers_request(self, site: str, env: Envelope) -> bool:
+        """Whether ``env`` answers the request this aggregator has open with ``site``."""
+        request = self._requests.get(site)
+        if request is not None and env.reply_to == request.envelope.msg_id:
+            return True
+        log.info("dropped %s from %s: it answers no open request of this epoch", env.kind, site)
+        self.state = replace(self.state, late_messages=self.state.late_messages + 1)
+        return False
 
     # -- receiving ---------------------------------------------------------------------------------------
 
@@ -227,6 +379,8 @@ class Coordinator:
             self.on_event({"event": "joined", "site": site, "train_samples": entry.train_samples})
 
     def _on_stats(self, site: str, env: Envelope) -> None:
+        if not self._answers_request(site, env):
+            return
         count = int(env.meta.get("count") or 0)
         if count < 1:
             raise ValueError(f"statistics of {count} samples")
@@ -235,55 +389,75 @@ class Coordinator:
         )
 
     def _on_done(self, site: str, env: Envelope) -> None:
+        if not self._answers_request(site, env):
+            return
         reply = Reply(site, env.tensors, int(env.meta.get("samples") or 0))
         loss = float(env.meta.get("train_loss") or 0.0)
         seconds = float(env.meta.get("train_seconds") or 0.0)
         self._step(TrainDone(site, env.round, reply, loss, seconds))
 
     def _on_metrics(self, site: str, env: Envelope) -> None:
+        if not self._answers_request(site, env):
+            return
         self._step(Evaluated(site, env.round, dict(env.meta)))
+
+    def _on_finished(self, site: str, env: Envelope) -> None:
+        if not self._answers_request(site, env):
+            return
+        log.info("%s has its final model", site)
+        self._step(FinishAcked(site))
 
     def _on_error(self, site: str, env: Envelope) -> None:
         log.warning("site %s reported an error: %s", site, dict(env.meta))
 
-    def _asked(self, site: str, phase: Phase) -> bool:
+    def _asked(self, site: str, phase: Phase, env: Envelope) -> bool:
         """Whether ``site`` is in the middle of what it was asked: cut-layer traffic from a site
-        whose turn is over (it was missed at the deadline) must not touch the trunk."""
-        if self.state.phase == phase and site in self.state.waiting_for:
+        whose turn is over (it was missed at the deadline), or of another round, must not touch
+        the trunk."""
+        state = self.state
+        if state.phase == phase and site in state.waiting_for and env.round == state.round:
+            request = self._requests.get(site)
+            if request is not None:  # it is working on the request: no need to send it again
+                request.next_at = self.clock() + request.interval
             return True
         self.state = replace(self.state, late_messages=self.state.late_messages + 1)
         return False
 
     def _on_activations(self, site: str, env: Envelope) -> None:
-        if not self._asked(site, Phase.TRAINING):
+        if not self._asked(site, Phase.TRAINING, env):
             return
+        every = self.config.checkpoint.every_steps
+        if every and env.step and env.step % every == 0 and env.step != self.state.from_step:
+            # Steps before this one are done on both sides, and the site kept its state here.
+            self._save_checkpoint(Checkpoint(self.state.step_point(env.step)))
         trunk = self._cut_layer_trunk()
         if MODES[self.config.mode].labels_travel:
-            grad, loss = trunk.split_step(env.tensors["h"], env.tensors["y"])
+            grad, loss = trunk.split_step(site, env.tensors["h"], env.tensors["y"])
             answer = env.reply(
                 AGGREGATOR_ID, Kind.GRADIENTS, tensors={"g": grad}, meta={"loss": loss}
             )
             self._reply(site, answer, cast={"g"})
         else:
             out = trunk.forward(site, env.round, env.step, env.tensors["h"])
-            self._reply(
-                site, env.reply(AGGREGATOR_ID, Kind.TRUNK_OUT, tensors={"t": out}), cast={"t"}
-            )
+            answer = env.reply(AGGREGATOR_ID, Kind.TRUNK_OUT, tensors={"t": out})
+            self._reply(site, answer, cast={"t"})
 
     def _on_trunk_grad(self, site: str, env: Envelope) -> None:
-        if not self._asked(site, Phase.TRAINING):
+        if not self._asked(site, Phase.TRAINING, env):
             return
         grad = self._cut_layer_trunk().backward(site, env.round, env.step, env.tensors["g"])
-        if grad is None:  # the forward pass it belongs to was forgotten (a restart, a deadline)
+        if grad is None:  # not the site's open step (forgotten after a restart, or a replay)
             self.state = replace(self.state, late_messages=self.state.late_messages + 1)
             return
-        self._reply(site, env.reply(AGGREGATOR_ID, Kind.ACT_GRAD, tensors={"g": grad}), cast={"g"})
+        answer = env.reply(AGGREGATOR_ID, Kind.ACT_GRAD, tensors={"g": grad})
+        self._reply(site, answer, cast={"g"})
 
     def _on_eval_activations(self, site: str, env: Envelope) -> None:
-        if not self._asked(site, Phase.EVALUATING):
+        if not self._asked(site, Phase.EVALUATING, env):
             return
         out = self._cut_layer_trunk().evaluate(env.tensors["h"])
-        self._reply(site, env.reply(AGGREGATOR_ID, Kind.EVAL_OUT, tensors={"t": out}), cast={"t"})
+        answer = env.reply(AGGREGATOR_ID, Kind.EVAL_OUT, tensors={"t": out})
+        self._reply(site, answer, cast={"t"})
 
     _handlers: ClassVar[dict[str, Callable[[Coordinator, str, Envelope], None]]] = {
         Kind.HELLO: _on_hello,
@@ -293,6 +467,7 @@ class Coordinator:
         Kind.EVAL_ACTIVATIONS: _on_eval_activations,
         Kind.DONE: _on_done,
         Kind.METRICS: _on_metrics,
+        Kind.FINISHED: _on_finished,
         Kind.ERROR: _on_error,
     }
 
@@ -363,20 +538,24 @@ class Coordinator:
         round: int = 0,
         tensors: dict[str, torch.Tensor] | None = None,
         meta: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> Envelope:
         envelope = Envelope(
             self.config.job_id,
             AGGREGATOR_ID,
             kind,
             round=round,
             tensors=tensors or {},
-            meta=meta or {},
+            meta={**(meta or {}), "epoch": self.epoch},
         )
         self._reply(site, envelope)
+        return envelope
 
     def _reply(self, site: str, envelope: Envelope, cast: set[str] | None = None) -> None:
+        """Send ``envelope`` to ``site``; an answer to a request (cut-layer answers, errors) is
+        kept by the endpoint, so a repeat of the request gets it again, not a second update."""
         # Only the tensors named in ``cast`` (activations, gradients) may travel down-cast.
-        self.endpoint.send(
+        send = self.endpoint.send if envelope.reply_to is None else self.endpoint.answer
+        send(
             topics.down(self.config.job_id, site, envelope.kind),
             envelope,
             wire_dtype=self.config.training.wire_dtype,
@@ -415,6 +594,13 @@ class Coordinator:
             return
         if state.phase == Phase.STATISTICS:
             log.info("waiting for statistics from %s (deadline in %.0f s)", missing, left)
+            return
+        if state.phase == Phase.FINISHING:
+            log.info(
+                "job done: waiting for %s to confirm they have their final model (%.0f s left)",
+                missing,
+                left,
+            )
             return
         what = "to train" if state.phase == Phase.TRAINING else "to evaluate"
         log.info(

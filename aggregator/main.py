@@ -1,17 +1,26 @@
-"""``medsplit aggregator --config job.yaml``: the server-side process."""
+"""``medsplit aggregator --config job.yaml``: the server-side process.
+
+Started again with the same job, it resumes from the newest valid checkpoint (``--fresh``
+starts over). SIGTERM -- a pod being moved -- stops it cleanly with exit status 0: every closed
+round is already checkpointed, and the next start goes on from there.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
 
 import torch
 
+from aggregator.checkpoint import CheckpointMismatch, CheckpointStore
 from aggregator.config import JobConfig
-from aggregator.coordinator import Coordinator, JobFailed
-from aggregator.report import build_report, write_run
+from aggregator.coordinator import Coordinator, JobFailed, JobInterrupted
+from aggregator.report import build_report, write_report, write_run
 from medsplit.wiring import JobAlreadyCoordinated, mqtt_connector, open_aggregator
 
 log = logging.getLogger(__name__)
@@ -20,8 +29,15 @@ EXIT_FAILED = 1
 EXIT_ALREADY_COORDINATED = 3
 
 
-def run(config: JobConfig, *, events: bool = False) -> int:
+def run(config: JobConfig, *, events: bool = False, fresh: bool = False) -> int:
     """Run the job to the end; returns the process exit status."""
+    store = None
+    if config.checkpoint.enabled:
+        store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint.keep)
+        if fresh:
+            for old in store.paths():
+                old.unlink()
+            log.info("--fresh: removed the checkpoints of job %s", config.job_id)
     try:
         party = open_aggregator(
             config.job_id,
@@ -57,13 +73,20 @@ def run(config: JobConfig, *, events: bool = False) -> int:
                 ", ".join(event["missed"]) or "none",  # type: ignore[arg-type]
             )
 
-    coordinator = Coordinator(
-        config,
-        party.endpoint,
-        device=torch.device("cpu"),
-        on_event=emit,
-        presence=party.presence,
-    )
+    try:
+        coordinator = Coordinator(
+            config,
+            party.endpoint,
+            device=torch.device("cpu"),
+            on_event=emit,
+            presence=party.presence,
+            checkpoints=store,
+        )
+    except CheckpointMismatch as exc:
+        party.close()
+        log.error("refusing to start: %s", exc)
+        return EXIT_FAILED
+    previous = signal.signal(signal.SIGTERM, _stopper(coordinator))
     started = time.monotonic()
     status, code = "completed", 0
     try:
@@ -71,13 +94,28 @@ def run(config: JobConfig, *, events: bool = False) -> int:
     except JobFailed as exc:
         log.error("job failed: %s", exc)
         status, code = "failed", EXIT_FAILED
+    except JobInterrupted as exc:
+        log.info("%s; the next start resumes from %s", exc, coordinator.last_checkpoint)
+        status = "interrupted"
     finally:
+        signal.signal(signal.SIGTERM, previous)
         party.close()
     report = build_report(coordinator, time.monotonic() - started, status)
+    if status == "interrupted":  # no final weights: the job is not over
+        write_report(config.output_dir, report)
+        return 0
     write_run(config.output_dir, report, coordinator.final_state())
     emit({"event": "finished", "status": status, "run_dir": str(Path(config.output_dir).resolve())})
     log.info("report written to %s", config.output_dir / "report.json")
     return code
+
+
+def _stopper(coordinator: Coordinator) -> Callable[[int, FrameType | None], None]:
+    def stop(signum: int, frame: FrameType | None) -> None:
+        log.info("SIGTERM: stopping after the current message")
+        coordinator.stop()
+
+    return stop
 
 
 def _fmt(value: object) -> str:

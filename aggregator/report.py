@@ -30,7 +30,7 @@ def build_report(
     coordinator: Coordinator, wall_time_s: float, status: str = "completed"
 ) -> dict[str, Any]:
     traffic = {s: {"up": st.bytes_up, "down": st.bytes_down} for s, st in coordinator.sites.items()}
-    return report_dict(
+    report = report_dict(
         coordinator.config,
         coordinator.history,
         traffic,
@@ -38,6 +38,21 @@ def build_report(
         status=status,
         late_messages=coordinator.late_messages,
     )
+    state = coordinator.state
+    report["faults"] = {
+        # Rounds (0-based) at which an aggregator restarted from a checkpoint went on; the
+        # round it went on from was run (again) by the restarted one.
+        "resumed_at": list(state.resumed_at),
+        "resumed_from": None if coordinator.resumed_from is None else str(coordinator.resumed_from),
+        "requests_resent": coordinator.resent,
+        "duplicates_dropped": coordinator.endpoint.stats.duplicates,
+        "rejected": dict(coordinator.endpoint.stats.rejected),
+        "unconfirmed_finish": [s for s, e in state.sites.items() if e.joined and not e.finished],
+    }
+    report["last_checkpoint"] = (
+        None if coordinator.last_checkpoint is None else str(coordinator.last_checkpoint)
+    )
+    return report
 
 
 def report_dict(
@@ -85,6 +100,7 @@ def _round(record: RoundRecord) -> dict[str, Any]:
         "compute_seconds": {s: round(v, 4) for s, v in record.compute_seconds.items()},
         "trained": record.trained,
         "missed": record.missed,
+        "resumed": record.resumed,
         "bytes": record.bytes,
     }
 

@@ -18,7 +18,16 @@ that has not answered by the deadline is missed for the round, and a round with 
 Joining is idempotent. A repeated ``hello`` from the same agent process (same incarnation) is
 answered with ``setup`` again and nothing else; a ``hello`` from a restarted agent (new
 incarnation) also repeats what that site was asked in the current step, since the old process
-took the request with it. Either way a site trains a turn at most once.
+took the request with it; a replayed ``hello`` of an earlier incarnation is dropped. Either way
+a site trains a turn at most once.
+
+Presence drives the registry: a site whose Last Will says offline is not waited for, as long
+as the sites still live can make ``min_sites``; it is waited for again once it is back.
+
+Every closed round emits a ``Checkpoint`` carrying a ``ResumePoint``: what a restarted
+aggregator needs to go on from the next round exactly as if it had never stopped
+(``resumed_state``). After the last round, ``finish`` goes to every site, and the job lingers
+until each one acknowledged it (a site that comes back meanwhile gets it again).
 """
 
 from __future__ import annotations
@@ -42,8 +51,12 @@ class Phase(TextEnum):
     STATISTICS = "statistics"  # the sites' counts and sums, combined into one normalisation
     TRAINING = "training"
     EVALUATING = "evaluating"
+    FINISHING = "finishing"  # finish sent; waiting for every site to acknowledge it
     FINISHED = "finished"
     FAILED = "failed"
+
+
+MAX_PAST_INCARNATIONS = 8  # per site: enough to recognise replays of recent restarts
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,13 @@ class SiteEntry:
     test_samples: int = 0
     bytes_up: int = 0  # running totals as the site reports them
     bytes_down: int = 0
+    past_incarnations: tuple[str, ...] = ()  # earlier agent processes: their hellos are replays
+    finished: bool = False  # acknowledged its finish
+
+    @property
+    def offline(self) -> bool:
+        """Joined, then its presence said offline (Last Will or a clean exit)."""
+        return self.joined and not self.connected
 
 
 @dataclass
@@ -74,6 +94,7 @@ class RoundRecord:
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # this round's traffic
     seconds: float = 0.0
     train_seconds: float = 0.0
+    resumed: bool = False  # an aggregator restarted from a checkpoint ran (the rest of) it
 
     def mean(self) -> dict[str, float | None]:
         return mean_metrics(self.metrics)
@@ -119,11 +140,18 @@ class SitePresence:
 
 
 @dataclass(frozen=True)
+class FinishAcked:
+    """The site has its final model (it acknowledged ``finish``)."""
+
+    site: str
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed (deadlines are checked on every event; a tick is an event with no news)."""
 
 
-Event = Hello | StatsReported | TrainDone | Evaluated | SitePresence | Tick
+Event = Hello | StatsReported | TrainDone | Evaluated | SitePresence | FinishAcked | Tick
 
 
 # -- outgoing messages ---------------------------------------------------------------------------
@@ -147,7 +175,56 @@ class Forget:
     site: str
 
 
-Out = Send | Forget
+@dataclass(frozen=True)
+class OpenTurn:
+    """A training turn starts for ``sites`` (the trunk prepares their server-side state)."""
+
+    sites: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CloseTurn:
+    """A turn ended; ``samples`` of the sites whose updates count (the trunk merges theirs)."""
+
+    samples: Mapping[str, int]
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Everything a restarted aggregator needs to go on from the start of ``round``.
+
+    The trunk and its optimizers are the driver's, saved beside this by the checkpoint store.
+    """
+
+    round: int  # the next round to run (== rounds: only finish is left)
+    weights: Tensors
+    history: tuple[RoundRecord, ...]
+    normalization: tuple[torch.Tensor, torch.Tensor] | None
+    sites: Mapping[str, SiteEntry]
+    late_messages: int = 0
+    resumed_at: tuple[int, ...] = ()
+    # Mid-round (a step checkpoint of sequential split rounds): the turn in progress, the
+    # site's step to go on from, and the round so far.
+    turn: int = 0
+    step: int = 0
+    record: RoundRecord | None = None
+
+    @property
+    def name(self) -> str:
+        """Its file name: ``round-00003`` between rounds, with turn and step inside one."""
+        if self.record is None:
+            return f"round-{self.round:05d}"
+        return f"round-{self.round:05d}-turn-{self.turn:04d}-step-{self.step:07d}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Save ``point`` now, before anything of the next round is sent."""
+
+    point: ResumePoint
+
+
+Out = Send | Forget | OpenTurn | CloseTurn | Checkpoint
 
 
 # -- the state ------------------------------------------------------------------------------------
@@ -172,16 +249,27 @@ class JobState:
     failure: str | None = None
     statistics: Mapping[str, FeatureSums] = field(default_factory=dict)
     normalization: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std for every site
+    resume_round: int | None = None  # resumed from a checkpoint: the round to go on from
+    resume_from: ResumePoint | None = None  # a mid-round checkpoint: the turn and step too
+    resumed_at: tuple[int, ...] = ()  # rounds at which this job was resumed, for the report
+    from_step: int = 0  # the current turn's site goes on from this step (a mid-round resume)
 
     @property
     def joined(self) -> list[str]:
         return [s for s, e in self.sites.items() if e.joined]
 
     @property
+    def live(self) -> list[str]:
+        """Joined and not known to be offline."""
+        return [s for s, e in self.sites.items() if e.joined and e.connected]
+
+    @property
     def waiting_for(self) -> list[str]:
         """Whom the job waits for now, in the job's order."""
-        if self.phase == Phase.JOINING:
-            return [s for s, e in self.sites.items() if not e.joined]
+        if self.phase == Phase.JOINING:  # (after a resume, sites that have finished need not)
+            return [s for s, e in self.sites.items() if not e.joined and not e.finished]
+        if self.phase == Phase.FINISHING:
+            return [s for s in self.asked if not self.sites[s].finished]
         answered = set(self.refused) | set(
             {
                 Phase.STATISTICS: self.statistics,
@@ -190,6 +278,24 @@ class JobState:
             }.get(self.phase, {})
         )
         return [s for s in self.asked if s not in answered]
+
+    def step_point(self, step: int) -> ResumePoint:
+        """This job inside a sequential split turn, its site about to send ``step``."""
+        return replace(
+            self.resume_point(), round=self.round, turn=self.turn, step=step, record=self.record
+        )
+
+    def resume_point(self) -> ResumePoint:
+        """This job between rounds, as a checkpoint keeps it."""
+        return ResumePoint(
+            round=self.round + 1 if self.record is None else self.round,
+            weights=self.weights,
+            history=self.history,
+            normalization=self.normalization,
+            sites=self.sites,
+            late_messages=self.late_messages,
+            resumed_at=self.resumed_at,
+        )
 
     @property
     def done(self) -> bool:
@@ -207,6 +313,35 @@ def initial_state(
     )
 
 
+def resumed_state(
+    point: ResumePoint, sites: list[str], now: float, join_deadline_s: float
+) -> JobState:
+    """A restarted aggregator's state: joining again (the sites must hear of the new epoch),
+    then on from ``point.round``, with everything the finished rounds left behind."""
+    # Everyone must join again; what is known of them (incarnations -- the same agent process
+    # may simply say hello again --, samples, traffic, who has the final model) is kept.
+    entries = {
+        site: replace(
+            point.sites.get(site, SiteEntry(site)), joined=False, connected=False, last_seen=None
+        )
+        for site in sites
+    }
+    previous = point.history[-1].round if point.history else -1
+    return JobState(
+        Phase.JOINING,
+        entries,
+        dict(point.weights),
+        deadline=now + join_deadline_s,
+        round=previous,
+        history=point.history,
+        late_messages=point.late_messages,
+        normalization=point.normalization,
+        resume_round=point.round,
+        resume_from=point if point.record is not None else None,
+        resumed_at=(*point.resumed_at, point.round),
+    )
+
+
 @dataclass(frozen=True)
 class JobMachine:
     """The rules of one job: its strategy and limits. ``step`` is the only entry point."""
@@ -218,6 +353,8 @@ class JobMachine:
     local_epochs: int
     # None: run the statistics round; otherwise the fixed (mean, std) of the job, or () for none.
     normalization: tuple[torch.Tensor, torch.Tensor] | tuple[()] | None = None
+    finish_linger_s: float = 0.0  # how long to wait for every site to acknowledge finish
+    snapshot_every: int = 0  # sequential split: sites keep their state every this many steps
 
     def step(self, state: JobState, event: Event, now: float) -> tuple[JobState, list[Out]]:
         if state.done:
@@ -236,6 +373,8 @@ class JobMachine:
             state = self._evaluated(state, event)
         elif isinstance(event, SitePresence):
             state = self._presence(state, event)
+        elif isinstance(event, FinishAcked):
+            state = _with_site(state, replace(state.sites[event.site], finished=True))
         state = self._advance(state, now, out)
         return state, out
 
@@ -243,7 +382,13 @@ class JobMachine:
 
     def _hello(self, state: JobState, hello: Hello, now: float, out: list[Out]) -> JobState:
         entry = state.sites[hello.site]
+        if hello.incarnation in entry.past_incarnations:  # a replay of an old process's hello
+            return replace(state, late_messages=state.late_messages + 1)
         restarted = entry.incarnation is not None and entry.incarnation != hello.incarnation
+        past = entry.past_incarnations
+        if restarted:
+            assert entry.incarnation is not None
+            past = (*past, entry.incarnation)[-MAX_PAST_INCARNATIONS:]
         state = _with_site(
             state,
             replace(
@@ -251,15 +396,16 @@ class JobMachine:
                 joined=True,
                 connected=True,
                 incarnation=hello.incarnation,
+                past_incarnations=past,
                 last_seen=now,
                 train_samples=hello.train_samples,
                 test_samples=hello.test_samples,
             ),
         )
         out.append(Send(hello.site, Kind.SETUP, max(state.round, 0)))
-        if state.normalization is not None:  # joined (again) after the statistics round
+        if state.normalization is not None and state.phase != Phase.JOINING:  # joined late
             out.append(self._normalization(state, hello.site))
-        if restarted and hello.site in state.waiting_for:
+        if (restarted or state.phase == Phase.FINISHING) and hello.site in state.waiting_for:
             out.append(Forget(hello.site))
             out.append(self._request(state, hello.site))
         return state
@@ -302,6 +448,15 @@ class JobMachine:
     def _presence(self, state: JobState, presence: SitePresence) -> JobState:
         return _with_site(state, replace(state.sites[presence.site], connected=presence.online))
 
+    def _outstanding(self, state: JobState) -> list[str]:
+        """Whom the current step still waits for: offline sites are skipped while the live
+        ones can make ``min_sites`` (a site that went away will not answer, but one that is
+        needed for the quorum may come back before the deadline)."""
+        waiting = state.waiting_for
+        if state.phase in (Phase.JOINING, Phase.FINISHING) or len(state.live) < self.quorum:
+            return waiting  # finish waits for everyone: a site that comes back still gets it
+        return [s for s in waiting if not state.sites[s].offline]
+
     # -- progress ----------------------------------------------------------------------------------
 
     def _advance(self, state: JobState, now: float, out: list[Out]) -> JobState:
@@ -310,7 +465,7 @@ class JobMachine:
             if state.phase == Phase.JOINING:
                 if state.waiting_for and now < state.deadline:
                     return state
-                if len(state.joined) < self.quorum:
+                if len(state.joined) < self.quorum and state.resume_round != self.rounds:
                     return _failed(
                         state,
                         f"only {len(state.joined)} of {len(state.sites)} sites joined before the "
@@ -318,8 +473,11 @@ class JobMachine:
                         f"{', '.join(state.waiting_for)}",
                     )
                 state = self._start_statistics(state, now, out)
-            elif state.waiting_for and now < state.deadline:
+            elif self._outstanding(state) and now < state.deadline:
                 return state
+            elif state.phase == Phase.FINISHING:  # saved again: who has the final model
+                state = replace(state, phase=Phase.FINISHED, asked=())
+                out.append(Checkpoint(state.resume_point()))
             elif state.phase == Phase.STATISTICS:
                 state = self._close_statistics(state, now, out)
             elif state.phase == Phase.TRAINING:
@@ -329,7 +487,17 @@ class JobMachine:
         return state
 
     def _start_statistics(self, state: JobState, now: float, out: list[Out]) -> JobState:
-        """Before training: combine every site's sums into one normalisation, or use the job's."""
+        """Before training: combine every site's sums into one normalisation, or use the job's.
+
+        A resumed job has its statistics from the checkpoint: it goes on where it stopped.
+        """
+        if state.resume_round is not None:
+            round, state = state.resume_round, replace(state, resume_round=None)
+            if state.normalization is not None:
+                out.extend(self._normalization(state, site) for site in state.joined)
+            if state.resume_from is not None:
+                return self._resume_turn(state, state.resume_from, now, out)
+            return self._start_round(state, round, now, out, resumed=True)
         if self.normalization is None:
             state = replace(
                 state,
@@ -363,7 +531,11 @@ class JobMachine:
         mean, std = state.normalization
         return Send(site, Kind.NORMALIZATION, 0, {"mean": mean, "std": std})
 
-    def _start_round(self, state: JobState, round: int, now: float, out: list[Out]) -> JobState:
+    def _start_round(
+        self, state: JobState, round: int, now: float, out: list[Out], *, resumed: bool = False
+    ) -> JobState:
+        if round >= self.rounds:
+            return self._finish(state, now, out)
         if len(state.joined) < self.quorum:
             return _failed(
                 state,
@@ -377,7 +549,26 @@ class JobMachine:
             deadline=now + self.round_deadline_s,
             round_started=now,
             evaluations={},
-            record=RoundRecord(round),
+            record=RoundRecord(round, resumed=resumed),
+        )
+        return self._start_turn(state, now, out)
+
+    def _resume_turn(
+        self, state: JobState, point: ResumePoint, now: float, out: list[Out]
+    ) -> JobState:
+        """Inside a round: the turn in progress again, its site going on from ``point.step``."""
+        assert point.record is not None
+        state = replace(
+            state,
+            phase=Phase.TRAINING,
+            round=point.round,
+            turn=point.turn,
+            deadline=now + self.round_deadline_s,
+            round_started=now,
+            evaluations={},
+            record=replace(point.record, resumed=True),
+            resume_from=None,
+            from_step=point.step,
         )
         return self._start_turn(state, now, out)
 
@@ -386,6 +577,7 @@ class JobMachine:
         if not sites:
             return self._start_evaluation(state, now, out)
         state = replace(state, asked=tuple(sites), replies={}, refused=())
+        out.append(OpenTurn(tuple(sites)))
         out.extend(self._request(state, site) for site in sites)
         return state
 
@@ -396,6 +588,7 @@ class JobMachine:
         replies = [state.replies[s] for s in state.asked if s in state.replies]
         failures = [s for s in state.asked if s not in state.replies]
         weights = self.strategy.aggregate_train(state.weights, [r.reply for r in replies], failures)
+        out.append(CloseTurn({r.site: r.reply.samples for r in replies}))
         record = replace(
             state.record,
             trained=[*state.record.trained, *(r.site for r in replies)],
@@ -406,7 +599,9 @@ class JobMachine:
                 **{r.site: r.compute_seconds for r in replies},
             },
         )
-        state = replace(state, weights=weights, record=record, turn=state.turn + 1, asked=())
+        state = replace(
+            state, weights=weights, record=record, turn=state.turn + 1, asked=(), from_step=0
+        )
         if now >= state.deadline:  # the round's time is up: no more turns
             unasked = self._remaining_turns(state)
             record = replace(record, missed=[*record.missed, *unasked])
@@ -445,6 +640,8 @@ class JobMachine:
             # Sites report running totals; a round's traffic is the growth since the last one.
             up, down = int(metrics.get("bytes_up") or 0), int(metrics.get("bytes_down") or 0)
             entry = sites[site]
+            if up < entry.bytes_up or down < entry.bytes_down:  # the agent restarted: new totals
+                entry = replace(entry, bytes_up=0, bytes_down=0)
             traffic[site] = {"up": up - entry.bytes_up, "down": down - entry.bytes_down}
             sites[site] = replace(entry, bytes_up=up, bytes_down=down)
         record = replace(
@@ -454,18 +651,35 @@ class JobMachine:
             seconds=now - state.round_started,
         )
         state = replace(state, sites=sites, history=(*state.history, record), record=None)
-        if state.round + 1 < self.rounds:
-            return self._start_round(state, state.round + 1, now, out)
-        out.extend(Send(site, Kind.FINISH, self.rounds) for site in state.joined)
-        return replace(state, phase=Phase.FINISHED, asked=())
+        out.append(Checkpoint(state.resume_point()))
+        return self._start_round(state, state.round + 1, now, out)
+
+    def _finish(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        """Every site gets its final weights; the job waits a while for their receipts."""
+        unfinished = [s for s, e in state.sites.items() if e.joined or not e.finished]
+        state = replace(
+            state,
+            phase=Phase.FINISHING,
+            asked=tuple(unfinished),
+            deadline=now + self.finish_linger_s,
+        )
+        out.extend(self._request(state, site) for site in state.waiting_for)
+        return state
 
     def _request(self, state: JobState, site: str) -> Send:
         """What ``site`` is asked in the current step: its statistics, or to train or evaluate."""
         if state.phase == Phase.STATISTICS:
             return Send(site, Kind.STATS_REQUEST, 0)
+        if state.phase == Phase.FINISHING:
+            return Send(site, Kind.FINISH, self.rounds)
         if state.phase == Phase.EVALUATING:
             return Send(site, Kind.EVALUATE, state.round, state.weights)
-        return Send(site, Kind.TRAIN, state.round, state.weights, {"epochs": self.local_epochs})
+        meta: dict[str, Any] = {"epochs": self.local_epochs}
+        if self.snapshot_every:
+            meta["snapshot_every"] = self.snapshot_every
+        if state.from_step:
+            meta["from_step"] = state.from_step
+        return Send(site, Kind.TRAIN, state.round, state.weights, meta)
 
 
 def _with_site(state: JobState, entry: SiteEntry) -> JobState:

@@ -13,6 +13,17 @@ Every hello carries the agent's *incarnation*, an id of this process, so the agg
 a repeated hello (answered with the same ``setup``, which the agent ignores) from a restarted
 agent (whose unfinished request it repeats). When the aggregator's presence shows a new epoch
 (it restarted), the agent announces itself again. While it waits, it says what for.
+
+Surviving faults:
+
+* a step's request unanswered within ``retry_interval_s`` is published again with the same
+  message id (the aggregator answers a repeat with the same answer); a step whose aggregator
+  went offline or restarted is abandoned at once instead of waiting out ``reply_timeout_s``;
+* every answer to an aggregator's request is kept (the last few), and a repeated request --
+  its answer was lost -- gets it again; requests of an older aggregator epoch are dropped;
+* before training a round (and every few steps of a sequential split round) the site keeps a
+  snapshot of its layers, optimizer and random state (``edge_agent.recovery``): a round a
+  restarted aggregator redoes, or resumes at a step, is the round it would have been.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -32,6 +43,7 @@ from edge_agent.data.datasets import SiteData
 from edge_agent.lifecycle import Action, AgentPhase, Lifecycle, SayHello
 from edge_agent.local_model import LocalModel
 from edge_agent.normalization import normalise, site_sums
+from edge_agent.recovery import Recovery, Snapshot
 from edge_agent.segments import EdgeSegments
 from edge_agent.site_model import (
     ONNX_FILE,
@@ -53,10 +65,14 @@ from models.onnx_export import ExportError
 log = logging.getLogger(__name__)
 
 STATE_FILE = "edge.safetensors"
+KEPT_REQUESTS = 4
+MAX_RETRY_FACTOR = 8
+REQUESTS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
 
 
 class StepTimeout(RuntimeError):
-    """The aggregator did not answer a training step in time; the round is abandoned."""
+    """The aggregator did not answer a training step in time (or went away); the round is
+    abandoned."""
 
 
 def _short(values: torch.Tensor) -> str:
@@ -82,6 +98,7 @@ class Agent:
         state_dir: Path | None = None,
         export_onnx: bool = False,
         status_interval_s: float = 10.0,
+        retry_interval_s: float = 5.0,
         incarnation: str | None = None,
     ) -> None:
         self.site_id, self.job_id = site_id, job_id
@@ -90,6 +107,7 @@ class Agent:
         self.data = data  # what training sees: after the federation's normalisation
         self.device = device or torch.device("cpu")
         self.reply_timeout_s = reply_timeout_s
+        self.retry_interval_s = retry_interval_s
         self.state_dir = state_dir
         self.export_onnx = export_onnx
         self.site_model: Path | None = None  # written at finish
@@ -103,8 +121,16 @@ class Agent:
         )
         self._stop = threading.Event()
         self._backlog: deque[Received] = deque()
+        self._requests: OrderedDict[str, Envelope] = OrderedDict()  # the last few requests
+        self._working_on: str | None = None  # the msg_id of the request in progress
+        self.recovery = Recovery(site_id, job_id, state_dir)
+        self.resent = 0  # step requests published again
         endpoint.on_reject = self._report_reject
         endpoint.on_presence = self._on_presence
+        endpoint.on_duplicate = self._on_duplicate
+        endpoint.repeat_interval_s = (
+            retry_interval_s  # repeats queued in a long training: one answer
+        )
         endpoint.set_expected(self._expected)
 
     @property
@@ -149,7 +175,7 @@ class Agent:
         tensors: Mapping[str, torch.Tensor] | None = None,
         meta: Mapping[str, MetaValue] | None = None,
         cast: set[str] | None = None,
-    ) -> None:
+    ) -> Envelope:
         envelope = Envelope(
             self.job_id,
             self.site_id,
@@ -160,11 +186,25 @@ class Agent:
             meta=dict(meta or {}),
         )
         self._publish(envelope, cast)
+        return envelope
+
+    def _on_duplicate(self, topic: str, header: Header) -> None:
+        """A request came again that this site has not answered (the endpoint answers repeats
+        of answered ones): if it is not the one in progress, it was abandoned -- e.g. while
+        the aggregator was briefly offline -- and is taken up again."""
+        request = self._requests.get(header.msg_id)
+        queued = any(r.envelope.msg_id == header.msg_id for r in self._backlog)
+        if request is not None and self._working_on != header.msg_id and not queued:
+            # e.g. a step abandoned while the aggregator was briefly offline: take it up again
+            log.info("%s: %s came again, unanswered; handling it again", self.site_id, header.kind)
+            self._backlog.append(Received(topic, request))
 
     def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
+        """Send ``envelope`` up; an answer to a request is kept by the endpoint for a repeat."""
         # Only the tensors named in ``cast`` (activations, gradients) may travel down-cast.
         wire_dtype = self.spec.wire_dtype if self.spec else "float32"
-        self.endpoint.send(
+        send = self.endpoint.send if envelope.reply_to is None else self.endpoint.answer
+        send(
             topics.up(self.job_id, self.site_id, envelope.kind),
             envelope,
             wire_dtype=wire_dtype,
@@ -177,14 +217,43 @@ class Agent:
             meta={"error": type(error).__name__, "detail": str(error)[:500], "topic": topic},
         )
 
-    def _await(self, kind: str, round: int, step: int) -> Envelope:
-        """The reply to a step; other messages are kept for the main loop."""
+    def _await(self, kind: str, request: Envelope, cast: set[str] | None = None) -> Envelope:
+        """The reply to a step's ``request``; other messages are kept for the main loop.
+
+        The request is published again (same message id) while no answer comes, and the step
+        is abandoned as soon as the aggregator that was asked went offline or restarted.
+        """
+        round, step = request.round, request.step
         started = time.monotonic()
         deadline = started + self.reply_timeout_s
         next_status = started + self.lifecycle.status_interval_s
+        retry = self.retry_interval_s
+        next_retry = started + retry
+        asked = self.aggregator
         while (remaining := deadline - time.monotonic()) > 0:
             if self._stop.is_set():
                 raise StepTimeout("the agent was asked to stop")
+            if asked is not None and self.aggregator != asked:
+                now_live = self.aggregator
+                raise StepTimeout(
+                    "the aggregator went offline"
+                    if now_live is None
+                    else f"the aggregator restarted ({now_live.describe()})"
+                )
+            if time.monotonic() >= next_retry:
+                log.info(
+                    "%s: round %d step %d: no %s after %.0f s; sending %s again",
+                    self.site_id,
+                    round,
+                    step,
+                    kind,
+                    retry,
+                    request.kind,
+                )
+                self._publish(request, cast)
+                self.resent += 1
+                retry = min(retry * 2, self.retry_interval_s * MAX_RETRY_FACTOR)
+                next_retry = time.monotonic() + retry
             if time.monotonic() >= next_status:
                 log.info(
                     "%s: round %d step %d: waiting %.0f s for %s from the aggregator",
@@ -200,7 +269,7 @@ class Agent:
             if received is None:
                 continue
             env = received.envelope
-            if env.kind == kind and env.round == round and env.step == step:
+            if env.kind == kind and env.reply_to == request.msg_id:
                 return env
             if env.kind in (Kind.FINISH, Kind.SETUP, Kind.TRAIN, Kind.EVALUATE, Kind.REFUSED):
                 self._backlog.append(received)
@@ -251,7 +320,32 @@ class Agent:
     def _on_presence(self, topic: str, presence: Presence) -> None:
         self._act(self.lifecycle.saw_aggregator(presence, time.monotonic()))
 
+    def _remember_request(self, env: Envelope) -> None:
+        if env.kind in REQUESTS:
+            self._requests[env.msg_id] = env
+            while len(self._requests) > KEPT_REQUESTS:
+                self._requests.popitem(last=False)
+
+    def _of_another_epoch(self, env: Envelope) -> bool:
+        """A request stamped by an aggregator that is no longer the live one (a replay, or a
+        message queued for this site before the aggregator restarted)."""
+        epoch, live = env.meta.get("epoch"), self.aggregator
+        if epoch is None or live is None or epoch == live.incarnation:
+            return False
+        log.info(
+            "%s: dropped %s of round %d from an earlier aggregator epoch (%s; live: %s)",
+            self.site_id,
+            env.kind,
+            env.round,
+            epoch,
+            live.incarnation,
+        )
+        return True
+
     def _handle(self, env: Envelope) -> None:
+        if env.kind != Kind.ERROR and self._of_another_epoch(env):
+            return
+        self._remember_request(env)
         try:
             if env.kind == Kind.SETUP:
                 self._setup(env)
@@ -266,6 +360,7 @@ class Agent:
             elif env.kind == Kind.FINISH:
                 self.lifecycle = self.lifecycle.finished()
                 self._finish(env)
+                self._publish(env.reply(self.site_id, Kind.FINISHED))
             elif env.kind == Kind.REFUSED:
                 detail = str(env.meta.get("detail") or "this site is not part of the job")
                 self.lifecycle = self.lifecycle.refused(detail)
@@ -298,9 +393,11 @@ class Agent:
 
     def _working(self, phase: AgentPhase, work: Callable[[Envelope], None], env: Envelope) -> None:
         self.lifecycle = self.lifecycle.working(phase)
+        self._working_on = env.msg_id
         try:
             work(env)
         finally:  # a finish or a refusal that arrived meanwhile stands
+            self._working_on = None
             self.lifecycle = self.lifecycle.idle(phase)
 
     def _setup(self, env: Envelope) -> None:
@@ -316,11 +413,15 @@ class Agent:
         self.specs = TensorSpecs(
             self.spec.plan, self.spec.mode, release_trunk=self.spec.release_trunk
         )
-        if self.spec.federated:
-            self.segments = LocalModel(self.spec, self.device)
-            self._restore_private(self.segments)
-        else:
-            self.segments = EdgeSegments(self.spec, self.device)
+        self.segments = (
+            LocalModel(self.spec, self.device)
+            if self.spec.federated
+            else EdgeSegments(self.spec, self.device)
+        )
+        self.recovery = Recovery(self.site_id, self.job_id, self.state_dir)
+        self.recovery.load(self.segments)
+        if isinstance(self.segments, LocalModel):
+            self._restore_private(self.segments)  # the newest private layers, if any
         self.lifecycle = self.lifecycle.set_up()
         log.info(
             "%s: joined job %s (%s, %s)",
@@ -336,7 +437,10 @@ class Agent:
         assert self.spec is not None
         assert self.segments is not None
         segments = self.segments
-        segments.load(env.tensors)
+        self.recovery.before_round(segments, env.round)
+        resumed = self.recovery.go_on_from(segments, env.round, int(env.meta.get("from_step") or 0))
+        if resumed is None:
+            segments.load(env.tensors)
         segments.start_round()
         segments.train()
         started = time.perf_counter()
@@ -354,23 +458,40 @@ class Agent:
             )
             train_loss = sum(losses) / len(losses)
         else:
-            train_loss = self._train_split(env.round, epochs)
+            every = int(env.meta.get("snapshot_every") or 0)
+            train_loss = self._train_split(env.round, epochs, every=every, resumed=resumed)
         meta = {
             "samples": self.data.train_samples,
             "train_loss": train_loss,
             "train_seconds": time.perf_counter() - started,
         }
-        self._send(Kind.DONE, round=env.round, tensors=segments.state(), meta=meta)
+        self._publish(env.reply(self.site_id, Kind.DONE, tensors=segments.state(), meta=meta))
+        self.recovery.after_round(segments, env.round)
         self._save()
 
-    def _train_split(self, round: int, epochs: int) -> float:
-        """Local epochs of split learning, in the same batch order as centralized training."""
+    def _train_split(
+        self, round: int, epochs: int, *, every: int = 0, resumed: Snapshot | None = None
+    ) -> float:
+        """Local epochs of split learning, in the same batch order as centralized training.
+
+        With ``every``, the site's state is kept before every ``every``-th step (the aggregator
+        checkpoints at the same steps); from ``resumed`` it goes on at that step.
+        """
         assert self.spec is not None
         x, y = self.data.x_train, self.data.y_train
         step, total_loss, seen = 0, 0.0, 0
+        first = 0
+        if resumed is not None:
+            first, total_loss, seen = resumed.step, resumed.loss_sum, resumed.seen
         for local_epoch in range(epochs):
             epoch = round * epochs + local_epoch
             for idx in batch_order(len(y), self.spec.batch_size, seed=self.spec.seed, epoch=epoch):
+                if step < first:
+                    step += 1
+                    continue
+                if every and step and step % every == 0 and step != first:
+                    assert self.segments is not None
+                    self.recovery.keep_step(self.segments, round, step, total_loss, seen)
                 xb, yb = x[idx].to(self.device), y[idx].to(self.device)
                 total_loss += self._step(round, step, xb, yb) * len(idx)
                 seen += len(idx)
@@ -385,24 +506,26 @@ class Agent:
         seg.optimizer.zero_grad()
         h = seg.head(xb)
         if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
-            self._send(
-                Kind.ACTIVATIONS,
-                round=round,
-                step=step,
-                tensors={"h": h.detach(), "y": yb},
-                cast={"h"},
+            tensors = {"h": h.detach(), "y": yb}
+            request = self._send(
+                Kind.ACTIVATIONS, round=round, step=step, tensors=tensors, cast={"h"}
             )
-            reply = self._await(Kind.GRADIENTS, round, step)
+            reply = self._await(Kind.GRADIENTS, request, {"h"})
             h.backward(reply.tensors["g"].to(self.device))
             seg.optimizer.step()
             return float(reply.meta.get("loss") or 0.0)
-        self._send(Kind.ACTIVATIONS, round=round, step=step, tensors={"h": h.detach()}, cast={"h"})
-        t = self._await(Kind.TRUNK_OUT, round, step).tensors["t"].to(self.device).requires_grad_()
+        request = self._send(
+            Kind.ACTIVATIONS, round=round, step=step, tensors={"h": h.detach()}, cast={"h"}
+        )
+        t = self._await(Kind.TRUNK_OUT, request, {"h"}).tensors["t"].to(self.device)
+        t.requires_grad_()
         loss = loss_fn(seg.tail(t), yb)
         loss.backward()
         assert t.grad is not None
-        self._send(Kind.TRUNK_GRAD, round=round, step=step, tensors={"g": t.grad}, cast={"g"})
-        h.backward(self._await(Kind.ACT_GRAD, round, step).tensors["g"].to(self.device))
+        request = self._send(
+            Kind.TRUNK_GRAD, round=round, step=step, tensors={"g": t.grad}, cast={"g"}
+        )
+        h.backward(self._await(Kind.ACT_GRAD, request, {"g"}).tensors["g"].to(self.device))
         seg.optimizer.step()
         return float(loss.detach())
 
@@ -494,7 +617,7 @@ class Agent:
             "bytes_up": stats.sent_bytes,
             "bytes_down": stats.received_bytes,
         }
-        self._send(Kind.METRICS, round=env.round, meta=meta)
+        self._publish(env.reply(self.site_id, Kind.METRICS, meta=meta))
 
     def _split_logits(self, seg: EdgeSegments, round: int, x: torch.Tensor) -> torch.Tensor:
         """Held-out logits through the aggregator's trunk; labels never travel."""
@@ -503,9 +626,9 @@ class Agent:
         with torch.no_grad():
             for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
                 h = seg.head(x[idx])
-                self._send(
+                request = self._send(
                     Kind.EVAL_ACTIVATIONS, round=round, step=step, tensors={"h": h}, cast={"h"}
                 )
-                t = self._await(Kind.EVAL_OUT, round, step).tensors["t"].to(self.device)
+                t = self._await(Kind.EVAL_OUT, request, {"h"}).tensors["t"].to(self.device)
                 outputs.append(seg.tail(t) if seg.tail is not None else t)
         return torch.cat(outputs)

@@ -9,7 +9,8 @@ checkpoint will persist this value.
 
 Announcing: a hello at once, then after 0.25, 0.5, 1 s ... up to ``hello_interval_s``, until
 ``setup`` arrives. A new aggregator epoch resets that backoff, and an agent that is already set
-up says hello once more so the new epoch's registry has it.
+up *rejoins*: it says hello the same way until the new epoch's ``setup`` arrives, so one lost
+hello cannot leave a restarted aggregator waiting for it.
 """
 
 from __future__ import annotations
@@ -64,15 +65,21 @@ class Lifecycle:
     next_hello: float = 0.0
     next_status: float | None = None  # None: one interval after the first tick
     refusal: str | None = None
+    rejoining: bool = False  # set up, but a new aggregator epoch has not answered yet
 
     @property
     def done(self) -> bool:
         return self.phase in (AgentPhase.FINISHED, AgentPhase.REFUSED)
 
+    @property
+    def announcing(self) -> bool:
+        """Saying hello until the aggregator answers (first join, or a new epoch's)."""
+        return self.phase == AgentPhase.ANNOUNCING or (self.rejoining and not self.done)
+
     def wake_at(self) -> float:
         """When ``tick`` has something to do next."""
         status = self.next_status if self.next_status is not None else 0.0
-        return min(status, self.next_hello) if self.phase == AgentPhase.ANNOUNCING else status
+        return min(status, self.next_hello) if self.announcing else status
 
     # -- transitions ------------------------------------------------------------------------------
 
@@ -80,7 +87,7 @@ class Lifecycle:
         state, actions = self, list[Action]()
         if state.next_status is None:
             state = replace(state, next_status=now + state.status_interval_s)
-        if state.phase == AgentPhase.ANNOUNCING and now >= state.next_hello:
+        if state.announcing and now >= state.next_hello:
             state = state._hello_said(now)
             actions.append(SayHello())
         assert state.next_status is not None
@@ -107,15 +114,15 @@ class Lifecycle:
             Report(f"{self.site_id}: online: {presence.describe()}; announcing this site")
         ]
         state = replace(state, hellos=0, next_hello=now)
-        if state.phase != AgentPhase.ANNOUNCING:  # re-announce once; the setup will be the same
-            state = state._hello_said(now)
+        if state.phase != AgentPhase.ANNOUNCING:  # rejoin: the setup will be the same job
+            state = replace(state._hello_said(now), rejoining=True)
             actions.append(SayHello())
         return state, actions
 
     def set_up(self) -> Lifecycle:
-        return (
-            replace(self, phase=AgentPhase.READY) if self.phase == AgentPhase.ANNOUNCING else self
-        )
+        """The live aggregator answered hello."""
+        phase = AgentPhase.READY if self.phase == AgentPhase.ANNOUNCING else self.phase
+        return replace(self, phase=phase, rejoining=False)
 
     def working(self, phase: AgentPhase) -> Lifecycle:
         return replace(self, phase=phase)

@@ -1,8 +1,13 @@
-"""``medsplit agent --config site.yaml``: the hospital-side process."""
+"""``medsplit agent --config site.yaml``: the hospital-side process.
+
+SIGTERM stops it cleanly (exit status 0): the step in progress is abandoned, the agent says
+offline and disconnects; started again, it restores its state and rejoins the job.
+"""
 
 from __future__ import annotations
 
 import logging
+import signal
 
 import torch
 
@@ -74,15 +79,23 @@ def run(config: SiteConfig) -> int:
         reply_timeout_s=config.waits.reply_timeout_s,
         hello_interval_s=config.waits.hello_interval_s,
         status_interval_s=config.waits.status_interval_s,
+        retry_interval_s=config.waits.retry_interval_s,
         state_dir=config.state.dir,
         export_onnx=config.export_onnx,
         incarnation=party.incarnation,
     )
+
+    def stop(signum: int, frame: object) -> None:
+        log.info("%s: SIGTERM: leaving the job; a restart rejoins it", config.site_id)
+        agent.stop()
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         agent.run()
     except NotInJob as exc:
         log.error("%s: refused by the aggregator: %s", config.site_id, exc)
         return EXIT_NOT_IN_JOB
     finally:
+        signal.signal(signal.SIGTERM, previous)
         party.close()
     return 0

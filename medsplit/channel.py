@@ -8,13 +8,20 @@ counted by error type in ``stats.rejected`` and handed to ``on_reject``; it neve
 ``receive``. Presence topics never reach the envelope decoder: their JSON is parsed on its own
 and handed to ``on_presence`` (a malformed one is counted as ``BadPresence`` and dropped; nobody
 is answered, since presence has no sender to answer).
+
+Request and answer correlate by message id (``Envelope.reply_to``). A redelivered or re-sent
+message (an id already received) is dropped. ``answer`` sends an answer *and keeps it* (the
+newest ``kept_answers``): when the request it answers comes again -- its sender never got the
+answer, e.g. it was lost in a broker restart -- the endpoint sends the same answer again (at
+most once per ``repeat_interval_s``), so a repeated request is never handled twice. A repeat
+of anything else is handed to ``on_duplicate``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -25,6 +32,7 @@ from medsplit.transport.base import Inbound, Transport
 from medsplit.wire import (
     Decoder,
     Envelope,
+    Header,
     MalformedHeader,
     WireDtype,
     WireError,
@@ -37,6 +45,7 @@ log = logging.getLogger(__name__)
 
 RejectHandler = Callable[[str, WireError], None]
 PresenceHandler = Callable[[str, Presence], None]
+DuplicateHandler = Callable[[str, Header], None]
 
 
 @dataclass
@@ -50,7 +59,19 @@ class EndpointStats:
     received_frames: int = 0
     received_bytes: int = 0
     duplicates: int = 0
+    answers_repeated: int = 0  # kept answers sent again to a repeated request
     rejected: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
+class _Kept:
+    """An answer sent, kept for a repeat of its request."""
+
+    topic: str
+    envelope: Envelope
+    wire_dtype: WireDtype
+    cast: Collection[str] | None
+    sent_at: float
 
 
 @dataclass(frozen=True)
@@ -89,11 +110,17 @@ class Endpoint:
         dedup_window: int = 100_000,
         on_reject: RejectHandler | None = None,
         on_presence: PresenceHandler | None = None,
+        kept_answers: int = 8,
+        repeat_interval_s: float = 0.0,
     ) -> None:
         self.transport = transport
         self.limits = limits
         self.on_reject = on_reject
         self.on_presence = on_presence
+        self.on_duplicate: DuplicateHandler | None = None
+        self.kept_answers = kept_answers
+        self.repeat_interval_s = repeat_interval_s
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()  # by the msg_id of the request
         self.stats = EndpointStats()
         self._pending: list[Delivery] = []
         self._decoder = Decoder(
@@ -135,6 +162,27 @@ class Endpoint:
         self.stats.sent_bytes += nbytes
         return nbytes
 
+    def answer(
+        self,
+        topic: str,
+        envelope: Envelope,
+        *,
+        wire_dtype: WireDtype = "float32",
+        cast: Collection[str] | None = None,
+    ) -> int:
+        """Send the answer to the request ``envelope.reply_to`` and keep it for a repeat."""
+        if envelope.reply_to is None:
+            raise ValueError(
+                f"an answer must name its request (reply_to); {envelope.kind} does not"
+            )
+        nbytes = self.send(topic, envelope, wire_dtype=wire_dtype, cast=cast)
+        kept = _Kept(topic, envelope, wire_dtype, cast, time.monotonic())
+        self._kept[envelope.reply_to] = kept
+        self._kept.move_to_end(envelope.reply_to)
+        while len(self._kept) > self.kept_answers:
+            self._kept.popitem(last=False)
+        return nbytes
+
     def flush(self) -> None:
         """Wait until the broker acknowledged everything sent with ``wait=False``."""
         pending, self._pending = self._pending, []
@@ -173,7 +221,9 @@ class Endpoint:
         except WireError as error:
             self._reject(inbound.topic, error)
             return None
-        self.stats.duplicates = self._decoder.duplicates
+        if self._decoder.duplicates != self.stats.duplicates:
+            self.stats.duplicates = self._decoder.duplicates
+            self._duplicate(inbound)
         if envelope is None:
             return None
         self.stats.received_messages += 1
@@ -190,6 +240,26 @@ class Endpoint:
             return
         if self.on_presence is not None:
             self.on_presence(inbound.topic, presence)
+
+    def _duplicate(self, inbound: Inbound) -> None:
+        header = self._decoder.last_duplicate
+        if header is None or header.chunk != 0:  # once per message, not once per chunk
+            return
+        kept = self._kept.get(header.msg_id)
+        if kept is not None:
+            now = time.monotonic()
+            if now - kept.sent_at >= self.repeat_interval_s:
+                log.info("%s came again; sending the same %s", header.kind, kept.envelope.kind)
+                kept.sent_at = now
+                self.stats.answers_repeated += 1
+                self.send(kept.topic, kept.envelope, wire_dtype=kept.wire_dtype, cast=kept.cast)
+            return
+        if self.on_duplicate is None:
+            return
+        try:
+            self.on_duplicate(inbound.topic, header)
+        except Exception:  # a faulty handler must not stop the receive loop
+            log.exception("on_duplicate handler failed for a message on %s", inbound.topic)
 
     def _reject(self, topic: str, error: WireError) -> None:
         kind = type(error).__name__

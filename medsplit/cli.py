@@ -60,7 +60,7 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
         )
     from aggregator.main import run  # the CLI is the composition root: processes load lazily
 
-    return run(config, events=args.events)
+    return run(config, events=args.events, fresh=args.fresh)
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -249,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--config", required=True, help="job YAML; MEDSPLIT_* variables override it")
     agg.add_argument("--out", help="run directory (default: run_dir from the config)")
     agg.add_argument("--events", action="store_true", help="print progress as JSON lines")
+    agg.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start the job over, ignoring (and then replacing) its checkpoints",
+    )
     agg.set_defaults(func=_cmd_aggregator)
 
     agent = commands.add_parser("agent", help="run an edge agent (hospital side)")

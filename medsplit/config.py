@@ -100,6 +100,13 @@ class WaitSettings(BaseModel):
     status_interval_s: float = Field(
         10.0, gt=0, description="while waiting, log what for (whom, which round) this often"
     )
+    retry_interval_s: float = Field(
+        5.0,
+        gt=0,
+        description="a request not answered this long is sent again (same message id, so it is "
+        "never applied twice), then at doubling intervals: what recovers a message lost in a "
+        "broker restart",
+    )
 
 
 class FileSettings(BaseSettings):

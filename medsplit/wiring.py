@@ -175,12 +175,18 @@ def _open(
         will=Will(topic, presence.gone().to_bytes()),
         birth=Will(topic, presence.to_bytes()),
     )
-    transport.connect()
     subscriptions = (
         topics.aggregator_subscriptions(job_id)
         if role == "aggregator"
         else topics.site_subscriptions(job_id, party)
     )
+    # Subscribed before the birth presence goes out: whoever answers our presence at once (an
+    # agent says hello to a new aggregator epoch) must find us listening. The transport sends
+    # these subscriptions ahead of the birth message when it connects; the second round below
+    # waits for the broker to confirm each one.
+    for topic_filter in subscriptions:
+        transport.subscribe(topic_filter)
+    transport.connect()
     for topic_filter in subscriptions:
         transport.subscribe(topic_filter)
     return Party(job_id, presence, transport, Endpoint(transport))

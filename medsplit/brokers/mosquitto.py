@@ -57,8 +57,10 @@ class Mosquitto:
     """Start with ``start()``, stop with ``stop()`` (or use as a context manager).
 
     Listens on 127.0.0.1 only; anonymous clients allowed unless ``anonymous=False``; no
-    persistence; unlimited queues (the tests push thousands of QoS 1 messages to sessions that
-    are briefly offline).
+    persistence unless ``persistence=True`` (then saved in ``workdir`` every second and on
+    exit); unlimited queues (the tests push thousands of QoS 1 messages to sessions that are
+    briefly offline). ``kill()`` and ``start()`` again restart it on the same port, as a crashed
+    broker comes back.
     """
 
     def __init__(
@@ -68,9 +70,11 @@ class Mosquitto:
         *,
         anonymous: bool = True,
         port: int | None = None,
+        persistence: bool = False,
     ) -> None:
         self.workdir = workdir
         self.anonymous = anonymous
+        self.persistence = persistence
         self.port = port or free_port()
         self.extra_config = extra_config
         self.process: subprocess.Popen[bytes] | None = None
@@ -85,7 +89,15 @@ class Mosquitto:
             [
                 f"listener {self.port} 127.0.0.1",
                 f"allow_anonymous {'true' if self.anonymous else 'false'}",
-                "persistence false",
+                *(
+                    [
+                        "persistence true",
+                        f"persistence_location {self.workdir}/",
+                        "autosave_interval 1",
+                    ]
+                    if self.persistence
+                    else ["persistence false"]
+                ),
                 # Run as whoever started the test (as root, mosquitto would drop to its own user).
                 f"user {getpass.getuser()}",
                 "max_queued_messages 0",
@@ -104,7 +116,7 @@ class Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config())
-        with self.log_path.open("wb") as log:
+        with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [find_mosquitto(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
             )
@@ -125,6 +137,13 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: the broker vanishes without saving or saying goodbye."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
         self.process = None
 
     def __enter__(self) -> Mosquitto:

@@ -1,7 +1,7 @@
 """Message kinds: the last level of every topic and the ``kind`` of every envelope header.
 
 Uplink (site -> aggregator): ``hello``, ``stats``, ``activations``, ``trunk-grad``, ``done``,
-``eval-activations``, ``metrics``, ``error``.
+``eval-activations``, ``metrics``, ``finished`` (the site has its final model), ``error``.
 Downlink (aggregator -> site): ``setup``, ``stats-request``, ``normalization``, ``train``,
 ``gradients``, ``trunk-out``, ``act-grad``, ``evaluate``, ``eval-out``, ``finish``, ``refused``,
 ``error``.
@@ -23,6 +23,7 @@ class Kind(TextEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
     FINISH = "finish"
+    FINISHED = "finished"  # the answer to finish: this site has its final model
     ERROR = "error"
     ACTIVATIONS = "activations"
     GRADIENTS = "gradients"

@@ -327,6 +327,8 @@ class MqttTransport:
         self._check_open()
         with self._sub_lock:
             self._subscriptions[topic_filter] = qos
+        if not self._started:
+            return  # before connect(): on_connect subscribes, ahead of the birth message
         rc, mid = self._client.subscribe(topic_filter, qos)
         if rc == MQTTErrorCode.MQTT_ERR_NO_CONN or mid is None:
             return  # on_connect subscribes when the connection is back

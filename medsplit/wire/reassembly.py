@@ -151,6 +151,7 @@ class Decoder:
         self.limits = limits
         self.dedup_window = dedup_window
         self.duplicates = 0
+        self.last_duplicate: Header | None = None  # the header of the last one dropped
         # Ids of completed messages, oldest first: QoS 1 may redeliver any of their chunks.
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.expected_for = expected_for
@@ -166,6 +167,7 @@ class Decoder:
         header = frame.header
         if header.msg_id in self._seen:
             self.duplicates += 1
+            self.last_duplicate = header
             return None
         if header.chunks == 1:
             payload: bytes | None = bytes(frame.chunk)

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from aggregator.config import JobConfig
 from aggregator.strategy import FedAvg, Flop, Reply
+from edge_agent.agent import Agent
 from edge_agent.data import datasets
 from edge_agent.local_model import LocalModel
 from experiments.inprocess import run_job
@@ -264,7 +265,7 @@ def test_a_restarted_flop_site_takes_back_its_private_layers_from_its_state_dir(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _sites(["site-a"])
-    run_job(_config(rounds=1), data, _memory(), state_dir=tmp_path)
+    run_job(_config(rounds=2), data, _memory(), state_dir=tmp_path)
     saved = load_file(str(tmp_path / "edge.safetensors"))
     private = _config().plan.private_keys
     assert private <= set(saved)  # the whole site model is kept, private layers included
@@ -277,11 +278,25 @@ def test_a_restarted_flop_site_takes_back_its_private_layers_from_its_state_dir(
         start_round(self)
 
     monkeypatch.setattr(LocalModel, "start_round", record)
-    # The same job again (the agent restarted): training resumes from the saved private layers.
-    run_job(_config(rounds=1), data, _memory(), state_dir=tmp_path)
+    # The agent restarted and the job goes on at round 2: it trains from its saved layers.
+    resumed = _config(rounds=3)
+    job = run_job(resumed, data, _memory(), state_dir=tmp_path, agent_type=_FromRound2)
     assert all(torch.equal(starts[0][k], saved[k]) for k in private)
+    assert job.agents["site-a"].recovery.redone_rounds == []
     # Another job never inherits them.
     other = _config(job_id="job-other", rounds=1)
     run_job(other, data, _memory(), state_dir=tmp_path)
     initial = other.plan.model.build(seed=other.seed).state_dict()
-    assert all(torch.equal(starts[1][k], initial[k]) for k in private)
+    assert all(torch.equal(starts[-1][k], initial[k]) for k in private)
+
+
+class _FromRound2(Agent):
+    """Takes part only from round 2 on, as an agent restarted into a job that went on."""
+
+    def _train(self, env: Envelope) -> None:
+        if env.round < 2:
+            # Hands the global weights back untouched: its own layers do not move.
+            answer = env.reply(self.site_id, Kind.DONE, tensors=env.tensors, meta={"samples": 1})
+            self._publish(answer)
+            return
+        super()._train(env)

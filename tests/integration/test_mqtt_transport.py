@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments.relay import TcpProxy
 from medsplit.brokers.mosquitto import Mosquitto, free_port
 from medsplit.channel import Endpoint
 from medsplit.protocol import topics
@@ -23,7 +24,6 @@ from medsplit.transport import (
     Will,
 )
 from medsplit.wire import Envelope
-from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.integration
 

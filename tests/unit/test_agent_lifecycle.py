@@ -37,7 +37,7 @@ def test_setup_stops_the_hellos() -> None:
     assert said == []
 
 
-def test_a_new_epoch_resets_the_backoff_and_a_set_up_agent_says_hello_once_more() -> None:
+def test_a_new_epoch_resets_the_backoff_and_a_set_up_agent_rejoins_until_answered() -> None:
     life, _ = _hellos_until(Lifecycle("a", "j", hello_interval_s=5.0), 20.0)
     life, actions = life.saw_aggregator(_aggregator("e1"), 20.0)
     assert life.next_hello == 20.0 and life.hellos == 0  # hello again at once
@@ -48,6 +48,13 @@ def test_a_new_epoch_resets_the_backoff_and_a_set_up_agent_says_hello_once_more(
     life, actions = life.saw_aggregator(_aggregator("e2"), 22.0)  # it restarted
     assert SayHello() in actions and life.hellos_total == before + 1
     assert life.phase == AgentPhase.READY  # still set up: the setup will be the same job
+    # That hello may be lost (the new aggregator was not listening yet): it is repeated with
+    # the same backoff until the new epoch's setup comes.
+    life, said = _hellos_until(life, 30.0)
+    assert len(said) >= 3 and life.rejoining
+    life = life.set_up()
+    life, said = _hellos_until(life, 60.0)
+    assert said == [] and not life.rejoining and life.phase == AgentPhase.READY
 
 
 def test_offline_aggregators_and_probes() -> None:

@@ -7,12 +7,15 @@ reads what it would send.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from aggregator.state import (
+    Checkpoint,
     Evaluated,
     Event,
+    FinishAcked,
     Forget,
     Hello,
     JobMachine,
@@ -20,10 +23,12 @@ from aggregator.state import (
     Out,
     Phase,
     Send,
+    SitePresence,
     StatsReported,
     Tick,
     TrainDone,
     initial_state,
+    resumed_state,
 )
 from aggregator.strategy import Cyclic, FedAvg, Reply
 from medsplit.protocol import Kind
@@ -257,3 +262,120 @@ def test_statistics_missing_at_the_deadline_fail_the_job_below_quorum() -> None:
     job.feed(Tick(), at=DEADLINE)
     assert job.state.phase == Phase.FAILED
     assert "missing b" in (job.state.failure or "")
+
+
+# -- checkpoints and resume ------------------------------------------------------------------------
+
+
+def _round(job: Job, sites: Sequence[str]) -> None:
+    for site in sites:
+        job.done(site)
+    for site in sites:
+        job.evaluated(site)
+
+
+def test_each_closed_round_is_checkpointed_before_the_next_round_is_sent() -> None:
+    job = Job(_machine(FedAvg(), rounds=3), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    job.done("a")
+    job.done("b")
+    job.evaluated("a")
+    out = job.evaluated("b")
+    checkpoint = next(i for i, m in enumerate(out) if isinstance(m, Checkpoint))
+    first_train = next(i for i, m in enumerate(out) if isinstance(m, Send) and m.kind == Kind.TRAIN)
+    assert checkpoint < first_train
+    point = out[checkpoint].point  # type: ignore[union-attr]
+    assert point.round == 1 and len(point.history) == 1
+    assert torch.equal(point.weights["w"], job.state.weights["w"])  # what round 1 starts from
+
+
+def test_a_resumed_job_rejoins_then_goes_on_from_its_checkpoint_without_statistics() -> None:
+    job = Job(_machine(FedAvg(), rounds=4, normalization=None), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    for site in ("a", "b"):
+        job.feed(StatsReported(site, FeatureSums(10, torch.ones(2), torch.ones(2))))
+    _round(job, ["a", "b"])
+    _round(job, ["a", "b"])
+    point = job.state.resume_point()
+    assert point.round == 2 and point.normalization is not None
+
+    resumed = Job(job.machine, ["a", "b"])
+    resumed.state = resumed_state(point, ["a", "b"], 100.0, 5.0)
+    assert resumed.state.phase == Phase.JOINING and len(resumed.state.history) == 2
+    resumed.hello("a")  # the same agent processes, still running
+    out = resumed.hello("b")
+    kinds = [m.kind for m in out if isinstance(m, Send)]
+    assert Kind.STATS_REQUEST not in resumed.kinds("a") + resumed.kinds("b")
+    assert kinds.count(Kind.NORMALIZATION) == 2 and kinds.count(Kind.TRAIN) == 2
+    assert resumed.state.round == 2 and resumed.state.record is not None
+    assert resumed.state.record.resumed and resumed.state.resumed_at == (2,)
+    _round(resumed, ["a", "b"])
+    _round(resumed, ["a", "b"])
+    assert resumed.state.phase == Phase.FINISHED  # no finish_linger_s: done once finish is sent
+    assert [r.round for r in resumed.state.history] == [0, 1, 2, 3]
+    assert [r.resumed for r in resumed.state.history] == [False, False, True, False]
+
+
+def test_a_job_resumed_after_its_last_round_only_finishes_and_needs_no_finished_site() -> None:
+    machine = replace(_machine(FedAvg(), rounds=1), finish_linger_s=30.0)
+    job = Job(machine, ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    _round(job, ["a", "b"])
+    job.feed(FinishAcked("a"))
+    out = job.feed(Tick(), at=31.0)  # b never confirmed
+    assert job.state.phase == Phase.FINISHED
+    point = next(m.point for m in out if isinstance(m, Checkpoint))  # saved once more
+    assert point.round == 1 and point.sites["a"].finished and not point.sites["b"].finished
+
+    resumed = Job(job.machine, ["a", "b"])
+    resumed.state = resumed_state(point, ["a", "b"], 0.0, 5.0)
+    assert resumed.state.waiting_for == ["b"]  # a has its model; it will not come back
+    out = resumed.hello("b")
+    assert [m.kind for m in out if isinstance(m, Send)] == [Kind.SETUP, Kind.FINISH]
+    assert resumed.state.phase == Phase.FINISHING and resumed.state.waiting_for == ["b"]
+    resumed.feed(FinishAcked("b"))
+    assert resumed.state.phase == Phase.FINISHED
+
+
+def test_finish_waits_for_every_receipt_and_sends_it_again_to_a_site_that_returns() -> None:
+    machine = replace(_machine(FedAvg(), rounds=1, quorum=1), finish_linger_s=30.0)
+    job = Job(machine, ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    _round(job, ["a", "b"])
+    assert job.state.phase == Phase.FINISHING and job.state.waiting_for == ["a", "b"]
+    job.feed(FinishAcked("a"))
+    job.feed(SitePresence("b", online=False))
+    assert job.state.waiting_for == ["b"]  # offline: still waited for, it may come back
+    out = job.hello("b", incarnation="restarted")
+    assert [m.kind for m in out if isinstance(m, Send)][-1] == Kind.FINISH
+    job.feed(Tick(), at=job.now + 31.0)
+    assert job.state.phase == Phase.FINISHED  # b never confirmed: the job ends at the deadline
+
+
+def test_an_offline_site_is_not_waited_for_while_the_live_ones_make_the_quorum() -> None:
+    job = Job(_machine(FedAvg(), rounds=2, quorum=2), ["a", "b", "c"])
+    for site in ("a", "b", "c"):
+        job.hello(site)
+    job.done("a")
+    job.done("b")
+    job.feed(SitePresence("c", online=False), at=1.0)  # its Last Will
+    assert job.state.phase == Phase.EVALUATING  # closed at once, not at the deadline
+    assert job.state.record is not None and job.state.record.missed == ["c"]
+    # With two sites gone the live one cannot make min_sites=2: wait for them to come back.
+    job.evaluated("a")
+    job.feed(SitePresence("b", online=False), at=2.0)
+    assert job.state.phase == Phase.EVALUATING and job.state.waiting_for == ["b", "c"]
+
+
+def test_a_replayed_hello_of_an_earlier_agent_process_is_dropped_mid_turn() -> None:
+    job = Job(_machine(FedAvg()), ["a"])
+    job.hello("a", incarnation="first")
+    job.hello("a", incarnation="second")  # the agent restarted
+    late = job.state.late_messages
+    out = job.hello("a", incarnation="first")  # a replay of the first process's hello
+    assert out == [] and job.state.late_messages == late + 1
+    assert job.state.sites["a"].incarnation == "second"

@@ -1,4 +1,5 @@
-"""A loopback TCP relay whose connections the test can cut, to drop a client's link to the broker.
+"""A loopback TCP relay between clients and the broker, whose link a test or ``bench/chaos.py``
+can cut (``sever``) or stall (``stall``/``resume``: bytes wait, the connections stay up).
 
 Only the network path is interrupted; the broker on the other side is the real Mosquitto.
 """
@@ -18,6 +19,8 @@ class TcpProxy:
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._running = True
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.accepted = 0
         threading.Thread(target=self._accept_loop, daemon=True, name="proxy-accept").start()
 
@@ -40,10 +43,10 @@ class TcpProxy:
             for src, dst in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         with suppress(OSError):
             while data := src.recv(1 << 16):
+                self._flowing.wait()
                 dst.sendall(data)
         for sock in (src, dst):
             with suppress(OSError):
@@ -58,7 +61,15 @@ class TcpProxy:
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    def stall(self) -> None:
+        """Hold every byte in flight (a congested or flapping link) until ``resume``."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
+        self.resume()
         self._running = False
         self._server.close()
         self.sever()

@@ -1,0 +1,172 @@
+"""A federation of real processes, for fault-injection tests and ``bench/chaos.py``.
+
+``Federation`` writes one job.yaml and one site.yaml per site (a share of a built-in dataset),
+starts ``medsplit aggregator`` and ``medsplit agent`` as child processes against a given broker,
+and lets a test kill, stop and restart any of them. Every process logs to its own file under
+the work directory, which the failure messages quote.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+MEDSPLIT = [sys.executable, "-m", "medsplit"]
+
+
+class Federation:
+    def __init__(
+        self,
+        workdir: Path,
+        broker_url: str,
+        job: dict[str, Any],
+        *,
+        dataset: str = "breast-cancer",
+        site_waits: dict[str, Any] | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.job_id = str(job["job_id"])
+        self.sites = list(job["sites"])
+        self.run_dir = workdir / "run"
+        broker = {"url": broker_url, "reconnect_min_s": 1, "reconnect_max_s": 2}
+        job = {
+            "broker": broker,
+            "state": {"run_dir": str(self.run_dir)},
+            "waits": {"status_interval_s": 2, "retry_interval_s": 1},
+            **job,
+        }
+        self.job_yaml = self._write("job.yaml", job)
+        self.site_yaml: dict[str, Path] = {}
+        for index, site in enumerate(self.sites):
+            self.site_yaml[site] = self._write(
+                f"{site}.yaml",
+                {
+                    "site_id": site,
+                    "job_id": self.job_id,
+                    "broker": broker,
+                    "device": "cpu",
+                    "export_onnx": False,
+                    "data": {
+                        "source": "builtin",
+                        "dataset": dataset,
+                        "num_sites": len(self.sites),
+                        "index": index,
+                    },
+                    "waits": {"status_interval_s": 2, "retry_interval_s": 1, **(site_waits or {})},
+                    "state": {"dir": str(self.state_dir(site))},
+                },
+            )
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.starts: dict[str, int] = {}
+
+    def _write(self, name: str, data: dict[str, Any]) -> Path:
+        path = self.workdir / name
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def state_dir(self, site: str) -> Path:
+        return self.workdir / "state" / site
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.run_dir / "checkpoints" / self.job_id
+
+    def log(self, name: str) -> Path:
+        return self.workdir / f"{name}.{self.starts.get(name, 0)}.log"
+
+    # -- processes -----------------------------------------------------------------------------------
+
+    def start(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
+        """Start ``aggregator`` or a site's agent (again)."""
+        self.starts[name] = self.starts.get(name, 0) + 1
+        if name == "aggregator":
+            command = [*MEDSPLIT, "aggregator", "--config", str(self.job_yaml), *extra]
+        else:
+            command = [*MEDSPLIT, "agent", "--config", str(self.site_yaml[name]), *extra]
+        with self.log(name).open("wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        self.processes[name] = process
+        return process
+
+    def start_all(self) -> None:
+        self.start("aggregator")
+        for site in self.sites:
+            self.start(site)
+
+    def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> int:
+        process = self.processes[name]
+        process.send_signal(sig)
+        return process.wait(60)
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.processes[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"{name} still running after {timeout:g} s\n{self.tail(name)}"
+            ) from None
+
+    def wait_all(self, timeout: float) -> dict[str, int]:
+        deadline = time.monotonic() + timeout
+        return {
+            name: self.wait(name, max(1.0, deadline - time.monotonic())) for name in self.processes
+        }
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(30)
+
+    def tail(self, name: str, lines: int = 40) -> str:
+        text = self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
+        return f"--- {self.log(name).name}\n" + "\n".join(text.splitlines()[-lines:])
+
+    # -- waiting for something to happen --------------------------------------------------------------
+
+    def await_file(self, path: Path, timeout: float = 120) -> None:
+        """Block until ``path`` exists (the processes write it); polls the file system."""
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            for name, process in self.processes.items():
+                if process.poll() is not None and name == "aggregator":
+                    raise AssertionError(
+                        f"aggregator exited while waiting for {path}\n{self.tail(name)}"
+                    )
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{path} did not appear within {timeout:g} s\n{self.tail('aggregator')}"
+                )
+            time.sleep(0.05)
+
+    def await_log(self, name: str, text: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in (
+            self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
+        ):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} never logged {text!r}\n{self.tail(name)}")
+            time.sleep(0.05)
+
+    def checkpoint(self, round: int) -> Path:
+        return self.checkpoints / f"round-{round:05d}.safetensors"
+
+    # -- results -----------------------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        return dict(json.loads((self.run_dir / "report.json").read_text()))
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return load_file(str(self.run_dir / "model.safetensors"))
+
+    def site_weights(self, site: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.state_dir(site) / "edge.safetensors"))

@@ -1,0 +1,242 @@
+"""Faults injected into real processes over a real Mosquitto: what a federation survives.
+
+Every test runs ``medsplit aggregator`` and ``medsplit agent`` as child processes
+(``tests.support.federation``), kills or stops one of them -- or the broker -- at a point the
+test observes (a checkpoint file appearing, a log line), and checks the job still completes,
+that the report says what happened, and that the outcome matches an uninterrupted run. Round
+deadlines are long (10 minutes) and the process timeouts short: a job that completes did not
+wait out a deadline.
+"""
+
+from __future__ import annotations
+
+import signal
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from experiments.federation import Federation
+from medsplit.brokers.mosquitto import Mosquitto
+
+LONG = 600  # round deadline: never reached by a job that recovers as it should
+TIMEOUT = 240  # seconds for a job to complete
+
+
+def _job(
+    mode: str, orchestration: str, *, sites: int = 2, rounds: int = 4, **round_settings: Any
+) -> dict[str, Any]:
+    return {
+        "job_id": f"job-{uuid.uuid4().hex[:8]}",
+        "plan": "mlp-ehr-u" if mode == "split-u" else "mlp-ehr",
+        "mode": mode,
+        "orchestration": orchestration,
+        "sites": [f"site-{chr(ord('a') + i)}" for i in range(sites)],
+        "seed": 0,
+        "rounds": {"count": rounds, "deadline_s": LONG, "join_deadline_s": LONG, **round_settings},
+    }
+
+
+def _federation(
+    tmp_path: Path, name: str, broker: Mosquitto, job: dict[str, Any], **kw: Any
+) -> Federation:
+    workdir = tmp_path / name
+    workdir.mkdir()
+    return Federation(workdir, broker.url, job, **kw)
+
+
+def _completed(fed: Federation) -> dict[str, Any]:
+    codes = fed.wait_all(TIMEOUT)
+    failed = [name for name, code in codes.items() if code != 0]
+    assert not failed, "\n".join(fed.tail(name) for name in failed)
+    report = fed.report()
+    assert report["status"] == "completed"
+    return report
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _against_clean(
+    tmp_path: Path,
+    broker: Mosquitto,
+    job: dict[str, Any],
+    fault: Callable[[Federation], None],
+    *,
+    faulty_broker: Mosquitto | None = None,
+) -> tuple[Federation, dict[str, Any], dict[str, Any]]:
+    """The job twice at once, once with ``fault`` injected (on ``faulty_broker`` if given);
+    both must end with the same tensors, the global ones and every site's own (bit for bit):
+    nothing was lost or applied twice. Returns the faulty federation, its report and the
+    clean one's."""
+    clean = _federation(tmp_path, "clean", broker, job)
+    faulty_job = {**job, "job_id": f"{job['job_id']}-f"}
+    faulty = _federation(tmp_path, "faulty", faulty_broker or broker, faulty_job)
+    try:
+        clean.start_all()
+        faulty.start_all()
+        fault(faulty)
+        report = _completed(faulty)
+        reference = _completed(clean)
+    finally:
+        clean.stop_all()
+        faulty.stop_all()
+    assert _same(faulty.weights(), clean.weights())
+    for site in clean.sites:  # each site's own layers too (flop: its private classifier)
+        assert _same(faulty.site_weights(site), clean.site_weights(site))
+    return faulty, report, reference
+
+
+def _kill_aggregator_after(checkpoint: str) -> Callable[[Federation], None]:
+    def fault(fed: Federation) -> None:
+        fed.await_file(fed.checkpoints / checkpoint)
+        assert fed.kill("aggregator") == -signal.SIGKILL
+        fed.start("aggregator")  # the same command; the agents are not touched
+
+    return fault
+
+
+@pytest.mark.parametrize(
+    ("mode", "orchestration"),
+    [
+        ("fedavg", "parallel"),
+        ("flop", "parallel"),
+        ("split-u", "parallel"),
+        ("split", "sequential"),
+    ],
+)
+def test_a_killed_aggregator_resumes_and_ends_bit_for_bit_like_an_uninterrupted_run(
+    mosquitto: Mosquitto, tmp_path: Path, mode: str, orchestration: str
+) -> None:
+    fault = _kill_aggregator_after("round-00001.safetensors")
+    job = _job(mode, orchestration, rounds=3)
+    fed, report, reference = _against_clean(tmp_path, mosquitto, job, fault)
+    assert report["faults"]["resumed_at"] == [1]
+    assert [r["resumed"] for r in report["history"]] == [False, True, False]
+    assert [r["trained"] for r in report["history"]] == [r["trained"] for r in reference["history"]]
+    assert fed.starts["site-a"] == 1  # no agent was restarted
+
+
+def test_a_step_checkpoint_resumes_the_round_at_that_step_bit_for_bit(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    job = _job("split-u", "sequential", rounds=3)
+    job["checkpoint"] = {"every_steps": 3, "keep": 10}
+    # Round 1 (0-based), the second site's turn, before its step 6.
+    fault = _kill_aggregator_after("round-00001-turn-0001-step-0000006.safetensors")
+    fed, report, _ = _against_clean(tmp_path, mosquitto, job, fault)
+    assert "going on from round 1 step 6" in fed.log("site-b").read_text()
+    assert report["history"][1]["resumed"] and report["history"][1]["trained"] == fed.sites
+
+
+def test_sigterm_stops_the_aggregator_cleanly_and_a_restart_continues(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    fed = _federation(tmp_path, "fed", mosquitto, _job("split-u", "sequential", rounds=3))
+    try:
+        fed.start_all()
+        fed.await_file(fed.checkpoint(1))
+        assert fed.kill("aggregator", signal.SIGTERM) == 0
+        interrupted = fed.report()
+        assert interrupted["status"] == "interrupted"
+        assert "Traceback" not in fed.log("aggregator").read_text()
+        fed.start("aggregator")
+        report = _completed(fed)
+    finally:
+        fed.stop_all()
+    assert report["faults"]["resumed_at"] and len(report["history"]) == 3
+    assert all(r["missed"] == [] for r in report["history"])
+
+
+def test_a_site_killed_for_good_is_not_waited_for(mosquitto: Mosquitto, tmp_path: Path) -> None:
+    job = _job("fedavg", "parallel", sites=3, rounds=4, min_sites=2, finish_deadline_s=5)
+    fed = _federation(tmp_path, "fed", mosquitto, job)
+    try:
+        fed.start_all()
+        fed.await_file(fed.checkpoint(1))
+        fed.kill("site-c")
+        report = _completed_except(fed, "site-c")
+    finally:
+        fed.stop_all()
+    history = report["history"]
+    assert all("site-c" not in r["trained"] for r in history[2:])  # gone: not trained
+    assert "site-c" in history[-1]["missed"]
+    assert all(set(r["trained"]) >= {"site-a", "site-b"} for r in history)
+    assert report["faults"]["unconfirmed_finish"] == ["site-c"]
+
+
+def _completed_except(fed: Federation, dead: str) -> dict[str, Any]:
+    for name in fed.processes:
+        if name != dead:
+            code = fed.wait(name, TIMEOUT)
+            assert code == 0, fed.tail(name)
+    report = fed.report()
+    assert report["status"] == "completed"
+    return report
+
+
+@pytest.mark.parametrize("persistence", [False, True])
+def test_a_broker_restart_mid_job_loses_nothing_and_applies_nothing_twice(
+    mosquitto: Mosquitto, tmp_path: Path, persistence: bool
+) -> None:
+    broker = Mosquitto(tmp_path / "broker", persistence=persistence).start()
+
+    def fault(fed: Federation) -> None:
+        fed.await_file(fed.checkpoint(1))
+        broker.kill()  # sessions, retained presence and queued messages go with it (unsaved)
+        broker.start()  # same port, same configuration: a crashed broker coming back
+
+    try:
+        job = _job("split-u", "parallel", rounds=3)
+        _, report, _ = _against_clean(tmp_path, mosquitto, job, fault, faulty_broker=broker)
+    finally:
+        broker.stop()
+    assert all(r["missed"] == [] for r in report["history"])  # nobody waited out a deadline
+    assert len(report["history"]) == 3
+
+
+@pytest.mark.parametrize(
+    ("mode", "orchestration", "how"),
+    [("split-u", "sequential", signal.SIGKILL), ("flop", "parallel", signal.SIGTERM)],
+)
+def test_a_site_stopped_mid_round_and_restarted_rejoins_and_the_job_ends_bit_for_bit(
+    mosquitto: Mosquitto, tmp_path: Path, mode: str, orchestration: str, how: signal.Signals
+) -> None:
+    def fault(fed: Federation) -> None:
+        fed.await_file(fed.checkpoint(1))
+        status = fed.kill("site-b", how)
+        assert status == (0 if how == signal.SIGTERM else -signal.SIGKILL), fed.tail("site-b")
+        if how == signal.SIGTERM:  # a clean stop: no traceback
+            assert "Traceback" not in fed.log("site-b").read_text()
+        fed.start("site-b")  # a fresh process with the same state directory
+
+    # min_sites is every site, so the round waits for it to come back. The restarted site takes
+    # up its snapshot and the aggregator puts the trunk back where the site's turn began: the
+    # redone turn is the turn it would have been.
+    job = _job(mode, orchestration, rounds=3)
+    fed, report, _ = _against_clean(tmp_path, mosquitto, job, fault)
+    assert all(r["trained"] == fed.sites for r in report["history"])
+    assert (fed.state_dir("site-b") / "site-model.safetensors").is_file()
+
+
+def test_a_site_offline_at_the_end_still_gets_its_final_model_when_it_returns(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    job = _job("fedavg", "parallel", sites=2, rounds=3, min_sites=1, finish_deadline_s=LONG)
+    fed = _federation(tmp_path, "fed", mosquitto, job)
+    try:
+        fed.start_all()
+        fed.await_file(fed.checkpoint(1))
+        fed.kill("site-b")
+        fed.await_log("aggregator", "waiting for site-b to confirm")
+        assert not (fed.state_dir("site-b") / "site-model.safetensors").exists()
+        fed.start("site-b")
+        report = _completed(fed)
+    finally:
+        fed.stop_all()
+    assert (fed.state_dir("site-b") / "site-model.safetensors").is_file()
+    assert report["faults"]["unconfirmed_finish"] == []

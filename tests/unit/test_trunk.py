@@ -1,0 +1,93 @@
+"""The aggregator's trunk: parallel rounds that do not depend on message order, turns that can
+be put back, and state no sender can grow."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aggregator.trunk import Trunk
+from medsplit.config import OptimizerConfig
+
+
+def _trunk(parallel: bool) -> Trunk:
+    torch.manual_seed(0)
+    return Trunk(
+        nn.Sequential(nn.Linear(4, 3)),
+        OptimizerConfig(lr=0.05),
+        torch.device("cpu"),
+        parallel=parallel,
+    )
+
+
+def _inputs(site: str, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(ord(site[0]) * 100 + step)
+    return torch.randn(5, 4, generator=generator), torch.randn(5, 3, generator=generator)
+
+
+def _step(trunk: Trunk, site: str, step: int) -> None:
+    h, g = _inputs(site, step)
+    trunk.forward(site, 0, step, h)
+    assert trunk.backward(site, 0, step, g) is not None
+
+
+def _state(trunk: Trunk) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in trunk.module.state_dict().items()}
+
+
+def test_a_parallel_round_gives_the_same_trunk_whatever_order_the_steps_arrive_in() -> None:
+    outcomes = []
+    for order in (["a", "b", "a", "b"], ["a", "a", "b", "b"], ["b", "b", "a", "a"]):
+        trunk = _trunk(parallel=True)
+        trunk.open_turn(("a", "b"))
+        steps = {"a": 0, "b": 0}
+        for site in order:
+            _step(trunk, site, steps[site])
+            steps[site] += 1
+        trunk.close_turn({"a": 30, "b": 10})
+        outcomes.append(_state(trunk))
+    first = outcomes[0]
+    assert all(torch.equal(first[k], other[k]) for other in outcomes[1:] for k in first)
+    assert not torch.equal(
+        first["0.weight"], _state(_trunk(parallel=True))["0.weight"]
+    )  # it trained
+
+
+def test_forgetting_a_site_puts_its_share_of_the_trunk_back_where_the_turn_began() -> None:
+    for parallel in (False, True):
+        trunk = _trunk(parallel)
+        trunk.open_turn(("a",))
+        _step(trunk, "a", 0)
+        trunk.close_turn({"a": 5})
+        before = _state(trunk)
+        trunk.open_turn(("a",))
+        _step(trunk, "a", 0)
+        _step(trunk, "a", 1)
+        trunk.forget("a")  # the site restarted mid-turn
+        for step in (0, 1):  # and redoes the turn from the same start
+            _step(trunk, "a", step)
+        trunk.close_turn({"a": 5})
+        redone = _state(trunk)
+
+        reference = _trunk(parallel)
+        reference.open_turn(("a",))
+        _step(reference, "a", 0)
+        reference.close_turn({"a": 5})
+        assert all(torch.equal(before[k], _state(reference)[k]) for k in before)
+        reference.open_turn(("a",))
+        for step in (0, 1):
+            _step(reference, "a", step)
+        reference.close_turn({"a": 5})
+        expected = _state(reference)
+        assert all(torch.equal(redone[k], expected[k]) for k in expected), parallel
+
+
+def test_at_most_one_open_step_per_site_and_no_backward_for_another() -> None:
+    trunk = _trunk(parallel=False)
+    trunk.open_turn(("a",))
+    for step in range(50):
+        trunk.forward("a", 0, step, torch.randn(5, 4))
+    assert trunk.open_steps == 1
+    assert trunk.backward("a", 0, 3, torch.randn(5, 3)) is None  # not the open one
+    assert trunk.backward("a", 0, 49, torch.randn(5, 3)) is not None
+    assert trunk.open_steps == 0
