@@ -68,7 +68,7 @@ from medsplit.modes import MODES, Orchestration
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, exchanged_keys, final_keys, topics
 from medsplit.protocol.presence import Presence
 from medsplit.snapshots import set_rng_state
-from medsplit.statistics import FeatureSums
+from medsplit.statistics import FeatureSums, normalization_digest
 from medsplit.wire import Envelope, WireError
 from models import split_model
 
@@ -166,7 +166,6 @@ class Coordinator:
         endpoint.set_expected(lambda header: specs.expected(header.kind))
         endpoint.on_reject = self._on_reject
         endpoint.on_presence = self._on_presence
-        endpoint.kept_answers = max(endpoint.kept_answers, 2 * len(config.sites))
         self._refused_at: dict[str, float] = {}
         self._rival: Presence | None = None
         self._requests: dict[str, _Request] = {}
@@ -271,6 +270,8 @@ class Coordinator:
             meta["spec"] = self.spec.to_meta()
         elif message.kind == Kind.FINISH:
             tensors = self.final_tensors()
+        elif message.kind in (Kind.TRAIN, Kind.EVALUATE) and self.state.normalization:
+            meta["normalization"] = normalization_digest(*self.state.normalization)
         envelope = self._send(
             message.site, message.kind, round=message.round, tensors=tensors, meta=meta
         )
@@ -314,6 +315,8 @@ class Coordinator:
                     request.envelope.round + 1,
                     request.interval,
                 )
+                if "normalization" in request.envelope.meta:  # it may be what was lost
+                    self._send_normalization(site)
                 self._reply(site, request.envelope)
                 self.resent += 1
                 request.sends += 1
@@ -321,6 +324,11 @@ class Coordinator:
                     request.interval * 2, self.config.waits.retry_interval_s * MAX_RETRY_FACTOR
                 )
                 request.next_at = now + request.interval
+
+    def _send_normalization(self, site: str) -> None:
+        assert self.state.normalization is not None
+        mean, std = self.state.normalization
+        self._send(site, Kind.NORMALIZATION, tensors={"mean": mean, "std": std})
 
     def _answers_request(self, site: str, env: Envelope) -> bool:
         """Whether ``env`` answers the request this aggregator has open with ``site``."""

@@ -56,6 +56,7 @@ from edge_agent.site_model import (
 from medsplit.channel import Endpoint, Received
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
 from medsplit.protocol.presence import Presence, new_incarnation
+from medsplit.statistics import normalization_digest
 from medsplit.storage import atomic_write
 from medsplit.training import batch_order, evaluate_logits, loss_fn, train_epochs
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
@@ -68,6 +69,10 @@ STATE_FILE = "edge.safetensors"
 KEPT_REQUESTS = 4
 MAX_RETRY_FACTOR = 8
 REQUESTS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
+# Arriving during a step, these are kept for the main loop; anything else then is stale.
+MAIN_LOOP_KINDS = frozenset(
+    {Kind.FINISH, Kind.SETUP, Kind.TRAIN, Kind.EVALUATE, Kind.REFUSED, Kind.NORMALIZATION}
+)
 
 
 class StepTimeout(RuntimeError):
@@ -105,6 +110,7 @@ class Agent:
         self.endpoint = endpoint
         self.loaded = data  # as the data source made it
         self.data = data  # what training sees: after the federation's normalisation
+        self.normalization: str | None = None  # the digest of the normalisation applied
         self.device = device or torch.device("cpu")
         self.reply_timeout_s = reply_timeout_s
         self.retry_interval_s = retry_interval_s
@@ -271,7 +277,7 @@ class Agent:
             env = received.envelope
             if env.kind == kind and env.reply_to == request.msg_id:
                 return env
-            if env.kind in (Kind.FINISH, Kind.SETUP, Kind.TRAIN, Kind.EVALUATE, Kind.REFUSED):
+            if env.kind in MAIN_LOOP_KINDS:
                 self._backlog.append(received)
                 if env.kind in (Kind.FINISH, Kind.REFUSED):
                     raise StepTimeout(f"the aggregator sent {env.kind} during a step")
@@ -353,6 +359,8 @@ class Agent:
                 self._send_stats(env)
             elif env.kind == Kind.NORMALIZATION:
                 self._normalise(env)
+            elif env.kind in (Kind.TRAIN, Kind.EVALUATE) and not self._normalised_for(env):
+                return  # the aggregator sends the normalisation again with its next repeat
             elif env.kind == Kind.TRAIN and self.segments is not None:
                 self._working(AgentPhase.TRAINING, self._train, env)
             elif env.kind == Kind.EVALUATE and self.segments is not None:
@@ -373,6 +381,21 @@ class Agent:
             log.warning("%s: could not handle %s: %s", self.site_id, env.kind, exc)
             self._publish(env.error(self.site_id, type(exc).__name__, str(exc)))
 
+    def _normalised_for(self, env: Envelope) -> bool:
+        """Whether this site applies the normalisation ``env`` was computed with."""
+        needed = env.meta.get("normalization")
+        if needed is None or needed == self.normalization:
+            return True
+        log.warning(
+            "%s: %s of round %d needs the federation's normalisation %s, which has not arrived "
+            "(lost?); waiting for the aggregator to send it again",
+            self.site_id,
+            env.kind,
+            env.round,
+            needed,
+        )
+        return False
+
     def _send_stats(self, env: Envelope) -> None:
         """Counts and sums of this site's training inputs: never a value leaves the site."""
         sums = site_sums(self.loaded)
@@ -383,7 +406,11 @@ class Agent:
 
     def _normalise(self, env: Envelope) -> None:
         mean, std = env.tensors["mean"], env.tensors["std"]
+        digest = normalization_digest(mean, std)
+        if digest == self.normalization:
+            return  # sent again with a repeated request: already applied
         self.data = normalise(self.loaded, mean, std)
+        self.normalization = digest
         log.info(
             "%s: inputs normalised with the federation's statistics (mean %s, std %s)",
             self.site_id,

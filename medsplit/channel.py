@@ -11,7 +11,8 @@ is answered, since presence has no sender to answer).
 
 Request and answer correlate by message id (``Envelope.reply_to``). A redelivered or re-sent
 message (an id already received) is dropped. ``answer`` sends an answer *and keeps it* (the
-newest ``kept_answers``): when the request it answers comes again -- its sender never got the
+newest ``kept_answers`` per topic, so that one busy peer cannot push out another's; at most
+``MAX_ANSWER_TOPICS`` topics): when the request it answers comes again -- its sender never got the
 answer, e.g. it was lost in a broker restart -- the endpoint sends the same answer again (at
 most once per ``repeat_interval_s``), so a repeated request is never handled twice. A repeat
 of anything else is handed to ``on_duplicate``.
@@ -43,6 +44,7 @@ from medsplit.wire.reassembly import ExpectedFor
 
 log = logging.getLogger(__name__)
 
+MAX_ANSWER_TOPICS = 4096  # topics answers are kept for (a topic is one peer's one kind)
 RejectHandler = Callable[[str, WireError], None]
 PresenceHandler = Callable[[str, Presence], None]
 DuplicateHandler = Callable[[str, Header], None]
@@ -110,7 +112,7 @@ class Endpoint:
         dedup_window: int = 100_000,
         on_reject: RejectHandler | None = None,
         on_presence: PresenceHandler | None = None,
-        kept_answers: int = 8,
+        kept_answers: int = 4,
         repeat_interval_s: float = 0.0,
     ) -> None:
         self.transport = transport
@@ -120,7 +122,9 @@ class Endpoint:
         self.on_duplicate: DuplicateHandler | None = None
         self.kept_answers = kept_answers
         self.repeat_interval_s = repeat_interval_s
-        self._kept: OrderedDict[str, _Kept] = OrderedDict()  # by the msg_id of the request
+        # By the msg_id of the request, and per topic to bound them one peer at a time.
+        self._kept: dict[str, _Kept] = {}
+        self._kept_by_topic: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
         self.stats = EndpointStats()
         self._pending: list[Delivery] = []
         self._decoder = Decoder(
@@ -177,11 +181,19 @@ class Endpoint:
             )
         nbytes = self.send(topic, envelope, wire_dtype=wire_dtype, cast=cast)
         kept = _Kept(topic, envelope, wire_dtype, cast, time.monotonic())
-        self._kept[envelope.reply_to] = kept
-        self._kept.move_to_end(envelope.reply_to)
-        while len(self._kept) > self.kept_answers:
-            self._kept.popitem(last=False)
+        self._keep(envelope.reply_to, kept)
         return nbytes
+
+    def _keep(self, request_id: str, kept: _Kept) -> None:
+        ids = self._kept_by_topic.setdefault(kept.topic, OrderedDict())
+        self._kept_by_topic.move_to_end(kept.topic)
+        ids[request_id] = None
+        self._kept[request_id] = kept
+        while len(ids) > self.kept_answers:
+            self._kept.pop(ids.popitem(last=False)[0], None)
+        while len(self._kept_by_topic) > MAX_ANSWER_TOPICS:
+            for old in self._kept_by_topic.popitem(last=False)[1]:
+                self._kept.pop(old, None)
 
     def flush(self) -> None:
         """Wait until the broker acknowledged everything sent with ``wait=False``."""

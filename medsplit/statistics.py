@@ -9,6 +9,7 @@ of every job; ``medsplit data-stats`` does the same offline.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -47,3 +48,12 @@ class FeatureSums:
         mean = total / count
         var = (total_sq - count * mean * mean) / max(count - 1, 1)
         return mean.float(), var.clamp_min(0).sqrt().float().clamp_min(MIN_STD)
+
+
+def normalization_digest(mean: torch.Tensor, std: torch.Tensor) -> str:
+    """A short fingerprint of a normalisation: requests name the one they need, so a site whose
+    ``normalization`` message was lost waits for it instead of training on raw inputs."""
+    sha = hashlib.sha256()
+    for values in (mean, std):
+        sha.update(values.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+    return sha.hexdigest()[:16]

@@ -9,7 +9,7 @@ real Mosquitto instead.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from medsplit.protocol.topics import matches
 from medsplit.transport.acks import Delivery
@@ -25,6 +25,9 @@ class MemoryBroker:
         self._clients: dict[str, MemoryTransport] = {}
         self._retained: dict[str, bytes] = {}
         self.published: list[tuple[str, str, bytes]] = []  # (client id, topic, payload), for tests
+        # Fault injection for tests: a publication for which this returns True reaches nobody,
+        # as a message lost in a broker restart would.
+        self.lose: Callable[[str, bytes], bool] | None = None
 
     def attach(self, client: MemoryTransport) -> None:
         with self._lock:
@@ -55,6 +58,8 @@ class MemoryBroker:
                 else:
                     self._retained.pop(topic, None)
             receivers = [c for c in self._clients.values() if c.wants(topic)]
+            if self.lose is not None and self.lose(topic, payload):
+                receivers = []
         for client in receivers:
             client.deliver(Inbound(topic, payload))
 
