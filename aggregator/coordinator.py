@@ -62,7 +62,7 @@ from aggregator.state import (
 )
 from aggregator.strategy import Cyclic, FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
-from medsplit.channel import Endpoint, Received
+from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, exchanged_keys, final_keys, topics
@@ -76,7 +76,6 @@ log = logging.getLogger(__name__)
 EventSink = Callable[[dict[str, Any]], None]
 REFUSAL_INTERVAL_S = 10.0  # a stranger repeating hello is refused at most this often
 MAX_REMEMBERED_STRANGERS = 1024
-MAX_RETRY_FACTOR = 8  # a request is re-sent at most every 8 x waits.retry_interval_s
 REQUEST_KINDS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
 
 __all__ = ["Coordinator", "JobFailed", "JobInterrupted", "RoundRecord", "make_strategy"]
@@ -97,7 +96,6 @@ class _Request:
     envelope: Envelope
     next_at: float
     interval: float
-    sends: int = 1
 
 
 class Coordinator:
@@ -319,10 +317,7 @@ class Coordinator:
                     self._send_normalization(site)
                 self._reply(site, request.envelope)
                 self.resent += 1
-                request.sends += 1
-                request.interval = min(
-                    request.interval * 2, self.config.waits.retry_interval_s * MAX_RETRY_FACTOR
-                )
+                request.interval = next_retry(request.interval, self.config.waits.retry_interval_s)
                 request.next_at = now + request.interval
 
     def _send_normalization(self, site: str) -> None:

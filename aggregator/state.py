@@ -249,8 +249,7 @@ class JobState:
     failure: str | None = None
     statistics: Mapping[str, FeatureSums] = field(default_factory=dict)
     normalization: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std for every site
-    resume_round: int | None = None  # resumed from a checkpoint: the round to go on from
-    resume_from: ResumePoint | None = None  # a mid-round checkpoint: the turn and step too
+    resume: ResumePoint | None = None  # resumed from a checkpoint: where to go on from
     resumed_at: tuple[int, ...] = ()  # rounds at which this job was resumed, for the report
     from_step: int = 0  # the current turn's site goes on from this step (a mid-round resume)
 
@@ -336,8 +335,7 @@ def resumed_state(
         history=point.history,
         late_messages=point.late_messages,
         normalization=point.normalization,
-        resume_round=point.round,
-        resume_from=point if point.record is not None else None,
+        resume=point,
         resumed_at=(*point.resumed_at, point.round),
     )
 
@@ -465,7 +463,8 @@ class JobMachine:
             if state.phase == Phase.JOINING:
                 if state.waiting_for and now < state.deadline:
                     return state
-                if len(state.joined) < self.quorum and state.resume_round != self.rounds:
+                only_finish = state.resume is not None and state.resume.round == self.rounds
+                if len(state.joined) < self.quorum and not only_finish:
                     return _failed(
                         state,
                         f"only {len(state.joined)} of {len(state.sites)} sites joined before the "
@@ -491,13 +490,13 @@ class JobMachine:
 
         A resumed job has its statistics from the checkpoint: it goes on where it stopped.
         """
-        if state.resume_round is not None:
-            round, state = state.resume_round, replace(state, resume_round=None)
+        if state.resume is not None:
+            point, state = state.resume, replace(state, resume=None)
             if state.normalization is not None:
                 out.extend(self._normalization(state, site) for site in state.joined)
-            if state.resume_from is not None:
-                return self._resume_turn(state, state.resume_from, now, out)
-            return self._start_round(state, round, now, out, resumed=True)
+            if point.record is not None:  # inside a round
+                return self._resume_turn(state, point, now, out)
+            return self._start_round(state, point.round, now, out, resumed=True)
         if self.normalization is None:
             state = replace(
                 state,
@@ -567,7 +566,6 @@ class JobMachine:
             round_started=now,
             evaluations={},
             record=replace(point.record, resumed=True),
-            resume_from=None,
             from_step=point.step,
         )
         return self._start_turn(state, now, out)

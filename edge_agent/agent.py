@@ -53,7 +53,7 @@ from edge_agent.site_model import (
     save_site_model,
     site_card,
 )
-from medsplit.channel import Endpoint, Received
+from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
 from medsplit.protocol.presence import Presence, new_incarnation
 from medsplit.statistics import normalization_digest
@@ -67,7 +67,6 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "edge.safetensors"
 KEPT_REQUESTS = 4
-MAX_RETRY_FACTOR = 8
 REQUESTS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
 # Arriving during a step, these are kept for the main loop; anything else then is stale.
 MAIN_LOOP_KINDS = frozenset(
@@ -234,7 +233,7 @@ class Agent:
         deadline = started + self.reply_timeout_s
         next_status = started + self.lifecycle.status_interval_s
         retry = self.retry_interval_s
-        next_retry = started + retry
+        retry_at = started + retry
         asked = self.aggregator
         while (remaining := deadline - time.monotonic()) > 0:
             if self._stop.is_set():
@@ -246,7 +245,7 @@ class Agent:
                     if now_live is None
                     else f"the aggregator restarted ({now_live.describe()})"
                 )
-            if time.monotonic() >= next_retry:
+            if time.monotonic() >= retry_at:
                 log.info(
                     "%s: round %d step %d: no %s after %.0f s; sending %s again",
                     self.site_id,
@@ -258,8 +257,8 @@ class Agent:
                 )
                 self._publish(request, cast)
                 self.resent += 1
-                retry = min(retry * 2, self.retry_interval_s * MAX_RETRY_FACTOR)
-                next_retry = time.monotonic() + retry
+                retry = next_retry(retry, self.retry_interval_s)
+                retry_at = time.monotonic() + retry
             if time.monotonic() >= next_status:
                 log.info(
                     "%s: round %d step %d: waiting %.0f s for %s from the aggregator",

@@ -91,6 +91,7 @@ class Recovery:
         self.steps: OrderedDict[tuple[int, int], Snapshot] = OrderedDict()
         self.redone_rounds: list[int] = []  # rounds trained again from their snapshot
         self.resumed_steps: list[tuple[int, int]] = []  # (round, step) gone on from
+        self._on_disk: int | None = None  # the round whose starting state the file holds
 
     def before_round(self, segments: Segments, round: int) -> None:
         """Start a redone round from its snapshot; otherwise take one (and keep it on disk)."""
@@ -108,7 +109,8 @@ class Recovery:
             return
         self.steps.clear()
         self.round = take(segments, round)
-        self._persist(self.round)
+        if self._on_disk != round:  # after_round already wrote this state (same layers)
+            self._persist(self.round)
 
     def after_round(self, segments: Segments, round: int) -> None:
         """The round is trained: on disk, this is now the state before the next one, so a
@@ -118,6 +120,7 @@ class Recovery:
     def _persist(self, snapshot: Snapshot) -> None:
         if self.path is None:
             return
+        self._on_disk = snapshot.round
         document = {"job_id": self.job_id, "site_id": self.site_id, "round": snapshot.round}
         try:
             dump(self.path, snapshot.tensors, {**document, "optimizer": snapshot.optimizer})

@@ -25,6 +25,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 from medsplit.protocol import topics
 from medsplit.protocol.presence import Presence, PresenceError
@@ -44,6 +45,7 @@ from medsplit.wire.reassembly import ExpectedFor
 
 log = logging.getLogger(__name__)
 
+RETRY_CEILING = 8  # a request is repeated at most every 8 x its first retry interval
 MAX_ANSWER_TOPICS = 4096  # topics answers are kept for (a topic is one peer's one kind)
 RejectHandler = Callable[[str, WireError], None]
 PresenceHandler = Callable[[str, Presence], None]
@@ -63,6 +65,11 @@ class EndpointStats:
     duplicates: int = 0
     answers_repeated: int = 0  # kept answers sent again to a repeated request
     rejected: Counter[str] = field(default_factory=Counter)
+
+
+def next_retry(interval: float, first: float) -> float:
+    """The wait before the next repeat of an unanswered request: doubling, up to a ceiling."""
+    return min(interval * 2, first * RETRY_CEILING)
 
 
 @dataclass
@@ -266,19 +273,20 @@ class Endpoint:
                 self.stats.answers_repeated += 1
                 self.send(kept.topic, kept.envelope, wire_dtype=kept.wire_dtype, cast=kept.cast)
             return
-        if self.on_duplicate is None:
-            return
-        try:
-            self.on_duplicate(inbound.topic, header)
-        except Exception:  # a faulty handler must not stop the receive loop
-            log.exception("on_duplicate handler failed for a message on %s", inbound.topic)
+        if self.on_duplicate is not None:
+            _guarded(self.on_duplicate, inbound.topic, header)
 
     def _reject(self, topic: str, error: WireError) -> None:
         kind = type(error).__name__
         self.stats.rejected[kind] += 1
         log.warning("rejected message on %s: %s: %s", topic, kind, error)
         if self.on_reject is not None:
-            try:
-                self.on_reject(topic, error)
-            except Exception:  # a faulty handler must not stop the receive loop
-                log.exception("on_reject handler failed for a message on %s", topic)
+            _guarded(self.on_reject, topic, error)
+
+
+def _guarded(handler: Callable[[str, Any], None], topic: str, detail: object) -> None:
+    """Call a receiver's handler; a faulty one must not stop the receive loop."""
+    try:
+        handler(topic, detail)
+    except Exception:
+        log.exception("%s failed for a message on %s", getattr(handler, "__name__", handler), topic)

@@ -182,11 +182,9 @@ def _open(
     )
     # Subscribed before the birth presence goes out: whoever answers our presence at once (an
     # agent says hello to a new aggregator epoch) must find us listening. The transport sends
-    # these subscriptions ahead of the birth message when it connects; the second round below
-    # waits for the broker to confirm each one.
+    # these subscriptions ahead of the birth message when it connects, and connect() returns
+    # once the broker confirmed them.
     for topic_filter in subscriptions:
         transport.subscribe(topic_filter)
     transport.connect()
-    for topic_filter in subscriptions:
-        transport.subscribe(topic_filter)
     return Party(job_id, presence, transport, Endpoint(transport))

@@ -96,7 +96,10 @@ class Transport(Protocol):
         """Disconnect cleanly (no Last Will) and stop; idempotent."""
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
-        """Subscribe, and re-subscribe after every reconnect; waits for the broker's SUBACK."""
+        """Subscribe, and re-subscribe after every reconnect; waits for the broker's SUBACK.
+
+        Before ``connect()``: the subscription is made when connecting, ahead of the birth
+        message, and ``connect()`` returns once the broker confirmed it."""
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish one message and wait for the broker's acknowledgement (QoS 1)."""

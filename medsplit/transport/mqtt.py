@@ -79,6 +79,7 @@ class MqttTransport:
         self._refusal: Reason | None = None  # the broker's last CONNACK refusal
         self._tls_failure: ssl.SSLError | None = None  # a TLS alert before the first CONNACK
         self.reconnects = 0
+        self._first_subscriptions: list[tuple[str, int]] = []  # made before connect()
         self._client = self._make_client(will)
 
     # -- construction ---------------------------------------------------------------------------
@@ -143,8 +144,11 @@ class MqttTransport:
         with self._sub_lock:
             subscriptions = dict(self._subscriptions)
         for topic_filter, qos in subscriptions.items():
-            # Fire and forget: the SUBACK is tracked by on_subscribe like any other.
-            client.subscribe(topic_filter, qos)
+            # Sent ahead of the birth message. On the first connection connect() waits for
+            # their SUBACKs; on reconnects they are fire and forget.
+            _, mid = client.subscribe(topic_filter, qos)
+            if not self._started and mid is not None:
+                self._first_subscriptions.append((topic_filter, mid))
         if self._birth is not None:
             b = self._birth
             client.publish(b.topic, b.payload, qos=b.qos, retain=b.retain)
@@ -241,6 +245,9 @@ class MqttTransport:
         except ConnectFailed:
             self.close()  # stop paho's thread and release the socket; the transport is spent
             raise
+        for topic_filter, mid in self._first_subscriptions:
+            self._await_suback(topic_filter, self._acks.expect(mid))
+        self._first_subscriptions = []
 
     def _await_connack(self, deadline: float | None) -> None:
         """Wait for an accepted CONNACK; paho's thread reconnects after transient refusals."""
@@ -334,7 +341,9 @@ class MqttTransport:
             return  # on_connect subscribes when the connection is back
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise SubscribeFailed(f"subscribe to {topic_filter!r} failed: {paho.error_string(rc)}")
-        ack = self._acks.expect(mid)
+        self._await_suback(topic_filter, self._acks.expect(mid))
+
+    def _await_suback(self, topic_filter: str, ack: Ack) -> None:
         if not ack.done.wait(self.settings.publish_timeout_s):
             raise SubscribeFailed(
                 f"no SUBACK for {topic_filter!r} within {self.settings.publish_timeout_s:g} s"
