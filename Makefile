@@ -29,6 +29,8 @@ bench: setup
 	$(PY) bench/startup.py --write-docs
 	$(PY) bench/checkpoint.py --write-docs
 	$(PY) bench/chaos.py --write-docs
+	$(PY) bench/fuzz.py --write-docs
+	$(PY) bench/flood.py --write-docs
 
 
 clean:

@@ -6,7 +6,9 @@
 * ``training``: what every site does in a round (epochs, batches, optimizer, wire precision);
 * ``broker``, ``waits``: the shared groups of ``medsplit.config``;
 * ``state``: where the run's report and weights go;
-* ``checkpoint``: where the job is saved after every round, and how many saves are kept.
+* ``checkpoint``: where the job is saved after every round, and how many saves are kept;
+* ``security``: revocations the aggregator enforces itself, bounds on what a site may claim;
+* ``aggregation``: the weighted mean, or a robust median / trimmed mean with clipping.
 
 Validation runs twice: first with the plan unchecked, so that a typo anywhere is reported in a
 fraction of a second, then in full, which builds the plan's architecture (torch).
@@ -29,7 +31,7 @@ from pydantic import (
 )
 
 from medsplit.config import BrokerConfig, FileSettings, OptimizerConfig, WaitSettings
-from medsplit.ids import ID_PATTERN, RESERVED_IDS
+from medsplit.ids import ID_PATTERN, check_site_ids
 from medsplit.modes import MODES, Mode, Orchestration, WireDtype
 from models import ConfigError, SplitPlan
 from models.config_errors import validate
@@ -128,6 +130,51 @@ class CheckpointSettings(BaseModel):
     )
 
 
+class SecuritySettings(BaseModel):
+    """What the aggregator refuses by itself, whatever the broker lets through."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    revocations_file: Path | None = Field(
+        None,
+        description="revocations.json of `medsplit provision` (the aggregator's kit): a site "
+        "it names is refused within check_interval_s, before the broker reloads its CRL",
+    )
+    check_interval_s: float = Field(
+        2.0, gt=0, description="how often the revocations file is checked for a change"
+    )
+    sample_slack: float = Field(
+        1.0,
+        ge=1.0,
+        description="an update may claim at most this many times the training samples the "
+        "site declared when it joined; more is refused (a site cannot inflate its weight)",
+    )
+
+
+class AggregationSettings(BaseModel):
+    """How replies are combined: the weighted mean, or a robust median or trimmed mean.
+
+    Robust methods bound what one poisoned site can do in parallel rounds (a cyclic turn has
+    one reply, so they change nothing there)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["mean", "median", "trimmed-mean"] = Field(
+        "mean",
+        description="mean: sample-weighted (FedAvg); median: coordinate-wise median; "
+        "trimmed-mean: coordinate-wise mean without the trim_fraction highest and lowest",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end (at least one site)"
+    )
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="scale each site's update (its weights minus the round's) down to at most "
+        "this L2 norm before combining; default: no clipping",
+    )
+
+
 class JobConfig(FileSettings):
     """What the aggregator runs: the job's identity and shape, and one group per concern."""
 
@@ -172,6 +219,16 @@ class JobConfig(FileSettings):
     checkpoint: CheckpointSettings = Field(
         CheckpointSettings(), description="saving the job to resume it (docs/operations.md)"
     )
+    security: SecuritySettings = Field(
+        SecuritySettings(), description="revocation and sample bounds (docs/security.md)"
+    )
+    aggregation: AggregationSettings = Field(
+        AggregationSettings(), description="mean or robust aggregation (docs/security.md)"
+    )
+    file_fields: ClassVar[tuple[str, ...]] = (
+        *FileSettings.file_fields,
+        "security.revocations_file",
+    )
 
     @classmethod
     def validated(cls, data: dict[str, Any], source: str) -> Any:
@@ -186,6 +243,7 @@ class JobConfig(FileSettings):
     @classmethod
     def resolve_paths(cls, data: dict[str, Any], base: Path | None) -> dict[str, Any]:
         # A relative plan path means "next to this config file", wherever we run from.
+        data = super().resolve_paths(data, base)
         plan = data.get("plan")
         if base is not None and isinstance(plan, str) and (base / plan).is_file():
             data["plan"] = str(base / plan)
@@ -221,13 +279,7 @@ class JobConfig(FileSettings):
     @field_validator("sites")
     @classmethod
     def _unique(cls, sites: list[str]) -> list[str]:
-        duplicates = sorted({s for s in sites if sites.count(s) > 1})
-        if duplicates:
-            raise ValueError(f"site ids must be unique; repeated: {', '.join(duplicates)}")
-        reserved = sorted(set(sites) & RESERVED_IDS)
-        if reserved:
-            raise ValueError(f"{', '.join(reserved)} is reserved and cannot be a site id")
-        return sites
+        return check_site_ids(sites)
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:

@@ -51,6 +51,7 @@ from aggregator.state import (
     OpenTurn,
     Out,
     Phase,
+    Revoked,
     RoundRecord,
     SiteEntry,
     SitePresence,
@@ -60,15 +61,17 @@ from aggregator.state import (
     initial_state,
     resumed_state,
 )
-from aggregator.strategy import Cyclic, FedAvg, Flop, Reply, Strategy
+from aggregator.strategy import Aggregation, Cyclic, FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
 from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, exchanged_keys, final_keys, topics
 from medsplit.protocol.presence import Presence
+from medsplit.security.revocation import RevocationWatch
 from medsplit.snapshots import set_rng_state
 from medsplit.statistics import FeatureSums, normalization_digest
+from medsplit.throttle import error_replies
 from medsplit.wire import Envelope, WireError
 from models import split_model
 
@@ -138,6 +141,7 @@ class Coordinator:
             normalization=_fixed_normalization(config),
             finish_linger_s=config.rounds.finish_deadline_s,
             snapshot_every=config.checkpoint.every_steps,
+            sample_slack=config.security.sample_slack,
         )
         self.checkpoints = checkpoints
         self.last_checkpoint: Path | None = None
@@ -169,6 +173,13 @@ class Coordinator:
         self._requests: dict[str, _Request] = {}
         self._stop = threading.Event()
         self.resent = 0  # requests published again because no answer came in time
+        self.error_replies = error_replies(clock)  # a flood of bad frames gets a few answers
+        revocations = config.security.revocations_file
+        self.revocations = (
+            None
+            if revocations is None
+            else RevocationWatch(revocations, config.security.check_interval_s, clock)
+        )
 
     def _resume(self, store: CheckpointStore) -> None:
         loaded = store.newest(self.config)
@@ -221,9 +232,11 @@ class Coordinator:
 
     def run(self) -> list[RoundRecord]:
         """Drive the job to its end; raises ``JobFailed`` when it cannot finish."""
+        self._check_revocations()
         self._step(Tick())
         next_status = self.clock() + self.config.waits.status_interval_s
         while not self.state.done:
+            self._check_revocations()
             if self._rival is not None:
                 raise JobFailed(
                     f"job {self.config.job_id} is already coordinated by {self._rival.describe()}"
@@ -247,6 +260,21 @@ class Coordinator:
         if self.state.phase == Phase.FAILED:
             raise JobFailed(self.state.failure or "the job failed")
         return self.history
+
+    def _check_revocations(self) -> None:
+        """Refuse, from now on, every site the revocations file names (docs/security.md)."""
+        if self.revocations is None:
+            return
+        for site in sorted(self.revocations.poll()):
+            entry = self.state.sites.get(site)
+            if entry is not None and not entry.revoked:
+                log.warning(
+                    "the certificate of %s was revoked: its messages are refused from now on, "
+                    "and it gets nothing more of this job",
+                    site,
+                )
+                self.on_event({"event": "revoked", "site": site})
+                self._step(Revoked(site))
 
     def _step(self, event: Event) -> None:
         before = self.state
@@ -348,6 +376,9 @@ class Coordinator:
         if site not in self.state.sites:
             self._refuse_stranger(site, env)
             return
+        if self.state.sites[site].revoked:
+            self.endpoint.stats.rejected["Revoked"] += 1
+            return
         handler = self._handlers.get(env.kind)
         if handler is None:
             log.warning("unexpected %s from %s ignored", env.kind, site)
@@ -358,7 +389,8 @@ class Coordinator:
             # A message that passed the wire checks but still cannot be used (e.g. a step the
             # trunk cannot process) is answered with an error; it never stops the job.
             log.warning("could not handle %s from %s: %s", env.kind, site, exc)
-            self._reply(site, env.error(AGGREGATOR_ID, type(exc).__name__, str(exc)))
+            if self.error_replies.allow(site):
+                self._reply(site, env.error(AGGREGATOR_ID, type(exc).__name__, str(exc)))
 
     def _on_hello(self, site: str, env: Envelope) -> None:
         first = not self.state.sites[site].joined
@@ -483,7 +515,12 @@ class Coordinator:
         party = topics.parse(topic).site
         if party == AGGREGATOR_ID:
             self._aggregator_presence(presence)
-        elif party is not None and party in self.state.sites and presence.state != "probe":
+        elif (
+            party is not None
+            and party in self.state.sites
+            and not self.state.sites[party].revoked
+            and presence.state != "probe"
+        ):
             self._step(SitePresence(party, presence.state == "online"))
 
     def _aggregator_presence(self, other: Presence) -> None:
@@ -527,9 +564,10 @@ class Coordinator:
             site = topics.parse(topic).site
         except ValueError:
             return
-        if site is not None and site in self.state.sites:
+        entry = self.state.sites.get(site or "")
+        if entry is not None and not entry.revoked and self.error_replies.allow(entry.site_id):
             meta = {"error": type(error).__name__, "detail": str(error)[:500]}
-            self._send(site, Kind.ERROR, meta=meta)
+            self._send(entry.site_id, Kind.ERROR, meta=meta)
 
     # -- sending -------------------------------------------------------------------------------------------
 
@@ -650,14 +688,16 @@ def _fixed_normalization(
 def make_strategy(config: JobConfig) -> Strategy:
     """The strategy a job's config asks for (SplitFed averages head/tail like FedAvg)."""
     rounds = config.rounds
+    aggregation = Aggregation(**config.aggregation.model_dump())
     base: FedAvg = (
         Flop(
             rounds.sample_fraction,
             config.quorum,
             config.seed,
+            aggregation,
             private_keys=config.plan.private_keys,
         )
         if MODES[config.mode].weights == "shared"
-        else FedAvg(rounds.sample_fraction, config.quorum, config.seed)
+        else FedAvg(rounds.sample_fraction, config.quorum, config.seed, aggregation)
     )
     return Cyclic(base) if config.orchestration == Orchestration.SEQUENTIAL else base

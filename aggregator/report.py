@@ -46,8 +46,16 @@ def build_report(
         "resumed_from": None if coordinator.resumed_from is None else str(coordinator.resumed_from),
         "requests_resent": coordinator.resent,
         "duplicates_dropped": coordinator.endpoint.stats.duplicates,
+        # Bad messages by reason and by the topic branch (sender) they came on, messages the
+        # inbox dropped from a flooding branch, error answers not sent (no amplification).
         "rejected": dict(coordinator.endpoint.stats.rejected),
-        "unconfirmed_finish": [s for s, e in state.sites.items() if e.joined and not e.finished],
+        "rejected_from": dict(coordinator.endpoint.stats.rejected_from),
+        "throttled": dict(coordinator.endpoint.transport.throttled),
+        "error_replies_suppressed": sum(coordinator.error_replies.suppressed.values()),
+        "revoked": [s for s, e in state.sites.items() if e.revoked],
+        "unconfirmed_finish": [
+            s for s, e in state.sites.items() if e.taking_part and not e.finished
+        ],
     }
     report["last_checkpoint"] = (
         None if coordinator.last_checkpoint is None else str(coordinator.last_checkpoint)

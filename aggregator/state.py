@@ -24,6 +24,11 @@ a site trains a turn at most once.
 Presence drives the registry: a site whose Last Will says offline is not waited for, as long
 as the sites still live can make ``min_sites``; it is waited for again once it is back.
 
+A site cannot claim more weight than it declared: an update whose sample count exceeds
+``sample_slack`` x the training samples of the site's first ``hello`` is refused, like any
+unusable reply (the site is told, and not waited for). A ``Revoked`` site (its certificate was
+revoked) is out for good: not waited for, not asked, not answered, not sent the final model.
+
 Every closed round emits a ``Checkpoint`` carrying a ``ResumePoint``: what a restarted
 aggregator needs to go on from the next round exactly as if it had never stopped
 (``resumed_state``). After the last round, ``finish`` goes to every site, and the job lingers
@@ -74,11 +79,16 @@ class SiteEntry:
     bytes_down: int = 0
     past_incarnations: tuple[str, ...] = ()  # earlier agent processes: their hellos are replays
     finished: bool = False  # acknowledged its finish
+    revoked: bool = False  # its certificate was revoked: out of the job for good
 
     @property
     def offline(self) -> bool:
         """Joined, then its presence said offline (Last Will or a clean exit)."""
         return self.joined and not self.connected
+
+    @property
+    def taking_part(self) -> bool:
+        return self.joined and not self.revoked
 
 
 @dataclass
@@ -147,11 +157,19 @@ class FinishAcked:
 
 
 @dataclass(frozen=True)
+class Revoked:
+    """The site's certificate was revoked: nothing more is asked of it or taken from it, and it
+    does not get the final model."""
+
+    site: str
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed (deadlines are checked on every event; a tick is an event with no news)."""
 
 
-Event = Hello | StatsReported | TrainDone | Evaluated | SitePresence | FinishAcked | Tick
+Event = Hello | StatsReported | TrainDone | Evaluated | SitePresence | FinishAcked | Revoked | Tick
 
 
 # -- outgoing messages ---------------------------------------------------------------------------
@@ -255,20 +273,26 @@ class JobState:
 
     @property
     def joined(self) -> list[str]:
-        return [s for s, e in self.sites.items() if e.joined]
+        """Joined and not revoked: the sites the job asks things of."""
+        return [s for s, e in self.sites.items() if e.taking_part]
 
     @property
     def live(self) -> list[str]:
         """Joined and not known to be offline."""
-        return [s for s, e in self.sites.items() if e.joined and e.connected]
+        return [s for s, e in self.sites.items() if e.taking_part and e.connected]
 
     @property
     def waiting_for(self) -> list[str]:
         """Whom the job waits for now, in the job's order."""
         if self.phase == Phase.JOINING:  # (after a resume, sites that have finished need not)
-            return [s for s, e in self.sites.items() if not e.joined and not e.finished]
+            return [
+                s
+                for s, e in self.sites.items()
+                if not e.joined and not e.finished and not e.revoked
+            ]
+        asked = [s for s in self.asked if not self.sites[s].revoked]
         if self.phase == Phase.FINISHING:
-            return [s for s in self.asked if not self.sites[s].finished]
+            return [s for s in asked if not self.sites[s].finished]
         answered = set(self.refused) | set(
             {
                 Phase.STATISTICS: self.statistics,
@@ -276,7 +300,7 @@ class JobState:
                 Phase.EVALUATING: self.evaluations,
             }.get(self.phase, {})
         )
-        return [s for s in self.asked if s not in answered]
+        return [s for s in asked if s not in answered]
 
     def step_point(self, step: int) -> ResumePoint:
         """This job inside a sequential split turn, its site about to send ``step``."""
@@ -353,6 +377,7 @@ class JobMachine:
     normalization: tuple[torch.Tensor, torch.Tensor] | tuple[()] | None = None
     finish_linger_s: float = 0.0  # how long to wait for every site to acknowledge finish
     snapshot_every: int = 0  # sequential split: sites keep their state every this many steps
+    sample_slack: float = 1.0  # a reply may claim this many times the samples declared at join
 
     def step(self, state: JobState, event: Event, now: float) -> tuple[JobState, list[Out]]:
         if state.done:
@@ -373,6 +398,10 @@ class JobMachine:
             state = self._presence(state, event)
         elif isinstance(event, FinishAcked):
             state = _with_site(state, replace(state.sites[event.site], finished=True))
+        elif isinstance(event, Revoked):
+            state = _with_site(
+                state, replace(state.sites[event.site], revoked=True, connected=False)
+            )
         state = self._advance(state, now, out)
         return state, out
 
@@ -380,6 +409,8 @@ class JobMachine:
 
     def _hello(self, state: JobState, hello: Hello, now: float, out: list[Out]) -> JobState:
         entry = state.sites[hello.site]
+        if entry.revoked:
+            return state
         if hello.incarnation in entry.past_incarnations:  # a replay of an old process's hello
             return replace(state, late_messages=state.late_messages + 1)
         restarted = entry.incarnation is not None and entry.incarnation != hello.incarnation
@@ -396,8 +427,10 @@ class JobMachine:
                 incarnation=hello.incarnation,
                 past_incarnations=past,
                 last_seen=now,
-                train_samples=hello.train_samples,
-                test_samples=hello.test_samples,
+                # What a site declared when it first joined bounds what it may claim later: a
+                # hello again (or a restart) cannot raise it.
+                train_samples=entry.train_samples or hello.train_samples,
+                test_samples=entry.test_samples or hello.test_samples,
             ),
         )
         out.append(Send(hello.site, Kind.SETUP, max(state.round, 0)))
@@ -413,6 +446,28 @@ class JobMachine:
             return replace(state, late_messages=state.late_messages + 1)
         return replace(state, statistics={**state.statistics, stats.site: stats.sums})
 
+    def _claims_too_much(self, state: JobState, site: str, samples: int) -> str | None:
+        """Why ``samples`` is more than ``site`` may claim, or None."""
+        declared = state.sites[site].train_samples
+        if samples > declared * self.sample_slack:
+            return (
+                f"site {site} claims {samples} samples but declared {declared} when it joined "
+                f"(sample_slack {self.sample_slack:g}); refused"
+            )
+        return None
+
+    def _refuse(self, state: JobState, site: str, why: str, out: list[Out]) -> JobState:
+        """The site's answer is not used; it is told why, and not waited for this step."""
+        out.append(
+            Send(
+                site,
+                Kind.ERROR,
+                max(state.round, 0),
+                meta={"error": "ReplyRefused", "detail": why[:500]},
+            )
+        )
+        return replace(state, refused=(*state.refused, site))
+
     def _train_done(self, state: JobState, done: TrainDone, out: list[Out]) -> JobState:
         if (
             state.phase != Phase.TRAINING
@@ -420,18 +475,14 @@ class JobMachine:
             or done.site not in state.waiting_for
         ):
             return replace(state, late_messages=state.late_messages + 1)
-        try:
-            self.strategy.check_reply(state.weights, done.reply)
-        except ValueError as exc:
-            out.append(
-                Send(
-                    done.site,
-                    Kind.ERROR,
-                    state.round,
-                    meta={"error": "ReplyRefused", "detail": str(exc)[:500]},
-                )
-            )
-            return replace(state, refused=(*state.refused, done.site))
+        refusal = self._claims_too_much(state, done.site, done.reply.samples)
+        if refusal is None:
+            try:
+                self.strategy.check_reply(state.weights, done.reply)
+            except ValueError as exc:
+                refusal = str(exc)
+        if refusal is not None:
+            return self._refuse(state, done.site, refusal, out)
         return replace(state, replies={**state.replies, done.site: done})
 
     def _evaluated(self, state: JobState, evaluated: Evaluated) -> JobState:

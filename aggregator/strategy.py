@@ -12,6 +12,9 @@ holds everything, so a checkpointed job resumes with the same strategy object.
   SplitFed averages the sites' heads (and tails) with it.
 * ``Flop`` (Yang et al., arXiv 2102.05218): the same mean over the plan's *shared* tensors only.
   It refuses a reply that carries a private tensor: private layers must never reach the server.
+* ``Aggregation`` says how ``FedAvg`` and ``Flop`` combine replies: the weighted mean, or, to
+  bound what one poisoned site can do, the coordinate-wise median or trimmed mean (Yin et al.,
+  ICML 2018), after clipping each site's update to an L2 norm (Sun et al., arXiv 1911.07963).
 * ``Cyclic`` (Poirot et al., arXiv 1912.12115; cyclic weight transfer): one turn per site, in
   the job's order; each site starts from the weights the previous one handed on. It wraps
   ``FedAvg`` or ``Flop`` for the checks of what a site may send.
@@ -92,6 +95,31 @@ class EvaluateEverySite:
 
 
 @dataclass(frozen=True)
+class Aggregation:
+    """How replies become the next weights (``aggregation`` in job.yaml)."""
+
+    method: str = "mean"  # mean | median | trimmed-mean
+    trim_fraction: float = 0.2
+    clip_norm: float | None = None
+
+    def combine(
+        self,
+        current: Mapping[str, torch.Tensor],
+        states: Sequence[Mapping[str, torch.Tensor]],
+        weights: Sequence[float],
+    ) -> dict[str, torch.Tensor]:
+        if self.clip_norm is not None:
+            states = [clip_update(current, state, self.clip_norm) for state in states]
+        if self.method == "mean":
+            return weighted_average(states, weights)
+        if self.method == "median":
+            return coordinate_wise(states, trim=None)
+        if self.method == "trimmed-mean":
+            return coordinate_wise(states, trim=self.trim_fraction)
+        raise ValueError(f"unknown aggregation method {self.method!r}")
+
+
+@dataclass(frozen=True)
 class FedAvg(EvaluateEverySite):
     """Sample-weighted averaging of every exchanged tensor.
 
@@ -102,6 +130,7 @@ class FedAvg(EvaluateEverySite):
     fraction: float = 1.0
     min_sites: int = 1
     seed: int = 0
+    aggregation: Aggregation = field(default_factory=Aggregation)
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -128,7 +157,8 @@ class FedAvg(EvaluateEverySite):
             return dict(current)
         for reply in replies:
             self.check_reply(current, reply)
-        return weighted_average([r.state for r in replies], [float(r.samples) for r in replies])
+        states = [r.state for r in replies]
+        return self.aggregation.combine(current, states, [float(r.samples) for r in replies])
 
     def check_reply(self, current: Mapping[str, torch.Tensor], reply: Reply) -> None:
         if reply.samples < 1:
@@ -211,4 +241,46 @@ def weighted_average(
             out[key] = acc.to(first.dtype)
         else:
             out[key] = torch.stack([state[key] for state in states]).max(0).values
+    return out
+
+
+def clip_update(
+    current: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], max_norm: float
+) -> dict[str, torch.Tensor]:
+    """``state`` with its update (``state - current`` over the floating tensors) scaled down to
+    an L2 norm of at most ``max_norm``; integer tensors are left as they are."""
+    floating = [k for k in current if current[k].is_floating_point()]
+    deltas = {k: state[k].to(torch.float64) - current[k].to(torch.float64) for k in floating}
+    norm = math.sqrt(sum(float(d.pow(2).sum()) for d in deltas.values()))
+    if norm <= max_norm:
+        return dict(state)
+    scale = max_norm / norm
+    clipped = dict(state)
+    for key, delta in deltas.items():
+        clipped[key] = (current[key].to(torch.float64) + delta * scale).to(current[key].dtype)
+    return clipped
+
+
+def coordinate_wise(
+    states: Sequence[Mapping[str, torch.Tensor]], *, trim: float | None
+) -> dict[str, torch.Tensor]:
+    """Each coordinate's median (``trim`` None) or trimmed mean over the states, unweighted:
+    sample counts are what a poisoned site would inflate. With ``trim``, at least one state is
+    cut at each end when there are three or more."""
+    if not states:
+        raise ValueError("nothing to aggregate")
+    count = len(states)
+    out: dict[str, torch.Tensor] = {}
+    for key, first in states[0].items():
+        stacked = torch.stack([state[key] for state in states])
+        if not first.is_floating_point():
+            out[key] = stacked.max(0).values
+            continue
+        ordered = stacked.to(torch.float64).sort(dim=0).values
+        if trim is None:
+            middle = ordered[(count - 1) // 2 : count // 2 + 1]
+        else:
+            cut = min(max(1 if count >= 3 else 0, math.floor(trim * count)), (count - 1) // 2)
+            middle = ordered[cut : count - cut]
+        out[key] = middle.mean(0).to(first.dtype)
     return out

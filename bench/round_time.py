@@ -53,7 +53,7 @@ def rounds_of(
             "training": {"batch_size": 32},
             "sites": names,
             "dataset": dataset,
-            "broker": {"url": f"mqtt://127.0.0.1:{port}"},
+            "broker": {"url": f"mqtt://127.0.0.1:{port}", "insecure": True},
         }
     )
     shares = datasets.all_sites(datasets.load(dataset), n_sites, "iid", seed=0)

@@ -71,13 +71,13 @@ def split_epoch_seconds(
         "dataset": "synthetic-cxr",
         "rounds": {"count": rounds + 1},
         "training": {"batch_size": BATCH, "wire_dtype": wire_dtype},
-        "broker": {"url": broker_url},
+        "broker": {"url": broker_url, "insecure": True},
         "state": {"run_dir": str(workdir / job_id)},
     }
     site = {
         "site_id": "site-1",
         "job_id": job_id,
-        "broker": {"url": broker_url},
+        "broker": {"url": broker_url, "insecure": True},
         "data": {
             "dataset": "synthetic-cxr",
             "partition": "iid",

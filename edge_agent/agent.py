@@ -58,6 +58,7 @@ from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
 from medsplit.protocol.presence import Presence, new_incarnation
 from medsplit.statistics import normalization_digest
 from medsplit.storage import atomic_write
+from medsplit.throttle import error_replies
 from medsplit.training import batch_order, evaluate_logits, loss_fn, train_epochs
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
 from medsplit.wire.frame import MetaValue
@@ -131,6 +132,7 @@ class Agent:
         self.recovery = Recovery(site_id, job_id, state_dir)
         self.resent = 0  # step requests published again
         endpoint.on_reject = self._report_reject
+        self._error_replies = error_replies()
         endpoint.on_presence = self._on_presence
         endpoint.on_duplicate = self._on_duplicate
         endpoint.repeat_interval_s = (
@@ -217,6 +219,8 @@ class Agent:
         )
 
     def _report_reject(self, topic: str, error: WireError) -> None:
+        if not self._error_replies.allow(topic):
+            return  # a flood of bad frames is answered a few times, never once per frame
         self._send(
             Kind.ERROR,
             meta={"error": type(error).__name__, "detail": str(error)[:500], "topic": topic},

@@ -75,7 +75,10 @@ class ExperimentConfig(BaseModel):
     wire_dtype: WireDtype = "float32"
     plans: Plans = Plans()
     broker: BrokerConfig | None = Field(
-        None, description="default: start Mosquitto here (or the embedded amqtt broker)"
+        None,
+        description="a loopback plaintext broker (mqtt://) to use; default: start Mosquitto "
+        "here (or the embedded amqtt broker). Every party of an experiment runs in one process "
+        "under one identity, so experiments never use a federation's mutual TLS",
     )
     out: Path | None = Field(None, description="default: runs/experiments/NAME")
     timeout_s: float = Field(3600.0, gt=0, description="per distributed job")
@@ -164,7 +167,9 @@ class ExperimentConfig(BaseModel):
                 "optimizer": self.optimizer.model_dump(),
                 "wire_dtype": self.wire_dtype,
             },
-            "broker": {"url": broker_url, "protocol": protocol},
+            # Every party of an experiment runs in this process under one identity: the
+            # broker is a loopback one, plaintext, and the config says so (docs/security.md).
+            "broker": {"url": broker_url, "protocol": protocol, "insecure": True},
             "state": {"run_dir": str(self.output_dir / "runs" / cell.job_id(self.name))},
         }
         if cell.orchestration != "none":

@@ -1,6 +1,7 @@
 """``medsplit demo``: a whole federation on one machine, each party its own OS process.
 
-It starts a broker (Mosquitto, or the one given with ``--broker``), writes a job config and one
+It starts a broker (Mosquitto with mutual TLS from a throw-away ``medsplit provision`` in
+RUN/pki, or the one given with ``--broker``), writes a job config and one
 site config per hospital into the run directory (real, editable files: the same ones a
 deployment uses), starts ``medsplit aggregator`` and one ``medsplit agent`` per site, shows
 progress, and prints the per-site results when the job ends. Each site exports its own model
@@ -10,6 +11,7 @@ to ``RUN/state/SITE/model.onnx`` when the job finishes.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +26,8 @@ from rich.table import Table
 
 from experiments.demo_options import DemoOptions
 from experiments.progress import progress_bar
-from medsplit.brokers.embedded import start_local_broker
+from medsplit.brokers.embedded import LocalBroker, start_local_broker
+from medsplit.ids import AGGREGATOR_ID
 from medsplit.storage import atomic_write
 
 PLANS = {
@@ -40,12 +43,10 @@ PLANS = {
 
 
 def write_configs(
-    options: DemoOptions, broker_url: str, protocol: str = "5"
+    options: DemoOptions, job_id: str, site_ids: list[str], broker: LocalBroker
 ) -> tuple[Path, list[Path]]:
     """The job config and one site config per hospital, as files a deployment would use."""
     options.out.mkdir(parents=True, exist_ok=True)
-    job_id = f"demo-{uuid.uuid4().hex[:8]}"
-    site_ids = [f"hospital-{i + 1}" for i in range(options.sites)]
     job = {
         "job_id": job_id,
         "plan": PLANS[(options.dataset, options.mode)],
@@ -60,7 +61,7 @@ def write_configs(
             "optimizer": {"name": "adam", "lr": options.lr},
             "wire_dtype": options.wire_dtype,
         },
-        "broker": {"url": broker_url, "protocol": protocol},
+        "broker": broker.broker_section(AGGREGATOR_ID),
         "state": {"run_dir": str(options.out.resolve())},
     }
     job_path = options.out / "job.yaml"
@@ -70,7 +71,7 @@ def write_configs(
         site_cfg = {
             "site_id": site,
             "job_id": job_id,
-            "broker": {"url": broker_url, "protocol": protocol},
+            "broker": broker.broker_section(site),
             "data": {
                 "source": "builtin",
                 "dataset": options.dataset,
@@ -91,8 +92,10 @@ def write_configs(
 def run_demo(options: DemoOptions) -> int:
     console = Console(stderr=True)
     with ExitStack() as stack:
-        broker_url, protocol = _broker(options, stack, console)
-        job_path, site_paths = write_configs(options, broker_url, protocol)
+        job_id = f"demo-{uuid.uuid4().hex[:8]}"
+        site_ids = [f"hospital-{i + 1}" for i in range(options.sites)]
+        broker = _broker(options, stack, console, job_id, site_ids)
+        job_path, site_paths = write_configs(options, job_id, site_ids, broker)
         logs = options.out / "logs"
         logs.mkdir(exist_ok=True)
         console.print(
@@ -109,13 +112,22 @@ def run_demo(options: DemoOptions) -> int:
     return code
 
 
-def _broker(options: DemoOptions, stack: ExitStack, console: Console) -> tuple[str, str]:
-    """The broker URL and MQTT version: the one given, a local Mosquitto, or an embedded one."""
+def _broker(
+    options: DemoOptions, stack: ExitStack, console: Console, job_id: str, sites: list[str]
+) -> LocalBroker:
+    """The broker given (plaintext: the flag says so), or a local Mosquitto with mutual TLS
+    from a throw-away federation in RUN/pki, or the embedded one."""
     if options.broker is not None:
-        return options.broker, "5"
-    broker = start_local_broker(stack, embedded=options.embedded_broker)
+        broker = LocalBroker(options.broker, "5", f"{options.broker} (given; plaintext)")
+    else:
+        pki = options.out / "pki"
+        if pki.exists():  # a previous demo's: its CA is not this job's
+            shutil.rmtree(pki)
+        broker = start_local_broker(
+            stack, embedded=options.embedded_broker, provision=(pki, job_id, sites)
+        )
     console.print(f"broker: {broker.description}")
-    return broker.url, broker.protocol
+    return broker
 
 
 def _start(

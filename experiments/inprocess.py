@@ -88,6 +88,13 @@ def _await_hellos(agents: dict[str, Agent], count: int, timeout: float) -> None:
         time.sleep(0.05)  # polling a counter the agent threads advance
 
 
+def _stop_revoked(coordinator: Coordinator, agents: dict[str, Agent]) -> None:
+    """A site the aggregator refused gets no finish: its agent is told to stop waiting."""
+    for site, entry in coordinator.sites.items():
+        if entry.revoked:
+            agents[site].stop()
+
+
 def run_job(
     config: JobConfig,
     data: dict[str, SiteData],
@@ -132,6 +139,7 @@ def run_job(
     coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence)
     try:
         history = coordinator.run()
+        _stop_revoked(coordinator, agents)
     except BaseException:
         for agent in agents.values():  # no finish will come: do not wait for their timeouts
             agent.stop()
@@ -143,7 +151,8 @@ def run_job(
             party.close()
     if errors:
         raise errors[0]
-    unfinished = sorted(site for site, agent in agents.items() if not agent.finished)
+    revoked = {site for site, entry in coordinator.sites.items() if entry.revoked}
+    unfinished = sorted(s for s, agent in agents.items() if not agent.finished and s not in revoked)
     if unfinished:
         raise RuntimeError(f"agents {unfinished} did not finish the job")
     return JobResult(history, coordinator, agents)

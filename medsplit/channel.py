@@ -3,9 +3,10 @@
 ``Endpoint`` is what agents and the aggregator use. ``send`` encodes an envelope into frames and
 publishes them pipelined, waiting for the broker's acknowledgements. ``receive`` pulls frames
 from the transport, reassembles, drops redeliveries by message id, verifies, checks that the
-header agrees with the topic it came on, and returns each message once. A bad message is logged,
-counted by error type in ``stats.rejected`` and handed to ``on_reject``; it never raises out of
-``receive``. Presence topics never reach the envelope decoder: their JSON is parsed on its own
+header agrees with the topic it came on, and returns each message once. A bad message is
+counted by error type in ``stats.rejected`` (and by topic branch in ``stats.rejected_from``),
+logged -- at most ``LOG_BURST`` lines per branch every ``LOG_INTERVAL_S``, then one line saying
+how many more -- and handed to ``on_reject``; it never raises out of ``receive``. Presence topics never reach the envelope decoder: their JSON is parsed on its own
 and handed to ``on_presence`` (a malformed one is counted as ``BadPresence`` and dropped; nobody
 is answered, since presence has no sender to answer).
 
@@ -29,8 +30,10 @@ from typing import Any
 
 from medsplit.protocol import topics
 from medsplit.protocol.presence import Presence, PresenceError
+from medsplit.throttle import Throttle
 from medsplit.transport.acks import Delivery
 from medsplit.transport.base import Inbound, Transport
+from medsplit.transport.inbox import branch
 from medsplit.wire import (
     Decoder,
     Envelope,
@@ -45,6 +48,7 @@ from medsplit.wire.reassembly import ExpectedFor
 
 log = logging.getLogger(__name__)
 
+LOG_BURST, LOG_INTERVAL_S = 5, 10.0  # rejection log lines per sender (topic branch)
 RETRY_CEILING = 8  # a request is repeated at most every 8 x its first retry interval
 MAX_ANSWER_TOPICS = 4096  # topics answers are kept for (a topic is one peer's one kind)
 RejectHandler = Callable[[str, WireError], None]
@@ -64,7 +68,8 @@ class EndpointStats:
     received_bytes: int = 0
     duplicates: int = 0
     answers_repeated: int = 0  # kept answers sent again to a repeated request
-    rejected: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)  # by error type
+    rejected_from: Counter[str] = field(default_factory=Counter)  # by topic branch
 
 
 def next_retry(interval: float, first: float) -> float:
@@ -133,6 +138,7 @@ class Endpoint:
         self._kept: dict[str, _Kept] = {}
         self._kept_by_topic: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
         self.stats = EndpointStats()
+        self._log_throttle = Throttle(LOG_BURST, LOG_INTERVAL_S)
         self._pending: list[Delivery] = []
         self._decoder = Decoder(
             limits,
@@ -234,7 +240,7 @@ class Endpoint:
             self._presence(inbound)
             return None
         try:
-            envelope = self._decoder.feed(inbound.payload)
+            envelope = self._decoder.feed(inbound.payload, branch(inbound.topic))
             if envelope is not None:
                 _check_route(inbound.topic, envelope)
         except WireError as error:
@@ -277,9 +283,13 @@ class Endpoint:
             _guarded(self.on_duplicate, inbound.topic, header)
 
     def _reject(self, topic: str, error: WireError) -> None:
-        kind = type(error).__name__
+        kind, sender = type(error).__name__, branch(topic)
         self.stats.rejected[kind] += 1
-        log.warning("rejected message on %s: %s: %s", topic, kind, error)
+        self.stats.rejected_from[sender] += 1
+        if self._log_throttle.allow(sender):
+            more = self._log_throttle.take_suppressed(sender)
+            also = f" ({more} more from there were not logged)" if more else ""
+            log.warning("rejected message on %s: %s: %s%s", topic, kind, error, also)
         if self.on_reject is not None:
             _guarded(self.on_reject, topic, error)
 

@@ -182,6 +182,58 @@ def _sums_from_json(path: Path) -> Any:
         raise ValueError(f"{path}: not the output of `medsplit data-stats` ({exc})") from None
 
 
+def _cmd_provision(args: argparse.Namespace) -> int:
+    from medsplit.security.pki import PkiError
+    from medsplit.security.provision import Federation, Provisioner, load_federation
+    from models.config_errors import validate
+
+    out = Path(args.out)
+    try:
+        if args.add_site or args.renew or args.revoke:
+            kit = Provisioner(out)
+            if args.add_site:
+                lines = kit.add_site(args.add_site)
+            elif args.renew:
+                lines = kit.renew(args.renew)
+            else:
+                lines = kit.revoke(args.revoke)
+        else:
+            if args.federation:
+                federation = load_federation(Path(args.federation))
+            else:
+                fields = {
+                    "job_id": args.job,
+                    "sites": [s for s in (args.sites or "").split(",") if s],
+                    "broker_hosts": args.broker_host or [],
+                    "port": args.port,
+                    "validity_days": args.validity_days,
+                    "bind_address": args.bind_address,
+                    "broker_user": args.broker_user,
+                }
+                federation = validate(
+                    Federation, {k: v for k, v in fields.items() if v is not None}, "flags"
+                )
+            Provisioner.create(federation, out)
+            lines = _provisioned(out, federation)
+    except PkiError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _provisioned(out: Path, federation: Any) -> list[str]:
+    return [
+        f"{out / 'ca'}: the CA (ca.key is 0600: move it offline once the kits are out)",
+        f"{out / 'mosquitto'}: mosquitto -c {out / 'mosquitto' / 'mosquitto.conf'}",
+        f"{out / 'aggregator'}: certificate, job.yaml fragment, revocations.json",
+        *(f"{out / site}: certificate and site.yaml fragment" for site in federation.sites),
+        f"certificates valid {federation.validity_days:g} days: renew with "
+        f"`medsplit provision --out {out} --renew ID`",
+    ]
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from edge_agent.site_model import SiteModelError, export_site_model
     from models.onnx_export import ExportError
@@ -206,6 +258,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if (args.tls_cert is None) != (args.tls_key is None):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if args.tls_client_ca is not None and args.tls_cert is None:
+        print("error: --tls-client-ca needs --tls-cert and --tls-key", file=sys.stderr)
+        return 2
+    for flag, path in (
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--tls-client-ca", args.tls_client_ca),
+    ):
+        if path is not None and not Path(path).is_file():
+            print(f"error: {flag} {path}: file not found", file=sys.stderr)
+            return 2
     options = ServeOptions(
         model=Path(args.model),
         host=args.host,
@@ -215,6 +278,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         limits=Limits(max_body_bytes=args.max_body_mb * 1024 * 1024, max_batch=args.max_batch),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
     )
     try:
         serve(options)
@@ -294,8 +358,34 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--config", help="site YAML with a csv data source: print its sums")
     which.add_argument("--combine", nargs="+", metavar="SUMS.json", help="combine sites' sums")
     stats.set_defaults(func=_cmd_data_stats)
+    _add_provision_command(commands)
     _add_model_commands(commands)
     return parser
+
+
+def _add_provision_command(commands: Any) -> None:
+    provision = commands.add_parser(
+        "provision",
+        help="certificates, Mosquitto config and ACL, and a kit per participant (mutual TLS)",
+        description="Create a federation's kits in --out from --federation FILE or the flags; "
+        "or change an existing one with --add-site, --renew or --revoke (docs/security.md).",
+    )
+    provision.add_argument("--out", required=True, help="the federation's folder")
+    provision.add_argument("--federation", help="federation.yaml (job_id, sites, broker_hosts…)")
+    provision.add_argument("--job", help="job id")
+    provision.add_argument("--sites", help="site ids, comma-separated")
+    provision.add_argument(
+        "--broker-host", action="append", help="broker host name or IP (repeatable)"
+    )
+    provision.add_argument("--port", type=int, help="broker TLS port (default 8883)")
+    provision.add_argument("--validity-days", type=float, help="certificate lifetime (30)")
+    provision.add_argument("--bind-address", help="the broker listens on this address only")
+    provision.add_argument("--broker-user", help="the OS user Mosquitto runs as")
+    change = provision.add_mutually_exclusive_group()
+    change.add_argument("--add-site", metavar="SITE", help="issue a new site's kit")
+    change.add_argument("--renew", metavar="ID", help="renew broker, aggregator or a site")
+    change.add_argument("--revoke", metavar="SITE", help="revoke a site: CRL, ACL, aggregator")
+    provision.set_defaults(func=_cmd_provision)
 
 
 def _add_model_commands(commands: Any) -> None:
@@ -322,6 +412,11 @@ def _add_model_commands(commands: Any) -> None:
     serve.add_argument("--max-body-mb", type=int, default=64, help="largest request body")
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
     serve.add_argument("--tls-key", type=Path, help="and this private key (PEM)")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="require client certificates signed by this CA (PEM): mutual TLS",
+    )
     serve.set_defaults(func=_cmd_serve)
 
 

@@ -17,11 +17,12 @@ Any problem is a ``ConfigError`` naming the file and the field.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from medsplit.transport.settings import MqttSettings, TlsSettings
@@ -46,6 +47,11 @@ class BrokerConfig(BaseModel):
     tls: TlsSettings | None = Field(
         None, description="ca_file, cert_file, key_file: mutual TLS (docs/transport.md)"
     )
+    insecure: bool = Field(
+        False,
+        description="allow a plaintext mqtt:// broker (no TLS: anyone on the path reads and "
+        "forges every message); only for a broker on this machine's loopback",
+    )
     username: str | None = Field(None, description="for brokers with password authentication")
     password: SecretStr | None = Field(None, description="never logged")
     client_id: str | None = Field(None, description="default: derived from the job and site ids")
@@ -69,10 +75,31 @@ class BrokerConfig(BaseModel):
             raise ValueError(f"{url!r} must start with mqtt:// or mqtts://")
         return url
 
+    @model_validator(mode="after")
+    def _one_of_tls_or_insecure(self) -> BrokerConfig:
+        if self.insecure and (self.tls is not None or self.url.startswith("mqtts://")):
+            raise ValueError("insecure: true contradicts TLS (mqtts:// or tls): drop one")
+        return self
+
     def settings(self, default_client_id: str, **overrides: Any) -> MqttSettings:
-        """The transport's settings for one connection of this process."""
+        """The transport's settings for one connection of this process.
+
+        Raises ``ConfigError`` for a plaintext broker unless ``insecure: true`` says so: a
+        process never falls back to plaintext silently."""
+        if self.tls is None and not self.insecure:
+            raise ConfigError(
+                "broker",
+                [
+                    (
+                        "broker.tls",
+                        f"{self.url} would be plaintext: give broker.tls (mqtts://, see "
+                        "`medsplit provision`), or set broker.insecure: true for a loopback "
+                        "broker",
+                    )
+                ],
+            )
         fields: dict[str, Any] = self.model_dump(
-            exclude={"url", "username", "password", "client_id", "tls"}
+            exclude={"url", "username", "password", "client_id", "tls", "insecure"}
         )
         fields |= {"client_id": self.client_id or default_client_id, "tls": self.tls}
         if self.username is not None:
@@ -149,9 +176,29 @@ class FileSettings(BaseSettings):
         """Hook for subclasses that validate in more than one pass."""
         return validate(cls, data, source)
 
+    # Dotted fields naming files: a relative one means "next to the config file", so a kit
+    # folder from `medsplit provision` works wherever it is copied.
+    file_fields: ClassVar[tuple[str, ...]] = (
+        "broker.tls.ca_file",
+        "broker.tls.cert_file",
+        "broker.tls.key_file",
+    )
+
     @classmethod
     def resolve_paths(cls, data: dict[str, Any], base: Path | None) -> dict[str, Any]:
-        """Hook for subclasses whose fields name files next to the config file."""
+        """Relative paths of ``file_fields`` are taken relative to the config file's folder."""
+        if base is None:
+            return data
+        data = copy.deepcopy(data)  # the caller's nested mappings stay as they were
+        for dotted in cls.file_fields:
+            *parents, name = dotted.split(".")
+            holder: Any = data
+            for part in parents:
+                holder = holder.get(part) if isinstance(holder, dict) else None
+            if isinstance(holder, dict) and isinstance(holder.get(name), str):
+                path = Path(holder[name])
+                if not path.is_absolute():
+                    holder[name] = str(base / path)
         return data
 
     @classmethod

@@ -36,3 +36,14 @@ def check_kind(value: str) -> str:
             "starting with a letter"
         )
     return value
+
+
+def check_site_ids(sites: list[str], reserved: frozenset[str] = RESERVED_IDS) -> list[str]:
+    """A job's or federation's site list: unique, and none of the ``reserved`` names."""
+    repeated = sorted({s for s in sites if sites.count(s) > 1})
+    if repeated:
+        raise ValueError(f"site ids must be unique; repeated: {', '.join(repeated)}")
+    taken = sorted(set(sites) & reserved)
+    if taken:
+        raise ValueError(f"{', '.join(taken)} is reserved and cannot be a site id")
+    return sites

@@ -12,8 +12,10 @@ Endpoints:
 
 Bad input never reaches the model: a body that is not DICOM or not JSON, the wrong number of
 features, an unknown category, an image of the wrong size, too many instances -- each is a 4xx
-answer ``{"error": ...}`` that says what was wrong and what was expected. Inference runs in a
-worker thread so the event loop keeps answering health checks.
+answer ``{"error": ...}`` that says what was wrong and what was expected. The body limit holds
+for every form, with or without a Content-Length (a chunked upload is cut off at the limit,
+413); JSON is parsed, and inference runs, in a worker thread, so the event loop keeps answering
+health checks; JSON nested too deeply for the parser is a 400 like any other bad JSON.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,7 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartParser
 
 from edge_agent.data.inputs import InputError
 from edge_agent.serving.predictor import Prediction, Predictor
@@ -177,7 +180,8 @@ async def _read_items(request: Request, limits: Limits, *, batch: bool) -> list[
         )
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        documents = _json_items(await _body(request, limits), batch, limits)
+        body = await _body(request, limits)
+        documents = await run_in_threadpool(_json_items, body, batch, limits)
         names = [f"instances[{i}]" for i in range(len(documents))] if batch else ["body"]
         return [_Item(name, document=d) for name, d in zip(names, documents, strict=True)]
     if kind in DICOM_TYPES:
@@ -193,17 +197,23 @@ async def _read_items(request: Request, limits: Limits, *, batch: bool) -> list[
     )
 
 
-async def _body(request: Request, limits: Limits) -> bytes:
-    """The raw body, refused once it grows past the limit (whatever Content-Length said)."""
-    chunks, size = [], 0
+async def _limited(request: Request, limits: Limits) -> AsyncGenerator[bytes, None]:
+    """The body's chunks, cut off with a 413 once they pass the limit (whatever
+    Content-Length said, or without one: a chunked upload)."""
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limits.max_body_bytes:
             raise HttpError(413, f"request body over the limit of {limits.max_body_bytes} bytes")
-        chunks.append(chunk)
-    if not size:
+        yield chunk
+
+
+async def _body(request: Request, limits: Limits) -> bytes:
+    """The raw body, within the limit."""
+    body = b"".join([chunk async for chunk in _limited(request, limits)])
+    if not body:
         raise HttpError(400, "empty request body")
-    return b"".join(chunks)
+    return body
 
 
 def _json_items(body: bytes, batch: bool, limits: Limits) -> list[Any]:
@@ -211,6 +221,8 @@ def _json_items(body: bytes, batch: bool, limits: Limits) -> list[Any]:
         document = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise HttpError(400, f"body is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise HttpError(400, "body is not valid JSON (nested too deeply)") from None
     if not batch:
         return [document]
     if not isinstance(document, dict) or set(document) != {"instances"}:
@@ -226,8 +238,17 @@ def _json_items(body: bytes, batch: bool, limits: Limits) -> list[Any]:
 async def _uploads(request: Request, limits: Limits, batch: bool) -> list[tuple[str, bytes]]:
     """Every uploaded file of a multipart request, with its name for error messages."""
     most = limits.max_batch if batch else 1
+    parser = MultiPartParser(
+        request.headers,
+        _limited(request, limits),
+        max_files=most,
+        max_fields=most,
+        max_part_size=limits.max_body_bytes,
+    )
     try:
-        form = await request.form(max_files=most, max_fields=most)
+        form = await parser.parse()
+    except HttpError:
+        raise
     except Exception as exc:  # starlette's multipart errors share no base class
         raise HttpError(400, f"unreadable multipart body ({exc})") from None
     uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]

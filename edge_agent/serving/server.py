@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,8 @@ class ServeOptions:
     limits: Limits = Limits()
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    # Clients must present a certificate signed by this CA (mutual TLS for inference clients).
+    tls_client_ca: Path | None = None
 
 
 def build_server(options: ServeOptions) -> uvicorn.Server:
@@ -39,6 +42,8 @@ def build_server(options: ServeOptions) -> uvicorn.Server:
         access_log=False,  # request counts and latencies are in /metrics
         ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
         ssl_keyfile=str(options.tls_key) if options.tls_key else None,
+        ssl_ca_certs=str(options.tls_client_ca) if options.tls_client_ca else None,
+        ssl_cert_reqs=ssl.CERT_REQUIRED if options.tls_client_ca else ssl.CERT_NONE,
         # asyncio sets TCP_NODELAY on every accepted connection (Python >= 3.7).
     )
     card = predictor.card

@@ -10,6 +10,7 @@ port. Real deployments use Mosquitto (or EMQX) with TLS; this is for one machine
 from __future__ import annotations
 
 import asyncio
+import getpass
 import tempfile
 import threading
 from contextlib import ExitStack
@@ -77,19 +78,69 @@ class LocalBroker:
     url: str
     protocol: str  # the MQTT version its clients must speak
     description: str
+    kits: Path | None = None  # provisioned: one folder of certificates per identity
+
+    def broker_section(self, identity: str) -> dict[str, Any]:
+        """The ``broker`` group of ``identity``'s config: its certificates, or, for a plaintext
+        loopback broker, ``insecure: true`` said out loud."""
+        section: dict[str, Any] = {"url": self.url, "protocol": self.protocol}
+        if self.kits is None:
+            return {**section, "insecure": True}
+        kit = (self.kits / identity).resolve()
+        files = {"ca_file": "ca.pem", "cert_file": "cert.pem", "key_file": "key.pem"}
+        return {**section, "tls": {name: str(kit / file) for name, file in files.items()}}
 
 
-def start_local_broker(stack: ExitStack, *, embedded: bool = False) -> LocalBroker:
+def start_local_broker(
+    stack: ExitStack,
+    *,
+    embedded: bool = False,
+    provision: tuple[Path, str, list[str]] | None = None,
+) -> LocalBroker:
     """A broker for one machine, stopped when ``stack`` closes: Mosquitto when installed (and
-    not ``embedded``), otherwise the in-process amqtt broker."""
+    not ``embedded``), otherwise the in-process amqtt broker (plaintext, loopback only).
+
+    With ``provision`` = (folder, job id, site ids), Mosquitto runs with mutual TLS and the ACL
+    of a throw-away federation provisioned in that folder."""
     if not embedded:
         try:
             find_mosquitto()
         except RuntimeError:
             pass
         else:
+            if provision is not None:
+                return _provisioned_mosquitto(stack, *provision)
             workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="medsplit-broker-"))
             mosquitto = stack.enter_context(Mosquitto(Path(workdir)))
-            return LocalBroker(mosquitto.url, "5", f"Mosquitto on {mosquitto.url}")
+            return LocalBroker(mosquitto.url, "5", f"Mosquitto on {mosquitto.url} (plaintext)")
     broker = stack.enter_context(EmbeddedBroker())
-    return LocalBroker(broker.url, PROTOCOL, f"embedded amqtt (MQTT 3.1.1) on {broker.url}")
+    return LocalBroker(
+        broker.url,
+        PROTOCOL,
+        f"embedded amqtt (MQTT 3.1.1) on {broker.url}: plaintext, loopback only "
+        "(install Mosquitto for mutual TLS)",
+    )
+
+
+def _provisioned_mosquitto(
+    stack: ExitStack, folder: Path, job: str, sites: list[str]
+) -> LocalBroker:
+    from medsplit.security.provision import Federation, Provisioner  # noqa: PLC0415
+
+    port = free_port()
+    federation = Federation(
+        job_id=job,
+        sites=sites,
+        broker_hosts=["127.0.0.1", "localhost"],
+        port=port,
+        bind_address="127.0.0.1",
+        validity_days=1,
+        ca_validity_days=2,
+        broker_user=getpass.getuser(),
+    )
+    Provisioner.create(federation, folder)
+    stack.enter_context(Mosquitto.provisioned(folder / "mosquitto", port))
+    url = f"mqtts://127.0.0.1:{port}"
+    return LocalBroker(
+        url, "5", f"Mosquitto on {url}, mutual TLS (certificates in {folder})", kits=folder
+    )

@@ -10,10 +10,13 @@ from __future__ import annotations
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+RELOADED = "Reloading config."
 
 
 def find_mosquitto() -> str:
@@ -71,6 +74,7 @@ class Mosquitto:
         anonymous: bool = True,
         port: int | None = None,
         persistence: bool = False,
+        config_file: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.anonymous = anonymous
@@ -79,6 +83,12 @@ class Mosquitto:
         self.extra_config = extra_config
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mosquitto.log"
+        self.config_file = config_file  # a complete configuration (medsplit provision's)
+
+    @classmethod
+    def provisioned(cls, folder: Path, port: int) -> Mosquitto:
+        """The broker ``medsplit provision`` configured in ``folder`` (its mosquitto/), as is."""
+        return cls(folder, port=port, config_file=folder / "mosquitto.conf")
 
     @property
     def url(self) -> str:
@@ -114,8 +124,9 @@ class Mosquitto:
 
     def start(self) -> Mosquitto:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text(self.config())
+        conf = self.config_file or self.workdir / "mosquitto.conf"
+        if self.config_file is None:
+            conf.write_text(self.config())
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [find_mosquitto(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
@@ -138,6 +149,23 @@ class Mosquitto:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """SIGHUP: Mosquitto reads its ACL and CRL again; connections stay up. Returns once
+        its log says it reloaded (the configuration must log ``information``, as
+        ``medsplit provision``'s does)."""
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError("mosquitto is not running")
+        before = self._log_text().count(RELOADED)
+        self.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self._log_text().count(RELOADED) == before:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mosquitto did not log {RELOADED!r} within {timeout:g} s")
+            time.sleep(0.02)  # polling the log for the line that says the reload happened
+
+    def _log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def kill(self) -> None:
         """SIGKILL: the broker vanishes without saving or saying goodbye."""

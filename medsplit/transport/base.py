@@ -8,6 +8,7 @@ transport (the ``Endpoint``, agents, the aggregator) is written against this int
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -114,4 +115,12 @@ class Transport(Protocol):
         """
 
     def receive(self, timeout: float | None = None) -> Inbound | None:
-        """The next received message, or None when ``timeout`` seconds pass without one."""
+        """The next received message, or None when ``timeout`` seconds pass without one.
+
+        Messages are served round-robin across topic branches (``inbox.branch``), so one
+        flooding sender cannot starve the others."""
+
+    @property
+    def throttled(self) -> Counter[str]:
+        """Messages dropped, by topic branch, because that branch held its share of the inbox."""
+        ...

@@ -9,12 +9,13 @@ real Mosquitto instead.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 
 from medsplit.protocol.topics import matches
 from medsplit.transport.acks import Delivery
 from medsplit.transport.base import ConnectFailed, Inbound, TransportClosed, TransportError, Will
-from medsplit.transport.inbox import ByteBoundedQueue
+from medsplit.transport.inbox import ByteBoundedQueue, branch
 
 
 class MemoryBroker:
@@ -128,6 +129,11 @@ class MemoryTransport:
             self.publish(topic, payload, qos=qos)
         return Delivery(topic, [], timeout_s=0.0)  # delivered synchronously: nothing to wait for
 
+    @property
+    def throttled(self) -> Counter[str]:
+        """Messages dropped because their topic branch held its share of the inbox."""
+        return self._inbox.throttled
+
     def receive(self, timeout: float | None = None) -> Inbound | None:
         if self._closed:
             raise TransportClosed("receive() after close()")
@@ -139,7 +145,7 @@ class MemoryTransport:
         return any(matches(f, topic) for f in self._filters)
 
     def deliver(self, message: Inbound) -> None:
-        self._inbox.put(message, len(message.payload))
+        self._inbox.put(message, len(message.payload), branch(message.topic))
 
     def _check_open(self) -> None:
         if self._closed:

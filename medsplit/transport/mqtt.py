@@ -22,6 +22,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,11 +42,41 @@ from medsplit.transport.base import (
     TransportError,
     Will,
 )
-from medsplit.transport.inbox import ByteBoundedQueue
+from medsplit.transport.inbox import ByteBoundedQueue, branch
 from medsplit.transport.reasons import Reason
 from medsplit.transport.settings import MqttSettings
 
 log = logging.getLogger(__name__)
+
+
+# What an OpenSSL failure usually means in a medsplit federation, by a fragment of its message.
+_TLS_CAUSES = (
+    (
+        "CERTIFICATE_VERIFY_FAILED",
+        "the broker's certificate is not signed by broker.tls.ca_file or does not name this host",
+    ),
+    (
+        "certificate required",
+        "the broker requires a client certificate: set cert_file and key_file",
+    ),
+    (
+        "EOF occurred",
+        "the broker closed the handshake: this client's certificate is from another "
+        "CA, expired or revoked",
+    ),
+    ("revoked", "this client's certificate was revoked (medsplit provision --revoke)"),
+    ("expired", "this client's certificate expired: renew it (medsplit provision --renew)"),
+    ("unknown ca", "the broker does not know the CA that signed this client's certificate"),
+)
+
+
+def _tls_explained(error: ssl.SSLError) -> str:
+    """The SSL error, with what it most likely means here."""
+    text = str(error)
+    for fragment, cause in _TLS_CAUSES:
+        if fragment.lower() in text.lower():
+            return f"{text} ({cause})"
+    return text
 
 
 def _failure_code(code: ReasonCode | Any) -> int | None:
@@ -193,7 +224,8 @@ class MqttTransport:
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         payload = bytes(message.payload)
-        self._inbox.put(Inbound(message.topic, payload, bool(message.retain)), len(payload))
+        inbound = Inbound(message.topic, payload, bool(message.retain))
+        self._inbox.put(inbound, len(payload), branch(message.topic))
 
     def _on_publish(
         self,
@@ -262,7 +294,8 @@ class MqttTransport:
                 )
             if self._tls_failure is not None:  # e.g. the broker requires a client certificate
                 raise ConnectFailed(
-                    f"TLS with {s.host}:{s.port} failed: {self._tls_failure}", permanent=True
+                    f"TLS with {s.host}:{s.port} failed: {_tls_explained(self._tls_failure)}",
+                    permanent=True,
                 )
             if deadline is not None and time.monotonic() >= deadline:
                 raise ConnectFailed(
@@ -296,7 +329,8 @@ class MqttTransport:
                 return
             except ssl.SSLError as exc:  # a certificate problem does not go away by retrying
                 raise ConnectFailed(
-                    f"TLS handshake with {s.host}:{s.port} failed: {exc}", permanent=True
+                    f"TLS handshake with {s.host}:{s.port} failed: {_tls_explained(exc)}",
+                    permanent=True,
                 ) from exc
             except (OSError, ValueError) as exc:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -368,6 +402,11 @@ class MqttTransport:
         if wait:
             delivery.wait()
         return delivery
+
+    @property
+    def throttled(self) -> Counter[str]:
+        """Messages dropped because their topic branch held its share of the inbox."""
+        return self._inbox.throttled
 
     def receive(self, timeout: float | None = None) -> Inbound | None:
         if self._closed:

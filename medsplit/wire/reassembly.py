@@ -1,15 +1,18 @@
 """Reassembling chunked messages under a memory bound and a timeout, then decoding them.
 
 Chunks may arrive in any order and more than once (QoS 1 redelivery). Memory is bounded in
-two ways: a message announcing more than ``max_message_bytes`` is refused at its first chunk,
-and the bytes buffered across all incomplete messages never exceed ``max_buffered_bytes``. A
-message whose next chunk does not arrive within ``timeout_s`` of the previous one is dropped.
+three ways: a message announcing more than ``max_message_bytes`` is refused at its first chunk,
+the bytes buffered across all incomplete messages never exceed ``max_buffered_bytes``, and one
+sender (the topic branch it came on) may have at most ``max_pending_per_sender`` incomplete
+messages and a quarter of ``max_buffered_bytes``, so a peer that starts thousands of messages
+and never finishes them fills its own share, not everyone's. A message whose next chunk does
+not arrive within ``timeout_s`` of the previous one is dropped.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -37,6 +40,7 @@ def _same_message(a: Header, b: Header) -> bool:
 @dataclass
 class _Partial:
     header: Header
+    sender: str
     parts: dict[int, memoryview] = field(default_factory=dict)
     buffered: int = 0
     last_seen: float = 0.0
@@ -51,14 +55,19 @@ class Reassembler:
         max_message_bytes: int,
         max_buffered_bytes: int = 2 * 1024 * 1024 * 1024,
         timeout_s: float = 60.0,
+        max_pending_per_sender: int = 16,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_buffered_bytes = max_buffered_bytes
+        self.max_sender_bytes = max(1, max_buffered_bytes // 4)
+        self.max_pending_per_sender = max_pending_per_sender
         self.timeout_s = timeout_s
         self._clock = clock
         self._partials: dict[str, _Partial] = {}
         self._buffered = 0
+        self._by_sender: Counter[str] = Counter()  # incomplete messages per sender
+        self._sender_bytes: Counter[str] = Counter()
 
     @property
     def buffered_bytes(self) -> int:
@@ -68,7 +77,7 @@ class Reassembler:
     def pending(self) -> int:
         return len(self._partials)
 
-    def add(self, header: Header, chunk: memoryview) -> bytes | None:
+    def add(self, header: Header, chunk: memoryview, sender: str = "") -> bytes | None:
         """Add one chunk; returns the whole payload when this chunk completes it."""
         if header.size > self.max_message_bytes:
             raise PayloadTooLarge(
@@ -77,8 +86,14 @@ class Reassembler:
             )
         partial = self._partials.get(header.msg_id)
         if partial is None:
-            partial = self._partials[header.msg_id] = _Partial(header)
-        elif not _same_message(partial.header, header):
+            if self._by_sender[sender] >= self.max_pending_per_sender:
+                raise ReassemblyOverflow(
+                    f"{sender or 'the sender'} already has {self._by_sender[sender]} incomplete "
+                    f"messages (max_pending_per_sender); {header.msg_id} was dropped"
+                )
+            partial = self._partials[header.msg_id] = _Partial(header, sender)
+            self._by_sender[sender] += 1
+        elif partial.sender != sender or not _same_message(partial.header, header):
             self._drop(header.msg_id)
             raise MalformedHeader(
                 f"chunk {header.chunk} of {header.msg_id} disagrees with chunk headers seen before"
@@ -90,16 +105,21 @@ class Reassembler:
             raise MalformedHeader(
                 f"chunks of {header.msg_id} add up to more than its {header.size} bytes"
             )
-        if self._buffered + len(chunk) > self.max_buffered_bytes:
+        if (
+            self._buffered + len(chunk) > self.max_buffered_bytes
+            or self._sender_bytes[sender] + len(chunk) > self.max_sender_bytes
+        ):
             self._drop(header.msg_id)
             raise ReassemblyOverflow(
                 f"buffering chunk {header.chunk}/{header.chunks} of {header.msg_id} would exceed "
-                f"max_buffered_bytes={self.max_buffered_bytes}; the message was dropped"
+                f"max_buffered_bytes={self.max_buffered_bytes} (a quarter of it per sender); "
+                "the message was dropped"
             )
         partial.parts[header.chunk] = chunk
         partial.buffered += len(chunk)
         partial.last_seen = self._clock()
         self._buffered += len(chunk)
+        self._sender_bytes[sender] += len(chunk)
         if len(partial.parts) < header.chunks:
             return None
         self._drop(header.msg_id)
@@ -126,6 +146,11 @@ class Reassembler:
         partial = self._partials.pop(msg_id, None)
         if partial is not None:
             self._buffered -= partial.buffered
+            self._sender_bytes[partial.sender] -= partial.buffered
+            self._by_sender[partial.sender] -= 1
+            for counter in (self._sender_bytes, self._by_sender):
+                if counter[partial.sender] <= 0:
+                    del counter[partial.sender]
 
 
 class Decoder:
@@ -133,7 +158,9 @@ class Decoder:
 
     ``feed`` returns each message once: a redelivered copy of a completed message (same
     ``msg_id``, any chunk) is counted in ``duplicates`` and ignored, which with QoS 1 makes
-    delivery effectively exactly-once. ``feed`` raises only ``WireError`` subclasses, whatever
+    delivery effectively exactly-once. A message counts as received only once it verified
+    (checksum, schema, tensors): a truncated or forged copy that fails is rejected and does
+    not shadow the genuine one that follows. ``feed`` raises only ``WireError`` subclasses, whatever
     the bytes. ``expected_for`` maps a
     header to the tensor specs the receiver expects for it (or None to accept any tensors).
     """
@@ -145,6 +172,7 @@ class Decoder:
         expected_for: ExpectedFor | None = None,
         max_buffered_bytes: int = 2 * 1024 * 1024 * 1024,
         timeout_s: float = 60.0,
+        max_pending_per_sender: int = 16,
         dedup_window: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -159,10 +187,12 @@ class Decoder:
             max_message_bytes=limits.max_message_bytes,
             max_buffered_bytes=max_buffered_bytes,
             timeout_s=timeout_s,
+            max_pending_per_sender=max_pending_per_sender,
             clock=clock,
         )
 
-    def feed(self, data: bytes) -> Envelope | None:
+    def feed(self, data: bytes, sender: str = "") -> Envelope | None:
+        """One frame from ``sender`` (the topic branch it came on, for per-sender bounds)."""
         frame = unpack_frame(data)
         header = frame.header
         if header.msg_id in self._seen:
@@ -172,12 +202,13 @@ class Decoder:
         if header.chunks == 1:
             payload: bytes | None = bytes(frame.chunk)
         else:
-            payload = self.reassembler.add(header, frame.chunk)
+            payload = self.reassembler.add(header, frame.chunk, sender)
         if payload is None:
             return None
-        self._remember(header.msg_id)
         expected = self.expected_for(header) if self.expected_for else None
-        return open_payload(header, payload, expected, self.limits)
+        envelope = open_payload(header, payload, expected, self.limits)
+        self._remember(header.msg_id)
+        return envelope
 
     def expire(self) -> list[ReassemblyTimeout]:
         return self.reassembler.expire()

@@ -27,7 +27,7 @@ def test_experiment_compares_every_mode_through_mosquitto(
         "seeds": [0],
         "rounds": 2,
         "optimizer": {"lr": 0.005},
-        "broker": {"url": mosquitto.url},
+        "broker": {"url": mosquitto.url, "insecure": True},
         "out": str(out),
     }
     path = tmp_path / "exp.yaml"

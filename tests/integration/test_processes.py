@@ -59,7 +59,7 @@ def test_a_second_aggregator_refuses_and_a_stranger_site_is_sent_away(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:
     job = f"job-{uuid.uuid4().hex[:8]}"
-    broker = {"url": mosquitto.url}
+    broker = {"url": mosquitto.url, "insecure": True}
     job_yaml = _write(
         tmp_path / "job.yaml",
         {
@@ -113,7 +113,12 @@ def test_an_unreachable_broker_is_one_clear_line_after_the_configured_retries(
         {
             "site_id": "site-a",
             "job_id": "j",
-            "broker": {"url": f"mqtt://127.0.0.1:{port}", "retry_for_s": 2, "reconnect_min_s": 1},
+            "broker": {
+                "url": f"mqtt://127.0.0.1:{port}",
+                "insecure": True,
+                "retry_for_s": 2,
+                "reconnect_min_s": 1,
+            },
             "state": {"dir": str(tmp_path / "s")},
         },
     )
@@ -144,13 +149,13 @@ def test_the_same_seed_gives_the_same_numbers_whatever_the_start_order(
                 "rounds": 2,
                 "seed": 0,
                 "sites": names,
-                "broker": {"url": mosquitto.url},
+                "broker": {"url": mosquitto.url, "insecure": True},
             }
         )
         result = run_job(
             config,
             shares,
-            mqtt_connector(BrokerConfig(url=mosquitto.url)),
+            mqtt_connector(BrokerConfig(url=mosquitto.url, insecure=True)),
             timeout=240,
             agents_first=agents_first,
         )

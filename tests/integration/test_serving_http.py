@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from edge_agent.site_model import load_site_model
 from experiments.inprocess import run_job
 from medsplit.transport import MemoryBroker
 from medsplit.wiring import memory_connector
+from tests.support.certs import CertificateAuthority
 from tests.support.configs import job_config
 
 CNN = {"name": "cnn", "args": {"image_size": 32, "channels": [8, 16], "hidden": 32}}
@@ -75,11 +77,13 @@ def table_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @contextmanager
-def serving(model: Path, limits: Limits = Limits()) -> Iterator[httpx.Client]:
-    """uvicorn in a thread on a socket bound to a free loopback port."""
+def serving(model: Path, limits: Limits = Limits(), **options: Any) -> Iterator[httpx.Client]:
+    """uvicorn in a thread on a socket bound to a free loopback port (HTTPS when ``options``
+    name TLS files; the client then uses the ``verify`` SSL context)."""
+    verify = options.pop("verify", True)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = build_server(ServeOptions(model=model, limits=limits))
+    server = build_server(ServeOptions(model=model, limits=limits, **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -87,8 +91,10 @@ def serving(model: Path, limits: Limits = Limits()) -> Iterator[httpx.Client]:
         assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
         time.sleep(0.02)
     port = sock.getsockname()[1]
+    scheme = "https" if "tls_cert" in options else "http"
+    base = f"{scheme}://localhost:{port}" if scheme == "https" else f"http://127.0.0.1:{port}"
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+        with httpx.Client(base_url=base, timeout=30, verify=verify) as client:
             yield client
     finally:
         server.should_exit = True
@@ -312,6 +318,48 @@ def test_feature_vectors_and_records_are_answered(table_site: Path) -> None:
             and "takes a feature vector (30 values)" in image.json()["error"]
         )
         assert client.get("/metadata").json()["features"] == names
+
+
+def test_hostile_bodies_are_refused_without_hurting_the_service(table_site: Path) -> None:
+    boundary = "medsplit-test-boundary"
+
+    def chunked_upload() -> Iterator[bytes]:  # no Content-Length: the limit must still hold
+        yield f"--{boundary}\r\nContent-Disposition: form-data; name=f; filename=a.dcm\r\n\r\n".encode()
+        for _ in range(64):
+            yield b"\0" * 65_536  # 4 MB against a 1 MB limit
+
+    limits = Limits(max_body_bytes=1024 * 1024)
+    with serving(table_site / "model.onnx", limits) as client:
+        nested = client.post(
+            "/predict", content=b"[" * 200_000, headers={"Content-Type": "application/json"}
+        )
+        assert nested.status_code == 400 and "nested too deeply" in nested.json()["error"]
+        upload = client.post(
+            "/predict",
+            content=chunked_upload(),
+            headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
+        assert upload.status_code == 413 and "limit of 1048576" in upload.json()["error"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_inference_clients_can_be_required_to_present_a_certificate(
+    table_site: Path, tmp_path: Path
+) -> None:
+    ca = CertificateAuthority(tmp_path / "pki")
+    server, client_id = ca.issue("localhost", server=True), ca.issue("ehr-system")
+    tls = {"tls_cert": server.cert, "tls_key": server.key, "tls_client_ca": ca.ca_file}
+    with_certificate = ssl.create_default_context(cafile=ca.ca_file)
+    with_certificate.load_cert_chain(client_id.cert, client_id.key)
+    anonymous = ssl.create_default_context(cafile=ca.ca_file)
+    with serving(table_site / "model.onnx", verify=with_certificate, **tls) as client:
+        answer = client.post("/predict", json={"features": [0.0] * 30})
+        assert answer.status_code == 200 and answer.json()["class"] in ("benign", "malignant")
+    with (
+        serving(table_site / "model.onnx", verify=anonymous, **tls) as client,
+        pytest.raises(httpx.TransportError),
+    ):
+        client.post("/predict", json={"features": [0.0] * 30})
 
 
 def test_the_serve_command_runs_uvicorn_and_refuses_what_it_cannot_serve(

@@ -20,7 +20,7 @@ sites: [hospital-a, hospital-b]
 rounds: {count: 4, min_sites: 1}
 training:
   optimizer: {name: sgd, lr: 0.05, momentum: 0.9}
-broker: {url: "mqtt://broker.example:1883", keepalive_s: 20, inbox_max_bytes: 1048576}
+broker: {url: "mqtt://broker.example:1883", insecure: true, keepalive_s: 20, inbox_max_bytes: 1048576}
 """
 
 
@@ -89,6 +89,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setenv("MEDSPLIT_ROUNDS__COUNT", "9")
     monkeypatch.setenv("MEDSPLIT_TRAINING__OPTIMIZER__LR", "0.5")
     monkeypatch.setenv("MEDSPLIT_BROKER__URL", "mqtts://other:8883")
+    monkeypatch.setenv("MEDSPLIT_BROKER__INSECURE", "false")
     config = JobConfig.from_yaml(path)
     optimizer = config.training.optimizer
     assert (config.rounds.count, optimizer.lr, optimizer.name) == (9, 0.5, "sgd")

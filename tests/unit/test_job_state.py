@@ -22,6 +22,7 @@ from aggregator.state import (
     JobState,
     Out,
     Phase,
+    Revoked,
     Send,
     SitePresence,
     StatsReported,
@@ -379,3 +380,41 @@ def test_a_replayed_hello_of_an_earlier_agent_process_is_dropped_mid_turn() -> N
     out = job.hello("a", incarnation="first")  # a replay of the first process's hello
     assert out == [] and job.state.late_messages == late + 1
     assert job.state.sites["a"].incarnation == "second"
+
+
+# -- a site cannot inflate itself; a revoked one is out -----------------------------------------
+
+
+def test_an_update_claiming_more_samples_than_declared_at_join_is_refused() -> None:
+    job = Job(_machine(FedAvg(), quorum=1), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    job.feed(Hello("b", "one", train_samples=10_000, test_samples=5))  # cannot raise it later
+    assert job.state.sites["b"].train_samples == 10
+    job.done("a", 1.0)
+    out = job.feed(TrainDone("b", 0, Reply("b", {"w": torch.full((2,), 9.0)}, 11), 0.5, 0.1))
+    refusal = [m for m in out if isinstance(m, Send) and m.kind == Kind.ERROR]
+    assert refusal and "claims 11 samples but declared 10" in refusal[0].meta["detail"]
+    assert job.state.phase == Phase.EVALUATING  # not waited for
+    assert torch.equal(job.state.weights["w"], torch.ones(2))  # only a's update counted
+
+
+def test_a_revoked_site_is_not_waited_for_asked_or_sent_the_final_model() -> None:
+    job = Job(_machine(FedAvg(), rounds=2, quorum=1), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    job.done("a")
+    job.feed(Revoked("b"))
+    assert job.state.phase == Phase.EVALUATING  # b's update is no longer awaited
+    job.feed(Hello("b", "two", train_samples=10, test_samples=5))  # a new process: ignored
+    assert job.state.sites["b"].revoked and not job.state.sites["b"].connected
+    job.feed(Evaluated("a", 0, {"accuracy": 1.0}))
+    assert job.state.asked == ("a",)  # round 2 asks only a
+    job.done("a")
+    job.feed(Evaluated("a", 1, {"accuracy": 1.0}))
+    finish = [m.site for m in job.sent if isinstance(m, Send) and m.kind == Kind.FINISH]
+    assert finish == ["a"]
+    job.feed(FinishAcked("a"))
+    assert job.state.phase == Phase.FINISHED
+    setups = [m.site for m in job.sent if isinstance(m, Send) and m.kind == Kind.SETUP]
+    assert setups == ["a", "b"]  # nothing answered b's hello after the revocation

@@ -1,0 +1,170 @@
+"""Hostile sites in real jobs (in-memory broker): poisoned updates, inflated sample counts,
+junk floods, and a site revoked in the middle of the job."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aggregator.config import JobConfig
+from edge_agent.agent import Agent
+from edge_agent.data import datasets
+from experiments.inprocess import JobResult, run_job
+from medsplit.protocol import Kind, topics
+from medsplit.throttle import ERROR_REPLY_BURST
+from medsplit.transport import MemoryBroker
+from medsplit.wire import Envelope
+from medsplit.wiring import memory_connector
+from tests.support.configs import job_config
+
+SITES = [f"site-{c}" for c in "abcde"]
+EVIL = "site-e"
+
+
+def _config(**overrides: Any) -> JobConfig:
+    base: dict[str, Any] = {
+        "job_id": "hostile",
+        "plan": "mlp-ehr",
+        "mode": "fedavg",
+        "rounds": 3,
+        "batch_size": 16,
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "seed": 3,
+        "sites": SITES,
+        "round_deadline_s": 60,
+        "join_deadline_s": 60,
+    }
+    base.update(overrides)
+    return job_config(base)
+
+
+def _data() -> dict[str, datasets.SiteData]:
+    shares = datasets.all_sites(datasets.load("breast-cancer"), len(SITES), "iid", seed=0)
+    return dict(zip(SITES, shares, strict=True))
+
+
+class PoisoningAgent(Agent):
+    """Site e sends noise instead of its trained weights (honest sample count)."""
+
+    def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
+        if self.site_id == EVIL and envelope.kind == Kind.DONE:
+            noise = torch.Generator().manual_seed(envelope.round)
+            tensors = {
+                k: torch.randn(v.shape, generator=noise) * 10 if v.is_floating_point() else v
+                for k, v in envelope.tensors.items()
+            }
+            envelope = replace(envelope, tensors=tensors)
+        super()._publish(envelope, cast)
+
+
+class InflatingAgent(Agent):
+    """Site e claims a thousand times its samples, to outweigh everyone."""
+
+    def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
+        if self.site_id == EVIL and envelope.kind == Kind.DONE:
+            envelope = replace(envelope, meta={**envelope.meta, "samples": 10**6})
+        super()._publish(envelope, cast)
+
+
+def _accuracy(result: JobResult) -> float:
+    accuracy = result.history[-1].mean()["accuracy"]
+    assert accuracy is not None
+    return accuracy
+
+
+def test_robust_aggregation_bounds_one_poisoned_site_among_five() -> None:
+    clean = _accuracy(run_job(_config(), _data(), memory_connector(MemoryBroker())))
+    poisoned = _accuracy(
+        run_job(_config(), _data(), memory_connector(MemoryBroker()), agent_type=PoisoningAgent)
+    )
+    robust = run_job(
+        _config(aggregation={"method": "trimmed-mean", "clip_norm": 5.0}),
+        _data(),
+        memory_connector(MemoryBroker()),
+        agent_type=PoisoningAgent,
+    )
+    assert poisoned < clean - 0.05, (clean, poisoned)  # the attack is real with the plain mean
+    assert _accuracy(robust) >= clean - 0.02, (clean, _accuracy(robust))
+
+
+def test_a_site_claiming_more_samples_than_it_declared_is_refused_every_round() -> None:
+    result = run_job(
+        _config(min_sites=4), _data(), memory_connector(MemoryBroker()), agent_type=InflatingAgent
+    )
+    for record in result.history:
+        assert EVIL not in record.trained and EVIL in record.missed
+        assert sorted(record.trained) == SITES[:4]
+
+
+def test_a_junk_flood_is_counted_and_answered_only_a_few_times() -> None:
+    broker = MemoryBroker()
+    connect = memory_connector(broker)
+    flood = 2_000
+
+    def junk() -> None:
+        rogue = connect("rogue")
+        rogue.connect()
+        for i in range(flood):
+            rogue.publish(topics.up("hostile", "site-a", "done"), b"JUNK%d" % i)
+
+    config = _config(mode="split-u", plan="mlp-ehr-u", orchestration="sequential", rounds=2)
+    result = run_job(config, _data(), connect, before_run=junk)
+    stats = result.coordinator.endpoint.stats
+    assert stats.rejected["BadMagic"] == flood
+    assert stats.rejected_from["medsplit/v1/hostile/site-a/up"] == flood
+    errors_to_a = [
+        t for c, t, _ in broker.published if t == topics.down("hostile", "site-a", Kind.ERROR)
+    ]
+    seconds = sum(r.seconds for r in result.history) + 10
+    assert 1 <= len(errors_to_a) <= ERROR_REPLY_BURST * (seconds // 10 + 1)
+    assert result.coordinator.error_replies.suppressed["site-a"] == flood - len(errors_to_a)
+    assert len(result.history) == 2  # and the job finished for everyone
+
+
+class RevokedMidJob(Agent):
+    """After its first update, site e's certificate is revoked; its process goes on."""
+
+    revocations: Path
+
+    def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
+        super()._publish(envelope, cast)
+        if self.site_id == EVIL and envelope.kind == Kind.DONE:
+            self.revocations.write_text(json.dumps({"identities": [EVIL]}))
+
+
+def test_the_aggregator_refuses_a_revoked_site_before_the_broker_does(tmp_path: Path) -> None:
+    revocations = tmp_path / "revocations.json"
+    revocations.write_text(json.dumps({"identities": []}))
+    RevokedMidJob.revocations = revocations
+    broker = MemoryBroker()
+    config = _config(
+        min_sites=4, security={"revocations_file": str(revocations), "check_interval_s": 0.01}
+    )
+    result = run_job(config, _data(), memory_connector(broker), agent_type=RevokedMidJob)
+    assert result.coordinator.sites[EVIL].revoked
+    assert EVIL in result.history[0].trained
+    assert all(EVIL not in record.trained for record in result.history[1:])
+    finish_to_evil = [
+        t for _, t, _ in broker.published if t == topics.down("hostile", EVIL, Kind.FINISH)
+    ]
+    assert finish_to_evil == []  # it never gets the final model
+
+
+def test_a_site_revoked_before_the_job_is_never_let_in(tmp_path: Path) -> None:
+    revocations = tmp_path / "revocations.json"
+    revocations.write_text(json.dumps({"identities": [EVIL]}))
+    broker = MemoryBroker()
+    config = _config(min_sites=4, rounds=1, security={"revocations_file": str(revocations)})
+    result = run_job(config, _data(), memory_connector(broker))
+    assert result.coordinator.endpoint.stats.rejected["Revoked"] >= 1  # its hello, at least
+    assert not result.coordinator.sites[EVIL].joined
+    to_evil = [
+        t
+        for client, t, _ in broker.published
+        if client.startswith("aggregator") and t.startswith(f"medsplit/v1/hostile/{EVIL}/")
+    ]
+    assert to_evil == []  # not even a setup

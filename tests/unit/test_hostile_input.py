@@ -1,0 +1,111 @@
+"""What bounds a hostile peer: robust aggregation, per-sender bounds, fair queues, throttles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from aggregator.strategy import Aggregation, FedAvg, Reply, clip_update, coordinate_wise
+from medsplit.throttle import Throttle
+from medsplit.transport.inbox import ByteBoundedQueue, branch
+from medsplit.wire import (
+    ChecksumMismatch,
+    Decoder,
+    Envelope,
+    ReassemblyOverflow,
+    WireLimits,
+    encode,
+)
+
+SMALL = WireLimits(max_frame_bytes=4096)
+
+
+def _env(**tensors: torch.Tensor) -> Envelope:
+    return Envelope("job", "a", "done", round=0, tensors=dict(tensors))
+
+
+def test_median_and_trimmed_mean_ignore_one_outlier() -> None:
+    states = [
+        {"w": torch.tensor([v, -v]), "n": torch.tensor(i)}
+        for i, v in enumerate([1.0, 2, 3, 4, 1000])
+    ]
+    median = coordinate_wise(states, trim=None)
+    assert median["w"].tolist() == [3.0, -3.0] and median["n"].item() == 4
+    trimmed = coordinate_wise(states, trim=0.2)  # one cut at each end of five
+    assert trimmed["w"].tolist() == [3.0, -3.0]
+    even = coordinate_wise(states[:4], trim=None)
+    assert even["w"].tolist() == [2.5, -2.5]  # the mean of the two middle values
+
+
+def test_clipping_bounds_the_update_norm_and_keeps_small_ones() -> None:
+    current = {"w": torch.zeros(4), "n": torch.tensor(3)}
+    big = {"w": torch.full((4,), 10.0), "n": torch.tensor(9)}
+    clipped = clip_update(current, big, max_norm=2.0)
+    assert math.isclose(float(clipped["w"].norm()), 2.0, rel_tol=1e-6)
+    assert clipped["n"].item() == 9
+    small = {"w": torch.full((4,), 0.1), "n": torch.tensor(3)}
+    assert torch.equal(clip_update(current, small, max_norm=2.0)["w"], small["w"])
+
+
+def test_robust_fedavg_is_not_moved_by_one_poisoned_reply() -> None:
+    current = {"w": torch.zeros(3)}
+    honest = [Reply(f"s{i}", {"w": torch.full((3,), 1.0 + i / 10)}, 10) for i in range(4)]
+    poisoned = Reply("evil", {"w": torch.full((3,), -1e6)}, 10)
+    plain = FedAvg().aggregate_train(current, [*honest, poisoned])
+    robust = FedAvg(aggregation=Aggregation("trimmed-mean")).aggregate_train(
+        current, [*honest, poisoned]
+    )
+    assert plain["w"][0] < -1e5
+    assert 1.0 <= float(robust["w"][0]) <= 1.3
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        FedAvg(aggregation=Aggregation("mode")).aggregate_train(current, honest)
+
+
+def test_a_truncated_copy_does_not_shadow_the_genuine_message() -> None:
+    (frame,) = encode(_env(x=torch.randn(8)))
+    decoder = Decoder()
+    with pytest.raises(ChecksumMismatch):
+        decoder.feed(frame[:-4])
+    envelope = decoder.feed(frame)
+    assert envelope is not None and envelope.tensors["x"].shape == (8,)
+    assert decoder.feed(frame) is None and decoder.duplicates == 1
+
+
+def test_one_sender_cannot_hold_every_reassembly_slot() -> None:
+    decoder = Decoder(SMALL, max_pending_per_sender=3)
+    firsts = [encode(_env(x=torch.randn(4096)), limits=SMALL)[0] for _ in range(4)]
+    for frame in firsts[:3]:
+        assert decoder.feed(frame, "evil") is None
+    with pytest.raises(ReassemblyOverflow, match="evil already has 3 incomplete messages"):
+        decoder.feed(firsts[3], "evil")
+    honest = encode(_env(x=torch.randn(4096)), limits=SMALL)
+    results = [decoder.feed(frame, "honest") for frame in honest]
+    assert results[-1] is not None  # another sender's message still completes
+
+
+def test_the_inbox_serves_senders_in_turn_and_throttles_a_flood() -> None:
+    queue: ByteBoundedQueue[str] = ByteBoundedQueue(max_bytes=400)  # a share: 100 bytes
+    evil, good = branch("medsplit/v1/j/evil/up/junk"), branch("medsplit/v1/j/good/up/done")
+    assert queue.put("done", 20, good)
+    for i in range(19):
+        assert queue.put(f"flood-{i}", 20, evil)
+    # Full: the flooding branch holds more than its share while another waits, so its next
+    # message is dropped, not left to block the network thread.
+    assert not queue.put("flood-19", 20, evil)
+    assert queue.throttled == {"medsplit/v1/j/evil/up": 1}
+    assert [queue.get(0) for _ in range(2)] == ["done", "flood-0"]
+    assert queue.put("done-2", 20, good)
+    assert [queue.get(0) for _ in range(3)] == ["flood-1", "done-2", "flood-2"]
+    assert len(queue) == 16
+
+
+def test_the_throttle_allows_a_burst_per_interval_and_counts_the_rest() -> None:
+    now = [0.0]
+    throttle = Throttle(burst=2, interval_s=10.0, clock=lambda: now[0])
+    assert [throttle.allow("a") for _ in range(5)] == [True, True, False, False, False]
+    assert throttle.allow("b")  # per key
+    now[0] = 10.0
+    assert throttle.allow("a") and throttle.take_suppressed("a") == 3
+    assert throttle.take_suppressed("a") == 0
