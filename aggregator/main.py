@@ -21,6 +21,7 @@ from aggregator.checkpoint import CheckpointMismatch, CheckpointStore
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator, JobFailed, JobInterrupted
 from aggregator.report import build_report, write_report, write_run
+from medsplit.ids import AGGREGATOR_ID
 from medsplit.wiring import JobAlreadyCoordinated, mqtt_connector, open_aggregator
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def run(config: JobConfig, *, events: bool = False, fresh: bool = False) -> int:
     try:
         party = open_aggregator(
             config.job_id,
-            mqtt_connector(config.broker),
+            mqtt_connector(config.broker, AGGREGATOR_ID),
             client_id=config.broker.client_id,
             check_timeout_s=config.broker.publish_timeout_s,
         )

@@ -67,7 +67,7 @@ def run(config: SiteConfig) -> int:
     party = open_site(
         config.job_id,
         config.site_id,
-        mqtt_connector(config.broker),
+        mqtt_connector(config.broker, config.site_id),
         client_id=config.broker.client_id,
     )
     agent = Agent(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from medsplit.channel import Endpoint
@@ -18,6 +19,7 @@ from medsplit.ids import AGGREGATOR_ID
 from medsplit.protocol import topics
 from medsplit.protocol.presence import Presence, PresenceError, Role
 from medsplit.transport.base import Transport, Will
+from models.config_errors import ConfigError
 
 if TYPE_CHECKING:
     from medsplit.config import BrokerConfig
@@ -40,8 +42,13 @@ class JobAlreadyCoordinated(RuntimeError):
         self.live = live
 
 
-def mqtt_connector(broker: BrokerConfig) -> Connector:
+def mqtt_connector(broker: BrokerConfig, identity: str | None = None) -> Connector:
+    """Connections to a real broker. With ``identity``, the client certificate is checked
+    first: its CN must be that identity, and it must not have expired (it says when it will)."""
     from medsplit.transport.mqtt import MqttTransport  # noqa: PLC0415 - loads paho
+
+    if identity is not None and broker.tls is not None and broker.tls.cert_file is not None:
+        _check_certificate(broker.tls.cert_file, identity)
 
     def connect(
         client_id: str, *, will: Will | None = None, birth: Will | None = None
@@ -49,6 +56,16 @@ def mqtt_connector(broker: BrokerConfig) -> Connector:
         return MqttTransport(broker.settings(client_id[:128]), will=will, birth=birth)
 
     return connect
+
+
+def _check_certificate(path: Path, identity: str) -> None:
+    from medsplit.security.pki import PkiError, describe_client_certificate  # noqa: PLC0415
+
+    try:
+        note, warn = describe_client_certificate(path, identity)
+    except PkiError as exc:
+        raise ConfigError("broker", [("broker.tls.cert_file", str(exc))]) from None
+    (log.warning if warn else log.info)("%s", note)
 
 
 def memory_connector(broker: MemoryBroker) -> Connector:

@@ -283,3 +283,30 @@ class CertificateAuthority:
     def _save_inventory(self) -> None:
         rows = [asdict(i) for i in self.inventory]
         atomic_write(self.inventory_path, (json.dumps(rows, indent=1) + "\n").encode())
+
+
+WARN_BEFORE_DAYS = 7  # a certificate this close to expiry is logged as a warning at start
+
+
+def describe_client_certificate(path: Path, identity: str) -> tuple[str, bool]:
+    """What a process says at start about its certificate, and whether it is a warning.
+
+    Raises ``PkiError`` when the certificate cannot work: its CN is not ``identity`` (the broker's
+    ACL would deny every message, silently) or it has expired."""
+    cert = read_certificate(path)
+    name = common_name(cert)
+    if name != identity:
+        raise PkiError(
+            f"{path}: the certificate is for {name!r}, this process is {identity!r}; "
+            "the broker would deny all its messages (use this identity's kit)"
+        )
+    left = cert.not_valid_after_utc - now()
+    until = cert.not_valid_after_utc.date().isoformat()
+    if left.total_seconds() <= 0:
+        raise PkiError(f"{path}: the certificate of {identity} expired on {until}; renew it")
+    days = left.total_seconds() / 86400
+    warn = days < WARN_BEFORE_DAYS
+    note = f"certificate of {identity} valid until {until} ({days:.0f} days left)"
+    if warn:
+        note += f"; renew it: medsplit provision --out DIR --renew {identity}"
+    return note, warn

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import stat
 from pathlib import Path
@@ -11,9 +12,17 @@ from cryptography import x509
 
 from medsplit.cli import main
 from medsplit.config import BrokerConfig
-from medsplit.security.pki import PkiError, common_name, read_certificate
+from medsplit.security.pki import (
+    CertificateAuthority,
+    PkiError,
+    common_name,
+    describe_client_certificate,
+    now,
+    read_certificate,
+)
 from medsplit.security.provision import Federation, Provisioner
 from medsplit.security.revocation import RevocationWatch, read_revocations
+from medsplit.wiring import mqtt_connector
 from models.config_errors import ConfigError
 
 
@@ -192,3 +201,27 @@ def test_the_revocation_watch_follows_the_file_and_keeps_the_last_good_list(
     path.write_text(json.dumps({"identities": ["a/+"]}))
     now[0] = 3.0
     assert watch.poll() == {"b"}
+
+
+def test_a_process_refuses_another_identitys_or_an_expired_certificate(
+    kit: Provisioner,
+) -> None:
+    tls = {"ca_file": kit.out / "a" / "ca.pem"}
+    a_kit = {**tls, "cert_file": kit.out / "a" / "cert.pem", "key_file": kit.out / "a" / "key.pem"}
+    broker = BrokerConfig(url="mqtts://h:8883", tls=a_kit)
+    mqtt_connector(broker, "a")  # its own certificate: fine
+    with pytest.raises(ConfigError, match="the certificate is for 'a', this process is 'b'"):
+        mqtt_connector(broker, "b")
+    note, warn = describe_client_certificate(kit.out / "a" / "cert.pem", "a")
+    assert "valid until" in note and not warn
+    ca = CertificateAuthority(kit.out / "ca")
+    for days, expected in [(3, "renew it"), (-1, "expired")]:
+        _, cert = ca.issue("a", "site", 1, not_after=now() + datetime.timedelta(days=days))
+        path = kit.out / f"a-{days}.pem"
+        path.write_bytes(cert)
+        if days > 0:
+            note, warn = describe_client_certificate(path, "a")
+            assert warn and expected in note
+        else:
+            with pytest.raises(PkiError, match=expected):
+                describe_client_certificate(path, "a")
