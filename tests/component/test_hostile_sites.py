@@ -14,10 +14,10 @@ from aggregator.config import JobConfig
 from edge_agent.agent import Agent
 from edge_agent.data import datasets
 from experiments.inprocess import JobResult, run_job
-from medsplit.protocol import Kind, topics
+from medsplit.protocol import Kind, final_keys, topics
 from medsplit.throttle import ERROR_REPLY_BURST
 from medsplit.transport import MemoryBroker
-from medsplit.wire import Envelope
+from medsplit.wire import Decoder, Envelope
 from medsplit.wiring import memory_connector
 from tests.support.configs import job_config
 
@@ -168,3 +168,24 @@ def test_a_site_revoked_before_the_job_is_never_let_in(tmp_path: Path) -> None:
         if client.startswith("aggregator") and t.startswith(f"medsplit/v1/hostile/{EVIL}/")
     ]
     assert to_evil == []  # not even a setup
+
+
+def test_finish_goes_only_to_its_own_site_and_carries_only_what_that_site_may_have() -> None:
+    for mode, plan in [("flop", "mlp-ehr"), ("split-u", "mlp-ehr-u")]:
+        config = _config(mode=mode, plan=plan, rounds=1, sites=SITES[:3])
+        broker = MemoryBroker()
+        run_job(config, dict(list(_data().items())[:3]), memory_connector(broker))
+        decoder = Decoder(dedup_window=10**6)
+        finishes: dict[str, set[str]] = {}
+        for client, topic, payload in broker.published:
+            if not client.startswith("aggregator") or topics.is_presence(topic):
+                continue
+            envelope = decoder.feed(payload)
+            if envelope is not None and envelope.kind == Kind.FINISH:
+                route = topics.parse(topic)
+                assert route.direction == "down", topic  # never on the broadcast
+                finishes[str(route.site)] = set(envelope.tensors)
+        allowed = final_keys(config.plan, config.mode, config.release_trunk)
+        assert finishes == {site: set(allowed) for site in SITES[:3]}, mode
+        if mode == "flop":  # the site's private layers never travel, not even back to it
+            assert not set(allowed) & config.plan.private_keys
