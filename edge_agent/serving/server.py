@@ -42,10 +42,11 @@ def build_server(options: ServeOptions) -> uvicorn.Server:
         access_log=False,  # request counts and latencies are in /metrics
         ssl_certfile=str(options.tls_cert) if options.tls_cert else None,
         ssl_keyfile=str(options.tls_key) if options.tls_key else None,
-        ssl_ca_certs=str(options.tls_client_ca) if options.tls_client_ca else None,
-        ssl_cert_reqs=ssl.CERT_REQUIRED if options.tls_client_ca else ssl.CERT_NONE,
         # asyncio sets TCP_NODELAY on every accepted connection (Python >= 3.7).
     )
+    if options.tls_client_ca is not None:  # mutual TLS: every client shows a certificate
+        config.ssl_ca_certs = str(options.tls_client_ca)
+        config.ssl_cert_reqs = ssl.CERT_REQUIRED
     card = predictor.card
     log.info(
         "serving %s (site %s, job %s, %s) on %s with %s",

@@ -50,13 +50,6 @@ class Issued:
     revoked_at: str | None = None
     reason: str | None = None  # "revoked" (the identity left) or "superseded" (renewed)
 
-    @property
-    def expires(self) -> datetime.datetime:
-        return datetime.datetime.fromisoformat(self.not_after)
-
-    def valid_at(self, when: datetime.datetime) -> bool:
-        return self.revoked_at is None and self.expires > when
-
 
 def write_private(path: Path, data: bytes) -> None:
     """A secret file: written atomically, readable by its owner only."""
@@ -263,11 +256,6 @@ class CertificateAuthority:
     @property
     def revoked(self) -> list[Issued]:
         return [i for i in self.inventory if i.revoked_at is not None]
-
-    def current(self, identity: str) -> Issued | None:
-        """The newest valid certificate of ``identity``, if it has one."""
-        valid = [i for i in self.inventory if i.identity == identity and i.valid_at(now())]
-        return max(valid, key=lambda i: i.not_after) if valid else None
 
     # -- the inventory ----------------------------------------------------------------------------
 

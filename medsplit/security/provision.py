@@ -26,7 +26,14 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from medsplit.ids import AGGREGATOR_ID, ID_PATTERN, RESERVED_IDS, check_site_ids
 from medsplit.security import mosquitto_files
-from medsplit.security.pki import CertificateAuthority, PkiError, Role, now, write_private
+from medsplit.security.pki import (
+    CertificateAuthority,
+    Issued,
+    PkiError,
+    Role,
+    now,
+    write_private,
+)
 from medsplit.storage import atomic_write
 from models.config_errors import load_yaml_mapping, validate
 
@@ -122,12 +129,11 @@ class Provisioner:
         """A new key and certificate; the one it replaces is revoked as superseded."""
         role = self._role(identity)
         issued = self._issue(identity, role)
-        superseded = self.ca.revoke(identity, "superseded", keep=issued)
+        superseded = self.ca.revoke(identity, "superseded", keep=issued.serial)
         self._publish()
         target = self.out / ("mosquitto" if role == "broker" else identity)
-        until = self.ca.inventory[-1].not_after
         return [
-            f"{target}: new certificate for {identity}, valid until {until}",
+            f"{target}: new certificate for {identity}, valid until {issued.not_after}",
             f"{superseded} older certificate(s) of {identity} revoked as superseded",
             "copy the kit to its host and restart that process; reload the broker (SIGHUP)",
         ]
@@ -171,7 +177,7 @@ class Provisioner:
             return "site"
         raise PkiError(f"{identity!r} is neither broker, aggregator nor a site of this federation")
 
-    def _issue(self, identity: str, role: Role) -> int:
+    def _issue(self, identity: str, role: Role) -> Issued:
         fed = self.federation
         hosts = tuple(fed.broker_hosts) if role == "broker" else ()
         key, cert = self.ca.issue(identity, role, fed.validity_days, hosts=hosts)
@@ -183,7 +189,7 @@ class Provisioner:
         atomic_write(folder / f"{name}.pem", cert)
         if role == "site":
             _write_yaml(folder / "site.yaml", site_fragment(fed, identity))
-        return self.ca.inventory[-1].serial
+        return self.ca.inventory[-1]
 
     def _publish(self) -> None:
         """CRL, ACL and broker config for the broker; job.yaml and revocations.json for the

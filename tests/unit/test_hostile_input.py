@@ -58,7 +58,8 @@ def test_robust_fedavg_is_not_moved_by_one_poisoned_reply() -> None:
         current, [*honest, poisoned]
     )
     assert plain["w"][0] < -1e5
-    assert 1.0 <= float(robust["w"][0]) <= 1.3
+    # Sorted, each coordinate is [-1e6, 1.0, 1.1, 1.2, 1.3]: one cut at each end leaves 1.0-1.2.
+    assert torch.allclose(robust["w"], torch.full((3,), 1.1))
     with pytest.raises(ValueError, match="unknown aggregation"):
         FedAvg(aggregation=Aggregation("mode")).aggregate_train(current, honest)
 

@@ -30,7 +30,7 @@ def _federation(**overrides: object) -> Federation:
     fields: dict[str, object] = {
         "job_id": "job-s",
         "sites": ["a", "b"],
-        "broker_hosts": ["broker.example", "10.1.2.3"],
+        "broker_hosts": ["localhost", "127.0.0.1"],
         "port": 8884,
     }
     return Federation.model_validate({**fields, **overrides})
@@ -63,8 +63,8 @@ def test_every_participant_gets_a_kit_signed_by_the_ca(kit: Provisioner) -> None
     assert _mode(out / "ca" / "ca.key") == 0o600
     server = read_certificate(out / "mosquitto" / "server.pem")
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert names.get_values_for_type(x509.DNSName) == ["broker.example"]
-    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["10.1.2.3"]
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
     lifetime = server.not_valid_after_utc - server.not_valid_before_utc
     assert 29 < lifetime.days <= 30  # short-lived by default
 
@@ -74,7 +74,7 @@ def test_the_config_fragments_load_and_point_at_the_kit(kit: Provisioner) -> Non
 
     site = SiteConfig.from_yaml(kit.out / "a" / "site.yaml")
     assert (site.site_id, site.job_id) == ("a", "job-s")
-    assert site.broker.url == "mqtts://broker.example:8884"
+    assert site.broker.url == "mqtts://localhost:8884"
     assert site.broker.tls is not None and site.broker.tls.cert_file == kit.out / "a" / "cert.pem"
     settings = site.broker.settings("x")
     assert settings.tls is not None and settings.port == 8884
@@ -166,7 +166,7 @@ def test_the_command_line_provisions_then_refuses_to_do_it_again(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["provision", "--out", str(tmp_path / "f"), "--job", "j", "--sites", "a,b"]
-    args += ["--broker-host", "h.example"]
+    args += ["--broker-host", "localhost"]
     assert main(args) == 0
     assert "mosquitto -c" in capsys.readouterr().out
     assert main(args) == 2
