@@ -126,14 +126,16 @@ def test_a_junk_flood_is_counted_and_answered_only_a_few_times() -> None:
 
 
 class RevokedMidJob(Agent):
-    """After its first update, site e's certificate is revoked; its process goes on."""
+    """Site e's certificate is revoked while it evaluates round 1 (its update of round 1 was
+    already aggregated: evaluation starts only once the training turn closed); its process
+    goes on."""
 
     revocations: Path
 
     def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
-        super()._publish(envelope, cast)
-        if self.site_id == EVIL and envelope.kind == Kind.DONE:
+        if self.site_id == EVIL and envelope.kind == Kind.METRICS and envelope.round == 0:
             self.revocations.write_text(json.dumps({"identities": [EVIL]}))
+        super()._publish(envelope, cast)
 
 
 def test_the_aggregator_refuses_a_revoked_site_before_the_broker_does(tmp_path: Path) -> None:
