@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck check bench demo clean
+.PHONY: setup test lint typecheck check bench demo clean wheelhouse images compose-demo
 
 setup:
 	bash scripts/setup.sh
@@ -31,6 +31,7 @@ bench: setup
 	$(PY) bench/chaos.py --write-docs
 	$(PY) bench/fuzz.py --write-docs
 	$(PY) bench/flood.py --write-docs
+	$(PY) bench/containers.py --write-docs
 
 
 clean:
@@ -38,3 +39,14 @@ clean:
 
 demo: setup
 	$(VENV)/bin/medsplit demo --mode split-u --orchestration sequential --sites 3 --dataset breast-cancer
+
+# Containers (docs/deployment.md). The wheelhouse is what an air-gapped host needs to build the
+# images: `make wheelhouse` where PyPI is reachable, copy it, `make images OFFLINE=1` there.
+wheelhouse: setup
+	bash scripts/wheelhouse.sh
+
+images: setup
+	bash scripts/images.sh
+
+compose-demo: images
+	$(PY) -m experiments.compose_demo --out runs/compose-demo

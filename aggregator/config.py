@@ -8,7 +8,8 @@
 * ``state``: where the run's report and weights go;
 * ``checkpoint``: where the job is saved after every round, and how many saves are kept;
 * ``security``: revocations the aggregator enforces itself, bounds on what a site may claim;
-* ``aggregation``: the weighted mean, or a robust median / trimmed mean with clipping.
+* ``aggregation``: the weighted mean, or a robust median / trimmed mean with clipping;
+* ``http``: the health endpoints a probe asks (``/healthz``, ``/readyz``).
 
 Validation runs twice: first with the plan unchecked, so that a typo anywhere is reported in a
 fraction of a second, then in full, which builds the plan's architecture (torch).
@@ -31,6 +32,7 @@ from pydantic import (
 )
 
 from medsplit.config import BrokerConfig, FileSettings, OptimizerConfig, WaitSettings
+from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, check_site_ids
 from medsplit.modes import MODES, Mode, Orchestration, WireDtype
 from models import ConfigError, SplitPlan
@@ -224,6 +226,9 @@ class JobConfig(FileSettings):
     )
     aggregation: AggregationSettings = Field(
         AggregationSettings(), description="mean or robust aggregation (docs/security.md)"
+    )
+    http: HttpSettings = Field(
+        HttpSettings(), description="/healthz and /readyz for probes (docs/deployment.md)"
     )
     file_fields: ClassVar[tuple[str, ...]] = (
         *FileSettings.file_fields,

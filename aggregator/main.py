@@ -21,8 +21,15 @@ from aggregator.checkpoint import CheckpointMismatch, CheckpointStore
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator, JobFailed, JobInterrupted
 from aggregator.report import build_report, write_report, write_run
+from medsplit.health import Check, certificate_valid, connected, start_health, writable
 from medsplit.ids import AGGREGATOR_ID
-from medsplit.wiring import JobAlreadyCoordinated, mqtt_connector, open_aggregator
+from medsplit.wiring import (
+    Connector,
+    JobAlreadyCoordinated,
+    Party,
+    mqtt_connector,
+    open_aggregator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +39,47 @@ EXIT_ALREADY_COORDINATED = 3
 
 def run(config: JobConfig, *, events: bool = False, fresh: bool = False) -> int:
     """Run the job to the end; returns the process exit status."""
+    if config.checkpoint.enabled and fresh:
+        store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint.keep)
+        for old in store.paths():
+            old.unlink()
+        log.info("--fresh: removed the checkpoints of job %s", config.job_id)
+    connector = mqtt_connector(config.broker, AGGREGATOR_ID)  # checks the certificate first
+    parties: list[Party] = []  # the health server's view of the connection, once there is one
+    health = start_health(config.http, _readiness(config, parties), "aggregator")
+    try:
+        return _run(config, connector, parties, events=events)
+    finally:
+        if health is not None:
+            health.stop()
+
+
+def _readiness(config: JobConfig, parties: list[Party]) -> dict[str, Check]:
+    checks = {"broker": connected(lambda: parties[0].transport if parties else None)}
+    if config.checkpoint.enabled:
+        checks["checkpoints"] = writable(config.checkpoint_dir)
+    tls = config.broker.tls
+    checks["certificate"] = certificate_valid(
+        tls.cert_file if tls else None, config.http.ready_cert_days
+    )
+    return checks
+
+
+def _run(config: JobConfig, connector: Connector, parties: list[Party], *, events: bool) -> int:
     store = None
     if config.checkpoint.enabled:
         store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint.keep)
-        if fresh:
-            for old in store.paths():
-                old.unlink()
-            log.info("--fresh: removed the checkpoints of job %s", config.job_id)
     try:
         party = open_aggregator(
             config.job_id,
-            mqtt_connector(config.broker, AGGREGATOR_ID),
+            connector,
             client_id=config.broker.client_id,
             check_timeout_s=config.broker.publish_timeout_s,
         )
     except JobAlreadyCoordinated as exc:
         log.error("refusing to start: %s", exc)
         return EXIT_ALREADY_COORDINATED
+    parties.append(party)
     log.info(
         "aggregator of job %s online (epoch %s): %s, %s, %d sites, %d rounds",
         config.job_id,

@@ -4,7 +4,8 @@
 * ``data``: where this hospital's training data comes from (DICOM, CSV, or a built-in share);
 * ``broker``: the shared broker group of ``medsplit.config``;
 * ``waits``: how patient the agent is with the aggregator, and how often it says so;
-* ``state``: the directory that holds this site's layers, its final model and ``model.onnx``.
+* ``state``: the directory that holds this site's layers, its final model and ``model.onnx``;
+* ``http``: the health endpoints a probe asks (``/healthz``, ``/readyz``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import (
 
 from edge_agent.data.settings import BuiltinData, CsvData, DicomData
 from medsplit.config import BrokerConfig, FileSettings, WaitSettings
+from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, RESERVED_IDS
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
@@ -90,6 +92,9 @@ class SiteConfig(FileSettings):
     )
     waits: SiteWaits = SiteWaits()
     state: SiteState = SiteState()
+    http: HttpSettings = Field(
+        HttpSettings(), description="/healthz and /readyz for probes (docs/deployment.md)"
+    )
 
     @field_validator("site_id")
     @classmethod

@@ -18,7 +18,8 @@ from edge_agent.data.csv_source import load_csv_site
 from edge_agent.data.datasets import SiteData
 from edge_agent.data.dicom_source import load_dicom_site
 from edge_agent.data.settings import CsvData, DicomData
-from medsplit.wiring import mqtt_connector, open_site
+from medsplit.health import Check, certificate_valid, connected, start_health
+from medsplit.wiring import Connector, Party, mqtt_connector, open_site
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,30 @@ def load_data(config: SiteConfig) -> SiteData:
 
 
 def run(config: SiteConfig) -> int:
+    connector = mqtt_connector(config.broker, config.site_id)  # checks the certificate first
+    parties: list[Party] = []
+    loaded: list[SiteData] = []
+    checks: dict[str, Check] = {
+        "data": lambda: None if loaded else "loading the site's data",
+        "broker": connected(lambda: parties[0].transport if parties else None),
+        "certificate": certificate_valid(
+            config.broker.tls.cert_file if config.broker.tls else None,
+            config.http.ready_cert_days,
+        ),
+    }
+    health = start_health(config.http, checks, config.site_id)
+    try:
+        return _run(config, connector, parties, loaded)
+    finally:
+        if health is not None:
+            health.stop()
+
+
+def _run(
+    config: SiteConfig, connector: Connector, parties: list[Party], loaded: list[SiteData]
+) -> int:
     data = load_data(config)
+    loaded.append(data)
     device = pick_device(config.device)
     log.info(
         "%s: %d training and %d test samples on %s",
@@ -64,12 +88,8 @@ def run(config: SiteConfig) -> int:
         len(data.y_test),
         device,
     )
-    party = open_site(
-        config.job_id,
-        config.site_id,
-        mqtt_connector(config.broker, config.site_id),
-        client_id=config.broker.client_id,
-    )
+    party = open_site(config.job_id, config.site_id, connector, client_id=config.broker.client_id)
+    parties.append(party)
     agent = Agent(
         config.site_id,
         config.job_id,

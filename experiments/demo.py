@@ -107,7 +107,7 @@ def run_demo(options: DemoOptions) -> int:
     if report is None:
         console.print(f"[red]the job did not complete[/red]; logs are in {logs}")
         return code or 1
-    _print_results(report, console)
+    print_results(report, console)
     _print_models(options.out, report["sites"], console)
     return code
 
@@ -209,7 +209,7 @@ def _terminate(processes: list[subprocess.Popen[str]]) -> None:
             process.kill()
 
 
-def _print_results(report: dict[str, Any], console: Console) -> None:
+def print_results(report: dict[str, Any], console: Console) -> None:
     final = report["final"]
     table = Table(
         title=f"{report['mode']} / {report['orchestration']} on {report['dataset']}, after {report['rounds']} rounds"

@@ -7,7 +7,9 @@ one-line error (exit status 2) instead of a traceback when a file or flag is wro
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -138,7 +140,6 @@ def _describe_synth(folder: Path) -> str:
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
     """Per-site sums out, combined statistics back: normalisation without pooling raw values."""
-    import json
 
     from edge_agent.config import SiteConfig
     from edge_agent.data.csv_source import site_sums
@@ -165,7 +166,6 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def _sums_from_json(path: Path) -> Any:
-    import json
 
     import torch
 
@@ -189,14 +189,16 @@ def _cmd_provision(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     try:
-        if args.add_site or args.renew or args.revoke:
+        if args.add_site or args.renew or args.revoke or (args.helm and out.exists()):
             kit = Provisioner(out)
             if args.add_site:
                 lines = kit.add_site(args.add_site)
             elif args.renew:
                 lines = kit.renew(args.renew)
-            else:
+            elif args.revoke:
                 lines = kit.revoke(args.revoke)
+            else:
+                lines = kit.enable_helm(args.helm_namespace)
         else:
             if args.federation:
                 federation = load_federation(Path(args.federation))
@@ -209,10 +211,13 @@ def _cmd_provision(args: argparse.Namespace) -> int:
                     "validity_days": args.validity_days,
                     "bind_address": args.bind_address,
                     "broker_user": args.broker_user,
+                    "helm_namespace": args.helm_namespace if args.helm else None,
                 }
                 federation = validate(
                     Federation, {k: v for k, v in fields.items() if v is not None}, "flags"
                 )
+            if args.helm and args.federation:
+                federation = federation.model_copy(update={"helm_namespace": args.helm_namespace})
             Provisioner.create(federation, out)
             lines = _provisioned(out, federation)
     except PkiError as exc:
@@ -224,6 +229,8 @@ def _cmd_provision(args: argparse.Namespace) -> int:
 
 
 def _provisioned(out: Path, federation: Any) -> list[str]:
+    from medsplit.security.helm_files import describe
+
     return [
         f"{out / 'ca'}: the CA (ca.key is 0600: move it offline once the kits are out)",
         f"{out / 'mosquitto'}: mosquitto -c {out / 'mosquitto' / 'mosquitto.conf'}",
@@ -231,7 +238,32 @@ def _provisioned(out: Path, federation: Any) -> list[str]:
         *(f"{out / site}: certificate and site.yaml fragment" for site in federation.sites),
         f"certificates valid {federation.validity_days:g} days: renew with "
         f"`medsplit provision --out {out} --renew ID`",
+        *(describe(out, federation) if federation.helm_namespace else []),
     ]
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    """A container's HEALTHCHECK: exit 0 when the process's /readyz says ready."""
+    import urllib.error
+    import urllib.request
+
+    url = args.url or f"http://127.0.0.1:{os.environ.get('MEDSPLIT_HTTP__PORT', '8080')}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:  # 503: not ready, and the body says why
+        try:
+            checks = json.loads(exc.read()).get("checks", {})
+            reasons = "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
+        except (ValueError, AttributeError):
+            reasons = exc.reason
+        print(f"not ready ({url}): {reasons}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"no answer from {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    print(f"ready ({url}): {', '.join(body.get('checks', {}))}")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -360,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=_cmd_data_stats)
     _add_provision_command(commands)
     _add_model_commands(commands)
+    probe = commands.add_parser(
+        "probe", help="exit 0 when a process's /readyz says ready (a container's HEALTHCHECK)"
+    )
+    probe.add_argument(
+        "--url", help="default: http://127.0.0.1:$MEDSPLIT_HTTP__PORT/readyz (port 8080)"
+    )
+    probe.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    probe.set_defaults(func=_cmd_probe)
     return parser
 
 
@@ -385,6 +425,16 @@ def _add_provision_command(commands: Any) -> None:
     change.add_argument("--add-site", metavar="SITE", help="issue a new site's kit")
     change.add_argument("--renew", metavar="ID", help="renew broker, aggregator or a site")
     change.add_argument("--revoke", metavar="SITE", help="revoke a site: CRL, ACL, aggregator")
+    provision.add_argument(
+        "--helm",
+        action="store_true",
+        help="also write DIR/helm: values and Secret manifests for both charts (kept current by "
+        "every later change); on an existing folder, the broker certificate is renewed to name "
+        "its in-cluster service",
+    )
+    provision.add_argument(
+        "--helm-namespace", default="medsplit", help="the Kubernetes namespace (medsplit)"
+    )
     provision.set_defaults(func=_cmd_provision)
 
 

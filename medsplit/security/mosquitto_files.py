@@ -50,8 +50,9 @@ def acl(federation: Federation) -> str:
     return "\n".join(lines) + "\n"
 
 
-def config(federation: Federation, folder: Path) -> str:
-    """``mosquitto.conf`` whose files are in ``folder`` (as the broker sees them)."""
+def config(federation: Federation, folder: Path, data: Path | None = None) -> str:
+    """``mosquitto.conf`` whose files are in ``folder`` and persistence in ``data`` (default
+    ``folder/data``), both as the broker sees them."""
     listener = f"listener {federation.port}"
     if federation.bind_address:
         listener += f" {federation.bind_address}"
@@ -76,7 +77,7 @@ def config(federation: Federation, folder: Path) -> str:
         "set_tcp_nodelay true",
         "",
         "persistence true",
-        f"persistence_location {folder / 'data'}/",
+        f"persistence_location {data or folder / 'data'}/",
         "autosave_interval 30",
         # Sites briefly offline get what was sent meanwhile; bounded, not unlimited.
         "max_queued_messages 100000",

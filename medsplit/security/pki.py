@@ -276,6 +276,12 @@ class CertificateAuthority:
 WARN_BEFORE_DAYS = 7  # a certificate this close to expiry is logged as a warning at start
 
 
+def days_left(path: Path) -> float:
+    """Days until the certificate in ``path`` expires (negative once it has)."""
+    left = read_certificate(path).not_valid_after_utc - now()
+    return left.total_seconds() / 86400
+
+
 def describe_client_certificate(path: Path, identity: str) -> tuple[str, bool]:
     """What a process says at start about its certificate, and whether it is a warning.
 

@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from medsplit.ids import AGGREGATOR_ID, ID_PATTERN, RESERVED_IDS, check_site_ids
-from medsplit.security import mosquitto_files
+from medsplit.security import helm_files, mosquitto_files
 from medsplit.security.pki import (
     CertificateAuthority,
     Issued,
@@ -65,8 +65,17 @@ class Federation(BaseModel):
         description="where the broker will find DIR/mosquitto's files (e.g. /mosquitto/config "
         "in a container); default: that folder itself",
     )
+    broker_data_dir: Path | None = Field(
+        None, description="where the broker keeps its persistence; default: BROKER_DIR/data"
+    )
     broker_user: str | None = Field(
         None, description="the OS user Mosquitto runs as (its 'user' option)"
+    )
+    helm_namespace: str | None = Field(
+        None,
+        pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+        description="also write DIR/helm (values and Secrets for both charts) for this "
+        "Kubernetes namespace; the broker's certificate then names its in-cluster service too",
     )
 
     @field_validator("sites")
@@ -179,7 +188,7 @@ class Provisioner:
 
     def _issue(self, identity: str, role: Role) -> Issued:
         fed = self.federation
-        hosts = tuple(fed.broker_hosts) if role == "broker" else ()
+        hosts = (*fed.broker_hosts, *helm_files.in_cluster_hosts(fed)) if role == "broker" else ()
         key, cert = self.ca.issue(identity, role, fed.validity_days, hosts=hosts)
         folder = self.out / ("mosquitto" if role == "broker" else identity)
         folder.mkdir(parents=True, exist_ok=True)
@@ -198,7 +207,8 @@ class Provisioner:
         broker = self.out / "mosquitto"
         atomic_write(broker / "crl.pem", self.ca.crl_path.read_bytes())
         atomic_write(broker / "acl", mosquitto_files.acl(self.federation).encode())
-        config = mosquitto_files.config(self.federation, self.federation.broker_dir or broker)
+        fed = self.federation
+        config = mosquitto_files.config(fed, fed.broker_dir or broker, fed.broker_data_dir)
         atomic_write(broker / "mosquitto.conf", config.encode())
         (broker / "data").mkdir(exist_ok=True)
         revocations = {
@@ -210,6 +220,18 @@ class Provisioner:
             self.out / AGGREGATOR_ID / "revocations.json",
             (json.dumps(revocations, indent=1) + "\n").encode(),
         )
+        if fed.helm_namespace:
+            helm_files.write(self.out, fed)
+
+    def enable_helm(self, namespace: str) -> list[str]:
+        """Write DIR/helm for ``namespace`` from now on; the broker's certificate is renewed
+        when it does not yet name the in-cluster service there."""
+        renew = self.federation.helm_namespace != namespace
+        self.federation = _checked(self.federation, helm_namespace=namespace)
+        _save_federation(self.out, self.federation)
+        lines = self.renew(BROKER_ID) if renew else []
+        self._publish()
+        return [*lines, *helm_files.describe(self.out, self.federation)]
 
 
 def site_fragment(fed: Federation, site: str) -> dict[str, Any]:

@@ -1,0 +1,22 @@
+{{/* What only the edge chart decides. */}}
+
+{{/* site.yaml: the values' site, with what the chart decides (paths, broker, HTTP) set over it. */}}
+{{- define "medsplit.siteConfig" -}}
+{{- $site := deepCopy (default dict .Values.site.config) -}}
+{{- $_ := set $site "site_id" (required "site.siteId is required (medsplit provision --helm writes it)" .Values.site.siteId) -}}
+{{- $_ := set $site "job_id" (required "site.jobId is required (medsplit provision --helm writes it)" .Values.site.jobId) -}}
+{{- $tls := dict "ca_file" "/etc/medsplit/tls/ca.pem" "cert_file" "/etc/medsplit/tls/cert.pem" "key_file" "/etc/medsplit/tls/key.pem" -}}
+{{- $url := required "site.brokerUrl is required: mqtts://HOST:PORT as this hospital reaches the broker" .Values.site.brokerUrl -}}
+{{- $_ := set $site "broker" (merge (dict "url" $url "tls" $tls) (default dict $site.broker)) -}}
+{{- $data := deepCopy .Values.data.config -}}
+{{- if eq (default "dicom" $data.source) "dicom" -}}
+{{- $_ := set $data "folder" "/data" -}}
+{{- else if eq $data.source "csv" -}}
+{{- $_ := set $data "path" (printf "/data/%s" (required "data.config.path is required for a CSV table (relative to the data folder)" $data.path)) -}}
+{{- end -}}
+{{- $_ := set $site "data" $data -}}
+{{- $_ := set $site "device" (ternary "cuda" "cpu" .Values.gpu.enabled) -}}
+{{- $_ := set $site "state" (dict "dir" "/var/lib/medsplit/state") -}}
+{{- $_ := set $site "http" (dict "host" "0.0.0.0" "port" .Values.httpPort "ready_cert_days" .Values.readyCertDays) -}}
+{{- toYaml $site -}}
+{{- end -}}

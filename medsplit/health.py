@@ -1,0 +1,217 @@
+"""Liveness and readiness over HTTP: what a Kubernetes probe or a Docker ``HEALTHCHECK`` asks.
+
+Both processes serve ``GET /healthz`` (the process answers: alive), ``GET /readyz`` (every
+readiness check passes: 200, else 503 naming the checks that fail and why) and ``GET /metrics``
+(prometheus_client's registry: the process collectors now, the job's own metrics as they are
+added). Checks are plain
+callables returning ``None`` when fine or a sentence saying what is wrong, so each process
+states its own (the aggregator: broker connected, checkpoint directory writable, certificate
+valid long enough; an agent: data loaded, broker connected) and this module stays ignorant of
+both.
+
+The server is Starlette on uvicorn (the ASGI stack ``medsplit serve`` already uses), in a
+daemon thread: a probe must be answered while the process trains. Starlette and uvicorn load
+only when a port is configured, so the kernel stays light.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+Check = Callable[[], "str | None"]  # None: fine; otherwise what is wrong, in one sentence
+
+
+class HttpSettings(BaseModel):
+    """The process's health endpoints (``/healthz``, ``/readyz``, ``/metrics``) for probes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int | None = Field(
+        None, ge=0, le=65535, description="serve /healthz, /readyz, /metrics here; none: off"
+    )
+    host: str = Field(
+        "127.0.0.1", description="address to listen on (0.0.0.0 in a pod, for the kubelet)"
+    )
+    ready_cert_days: float = Field(
+        1.0, ge=0, description="not ready when the process's certificate expires sooner than this"
+    )
+
+
+class HealthServer:
+    """``/healthz`` and ``/readyz`` for one process, served from a daemon thread."""
+
+    def __init__(self, settings: HttpSettings, checks: Mapping[str, Check], process: str) -> None:
+        self.settings = settings
+        self.checks = dict(checks)
+        self.process = process
+        self.port: int | None = None
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    def readiness(self) -> dict[str, str]:
+        """Each check's verdict: "ok" or what is wrong. A check that raises is not ready."""
+        verdicts = {}
+        for name, check in self.checks.items():
+            try:
+                problem = check()
+            except Exception as exc:  # a broken check must not take the probe endpoint down
+                problem = f"the check failed: {exc}"
+            verdicts[name] = problem or "ok"
+        return verdicts
+
+    def start(self) -> int:
+        """Listen and return the port (the one asked for, or the free one port 0 picked)."""
+        import uvicorn  # noqa: PLC0415  (only with a port: the kernel stays light)
+
+        config = uvicorn.Config(
+            self._app(),
+            host=self.settings.host,
+            port=self.settings.port or 0,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+        self._thread = threading.Thread(target=server.run, name=f"{self.process}-http", daemon=True)
+        self._thread.start()
+        while not server.started:
+            if not self._thread.is_alive():
+                raise OSError(
+                    f"http: cannot listen on {self.settings.host}:{self.settings.port} "
+                    "(in use, or not an address of this host)"
+                )
+            time.sleep(0.01)  # uvicorn signals readiness only through this flag
+        sockets = [s for srv in server.servers for s in srv.sockets]
+        self.port = int(sockets[0].getsockname()[1])
+        log.info(
+            "%s health endpoints on http://%s:%d (/healthz, /readyz, /metrics)",
+            self.process,
+            self.settings.host,
+            self.port,
+        )
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def _app(self) -> Any:
+        from starlette.applications import Starlette  # noqa: PLC0415
+        from starlette.requests import Request  # noqa: PLC0415
+        from starlette.responses import JSONResponse, Response  # noqa: PLC0415
+        from starlette.routing import Route  # noqa: PLC0415
+
+        async def healthz(request: Request) -> JSONResponse:
+            return JSONResponse({"status": "alive", "process": self.process})
+
+        def readyz(request: Request) -> JSONResponse:  # sync: Starlette runs it in a thread
+            verdicts = self.readiness()
+            ready = all(v == "ok" for v in verdicts.values())
+            return JSONResponse(
+                {"ready": ready, "process": self.process, "checks": verdicts},
+                status_code=200 if ready else 503,
+            )
+
+        def metrics(request: Request) -> Response:
+            from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
+
+            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+        async def not_found(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse(
+                {
+                    "error": "not found",
+                    "reason": f"{request.url.path}: try /healthz, /readyz or /metrics",
+                },
+                status_code=404,
+            )
+
+        async def not_allowed(request: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse(
+                {"error": "method not allowed", "reason": f"{request.method}: only GET"},
+                status_code=405,
+            )
+
+        return Starlette(
+            routes=[
+                Route("/healthz", healthz),
+                Route("/readyz", readyz),
+                Route("/metrics", metrics),
+            ],
+            exception_handlers={404: not_found, 405: not_allowed},
+        )
+
+
+def start_health(
+    settings: HttpSettings, checks: Mapping[str, Check], process: str
+) -> HealthServer | None:
+    """A started server when ``settings.port`` is set; ``None`` when health HTTP is off."""
+    if settings.port is None:
+        return None
+    server = HealthServer(settings, checks, process)
+    server.start()
+    return server
+
+
+# -- checks both processes use ---------------------------------------------------------------------
+
+
+def connected(transport: Callable[[], Any]) -> Check:
+    """Ready only while the broker connection is up (``transport()`` may be None: not yet)."""
+
+    def check() -> str | None:
+        current = transport()
+        if current is None:
+            return "not connected to the broker yet"
+        return None if current.connected else "the broker connection is down (reconnecting)"
+
+    return check
+
+
+def writable(folder: Path) -> Check:
+    """Ready only while ``folder`` takes a file: a full or read-only volume means no checkpoint."""
+
+    def check() -> str | None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle, name = tempfile.mkstemp(prefix=".probe-", dir=folder)
+            os.close(handle)
+            os.unlink(name)
+        except OSError as exc:
+            return f"{folder} is not writable: {exc.strerror or exc}"
+        return None
+
+    return check
+
+
+def certificate_valid(path: Path | None, min_days: float) -> Check:
+    """Ready only while the process's certificate lives at least ``min_days`` longer."""
+
+    def check() -> str | None:
+        if path is None:
+            return None  # plaintext on loopback (broker.insecure): no certificate to expire
+        from medsplit.security.pki import PkiError, days_left  # noqa: PLC0415
+
+        try:
+            days = days_left(path)
+        except PkiError as exc:
+            return str(exc)
+        if days < min_days:
+            return f"{path}: the certificate expires in {days:.1f} days (< {min_days:g}); renew it"
+        return None
+
+    return check

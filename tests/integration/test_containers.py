@@ -1,0 +1,174 @@
+"""The images built for real and the compose trial run to the end with mutual TLS.
+
+The fixtures build what `make compose-demo` builds, the way it builds it: a Docker engine
+(Debian's docker.io and a dockerd started with --bridge=none --iptables=false when none answers),
+the base images from a debootstrapped Debian when absent, the wheelhouse, both images. No
+registry is reachable here, every container uses host networking, so all traffic stays on
+127.0.0.1. If Docker cannot start, the test fails saying why; it never skips itself.
+
+The trial: Mosquitto from the provisioned config, the aggregator, two agents with DICOM folders.
+Mid-job the aggregator's container is killed with SIGKILL from the host, as a crash or the OOM
+killer would; Docker restarts it, it resumes from its checkpoint, and the job completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from experiments.compose_demo import (
+    REPO,
+    SITES,
+    ComposeRun,
+    docker_inspect,
+    down,
+    prepare,
+    state,
+    up,
+    wait_for_aggregator,
+)
+
+pytestmark = pytest.mark.integration
+ROUNDS = 5
+
+
+def _script(name: str, timeout: float) -> str:
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / name)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"scripts/{name}: {done.stderr.strip().splitlines()[-1:]}", pytrace=False)
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def images() -> Iterator[None]:
+    """Both images built; a dockerd this fixture started is stopped at the end."""
+    engine = _script("docker_engine.sh", 600).strip()
+    try:
+        _script("images.sh", 1200)
+        yield
+    finally:
+        if engine.startswith("started"):
+            pid = int(engine.split()[1])
+            os.kill(pid, signal.SIGTERM)
+            _wait_gone(pid, 60)
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)  # polling a process that is not ours to wait() for
+    raise AssertionError(f"dockerd {pid} still running {timeout:g} s after SIGTERM")
+
+
+def _until(what: str, predicate: object, timeout: float) -> None:
+    """Poll ``predicate`` (a callable) until true; fail naming ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():  # type: ignore[operator]
+            return
+        time.sleep(0.2)  # a file or a container state on the host: nothing to block on
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+@pytest.fixture
+def trial(images: None, tmp_path: Path) -> Iterator[ComposeRun]:
+    run = prepare(
+        tmp_path / "trial", rounds=ROUNDS, per_site=32, project=f"medsplit-test-{os.getpid()}"
+    )
+    try:
+        yield run
+    finally:
+        down(run)
+        left = subprocess.run(
+            [
+                "docker",
+                "ps",
+                "--all",
+                "--quiet",
+                "--filter",
+                f"label=com.docker.compose.project={run.project}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        assert left.stdout.strip() == "", "compose down left containers behind"
+
+
+def test_the_compose_trial_survives_a_killed_aggregator_and_completes(trial: ComposeRun) -> None:
+    up(trial)
+    aggregator = trial.container("aggregator")
+
+    # Hardened as the compose file says, and as the kernel sees it.
+    for service in ("aggregator", *SITES):
+        container = trial.container(service)
+        assert docker_inspect(container, "{{.HostConfig.ReadonlyRootfs}}") == "true", service
+        assert docker_inspect(container, "{{.HostConfig.NetworkMode}}") == "host", service
+        written = subprocess.run(
+            ["docker", "exec", container, "touch", "/opt/medsplit/x"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert written.returncode != 0
+        assert "Read-only file system" in written.stderr, service
+        uid = subprocess.run(
+            ["docker", "exec", container, "id", "-u"], capture_output=True, text=True, check=True
+        )
+        assert uid.stdout.strip() != "0", service
+    assert docker_inspect(trial.container("broker"), "{{.Config.User}}").split(":")[0] != "0"
+    # The health checks passed (compose started the agents only once the aggregator was ready).
+    assert docker_inspect(aggregator, "{{.State.Health.Status}}") == "healthy"
+
+    first = trial.checkpoints / "compose-demo" / "round-00001.safetensors"
+    _until("the checkpoint of round 1", first.is_file, 300)
+    assert not trial.report.exists(), "the job ended before the kill: make it longer"
+    pid = int(docker_inspect(aggregator, "{{.State.Pid}}"))
+    os.kill(pid, signal.SIGKILL)  # the container's init, from the host: a crash, not a stop
+    _until(
+        "Docker to restart the killed aggregator",
+        lambda: (
+            int(docker_inspect(aggregator, "{{.RestartCount}}")) >= 1
+            and state(trial, "aggregator") == "running"
+        ),
+        120,
+    )
+    assert wait_for_aggregator(trial, 600) == 0
+
+    report = json.loads(trial.report.read_text())
+    assert report["status"] == "completed"
+    assert len(report["history"]) == ROUNDS
+    assert report["faults"]["resumed_from"] is not None  # it went on from a checkpoint
+    assert set(report["final"]["sites"]) == set(SITES)
+    for site in SITES:
+        assert (trial.run / site / "state" / "model.onnx").is_file(), site
+    logs = trial.compose("logs", "--no-color", "broker").stdout
+    for identity in ("aggregator", *SITES):  # mutual TLS: the broker knew each by its CN
+        assert f"u'{identity}'" in logs, identity
+
+
+def test_the_compose_file_is_valid_for_docker_compose(trial: ComposeRun) -> None:
+    rendered = trial.compose("config", "--format", "json").stdout
+    services = json.loads(rendered)["services"]
+    assert set(services) == {"broker", "aggregator", *SITES}
+    for name, service in services.items():
+        assert service["network_mode"] == "host", name
+        assert service["read_only"] is True, name
+        assert service["cap_drop"] == ["ALL"], name
