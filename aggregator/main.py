@@ -37,8 +37,18 @@ EXIT_FAILED = 1
 EXIT_ALREADY_COORDINATED = 3
 
 
-def run(config: JobConfig, *, events: bool = False, fresh: bool = False) -> int:
-    """Run the job to the end; returns the process exit status."""
+def run(
+    config: JobConfig, *, events: bool = False, fresh: bool = False, linger: bool = False
+) -> int:
+    """Run the job to the end; returns the process exit status. With ``linger`` the process
+    then stays up, serving its health endpoints, until SIGTERM (``--after-finish wait``)."""
+    done = None if fresh else _completed(config)
+    if done is not None:
+        log.info(
+            "job %s already completed (%s): nothing to do; --fresh starts it over",
+            config.job_id,
+            done,
+        )
     if config.checkpoint.enabled and fresh:
         store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint.keep)
         for old in store.paths():
@@ -48,10 +58,26 @@ def run(config: JobConfig, *, events: bool = False, fresh: bool = False) -> int:
     parties: list[Party] = []  # the health server's view of the connection, once there is one
     health = start_health(config.http, _readiness(config, parties), "aggregator")
     try:
-        return _run(config, connector, parties, events=events)
+        code = 0 if done is not None else _run(config, connector, parties, events=events)
+        if linger and health is not None and code == 0:
+            health.linger(f"job {config.job_id} is over; its report is in {config.output_dir}")
+        return code
     finally:
         if health is not None:
             health.stop()
+
+
+def _completed(config: JobConfig) -> Path | None:
+    """The report of this job when it completed and every site confirmed its final model: a
+    restarted pod must not run it again. A site that has not confirmed is served its model by
+    a restart (docs/operations.md), so such a job is not done yet."""
+    report = config.output_dir / "report.json"
+    try:
+        data = json.loads(report.read_text())
+        done = data["job_id"] == config.job_id and data["status"] == "completed"
+        return report if done and not data["faults"]["unconfirmed_finish"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no report, or not one this version understands: run the job
 
 
 def _readiness(config: JobConfig, parties: list[Party]) -> dict[str, Check]:

@@ -55,7 +55,9 @@ def load_data(config: SiteConfig) -> SiteData:
     )
 
 
-def run(config: SiteConfig) -> int:
+def run(config: SiteConfig, *, linger: bool = False) -> int:
+    """Take part in the job until it ends; with ``linger``, then stay up serving health until
+    SIGTERM (``--after-finish wait``: a pod is not restarted into a finished job)."""
     connector = mqtt_connector(config.broker, config.site_id)  # checks the certificate first
     parties: list[Party] = []
     loaded: list[SiteData] = []
@@ -69,7 +71,10 @@ def run(config: SiteConfig) -> int:
     }
     health = start_health(config.http, checks, config.site_id)
     try:
-        return _run(config, connector, parties, loaded)
+        code, finished = _run(config, connector, parties, loaded)
+        if linger and finished and health is not None:
+            health.linger(f"{config.site_id}: the job is over; its model is in {config.state.dir}")
+        return code
     finally:
         if health is not None:
             health.stop()
@@ -77,7 +82,8 @@ def run(config: SiteConfig) -> int:
 
 def _run(
     config: SiteConfig, connector: Connector, parties: list[Party], loaded: list[SiteData]
-) -> int:
+) -> tuple[int, bool]:
+    """The exit status, and whether the job finished (rather than this agent being stopped)."""
     data = load_data(config)
     loaded.append(data)
     device = pick_device(config.device)
@@ -114,8 +120,8 @@ def _run(
         agent.run()
     except NotInJob as exc:
         log.error("%s: refused by the aggregator: %s", config.site_id, exc)
-        return EXIT_NOT_IN_JOB
+        return EXIT_NOT_IN_JOB, False
     finally:
         signal.signal(signal.SIGTERM, previous)
         party.close()
-    return 0
+    return 0, agent.finished

@@ -62,7 +62,7 @@ def _cmd_aggregator(args: argparse.Namespace) -> int:
         )
     from aggregator.main import run  # the CLI is the composition root: processes load lazily
 
-    return run(config, events=args.events, fresh=args.fresh)
+    return run(config, events=args.events, fresh=args.fresh, linger=args.after_finish == "wait")
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
@@ -73,7 +73,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from edge_agent.main import run
 
     try:
-        return run(config)
+        return run(config, linger=args.after_finish == "wait")
     except DataError as exc:  # the site's data, checked before it joins the job
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -350,12 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start the job over, ignoring (and then replacing) its checkpoints",
     )
+    _add_after_finish(agg)
     agg.set_defaults(func=_cmd_aggregator)
 
     agent = commands.add_parser("agent", help="run an edge agent (hospital side)")
     agent.add_argument(
         "--config", required=True, help="site YAML; MEDSPLIT_* variables override it"
     )
+    _add_after_finish(agent)
     agent.set_defaults(func=_cmd_agent)
 
     from experiments.demo_options import add_demo_arguments
@@ -401,6 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--timeout", type=float, default=3.0, help="seconds")
     probe.set_defaults(func=_cmd_probe)
     return parser
+
+
+def _add_after_finish(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--after-finish",
+        choices=["exit", "wait"],
+        default="exit",
+        help="when the job is over: exit (0), or wait, serving the health endpoints, until "
+        "SIGTERM (Kubernetes restarts every exit; the charts use wait)",
+    )
 
 
 def _add_provision_command(commands: Any) -> None:

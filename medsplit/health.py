@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from models.config_errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +87,21 @@ class HealthServer:
         )
         server = uvicorn.Server(config)
         self._server = server
-        self._thread = threading.Thread(target=server.run, name=f"{self.process}-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(server,), name=f"{self.process}-http", daemon=True
+        )
         self._thread.start()
         while not server.started:
-            if not self._thread.is_alive():
-                raise OSError(
-                    f"http: cannot listen on {self.settings.host}:{self.settings.port} "
-                    "(in use, or not an address of this host)"
+            if not self._thread.is_alive():  # uvicorn could not bind, and said so in its log
+                raise ConfigError(
+                    "http",
+                    [
+                        (
+                            "http.port",
+                            f"cannot listen on {self.settings.host}:{self.settings.port} "
+                            "(in use, or not an address of this host)",
+                        )
+                    ],
                 )
             time.sleep(0.01)  # uvicorn signals readiness only through this flag
         sockets = [s for srv in server.servers for s in srv.sockets]
@@ -102,6 +113,35 @@ class HealthServer:
             self.port,
         )
         return self.port
+
+    @staticmethod
+    def _serve(server: Any) -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn's answer to a port it cannot bind; start() reports it
+            return
+
+    def linger(self, note: str) -> None:
+        """Stay up after the job, ready and serving, until SIGTERM or SIGINT.
+
+        A pod's process that exits is started again (Deployments and StatefulSets restart
+        every exit), and a finished job started again would only wait for sites that left.
+        With ``--after-finish wait`` the process ends its job and then waits here instead."""
+        done = threading.Event()
+
+        def stop(signum: int, frame: object) -> None:
+            done.set()
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        self.checks = {"job": lambda: None}  # the job is over: nothing left to be ready for
+        log.info("%s; waiting for SIGTERM (--after-finish wait)", note)
+        try:
+            while not done.wait(1.0):  # wakes to let Python run the signal handler
+                pass
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def stop(self) -> None:
         if self._server is not None:

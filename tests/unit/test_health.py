@@ -18,6 +18,7 @@ from medsplit.health import (
     start_health,
     writable,
 )
+from models.config_errors import ConfigError
 from tests.support.certs import CertificateAuthority
 
 
@@ -104,3 +105,13 @@ def test_a_certificate_about_to_expire_is_not_ready(tmp_path: Path) -> None:
     missing = certificate_valid(tmp_path / "none.pem", 1)()
     assert missing is not None
     assert "not found" in missing
+
+
+def test_a_port_in_use_is_a_config_error_naming_the_field() -> None:
+    first = HealthServer(HttpSettings(port=0), {}, "aggregator")
+    port = first.start()
+    try:
+        with pytest.raises(ConfigError, match=r"http\.port: cannot listen on 127\.0\.0\.1:"):
+            HealthServer(HttpSettings(port=port), {}, "site-a").start()
+    finally:
+        first.stop()

@@ -132,6 +132,8 @@ def _assert_hardened(pod: dict[str, Any]) -> None:
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     for container in pod["containers"]:
         name = container["name"]
+        if name != "mosquitto":  # a finished job's pod must not be restarted into it
+            assert container["args"][-2:] == ["--after-finish", "wait"], name
         assert "livenessProbe" in container and "readinessProbe" in container, name
         assert container["resources"]["requests"] and container["resources"]["limits"], name
         context = container["securityContext"]
