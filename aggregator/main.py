@@ -20,6 +20,8 @@ import torch
 from aggregator.checkpoint import CheckpointMismatch, CheckpointStore
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator, JobFailed, JobInterrupted
+from aggregator.observability import JobCollector
+from aggregator.observability import status as job_status
 from aggregator.report import build_report, write_report, write_run
 from medsplit.health import Check, certificate_valid, connected, start_health, writable
 from medsplit.ids import AGGREGATOR_ID
@@ -56,9 +58,23 @@ def run(
         log.info("--fresh: removed the checkpoints of job %s", config.job_id)
     connector = mqtt_connector(config.broker, AGGREGATOR_ID)  # checks the certificate first
     parties: list[Party] = []  # the health server's view of the connection, once there is one
-    health = start_health(config.http, _readiness(config, parties), "aggregator")
+    coordinators: list[Coordinator] = []  # and of the job, once it runs
+    health = start_health(
+        config.http,
+        _readiness(config, parties),
+        "aggregator",
+        collectors=[JobCollector(lambda: coordinators[0] if coordinators else None)],
+    )
+    if health is not None:
+        health.status = lambda: (
+            job_status(coordinators[0])
+            if coordinators
+            else {"job_id": config.job_id, "phase": "completed" if done else "connecting"}
+        )
     try:
-        code = 0 if done is not None else _run(config, connector, parties, events=events)
+        code = (
+            0 if done is not None else _run(config, connector, parties, coordinators, events=events)
+        )
         if linger and health is not None and code == 0:
             health.linger(f"job {config.job_id} is over; its report is in {config.output_dir}")
         return code
@@ -91,7 +107,14 @@ def _readiness(config: JobConfig, parties: list[Party]) -> dict[str, Check]:
     return checks
 
 
-def _run(config: JobConfig, connector: Connector, parties: list[Party], *, events: bool) -> int:
+def _run(
+    config: JobConfig,
+    connector: Connector,
+    parties: list[Party],
+    coordinators: list[Coordinator],
+    *,
+    events: bool,
+) -> int:
     store = None
     if config.checkpoint.enabled:
         store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint.keep)
@@ -144,6 +167,7 @@ def _run(config: JobConfig, connector: Connector, parties: list[Party], *, event
         party.close()
         log.error("refusing to start: %s", exc)
         return EXIT_FAILED
+    coordinators.append(coordinator)
     previous = signal.signal(signal.SIGTERM, _stopper(coordinator))
     started = time.monotonic()
     status, code = "completed", 0

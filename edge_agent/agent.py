@@ -33,6 +33,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -65,6 +66,17 @@ from medsplit.wire.frame import MetaValue
 from models.onnx_export import ExportError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """What this agent has done, for its round log line and its /metrics."""
+
+    rounds_trained: int = 0
+    steps: int = 0  # training batches (split: cut-layer round trips)
+    compute_seconds: float = 0.0  # local training time, waiting for the aggregator included
+    last_train_loss: float | None = None
+
 
 STATE_FILE = "edge.safetensors"
 KEPT_REQUESTS = 4
@@ -131,6 +143,7 @@ class Agent:
         self._working_on: str | None = None  # the msg_id of the request in progress
         self.recovery = Recovery(site_id, job_id, state_dir)
         self.resent = 0  # step requests published again
+        self.progress = Progress()
         endpoint.on_reject = self._report_reject
         self._error_replies = error_replies()
         endpoint.on_presence = self._on_presence
@@ -487,14 +500,20 @@ class Agent:
                 first_epoch=env.round * epochs,
             )
             train_loss = sum(losses) / len(losses)
+            batches = -(-self.data.train_samples // self.spec.batch_size)
+            self.progress.steps += batches * epochs
         else:
             every = int(env.meta.get("snapshot_every") or 0)
             train_loss = self._train_split(env.round, epochs, every=every, resumed=resumed)
+        seconds = time.perf_counter() - started
         meta = {
             "samples": self.data.train_samples,
             "train_loss": train_loss,
-            "train_seconds": time.perf_counter() - started,
+            "train_seconds": seconds,
         }
+        self.progress.rounds_trained += 1
+        self.progress.compute_seconds += seconds
+        self.progress.last_train_loss = train_loss
         self._publish(env.reply(self.site_id, Kind.DONE, tensors=segments.state(), meta=meta))
         self.recovery.after_round(segments, env.round)
         self._save()
@@ -526,6 +545,7 @@ class Agent:
                 total_loss += self._step(round, step, xb, yb) * len(idx)
                 seen += len(idx)
                 step += 1
+                self.progress.steps += 1
         return total_loss / max(seen, 1)
 
     def _step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
@@ -648,6 +668,21 @@ class Agent:
             "bytes_down": stats.received_bytes,
         }
         self._publish(env.reply(self.site_id, Kind.METRICS, meta=meta))
+        loss = self.progress.last_train_loss
+        log.info(  # one line per round, for a person following the site's log
+            "%s round %d: train loss %s, held-out accuracy %.3f, AUROC %s, loss %.4f "
+            "(%d samples); %.1f s training in all; %.2f MB up, %.2f MB down",
+            self.site_id,
+            env.round,
+            "n/a" if loss is None else f"{loss:.4f}",
+            metrics.accuracy,
+            "n/a" if metrics.auroc is None else f"{metrics.auroc:.3f}",
+            metrics.loss,
+            metrics.samples,
+            self.progress.compute_seconds,
+            stats.sent_bytes / 1e6,
+            stats.received_bytes / 1e6,
+        )
 
     def _split_logits(self, seg: EdgeSegments, round: int, x: torch.Tensor) -> torch.Tensor:
         """Held-out logits through the aggregator's trunk; labels never travel."""

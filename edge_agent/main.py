@@ -18,6 +18,7 @@ from edge_agent.data.csv_source import load_csv_site
 from edge_agent.data.datasets import SiteData
 from edge_agent.data.dicom_source import load_dicom_site
 from edge_agent.data.settings import CsvData, DicomData
+from edge_agent.observability import AgentCollector
 from medsplit.health import Check, certificate_valid, connected, start_health
 from medsplit.wiring import Connector, Party, mqtt_connector, open_site
 
@@ -69,9 +70,15 @@ def run(config: SiteConfig, *, linger: bool = False) -> int:
             config.http.ready_cert_days,
         ),
     }
-    health = start_health(config.http, checks, config.site_id)
+    agents: list[Agent] = []
+    health = start_health(
+        config.http,
+        checks,
+        config.site_id,
+        collectors=[AgentCollector(lambda: agents[0] if agents else None)],
+    )
     try:
-        code, finished = _run(config, connector, parties, loaded)
+        code, finished = _run(config, connector, parties, loaded, agents)
         if linger and finished and health is not None:
             health.linger(f"{config.site_id}: the job is over; its model is in {config.state.dir}")
         return code
@@ -81,7 +88,11 @@ def run(config: SiteConfig, *, linger: bool = False) -> int:
 
 
 def _run(
-    config: SiteConfig, connector: Connector, parties: list[Party], loaded: list[SiteData]
+    config: SiteConfig,
+    connector: Connector,
+    parties: list[Party],
+    loaded: list[SiteData],
+    agents: list[Agent],
 ) -> tuple[int, bool]:
     """The exit status, and whether the job finished (rather than this agent being stopped)."""
     data = load_data(config)
@@ -110,6 +121,7 @@ def _run(
         export_onnx=config.export_onnx,
         incarnation=party.incarnation,
     )
+    agents.append(agent)
 
     def stop(signum: int, frame: object) -> None:
         log.info("%s: SIGTERM: leaving the job; a restart rejoins it", config.site_id)

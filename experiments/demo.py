@@ -27,6 +27,7 @@ from rich.table import Table
 from experiments.demo_options import DemoOptions
 from experiments.progress import progress_bar
 from medsplit.brokers.embedded import LocalBroker, start_local_broker
+from medsplit.brokers.mosquitto import free_port
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.storage import atomic_write
 
@@ -63,6 +64,7 @@ def write_configs(
         },
         "broker": broker.broker_section(AGGREGATOR_ID),
         "state": {"run_dir": str(options.out.resolve())},
+        "http": {"port": options.http_port or free_port()},
     }
     job_path = options.out / "job.yaml"
     atomic_write(job_path, yaml.safe_dump(job, sort_keys=False).encode())
@@ -100,6 +102,11 @@ def run_demo(options: DemoOptions) -> int:
         logs.mkdir(exist_ok=True)
         console.print(
             f"run directory: {options.out}  ({options.sites} sites, {options.mode}, {options.orchestration}, {options.dataset})"
+        )
+        port = yaml.safe_load(job_path.read_text())["http"]["port"]
+        console.print(
+            f"aggregator: http://127.0.0.1:{port}/status (JSON), /metrics, /readyz; "
+            f"medsplit status --url http://127.0.0.1:{port}"
         )
         processes = _start(job_path, site_paths, logs, stack)
         report = _follow(processes[0], options, console)

@@ -40,6 +40,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, default=1800, help="give up after this many seconds"
     )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        help="serve the aggregator's /status, /metrics and probes here (default: a free port)",
+    )
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,7 @@ class DemoOptions:
     embedded_broker: bool
     out: Path
     timeout: float
+    http_port: int = 0  # 0: a free one, chosen when the configs are written
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DemoOptions:
@@ -69,6 +75,8 @@ class DemoOptions:
             parse_scheme(args.partition)
         except ValueError as exc:
             raise SystemExit(f"error: --partition: {exc}") from None
+        from medsplit.brokers.mosquitto import free_port  # noqa: PLC0415 (--help stays light)
+
         out = args.out or Path("runs") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
         return cls(
             mode=args.mode,
@@ -85,4 +93,5 @@ class DemoOptions:
             embedded_broker=args.embedded_broker,
             out=out,
             timeout=args.timeout,
+            http_port=args.http_port or free_port(),
         )

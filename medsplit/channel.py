@@ -70,6 +70,16 @@ class EndpointStats:
     answers_repeated: int = 0  # kept answers sent again to a repeated request
     rejected: Counter[str] = field(default_factory=Counter)  # by error type
     rejected_from: Counter[str] = field(default_factory=Counter)  # by topic branch
+    # Wire bytes by (site or "all", direction, kind), from the topic each frame travelled on.
+    traffic: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+
+    def count(self, topic: str, nbytes: int) -> None:
+        try:
+            route = topics.parse(topic)
+        except ValueError:
+            return  # not a protocol topic: rejected (and counted) by the decoder, not traffic
+        if route.kind is not None:
+            self.traffic[(route.site or "all", route.direction, route.kind)] += nbytes
 
 
 def next_retry(interval: float, first: float) -> float:
@@ -177,6 +187,7 @@ class Endpoint:
         self.stats.sent_messages += 1
         self.stats.sent_frames += len(frames)
         self.stats.sent_bytes += nbytes
+        self.stats.count(topic, nbytes)
         return nbytes
 
     def answer(
@@ -239,6 +250,7 @@ class Endpoint:
         if topics.is_presence(inbound.topic):
             self._presence(inbound)
             return None
+        self.stats.count(inbound.topic, len(inbound.payload))
         try:
             envelope = self._decoder.feed(inbound.payload, branch(inbound.topic))
             if envelope is not None:

@@ -9,13 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medsplit import __version__
+from medsplit import __version__, logs
+from medsplit.cli_http import add_http_commands
 from models.config_errors import ConfigError
 from models.plan_names import builtin_plan_names
 
@@ -242,30 +242,6 @@ def _provisioned(out: Path, federation: Any) -> list[str]:
     ]
 
 
-def _cmd_probe(args: argparse.Namespace) -> int:
-    """A container's HEALTHCHECK: exit 0 when the process's /readyz says ready."""
-    import urllib.error
-    import urllib.request
-
-    url = args.url or f"http://127.0.0.1:{os.environ.get('MEDSPLIT_HTTP__PORT', '8080')}/readyz"
-    try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as exc:  # 503: not ready, and the body says why
-        try:
-            checks = json.loads(exc.read()).get("checks", {})
-            reasons = "; ".join(f"{k}: {v}" for k, v in checks.items() if v != "ok")
-        except (ValueError, AttributeError):
-            reasons = exc.reason
-        print(f"not ready ({url}): {reasons}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        print(f"no answer from {url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
-        return 1
-    print(f"ready ({url}): {', '.join(body.get('checks', {}))}")
-    return 0
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
     from edge_agent.site_model import SiteModelError, export_site_model
     from models.onnx_export import ExportError
@@ -327,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
         "split learning and partial-network federated learning over MQTT.",
     )
     parser.add_argument("--version", action="version", version=f"medsplit {__version__}")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=logs.default_format(),
+        help="log lines for a person (text), or one JSON object a line for log collectors "
+        "(default: $MEDSPLIT_LOG_FORMAT, else text)",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     models_cmd = commands.add_parser("models", help="list the built-in architectures")
@@ -394,14 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.set_defaults(func=_cmd_data_stats)
     _add_provision_command(commands)
     _add_model_commands(commands)
-    probe = commands.add_parser(
-        "probe", help="exit 0 when a process's /readyz says ready (a container's HEALTHCHECK)"
-    )
-    probe.add_argument(
-        "--url", help="default: http://127.0.0.1:$MEDSPLIT_HTTP__PORT/readyz (port 8080)"
-    )
-    probe.add_argument("--timeout", type=float, default=3.0, help="seconds")
-    probe.set_defaults(func=_cmd_probe)
+    add_http_commands(commands)
     return parser
 
 
@@ -483,15 +459,9 @@ def _add_model_commands(commands: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    for chatty in ("medsplit.transport.paho", "amqtt", "transitions"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     parser = build_parser()
     args = parser.parse_args(argv)
+    logs.configure(args.log_format)
     if args.command is None:
         parser.print_help()
         return 0

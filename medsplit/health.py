@@ -22,7 +22,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +54,20 @@ class HttpSettings(BaseModel):
 class HealthServer:
     """``/healthz`` and ``/readyz`` for one process, served from a daemon thread."""
 
-    def __init__(self, settings: HttpSettings, checks: Mapping[str, Check], process: str) -> None:
+    def __init__(
+        self,
+        settings: HttpSettings,
+        checks: Mapping[str, Check],
+        process: str,
+        *,
+        collectors: Sequence[Any] = (),
+    ) -> None:
         self.settings = settings
         self.checks = dict(checks)
         self.process = process
+        self.collectors = tuple(collectors)  # prometheus_client collectors of the process's own
+        # ``/status``: a JSON model of what the process is doing, once it has one to show.
+        self.status: Callable[[], Mapping[str, Any]] | None = None
         self.port: int | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -114,6 +124,21 @@ class HealthServer:
         )
         return self.port
 
+    def _registry(self) -> Any:
+        """A registry of this server's own: the process collectors and the process's metrics
+        (the default registry is global, and a process may start more than one server)."""
+        from prometheus_client import (  # noqa: PLC0415
+            GC_COLLECTOR,
+            PLATFORM_COLLECTOR,
+            PROCESS_COLLECTOR,
+            CollectorRegistry,
+        )
+
+        registry = CollectorRegistry()
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR, *self.collectors):
+            registry.register(collector)
+        return registry
+
     @staticmethod
     def _serve(server: Any) -> None:
         try:
@@ -166,16 +191,26 @@ class HealthServer:
                 status_code=200 if ready else 503,
             )
 
+        registry = self._registry()
+
         def metrics(request: Request) -> Response:
             from prometheus_client import CONTENT_TYPE_LATEST, generate_latest  # noqa: PLC0415
 
-            return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+            return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+        def status(request: Request) -> JSONResponse:
+            if self.status is None:
+                return JSONResponse(
+                    {"error": "no status yet", "reason": f"the {self.process} has not started"},
+                    status_code=503,
+                )
+            return JSONResponse(dict(self.status()))
 
         async def not_found(request: Request, exc: Exception) -> JSONResponse:
             return JSONResponse(
                 {
                     "error": "not found",
-                    "reason": f"{request.url.path}: try /healthz, /readyz or /metrics",
+                    "reason": f"{request.url.path}: try /healthz, /readyz, /metrics or /status",
                 },
                 status_code=404,
             )
@@ -191,18 +226,23 @@ class HealthServer:
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/metrics", metrics),
+                Route("/status", status),
             ],
             exception_handlers={404: not_found, 405: not_allowed},
         )
 
 
 def start_health(
-    settings: HttpSettings, checks: Mapping[str, Check], process: str
+    settings: HttpSettings,
+    checks: Mapping[str, Check],
+    process: str,
+    *,
+    collectors: Sequence[Any] = (),
 ) -> HealthServer | None:
     """A started server when ``settings.port`` is set; ``None`` when health HTTP is off."""
     if settings.port is None:
         return None
-    server = HealthServer(settings, checks, process)
+    server = HealthServer(settings, checks, process, collectors=collectors)
     server.start()
     return server
 

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +39,7 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from edge_agent.data.inputs import InputError
@@ -46,6 +48,11 @@ from medsplit import __version__
 
 log = logging.getLogger(__name__)
 DICOM_TYPES = ("application/dicom", "application/octet-stream")
+
+
+def _phrase(status: int) -> str:
+    """The reason of an error answer that is about the request itself: the HTTP phrase."""
+    return HTTPStatus(status).phrase.lower()
 
 
 class HttpError(Exception):
@@ -97,6 +104,15 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
         "weights_sha256": predictor.card.weights_sha256,
     }
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # 404 and 405 answer the same {"error", "reason"} shape as every other error.
+        body = {
+            "error": f"{request.method} {request.url.path}: {exc.detail}",
+            "reason": _phrase(exc.status_code),
+        }
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -110,12 +126,13 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
         try:
             body, status = await work(), 200
         except HttpError as exc:
-            body, status = {"error": str(exc)}, exc.status
+            body, status = {"error": str(exc), "reason": _phrase(exc.status)}, exc.status
         except InputError as exc:
             body, status = {"error": str(exc), "reason": exc.reason}, 422
         except Exception:  # a bug, not the client's fault: say so, keep serving
             log.exception("%s failed", endpoint)
-            body, status = {"error": "internal error; see the service log"}, 500
+            body = {"error": "internal error; see the service log", "reason": _phrase(500)}
+            status = 500
         metrics.requests.labels(endpoint, str(status)).inc()
         metrics.seconds.labels(endpoint).observe(time.perf_counter() - started)
         return JSONResponse(body, status_code=status)

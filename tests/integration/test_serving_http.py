@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -340,7 +341,13 @@ def test_hostile_bodies_are_refused_without_hurting_the_service(table_site: Path
             headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
         )
         assert upload.status_code == 413 and "limit of 1048576" in upload.json()["error"]
+        assert upload.json()["reason"] == HTTPStatus(413).phrase.lower()
         assert client.get("/healthz").status_code == 200
+        # Unknown paths and methods answer the same {"error", "reason"} shape.
+        missing, wrong = client.get("/predictions"), client.get("/predict")
+        assert (missing.status_code, wrong.status_code) == (404, 405)
+        assert missing.json() == {"error": "GET /predictions: Not Found", "reason": "not found"}
+        assert wrong.json()["reason"] == "method not allowed"
 
 
 def test_inference_clients_can_be_required_to_present_a_certificate(

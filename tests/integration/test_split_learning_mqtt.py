@@ -126,6 +126,13 @@ def test_demo_runs_the_federation_as_processes_over_mutual_tls(tmp_path: Path) -
     for identity in ("aggregator", "hospital-1", "hospital-2"):
         assert f"u'{identity}'" in broker_log, broker_log[-2000:]
     assert "not authorised" not in broker_log.lower()
+    # The aggregator served its endpoints where the demo said; each agent logged every round.
+    port = job["http"]["port"]
+    assert f"http://127.0.0.1:{port}/status" in completed.stderr
+    assert f"health endpoints on http://127.0.0.1:{port}" in logs["aggregator.log"]
+    for site in ("hospital-1", "hospital-2"):
+        rounds = [line for line in logs[f"{site}.log"].splitlines() if f"{site} round " in line]
+        assert len(rounds) == 2 and "held-out accuracy" in rounds[-1], rounds
 
 
 def test_split_learning_over_the_embedded_python_broker() -> None:

@@ -65,7 +65,7 @@ def test_ready_only_when_every_check_passes_and_the_body_says_which_failed(
         families = {f.name for f in text_string_to_metric_families(metrics.text)}
         assert "python_info" in families
 
-        missing = httpx.get(f"{base}/status")
+        missing = httpx.get(f"{base}/nothing")
         assert missing.status_code == 404
         assert set(missing.json()) == {"error", "reason"}
         post = httpx.post(f"{base}/readyz")

@@ -1,0 +1,153 @@
+"""What /status and /metrics say of a job, read from the coordinator of a scripted job."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aggregator.observability import JobCollector, site_state, status
+from aggregator.report import build_report
+from aggregator.state import JobState, Phase, SiteEntry
+from edge_agent.data import datasets
+from edge_agent.observability import AgentCollector
+from experiments.inprocess import JobResult, run_job
+from medsplit.transport import MemoryBroker
+from medsplit.wiring import memory_connector
+from tests.support.configs import job_config
+
+SITES = ["site-a", "site-b"]
+
+
+@pytest.fixture(scope="module")
+def job() -> JobResult:
+    config = job_config(
+        {
+            "job_id": "seen",
+            "plan": "mlp-ehr-u",
+            "mode": "split-u",
+            "orchestration": "sequential",
+            "rounds": 2,
+            "batch_size": 32,
+            "sites": SITES,
+        }
+    )
+    shares = datasets.all_sites(datasets.load("breast-cancer"), len(SITES), "iid", seed=0)
+    logger = logging.getLogger("edge_agent.agent")
+    previous = logger.level
+    logger.addHandler(ROUND_LINES)
+    logger.setLevel(logging.INFO)
+    try:
+        return run_job(
+            config, dict(zip(SITES, shares, strict=True)), memory_connector(MemoryBroker())
+        )
+    finally:
+        logger.removeHandler(ROUND_LINES)
+        logger.setLevel(previous)
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+ROUND_LINES = _Lines()
+
+
+def _samples(
+    job: JobResult, collector: object | None = None
+) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    registry = CollectorRegistry()
+    registry.register(collector or JobCollector(lambda: job.coordinator))
+    text = generate_latest(registry).decode()
+    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return found
+
+
+def test_the_metrics_agree_with_the_report(job: JobResult) -> None:
+    report = build_report(job.coordinator, wall_time_s=1.0)
+    samples = _samples(job)
+    assert samples["medsplit_rounds_completed_total"][()] == len(report["history"]) == 2
+    assert samples["medsplit_round"][()] == 1
+    assert samples["medsplit_phase"][(("phase", "finished"),)] == 1
+    assert samples["medsplit_phase"][(("phase", "training"),)] == 0
+    for site, traffic in report["bytes"].items():
+        for direction in ("up", "down"):
+            key = (("direction", direction), ("site", site))
+            assert samples["medsplit_site_bytes_total"][key] == traffic[direction] > 0
+    wire = {
+        tuple(v for _, v in key): count for key, count in samples["medsplit_bytes_total"].items()
+    }
+    stats = job.coordinator.endpoint.stats
+    sent = sum(c for (direction, _, _), c in wire.items() if direction in {"down", "all"})
+    assert sent == stats.sent_bytes  # every byte the aggregator published, by its topic
+    received = sum(c for (direction, _, _), c in wire.items() if direction == "up")
+    assert 0 < received <= stats.received_bytes  # presence is not job traffic
+    kinds = {kind for (_, kind, _) in wire}
+    # split-u: activations up, trunk output down, its gradient up, activation gradient down
+    assert {"activations", "trunk-out", "trunk-grad", "act-grad", "train", "done"} <= kinds
+    assert samples["medsplit_round_seconds_count"][()] == 2
+    total = sum(r["seconds"] for r in report["history"])
+    assert samples["medsplit_round_seconds_sum"][()] == pytest.approx(total, abs=0.01)  # report: ms
+    assert samples["medsplit_late_messages_total"][()] == report["late_messages"]
+    assert samples["medsplit_sites"][(("state", "joined"),)] == 2
+
+
+def test_the_status_matches_the_registry_and_the_history(job: JobResult) -> None:
+    shown = status(job.coordinator)
+    assert (shown["job_id"], shown["phase"], shown["rounds_completed"]) == ("seen", "finished", 2)
+    assert [r["round"] for r in shown["history"]] == [0, 1]  # one numbering, as in report.json
+    registry = job.coordinator.sites
+    for site in SITES:
+        entry = shown["sites"][site]
+        assert entry["state"] == "finished"
+        assert entry["bytes"] == {"up": registry[site].bytes_up, "down": registry[site].bytes_down}
+        assert entry["train_samples"] == registry[site].train_samples
+        assert entry["last_metrics"] == job.history[-1].metrics[site]
+    assert shown["history"][-1]["mean"] == job.history[-1].mean()
+
+
+def test_each_site_gets_one_word_for_what_it_is_doing() -> None:
+    sites = {
+        "a": SiteEntry("a", joined=True, connected=True),
+        "b": SiteEntry("b", joined=True, connected=True),
+        "c": SiteEntry("c", joined=True, connected=False),
+        "d": SiteEntry("d"),
+        "e": SiteEntry("e", joined=True, connected=True, revoked=True),
+    }
+    state = JobState(Phase.TRAINING, sites, {}, deadline=0.0, round=0, asked=("a",))
+    words = {site: site_state(state, site, entry) for site, entry in sites.items()}
+    assert words == {
+        "a": "training",
+        "b": "idle",
+        "c": "offline",
+        "d": "not joined",
+        "e": "revoked",
+    }
+    evaluating = replace(state, phase=Phase.EVALUATING, asked=("a", "b"))
+    assert site_state(evaluating, "b", sites["b"]) == "evaluating"
+
+
+def test_each_agent_counts_its_work_and_logs_one_line_per_round(job: JobResult) -> None:
+    for site, agent in job.agents.items():
+        samples = _samples(job, AgentCollector(lambda agent=agent: agent))
+        assert samples["medsplit_agent_rounds_trained_total"][()] == 2  # sequential: every round
+        steps = -(-agent.data.train_samples // 32) * 2  # batches of 32, two rounds
+        assert samples["medsplit_agent_steps_total"][()] == steps
+        assert samples["medsplit_agent_compute_seconds_total"][()] > 0
+        stats = agent.endpoint.stats
+        assert samples["medsplit_agent_bytes_total"][(("direction", "up"),)] == stats.sent_bytes
+        assert samples["medsplit_agent_phase"][(("phase", "finished"),)] == 1
+        lines = [line for line in ROUND_LINES.lines if line.startswith(f"{site} round ")]
+        assert [line.split(":")[0] for line in lines] == [f"{site} round 0", f"{site} round 1"]
+        assert "held-out accuracy" in lines[-1] and "MB up" in lines[-1]
