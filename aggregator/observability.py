@@ -9,10 +9,11 @@ Rounds are numbered from 0, as in report.json.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aggregator.state import JobState, Phase, SiteEntry
+from medsplit.metric_families import Scraped, counted_by, one_hot
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -88,30 +89,20 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
     }
 
 
-class JobCollector:
+class JobCollector(Scraped["Coordinator"]):
     """Prometheus metrics of the job, computed from the state when scraped."""
 
-    def __init__(self, coordinator: Callable[[], Coordinator | None]) -> None:
-        self._coordinator = coordinator
-
-    def collect(self) -> Iterator[Metric]:
+    def families(self, coordinator: Coordinator) -> Iterator[Metric]:
         from prometheus_client.core import (  # noqa: PLC0415 (only when metrics are served)
             CounterMetricFamily,
             GaugeMetricFamily,
             HistogramMetricFamily,
         )
 
-        coordinator = self._coordinator()
-        if coordinator is None:
-            return
         state = coordinator.state
         yield GaugeMetricFamily("medsplit_round", "current round, from 0", value=state.round)
-        phase = GaugeMetricFamily(
-            "medsplit_phase", "1 for the job's current phase", labels=["phase"]
-        )
-        for each in Phase:
-            phase.add_metric([str(each)], 1.0 if each == state.phase else 0.0)
-        yield phase
+        phases = [str(p) for p in Phase]
+        yield one_hot("medsplit_phase", "1 for the job's phase", "phase", phases, str(state.phase))
         yield CounterMetricFamily(
             "medsplit_rounds_completed", "rounds closed", value=len(state.history)
         )
@@ -143,12 +134,12 @@ class JobCollector:
         for (site, direction, kind), count in dict(coordinator.endpoint.stats.traffic).items():
             wire.add_metric([site, direction, kind], count)
         yield wire
-        rejected = CounterMetricFamily(
-            "medsplit_messages_rejected", "messages refused, by reason", labels=["reason"]
+        yield counted_by(
+            "medsplit_messages_rejected",
+            "messages refused, by reason",
+            "reason",
+            coordinator.endpoint.stats.rejected,
         )
-        for reason, count in dict(coordinator.endpoint.stats.rejected).items():
-            rejected.add_metric([reason], count)
-        yield rejected
         yield CounterMetricFamily(
             "medsplit_late_messages",
             "replies for a closed step, dropped",

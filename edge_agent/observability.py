@@ -6,10 +6,11 @@ nothing to the training path.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from edge_agent.lifecycle import AgentPhase
+from medsplit.metric_families import Scraped, counted_by, one_hot
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -17,26 +18,15 @@ if TYPE_CHECKING:
     from edge_agent.agent import Agent
 
 
-class AgentCollector:
-    def __init__(self, agent: Callable[[], Agent | None]) -> None:
-        self._agent = agent
+class AgentCollector(Scraped["Agent"]):
+    def families(self, agent: Agent) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily  # noqa: PLC0415 (when served)
 
-    def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import (  # noqa: PLC0415 (only when metrics are served)
-            CounterMetricFamily,
-            GaugeMetricFamily,
-        )
-
-        agent = self._agent()
-        if agent is None:
-            return
         progress, stats = agent.progress, agent.endpoint.stats
-        phase = GaugeMetricFamily(
-            "medsplit_agent_phase", "1 for the agent's current phase", labels=["phase"]
+        phases = [str(p) for p in AgentPhase]
+        yield one_hot(
+            "medsplit_agent_phase", "1 for the agent's phase", "phase", phases, str(agent.phase)
         )
-        for each in AgentPhase:
-            phase.add_metric([str(each)], 1.0 if each == agent.phase else 0.0)
-        yield phase
         yield CounterMetricFamily(
             "medsplit_agent_rounds_trained", "training turns done", value=progress.rounds_trained
         )
@@ -54,9 +44,9 @@ class AgentCollector:
         traffic.add_metric(["up"], stats.sent_bytes)
         traffic.add_metric(["down"], stats.received_bytes)
         yield traffic
-        rejected = CounterMetricFamily(
-            "medsplit_agent_messages_rejected", "messages refused, by reason", labels=["reason"]
+        yield counted_by(
+            "medsplit_agent_messages_rejected",
+            "messages refused, by reason",
+            "reason",
+            stats.rejected,
         )
-        for reason, count in dict(stats.rejected).items():
-            rejected.add_metric([reason], count)
-        yield rejected

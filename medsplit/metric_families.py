@@ -1,0 +1,55 @@
+"""Prometheus metric families computed when scraped, for both processes' ``/metrics``.
+
+A process's metrics are read from what it already keeps (the aggregator's ``JobState``, the
+agent's progress and channel counters) at scrape time, instead of being updated on the training
+path. ``Scraped`` is the collector shape both use; the helpers build the two families they share.
+prometheus_client loads only when metrics are served.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+Source = TypeVar("Source")
+
+
+class Scraped(ABC, Generic[Source]):
+    """A collector of what ``source()`` returns; nothing while it returns None (not started)."""
+
+    def __init__(self, source: Callable[[], Source | None]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterator[Metric]:
+        current = self._source()
+        if current is not None:
+            yield from self.families(current)
+
+    @abstractmethod
+    def families(self, source: Source) -> Iterator[Metric]: ...
+
+
+def one_hot(
+    name: str, documentation: str, label: str, values: Iterable[str], current: str
+) -> Metric:
+    """A gauge that is 1 for the current value (a phase) and 0 for the others."""
+    from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415
+
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    for value in values:
+        family.add_metric([value], 1.0 if value == current else 0.0)
+    return family
+
+
+def counted_by(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> Metric:
+    """A counter with one sample per key of ``counts`` (messages rejected, by reason)."""
+    from prometheus_client.core import CounterMetricFamily  # noqa: PLC0415
+
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, count in dict(counts).items():  # a copy: the process may add a key meanwhile
+        family.add_metric([key], count)
+    return family
