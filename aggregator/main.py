@@ -35,6 +35,8 @@ from medsplit.wiring import (
 
 log = logging.getLogger(__name__)
 
+STATUS_PAGE = Path(__file__).with_name("static") / "status.html"  # the live page at /
+
 EXIT_FAILED = 1
 EXIT_ALREADY_COORDINATED = 3
 
@@ -64,6 +66,7 @@ def run(
         _readiness(config, parties),
         "aggregator",
         collectors=[JobCollector(lambda: coordinators[0] if coordinators else None)],
+        pages={"/": ("text/html; charset=utf-8", STATUS_PAGE.read_bytes())},
     )
     if health is not None:
         health.status = lambda: (

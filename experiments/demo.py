@@ -105,8 +105,8 @@ def run_demo(options: DemoOptions) -> int:
         )
         port = yaml.safe_load(job_path.read_text())["http"]["port"]
         console.print(
-            f"aggregator: http://127.0.0.1:{port}/status (JSON), /metrics, /readyz; "
-            f"medsplit status --url http://127.0.0.1:{port}"
+            f"status page: http://127.0.0.1:{port}/  (also /status, /metrics; in a terminal: "
+            f"medsplit status --url http://127.0.0.1:{port})"
         )
         processes = _start(job_path, site_paths, logs, stack)
         report = _follow(processes[0], options, console)

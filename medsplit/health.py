@@ -32,6 +32,15 @@ from models.config_errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+# Pages may load nothing from anywhere but this process: a closed hospital network has no CDN,
+# and a status page that phones out would leak who runs a federation.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-store",
+}
 Check = Callable[[], "str | None"]  # None: fine; otherwise what is wrong, in one sentence
 
 
@@ -61,8 +70,10 @@ class HealthServer:
         process: str,
         *,
         collectors: Sequence[Any] = (),
+        pages: Mapping[str, tuple[str, bytes]] | None = None,
     ) -> None:
         self.settings = settings
+        self.pages = dict(pages or {})  # path -> (media type, body): a status page, say
         self.checks = dict(checks)
         self.process = process
         self.collectors = tuple(collectors)  # prometheus_client collectors of the process's own
@@ -221,8 +232,13 @@ class HealthServer:
                 status_code=405,
             )
 
+        def page(request: Request) -> Response:
+            media_type, body = self.pages[request.url.path]
+            return Response(body, media_type=media_type, headers=PAGE_HEADERS)
+
         return Starlette(
             routes=[
+                *(Route(path, page) for path in self.pages),
                 Route("/healthz", healthz),
                 Route("/readyz", readyz),
                 Route("/metrics", metrics),
@@ -238,11 +254,12 @@ def start_health(
     process: str,
     *,
     collectors: Sequence[Any] = (),
+    pages: Mapping[str, tuple[str, bytes]] | None = None,
 ) -> HealthServer | None:
     """A started server when ``settings.port`` is set; ``None`` when health HTTP is off."""
     if settings.port is None:
         return None
-    server = HealthServer(settings, checks, process, collectors=collectors)
+    server = HealthServer(settings, checks, process, collectors=collectors, pages=pages)
     server.start()
     return server
 

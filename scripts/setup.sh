@@ -27,7 +27,8 @@ else
 fi
 
 # Debian packages the tests use: Mosquitto (the broker), dicom3tools (dciodvfy checks the DICOM
-# that `medsplit dicom-synth` writes).
+# that `medsplit dicom-synth` writes), Chromium and its driver (the status page is tested in a
+# real headless browser).
 apt_install() {
     if command -v apt-get >/dev/null 2>&1; then
         sudo=""
@@ -48,6 +49,9 @@ find_mosquitto() {
 missing=""
 if [ -z "$(find_mosquitto)" ]; then missing="mosquitto"; fi
 if ! command -v dciodvfy >/dev/null 2>&1; then missing="$missing dicom3tools"; fi
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+    missing="$missing chromium chromium-driver"
+fi
 if [ -n "$missing" ]; then
     # shellcheck disable=SC2086 # one word a package
     apt_install $missing

@@ -128,7 +128,7 @@ def test_demo_runs_the_federation_as_processes_over_mutual_tls(tmp_path: Path) -
     assert "not authorised" not in broker_log.lower()
     # The aggregator served its endpoints where the demo said; each agent logged every round.
     port = job["http"]["port"]
-    assert f"http://127.0.0.1:{port}/status" in completed.stderr
+    assert f"status page: http://127.0.0.1:{port}/" in completed.stderr
     assert f"health endpoints on http://127.0.0.1:{port}" in logs["aggregator.log"]
     for site in ("hospital-1", "hospital-2"):
         rounds = [line for line in logs[f"{site}.log"].splitlines() if f"{site} round " in line]
