@@ -75,7 +75,7 @@ def test_the_status_page_follows_a_job_and_asks_only_the_aggregator(
 ) -> None:
     out, port = tmp_path / "run", free_port()
     demo = subprocess.Popen(
-        [sys.executable, "-m", "medsplit", "demo", "--sites", "2", "--rounds", "40",
+        [sys.executable, "-m", "medsplit", "demo", "--sites", "2", "--rounds", "20",
          "--out", str(out), "--http-port", str(port), "--timeout", "300"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
