@@ -9,10 +9,10 @@ Rounds are numbered from 0, as in report.json.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
-from aggregator.state import JobState, Phase, SiteEntry
+from aggregator.state import Phase, SiteEntry
 from medsplit.metric_families import Scraped, counted_by, one_hot
 
 if TYPE_CHECKING:
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
 
-def site_state(state: JobState, site: str, entry: SiteEntry) -> str:
-    """One word for the status page: revoked, not joined, offline, finished, working, idle."""
+def site_state(phase: Phase, entry: SiteEntry, waiting: Collection[str]) -> str:
+    """One word for the status page: revoked, not joined, offline, finished, working, idle.
+    ``waiting``: whom the job waits for (``JobState.waiting_for``, computed once per page)."""
     if entry.revoked:
         return "revoked"
     if entry.finished:  # has its final model (and may have left since)
@@ -35,9 +36,9 @@ def site_state(state: JobState, site: str, entry: SiteEntry) -> str:
         return "not joined"
     if not entry.connected:
         return "offline"
-    if site in state.waiting_for:
+    if entry.site_id in waiting:
         return {Phase.EVALUATING: "evaluating", Phase.STATISTICS: "statistics"}.get(
-            state.phase, "training"
+            phase, "training"
         )
     return "idle"
 
@@ -46,6 +47,8 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
     """``/status``: the job, its phase and round, each site, and every closed round."""
     state, config = coordinator.state, coordinator.config
     last = state.history[-1] if state.history else None
+    waiting = state.waiting_for
+    asked = set(waiting)
     return {
         "job_id": config.job_id,
         "mode": str(config.mode),
@@ -54,10 +57,10 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
         "round": state.round,
         "rounds": config.rounds.count,
         "rounds_completed": len(state.history),
-        "waiting_for": state.waiting_for,
+        "waiting_for": waiting,
         "sites": {
             site: {
-                "state": site_state(state, site, entry),
+                "state": site_state(state.phase, entry, asked),
                 "joined": entry.joined,
                 "connected": entry.connected,
                 "last_seen_s_ago": None

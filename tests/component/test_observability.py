@@ -126,7 +126,8 @@ def test_each_site_gets_one_word_for_what_it_is_doing() -> None:
         "e": SiteEntry("e", joined=True, connected=True, revoked=True),
     }
     state = JobState(Phase.TRAINING, sites, {}, deadline=0.0, round=0, asked=("a",))
-    words = {site: site_state(state, site, entry) for site, entry in sites.items()}
+    waiting = set(state.waiting_for)
+    words = {site: site_state(state.phase, entry, waiting) for site, entry in sites.items()}
     assert words == {
         "a": "training",
         "b": "idle",
@@ -135,7 +136,8 @@ def test_each_site_gets_one_word_for_what_it_is_doing() -> None:
         "e": "revoked",
     }
     evaluating = replace(state, phase=Phase.EVALUATING, asked=("a", "b"))
-    assert site_state(evaluating, "b", sites["b"]) == "evaluating"
+    waiting = set(evaluating.waiting_for)
+    assert site_state(evaluating.phase, sites["b"], waiting) == "evaluating"
 
 
 def test_each_agent_counts_its_work_and_logs_one_line_per_round(job: JobResult) -> None:
