@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/fuzz.py --write-docs
 	$(PY) bench/flood.py --write-docs
 	$(PY) bench/containers.py --write-docs
+	$(PY) bench/observability.py --write-docs
 
 
 clean:

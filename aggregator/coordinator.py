@@ -38,6 +38,7 @@ import torch
 
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import JobConfig
+from aggregator.observability import CUT_LAYER_KINDS, StepTimes
 from aggregator.state import (
     Checkpoint,
     CloseTurn,
@@ -172,6 +173,7 @@ class Coordinator:
         self._rival: Presence | None = None
         self._requests: dict[str, _Request] = {}
         self._stop = threading.Event()
+        self.step_times = StepTimes()  # split steps, for /metrics
         self.resent = 0  # requests published again because no answer came in time
         self.error_replies = error_replies(clock)  # a flood of bad frames gets a few answers
         revocations = config.security.revocations_file
@@ -384,7 +386,10 @@ class Coordinator:
             log.warning("unexpected %s from %s ignored", env.kind, site)
             return
         try:
+            started = time.perf_counter()
             handler(self, site, env)
+            if env.kind in CUT_LAYER_KINDS:
+                self.step_times.served(site, env, started, time.perf_counter())
         except (ValueError, KeyError, RuntimeError) as exc:
             # A message that passed the wire checks but still cannot be used (e.g. a step the
             # trunk cannot process) is answered with an error; it never stops the job.
@@ -645,9 +650,9 @@ class Coordinator:
             return
         what = "to train" if state.phase == Phase.TRAINING else "to evaluate"
         log.info(
-            "round %d/%d: waiting for %s %s (round deadline in %.0f s)",
-            state.round + 1,
-            self.config.rounds.count,
+            "round %d (of rounds 0-%d): waiting for %s %s (round deadline in %.0f s)",
+            state.round,
+            self.config.rounds.count - 1,
             missing,
             what,
             left,

@@ -149,9 +149,9 @@ def _run(
             mean = event["mean"]
             assert isinstance(mean, dict)
             log.info(
-                "round %d/%d: mean accuracy %s, loss %s, missed %s",
-                int(event["round"]) + 1,  # type: ignore[call-overload]
-                event["rounds"],
+                "round %d closed (of rounds 0-%d): mean accuracy %s, loss %s, missed %s",
+                event["round"],  # from 0, as in report.json and the agents' lines
+                int(event["rounds"]) - 1,  # type: ignore[call-overload]
                 _fmt(mean["accuracy"]),
                 _fmt(mean["loss"]),
                 ", ".join(event["missed"]) or "none",  # type: ignore[arg-type]

@@ -8,39 +8,102 @@ Rounds are numbered from 0, as in report.json.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
-from aggregator.state import Phase, SiteEntry
-from medsplit.metric_families import Scraped, counted_by, one_hot
+from aggregator.state import JobState, Phase, SiteEntry
+from medsplit.metric_families import Durations, Scraped, counted_by, one_hot
+from medsplit.protocol import Kind
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from aggregator.coordinator import Coordinator
+    from medsplit.wire import Envelope
 
 # Upper bounds of the round-duration histogram, seconds: a tabular round takes well under a
 # second on a laptop, an image round over a WAN minutes.
 ROUND_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# Of one split-learning step: tens of milliseconds on loopback, seconds over a slow WAN.
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# A round is late past this many times the median closed round, plus the grace.
+LATE_FACTOR, LATE_GRACE_S = 2.0, 5.0
+CUT_LAYER_KINDS = frozenset({Kind.ACTIVATIONS, Kind.TRUNK_GRAD, Kind.EVAL_ACTIVATIONS})
 
 
-def site_state(phase: Phase, entry: SiteEntry, waiting: Collection[str]) -> str:
-    """One word for the status page: revoked, not joined, offline, finished, working, idle.
-    ``waiting``: whom the job waits for (``JobState.waiting_for``, computed once per page)."""
-    if entry.revoked:
-        return "revoked"
-    if entry.finished:  # has its final model (and may have left since)
-        return "finished"
-    if not entry.joined:
-        return "not joined"
-    if not entry.connected:
-        return "offline"
-    if entry.site_id in waiting:
-        return {Phase.EVALUATING: "evaluating", Phase.STATISTICS: "statistics"}.get(
-            phase, "training"
-        )
-    return "idle"
+class StepTimes:
+    """Split learning's steps as the aggregator sees them, for ``/metrics``.
+
+    ``trunk``: the aggregator's own work per cut-layer message, by kind. ``step``: per site,
+    from one training step's activations to the next step's -- the site's compute, both trips
+    over the broker and the trunk's -- counted only between consecutive steps of one round, so
+    evaluation and the gaps between turns do not count as slow steps.
+    """
+
+    def __init__(self) -> None:
+        self.trunk = Durations(STEP_BUCKETS)
+        self.step = Durations(STEP_BUCKETS)
+        self._last: dict[str, tuple[int, int, float]] = {}  # site: round, step, when
+
+    def served(self, site: str, env: Envelope, started: float, ended: float) -> None:
+        """``env`` from ``site`` was handled between ``started`` and ``ended``."""
+        self.trunk.observe(env.kind, ended - started)
+        if env.kind != Kind.ACTIVATIONS:
+            return
+        previous = self._last.get(site)
+        if previous is not None and previous[:2] == (env.round, env.step - 1):
+            self.step.observe(site, started - previous[2])
+        self._last[site] = (env.round, env.step, started)
+
+
+def site_state(
+    phase: Phase, entry: SiteEntry, waiting: Collection[str], late: str | None = None
+) -> str:
+    """One word for the status page: revoked, not joined, offline, finished, late, working, idle.
+    ``waiting``: whom the job waits for (``JobState.waiting_for``, computed once per page);
+    ``late``: why the step those sites owe is overdue (``lateness``), None while it is not."""
+    standing = (  # in this order: a revoked site that had finished is revoked
+        ("revoked", entry.revoked),
+        ("finished", entry.finished),  # has its final model (and may have left since)
+        ("not joined", not entry.joined),
+        ("offline", not entry.connected),
+        ("idle", entry.site_id not in waiting),
+        ("late", late is not None),
+    )
+    for word, applies in standing:
+        if applies:
+            return word
+    return {Phase.EVALUATING: "evaluating", Phase.STATISTICS: "statistics"}.get(phase, "training")
+
+
+def lateness(state: JobState, now: float, deadline_s: float) -> str | None:
+    """Why the sites the round waits for are late, or None while the round is on time.
+
+    Late means the round has run more than ``LATE_FACTOR`` times the median closed round (plus
+    a grace for rounds of a second), or, before any round has closed, half its deadline: early
+    enough to act before the deadline drops the site from the round.
+    """
+    if state.phase not in (Phase.TRAINING, Phase.EVALUATING) or state.record is None:
+        return None
+    running = now - state.round_started
+    if state.history:
+        typical = statistics.median(record.seconds for record in state.history)
+        if running > LATE_FACTOR * typical + LATE_GRACE_S:
+            return f"round {state.round} has run {running:.0f} s; rounds take {typical:.0f} s"
+    elif running > deadline_s / 2:
+        return f"round {state.round} has run {running:.0f} s of its {deadline_s:.0f} s deadline"
+    return None
+
+
+def _note(site: str, state_word: str, late: str | None, missed: Collection[str]) -> str:
+    """A few words on why a site is in its state, for the table's last column."""
+    if state_word == "late" and late is not None:
+        return late
+    if site in missed:
+        return "missed the last round"
+    return ""
 
 
 def status(coordinator: Coordinator) -> dict[str, Any]:
@@ -49,6 +112,10 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
     last = state.history[-1] if state.history else None
     waiting = state.waiting_for
     asked = set(waiting)
+    now = coordinator.clock()
+    late = lateness(state, now, config.rounds.deadline_s)
+    missed = set(last.missed) if last else set()
+    words = {site: site_state(state.phase, e, asked, late) for site, e in state.sites.items()}
     return {
         "job_id": config.job_id,
         "mode": str(config.mode),
@@ -58,14 +125,16 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
         "rounds": config.rounds.count,
         "rounds_completed": len(state.history),
         "waiting_for": waiting,
+        "late": late,
         "sites": {
             site: {
-                "state": site_state(state.phase, entry, asked),
+                "state": words[site],
+                "note": _note(site, words[site], late, missed),
                 "joined": entry.joined,
                 "connected": entry.connected,
                 "last_seen_s_ago": None
                 if entry.last_seen is None
-                else round(coordinator.clock() - entry.last_seen, 1),
+                else round(now - entry.last_seen, 1),
                 "train_samples": entry.train_samples,
                 "test_samples": entry.test_samples,
                 "bytes": {"up": entry.bytes_up, "down": entry.bytes_down},
@@ -118,6 +187,18 @@ class JobCollector(Scraped["Coordinator"]):
                 ("+Inf", len(seconds)),
             ],
             sum_value=sum(seconds),
+        )
+        steps = coordinator.step_times
+        yield steps.step.family(
+            "medsplit_step_seconds",
+            "one split-learning training step, as the aggregator sees it: from a site's "
+            "activations to its next step's",
+            "site",
+        )
+        yield steps.trunk.family(
+            "medsplit_trunk_seconds",
+            "the aggregator's own work per cut-layer message, by message kind",
+            "kind",
         )
         traffic = CounterMetricFamily(
             "medsplit_site_bytes",

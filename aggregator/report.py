@@ -1,4 +1,5 @@
-"""The run directory: ``report.json``, ``curves.png`` and the final weights.
+"""The run directory: ``report.json``, the final weights, and the pages drawn from the report
+(``curves.png`` and ``report.html``, in ``report_page``).
 
 The report is the contract with users and with ``medsplit experiment``: mode, orchestration,
 dataset, sites, per-site and mean metrics for every round, bytes each site sent and received,
@@ -7,23 +8,18 @@ and wall time.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import torch
 from safetensors.torch import save
 
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
+from aggregator.report_page import write_pages
 from aggregator.state import RoundRecord
 from medsplit.storage import atomic_write
-
-matplotlib.use("Agg")  # no display on servers and in CI
-import matplotlib.pyplot as plt
-from matplotlib.ticker import MaxNLocator
 
 
 def build_report(
@@ -117,36 +113,9 @@ def write_run(run_dir: Path, report: dict[str, Any], final_state: dict[str, torc
     write_report(run_dir, report)
     weights = save({k: v.contiguous() for k, v in final_state.items()})
     atomic_write(run_dir / "model.safetensors", weights)
-    plot_curves(report, run_dir / "curves.png")
+    write_pages(run_dir, report)
 
 
 def write_report(run_dir: Path, report: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(run_dir / "report.json", json.dumps(report, indent=2).encode())
-
-
-def plot_curves(report: dict[str, Any], path: Path) -> None:
-    """Per-site and mean loss and accuracy over rounds."""
-    history = report["history"]
-    rounds = [h["round"] + 1 for h in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        for site in report["sites"]:
-            values = [h["sites"].get(site, {}).get(metric) for h in history]
-            ax.plot(rounds, values, marker="o", alpha=0.6, label=site)
-        ax.plot(
-            rounds, [h["mean"][metric] for h in history], color="black", linewidth=2, label="mean"
-        )
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(f"held-out {metric}")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(
-        f"{report['job_id']}: {report['mode']}, {report['orchestration']}, {report['dataset']}"
-    )
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, image.getvalue())

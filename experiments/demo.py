@@ -248,7 +248,8 @@ def print_results(report: dict[str, Any], console: Console) -> None:
     )
     Console().print(table)
     console.print(
-        f"wall time {report['wall_time_s']:.1f} s; report.json, curves.png and model.safetensors are in the run directory"
+        f"wall time {report['wall_time_s']:.1f} s; report.html (for a person), report.json, "
+        "curves.png and model.safetensors are in the run directory"
     )
 
 

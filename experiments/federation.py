@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,34 @@ import yaml
 from safetensors.torch import load_file
 
 MEDSPLIT = [sys.executable, "-m", "medsplit"]
+
+
+def small_job(
+    mode: str,
+    orchestration: str,
+    *,
+    sites: int = 2,
+    rounds: int = 4,
+    deadline_s: float = 600,
+    **round_settings: Any,
+) -> dict[str, Any]:
+    """A job.yaml of the tabular plan for ``mode`` (sites ``site-a``, ``site-b``, ...), seed 0,
+    with a fresh id: what the fault-injection tests and benchmarks run. Deadlines are long, so
+    a job that completes did not wait one out."""
+    return {
+        "job_id": f"job-{uuid.uuid4().hex[:8]}",
+        "plan": "mlp-ehr-u" if mode == "split-u" else "mlp-ehr",
+        "mode": mode,
+        "orchestration": orchestration,
+        "sites": [f"site-{chr(ord('a') + i)}" for i in range(sites)],
+        "seed": 0,
+        "rounds": {
+            "count": rounds,
+            "deadline_s": deadline_s,
+            "join_deadline_s": deadline_s,
+            **round_settings,
+        },
+    }
 
 
 class Federation:
@@ -32,7 +61,9 @@ class Federation:
         *,
         dataset: str = "breast-cancer",
         site_waits: dict[str, Any] | None = None,
+        site_settings: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """``site_settings``: more of a site's site.yaml, by site (its ``http`` port)."""
         self.workdir = workdir
         self.job_id = str(job["job_id"])
         self.sites = list(job["sites"])
@@ -63,6 +94,7 @@ class Federation:
                     },
                     "waits": {"status_interval_s": 2, "retry_interval_s": 1, **(site_waits or {})},
                     "state": {"dir": str(self.state_dir(site))},
+                    **(site_settings or {}).get(site, {}),
                 },
             )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}

@@ -242,6 +242,13 @@ def _provisioned(out: Path, federation: Any) -> list[str]:
     ]
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from aggregator.report_page import redraw
+
+    print(f"wrote {redraw(args.run_dir)} and curves.png")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from edge_agent.site_model import SiteModelError, export_site_model
     from models.onnx_export import ExportError
@@ -378,6 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_provision_command(commands)
     _add_model_commands(commands)
     add_http_commands(commands)
+    report = commands.add_parser(
+        "report", help="draw a run's report.html and curves.png again from its report.json"
+    )
+    report.add_argument("run_dir", type=Path, help="a run directory (holds report.json)")
+    report.set_defaults(func=_cmd_report)
     return parser
 
 

@@ -83,9 +83,12 @@ def render_status(status: dict[str, Any]) -> list[Any]:
     waiting = status.get("waiting_for") or []
     if waiting:
         heading += f"  waiting for {', '.join(waiting)}"
+        if status.get("late"):
+            heading += f" [red](late: {status['late']})[/red]"
     sites = Table(title="sites")
-    for column in ("site", "state", "samples", "last seen", "MB up", "MB down", "accuracy", "loss"):
-        sites.add_column(column, justify="left" if column in {"site", "state"} else "right")
+    columns = ("site", "state", "samples", "last seen", "MB up", "MB down", "accuracy", "loss")
+    for column in (*columns, "why"):
+        sites.add_column(column, justify="right" if column in columns[2:] else "left")
     for site, entry in status.get("sites", {}).items():
         metrics = entry.get("last_metrics") or {}
         seen = entry.get("last_seen_s_ago")
@@ -98,6 +101,7 @@ def render_status(status: dict[str, Any]) -> list[Any]:
             f"{entry.get('bytes', {}).get('down', 0) / 1e6:.2f}",
             _fmt(metrics.get("accuracy")),
             _fmt(metrics.get("loss")),
+            entry.get("note", ""),
         )
     history = Table(title="rounds (from 0, as in report.json)")
     for column in ("round", "mean accuracy", "mean loss", "seconds", "missed"):

@@ -8,6 +8,8 @@ prometheus_client loads only when metrics are served.
 
 from __future__ import annotations
 
+import bisect
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -53,3 +55,43 @@ def counted_by(name: str, documentation: str, label: str, counts: Mapping[str, i
     for key, count in dict(counts).items():  # a copy: the process may add a key meanwhile
         family.add_metric([key], count)
     return family
+
+
+class Durations:
+    """Durations counted into fixed buckets, per label value: a histogram for ``/metrics``.
+
+    For what happens too often to keep (every split-learning step) and is not in the job's
+    state. One lock, taken for a few list operations: the training thread observes, the HTTP
+    thread reads, and a scrape must not see a count without its sum.
+    """
+
+    def __init__(self, buckets: Iterable[float]) -> None:
+        self.buckets = tuple(sorted(buckets))
+        self._counts: dict[str, list[int]] = {}  # per bucket, the last one for +Inf
+        self._sums: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, label: str, seconds: float) -> None:
+        slot = bisect.bisect_left(self.buckets, seconds)
+        with self._lock:
+            counts = self._counts.setdefault(label, [0] * (len(self.buckets) + 1))
+            counts[slot] += 1
+            self._sums[label] = self._sums.get(label, 0.0) + seconds
+
+    def count(self, label: str) -> int:
+        with self._lock:
+            return sum(self._counts.get(label, ()))
+
+    def family(self, name: str, documentation: str, label: str) -> Metric:
+        from prometheus_client.core import HistogramMetricFamily  # noqa: PLC0415
+
+        family = HistogramMetricFamily(name, documentation, labels=[label])
+        with self._lock:
+            observed = {key: (list(c), self._sums[key]) for key, c in self._counts.items()}
+        for key, (counts, total) in observed.items():
+            cumulative, running = [], 0
+            for bound, count in zip((*map(str, self.buckets), "+Inf"), counts, strict=True):
+                running += count
+                cumulative.append((bound, running))
+            family.add_metric([key], cumulative, sum_value=total)
+        return family

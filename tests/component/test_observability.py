@@ -9,9 +9,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from aggregator.observability import JobCollector, site_state, status
+from aggregator.observability import JobCollector, lateness, site_state, status
 from aggregator.report import build_report
-from aggregator.state import JobState, Phase, SiteEntry
+from aggregator.state import JobState, Phase, RoundRecord, SiteEntry
 from edge_agent.data import datasets
 from edge_agent.observability import AgentCollector
 from experiments.inprocess import JobResult, run_job
@@ -138,6 +138,42 @@ def test_each_site_gets_one_word_for_what_it_is_doing() -> None:
     evaluating = replace(state, phase=Phase.EVALUATING, asked=("a", "b"))
     waiting = set(evaluating.waiting_for)
     assert site_state(evaluating.phase, sites["b"], waiting) == "evaluating"
+
+
+def test_split_steps_are_timed_per_site_and_per_message_kind(job: JobResult) -> None:
+    samples = _samples(job)
+    step_counts = samples["medsplit_step_seconds_count"]
+    trunk_counts = samples["medsplit_trunk_seconds_count"]
+    for site, agent in job.agents.items():
+        per_round = -(-agent.data.train_samples // 32)
+        # Between consecutive steps of a round only: the first step of each of 2 rounds opens it.
+        assert step_counts[(("site", site),)] == 2 * (per_round - 1)
+    steps = sum(-(-agent.data.train_samples // 32) * 2 for agent in job.agents.values())
+    assert trunk_counts[(("kind", "activations"),)] == steps
+    assert trunk_counts[(("kind", "trunk-grad"),)] == steps
+    assert trunk_counts[(("kind", "eval-activations"),)] > 0
+    buckets = samples["medsplit_step_seconds_bucket"]
+    site = (("le", "+Inf"), ("site", SITES[0]))
+    assert buckets[site] == step_counts[(("site", SITES[0]),)]  # cumulative up to +Inf
+
+
+def test_a_site_the_round_waits_for_too_long_is_late_and_the_status_says_why() -> None:
+    sites = {s: SiteEntry(s, joined=True, connected=True) for s in ("a", "b")}
+    closed = tuple(RoundRecord(r, seconds=3.0) for r in range(2))
+    state = JobState(
+        Phase.TRAINING, sites, {}, deadline=600.0, round=2, asked=("a", "b"),
+        replies={}, record=RoundRecord(2), round_started=100.0, history=closed,
+    )  # fmt: skip
+    late = lateness(state, now=111.5, deadline_s=600)  # 11.5 s > 2 x 3 s + 5 s of grace
+    assert late is not None and "round 2 has run 12 s; rounds take 3 s" in late
+    assert lateness(state, now=110.5, deadline_s=600) is None  # 10.5 s: on time
+    waiting = set(state.waiting_for)
+    assert site_state(state.phase, sites["a"], waiting, late) == "late"
+    assert site_state(state.phase, sites["a"], waiting, None) == "training"
+    first = replace(state, round=0, history=(), record=RoundRecord(0))
+    assert lateness(first, now=100.0 + 299, deadline_s=600) is None  # no round closed yet
+    assert "of its 600 s deadline" in (lateness(first, now=100.0 + 301, deadline_s=600) or "")
+    assert lateness(replace(state, phase=Phase.FINISHING), now=1e6, deadline_s=600) is None
 
 
 def test_each_agent_counts_its_work_and_logs_one_line_per_round(job: JobResult) -> None:

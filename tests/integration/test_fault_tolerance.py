@@ -10,34 +10,25 @@ wait out a deadline.
 
 from __future__ import annotations
 
+import json
 import signal
-import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from experiments.federation import Federation
+from experiments.federation import Federation, small_job
 from medsplit.brokers.mosquitto import Mosquitto
 
 LONG = 600  # round deadline: never reached by a job that recovers as it should
 TIMEOUT = 240  # seconds for a job to complete
 
 
-def _job(
-    mode: str, orchestration: str, *, sites: int = 2, rounds: int = 4, **round_settings: Any
-) -> dict[str, Any]:
-    return {
-        "job_id": f"job-{uuid.uuid4().hex[:8]}",
-        "plan": "mlp-ehr-u" if mode == "split-u" else "mlp-ehr",
-        "mode": mode,
-        "orchestration": orchestration,
-        "sites": [f"site-{chr(ord('a') + i)}" for i in range(sites)],
-        "seed": 0,
-        "rounds": {"count": rounds, "deadline_s": LONG, "join_deadline_s": LONG, **round_settings},
-    }
+def _job(mode: str, orchestration: str, **settings: Any) -> dict[str, Any]:
+    return small_job(mode, orchestration, deadline_s=LONG, **settings)
 
 
 def _federation(
@@ -61,6 +52,24 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """What an uninterrupted run of a job ended with: its report, global and site tensors."""
+
+    report: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    site_weights: dict[str, dict[str, torch.Tensor]]
+
+    @classmethod
+    def of(cls, fed: Federation, report: dict[str, Any]) -> _Outcome:
+        return cls(report, fed.weights(), {s: fed.site_weights(s) for s in fed.sites})
+
+
+# Uninterrupted runs by job (its id aside: the outcome does not depend on it), so tests that
+# inject different faults into the same job compare against one clean run.
+_CLEAN: dict[str, _Outcome] = {}
+
+
 def _against_clean(
     tmp_path: Path,
     broker: Mosquitto,
@@ -69,26 +78,31 @@ def _against_clean(
     *,
     faulty_broker: Mosquitto | None = None,
 ) -> tuple[Federation, dict[str, Any], dict[str, Any]]:
-    """The job twice at once, once with ``fault`` injected (on ``faulty_broker`` if given);
-    both must end with the same tensors, the global ones and every site's own (bit for bit):
-    nothing was lost or applied twice. Returns the faulty federation, its report and the
-    clean one's."""
-    clean = _federation(tmp_path, "clean", broker, job)
+    """The job with ``fault`` injected (on ``faulty_broker`` if given), next to an uninterrupted
+    run of the same job (run alongside, the first time this job is seen); both must end with
+    the same tensors, the global ones and every site's own (bit for bit): nothing was lost or
+    applied twice. Returns the faulty federation, its report and the clean one's."""
+    key = json.dumps({k: v for k, v in job.items() if k != "job_id"}, sort_keys=True)
+    clean = None if key in _CLEAN else _federation(tmp_path, "clean", broker, job)
     faulty_job = {**job, "job_id": f"{job['job_id']}-f"}
     faulty = _federation(tmp_path, "faulty", faulty_broker or broker, faulty_job)
     try:
-        clean.start_all()
+        if clean is not None:
+            clean.start_all()
         faulty.start_all()
         fault(faulty)
         report = _completed(faulty)
-        reference = _completed(clean)
+        if clean is not None:
+            _CLEAN[key] = _Outcome.of(clean, _completed(clean))
     finally:
-        clean.stop_all()
+        if clean is not None:
+            clean.stop_all()
         faulty.stop_all()
-    assert _same(faulty.weights(), clean.weights())
-    for site in clean.sites:  # each site's own layers too (flop: its private classifier)
-        assert _same(faulty.site_weights(site), clean.site_weights(site))
-    return faulty, report, reference
+    reference = _CLEAN[key]
+    assert _same(faulty.weights(), reference.weights)
+    for site in faulty.sites:  # each site's own layers too (flop: its private classifier)
+        assert _same(faulty.site_weights(site), reference.site_weights[site])
+    return faulty, report, reference.report
 
 
 def _kill_aggregator_after(checkpoint: str) -> Callable[[Federation], None]:

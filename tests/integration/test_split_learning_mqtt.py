@@ -98,6 +98,8 @@ def test_demo_runs_the_federation_as_processes_over_mutual_tls(tmp_path: Path) -
     assert set(report["final"]["sites"]) == {"hospital-1", "hospital-2"}
     assert all(b["up"] > 0 and b["down"] > 0 for b in report["bytes"].values())
     assert (out / "curves.png").read_bytes().startswith(b"\x89PNG")
+    page = (out / "report.html").read_text()
+    assert all(site in page for site in report["final"]["sites"])
     assert (out / "model.safetensors").stat().st_size > 0
     assert "hospital-1" in completed.stdout and "accuracy" in completed.stdout  # the results table
     # Every hospital assembled its own model (trunk released at finish) and exported it.

@@ -20,7 +20,6 @@ from urllib.parse import urlparse
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from medsplit.brokers.mosquitto import free_port
@@ -63,11 +62,24 @@ def _await_http(url: str, demo: subprocess.Popen[str], timeout: float) -> None:
     raise AssertionError(f"{url} did not answer within {timeout:g} s")
 
 
-def _reading(driver: webdriver.Chrome) -> tuple[int, int]:
-    """The round counter and the number of points on the accuracy curves."""
-    counter = int(driver.find_element(By.ID, "round").text)
-    lines = driver.find_elements(By.CSS_SELECTOR, "#curve-accuracy polyline")
-    return counter, sum(int(line.get_attribute("data-points") or 0) for line in lines)
+# Read in one script, so that a re-render between two element look-ups cannot leave a stale
+# reference: the page replaces its table and curves each time /status answers.
+_READ_PAGE = """
+const counter = document.getElementById("round");
+return {
+  round: counter ? parseInt(counter.textContent, 10) : NaN,
+  points: Array.from(document.querySelectorAll("#curve-accuracy polyline"))
+    .reduce((sum, line) => sum + parseInt(line.dataset.points || "0", 10), 0),
+  sites: Array.from(document.querySelectorAll("#sites tbody tr")).map(row => row.dataset.site),
+};
+"""
+
+
+def _reading(driver: webdriver.Chrome) -> tuple[int, int, list[str]]:
+    """The round counter, the points on the accuracy curves and the sites in the table."""
+    page = driver.execute_script(_READ_PAGE)
+    counter = page["round"]
+    return (counter if isinstance(counter, int) else -1), page["points"], page["sites"]
 
 
 def test_the_status_page_follows_a_job_and_asks_only_the_aggregator(
@@ -84,9 +96,8 @@ def test_the_status_page_follows_a_job_and_asks_only_the_aggregator(
         _await_http(f"{base}/healthz", demo, 120)
         browser.get(f"{base}/")
         wait = WebDriverWait(browser, 120, poll_frequency=0.2)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sites tbody tr")) == 2)
-        rows = browser.find_elements(By.CSS_SELECTOR, "#sites tbody tr")
-        assert {row.get_attribute("data-site") for row in rows} == {"hospital-1", "hospital-2"}
+        wait.until(lambda d: len(_reading(d)[2]) == 2)
+        assert set(_reading(browser)[2]) == {"hospital-1", "hospital-2"}
         wait.until(lambda d: _reading(d)[0] >= 1)
         first = _reading(browser)
         wait.until(lambda d: _reading(d)[0] > first[0])
