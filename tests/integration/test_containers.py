@@ -17,6 +17,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,6 @@ from pathlib import Path
 import pytest
 
 from experiments.compose_demo import (
-    REPO,
     SITES,
     ComposeRun,
     docker_inspect,
@@ -34,36 +34,34 @@ from experiments.compose_demo import (
     up,
     wait_for_aggregator,
 )
+from tests.conftest import IMAGE_BUILD
+from tests.support.image_build import ImageBuild
 
-pytestmark = pytest.mark.integration
+# A cold machine installs docker.io, debootstraps the base images, makes the wheelhouse and
+# builds both images: more than the suite's 300 s per test, even started in the background at
+# the beginning of the session. The build has its own limit (``ImageBuild.wait``), which says
+# what it was waiting for.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 ROUNDS = 5
 
 
-def _script(name: str, timeout: float) -> str:
-    done = subprocess.run(
-        ["bash", str(REPO / "scripts" / name)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"scripts/{name}: {done.stderr.strip().splitlines()[-1:]}", pytrace=False)
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
-def images() -> Iterator[None]:
-    """Both images built; a dockerd this fixture started is stopped at the end."""
-    engine = _script("docker_engine.sh", 600).strip()
+def images(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Both images built (in the background since the session began: tests/conftest.py); a
+    dockerd the build started is stopped at the end."""
+    build = request.config.stash.get(IMAGE_BUILD, None)
+    if build is None:  # collected another way: build now
+        build = ImageBuild.start(Path(tempfile.mkdtemp(prefix="medsplit-images-")))
+    problem = build.wait(1500)
+    engine = build.started_engine()
     try:
-        _script("images.sh", 1200)
+        if problem is not None:
+            pytest.fail(problem, pytrace=False)
         yield
     finally:
-        if engine.startswith("started"):
-            pid = int(engine.split()[1])
-            os.kill(pid, signal.SIGTERM)
-            _wait_gone(pid, 60)
+        if engine is not None:
+            os.kill(engine, signal.SIGTERM)
+            _wait_gone(engine, 60)
 
 
 def _wait_gone(pid: int, timeout: float) -> None:
