@@ -178,6 +178,13 @@ class JobCollector(Scraped["Coordinator"]):
         yield CounterMetricFamily(
             "medsplit_rounds_completed", "rounds closed", value=len(state.history)
         )
+        late = lateness(state, coordinator.clock(), coordinator.config.rounds.deadline_s)
+        yield GaugeMetricFamily(
+            "medsplit_round_late",
+            "1 while the round is overdue (the status page's 'late': over twice the median "
+            "round plus 5 s, or half the deadline before any round closed)",
+            value=0 if late is None else 1,
+        )
         seconds = [record.seconds for record in state.history]
         yield HistogramMetricFamily(
             "medsplit_round_seconds",

@@ -101,6 +101,7 @@ def test_the_metrics_agree_with_the_report(job: JobResult) -> None:
     assert samples["medsplit_round_seconds_sum"][()] == pytest.approx(total, abs=0.01)  # report: ms
     assert samples["medsplit_late_messages_total"][()] == report["late_messages"]
     assert samples["medsplit_sites"][(("state", "joined"),)] == 2
+    assert samples["medsplit_round_late"][()] == 0  # finished: nothing is overdue
 
 
 def test_the_status_matches_the_registry_and_the_history(job: JobResult) -> None:
