@@ -99,8 +99,8 @@ def lateness(state: JobState, now: float, deadline_s: float) -> str | None:
 
 def _note(site: str, state_word: str, late: str | None, missed: Collection[str]) -> str:
     """A few words on why a site is in its state, for the table's last column."""
-    if state_word == "late" and late is not None:
-        return late
+    if state_word == "late":
+        return late or ""
     if site in missed:
         return "missed the last round"
     return ""

@@ -78,10 +78,6 @@ class Durations:
             counts[slot] += 1
             self._sums[label] = self._sums.get(label, 0.0) + seconds
 
-    def count(self, label: str) -> int:
-        with self._lock:
-            return sum(self._counts.get(label, ()))
-
     def family(self, name: str, documentation: str, label: str) -> Metric:
         from prometheus_client.core import HistogramMetricFamily  # noqa: PLC0415
 

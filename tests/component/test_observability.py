@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from aggregator.observability import JobCollector, lateness, site_state, status
 from aggregator.report import build_report
@@ -18,6 +17,7 @@ from experiments.inprocess import JobResult, run_job
 from medsplit.transport import MemoryBroker
 from medsplit.wiring import memory_connector
 from tests.support.configs import job_config
+from tests.support.metrics import Samples, parse_samples
 
 SITES = ["site-a", "site-b"]
 
@@ -61,17 +61,10 @@ class _Lines(logging.Handler):
 ROUND_LINES = _Lines()
 
 
-def _samples(
-    job: JobResult, collector: object | None = None
-) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+def _samples(job: JobResult, collector: object | None = None) -> Samples:
     registry = CollectorRegistry()
     registry.register(collector or JobCollector(lambda: job.coordinator))
-    text = generate_latest(registry).decode()
-    found: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
+    return parse_samples(generate_latest(registry).decode())
 
 
 def test_the_metrics_agree_with_the_report(job: JobResult) -> None:

@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from experiments.federation import Federation, small_job
 from medsplit.brokers.mosquitto import Mosquitto, free_port
 from medsplit.cli_http import Unanswered, get_json
-
-Samples = dict[str, dict[tuple[tuple[str, str], ...], float]]
-
+from tests.support.metrics import Samples, parse_samples
 
 SERVING = ("aggregator", "site-a")  # the processes with an HTTP port; they linger at the end
 
@@ -44,15 +41,8 @@ def _answer(url: str, fed: Federation, until: int, timeout: float = 120) -> Any:
 
 
 def _metrics(url: str) -> Samples:
-    import urllib.request  # noqa: PLC0415
-
     with urllib.request.urlopen(f"{url}/metrics", timeout=10) as response:  # noqa: S310
-        text = response.read().decode()
-    found: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            found.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return found
+        return parse_samples(response.read().decode())
 
 
 def test_probes_follow_the_broker_and_metrics_and_status_match_the_report(tmp_path: Path) -> None:
