@@ -27,9 +27,10 @@ What keeps a job going through faults lives here too, since it is about messages
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -74,6 +75,7 @@ from medsplit.snapshots import set_rng_state
 from medsplit.statistics import FeatureSums, normalization_digest
 from medsplit.throttle import error_replies
 from medsplit.wire import Envelope, WireError
+from medsplit.wire.frame import MetaValue
 from models import split_model
 
 log = logging.getLogger(__name__)
@@ -434,7 +436,7 @@ class Coordinator:
         reply = Reply(site, env.tensors, int(env.meta.get("samples") or 0))
         loss = float(env.meta.get("train_loss") or 0.0)
         seconds = float(env.meta.get("train_seconds") or 0.0)
-        self._step(TrainDone(site, env.round, reply, loss, seconds))
+        self._step(TrainDone(site, env.round, reply, loss, seconds, _timings(env.meta, seconds)))
 
     def _on_metrics(self, site: str, env: Envelope) -> None:
         if not self._answers_request(site, env):
@@ -476,11 +478,11 @@ class Coordinator:
             answer = env.reply(
                 AGGREGATOR_ID, Kind.GRADIENTS, tensors={"g": grad}, meta={"loss": loss}
             )
-            self._reply(site, answer, cast={"g"})
+            self._answer_step(site, answer, cast={"g"})
         else:
             out = trunk.forward(site, env.round, env.step, env.tensors["h"])
             answer = env.reply(AGGREGATOR_ID, Kind.TRUNK_OUT, tensors={"t": out})
-            self._reply(site, answer, cast={"t"})
+            self._answer_step(site, answer, cast={"t"})
 
     def _on_trunk_grad(self, site: str, env: Envelope) -> None:
         if not self._asked(site, Phase.TRAINING, env):
@@ -490,14 +492,14 @@ class Coordinator:
             self.state = replace(self.state, late_messages=self.state.late_messages + 1)
             return
         answer = env.reply(AGGREGATOR_ID, Kind.ACT_GRAD, tensors={"g": grad})
-        self._reply(site, answer, cast={"g"})
+        self._answer_step(site, answer, cast={"g"})
 
     def _on_eval_activations(self, site: str, env: Envelope) -> None:
         if not self._asked(site, Phase.EVALUATING, env):
             return
         out = self._cut_layer_trunk().evaluate(env.tensors["h"])
         answer = env.reply(AGGREGATOR_ID, Kind.EVAL_OUT, tensors={"t": out})
-        self._reply(site, answer, cast={"t"})
+        self._answer_step(site, answer, cast={"t"})
 
     _handlers: ClassVar[dict[str, Callable[[Coordinator, str, Envelope], None]]] = {
         Kind.HELLO: _on_hello,
@@ -608,6 +610,18 @@ class Coordinator:
             cast=cast or set(),
         )
 
+    def _answer_step(self, site: str, answer: Envelope, cast: set[str]) -> None:
+        """A cut-layer answer, sent without waiting for the broker's acknowledgement: the site's
+        next step is the acknowledgement that matters, and a lost answer is sent again when its
+        request repeats. The loop goes back to receiving at once (docs/wire-format.md)."""
+        self.endpoint.answer(
+            topics.down(self.config.job_id, site, answer.kind),
+            answer,
+            wire_dtype=self.config.training.wire_dtype,
+            cast=cast,
+            wait=False,
+        )
+
     # -- telling people --------------------------------------------------------------------------------
 
     def _report_progress(self, before: JobState, after: JobState) -> None:
@@ -706,3 +720,22 @@ def make_strategy(config: JobConfig) -> Strategy:
         else FedAvg(rounds.sample_fraction, config.quorum, config.seed, aggregation)
     )
     return Cyclic(base) if config.orchestration == Orchestration.SEQUENTIAL else base
+
+
+def _timings(meta: Mapping[str, MetaValue], seconds: float) -> dict[str, float]:
+    """Where a split site's training time went, from its ``done``: its own compute, the
+    cut-layer exchanges (of which its codec), and its step count. Empty for other modes."""
+    try:
+        exchange = float(meta["exchange_seconds"])  # type: ignore[arg-type]
+        codec = float(meta["codec_seconds"])  # type: ignore[arg-type]
+        steps = float(meta["steps"])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return {}
+    if not all(math.isfinite(v) and v >= 0 for v in (exchange, codec, steps)):
+        return {}
+    return {
+        "compute": max(seconds - exchange, 0.0),
+        "exchange": exchange,
+        "codec": min(codec, exchange),
+        "steps": steps,
+    }

@@ -53,10 +53,25 @@ def build_report(
             s for s, e in state.sites.items() if e.taking_part and not e.finished
         ],
     }
+    report["data_path"] = data_path(coordinator)
     report["last_checkpoint"] = (
         None if coordinator.last_checkpoint is None else str(coordinator.last_checkpoint)
     )
     return report
+
+
+def data_path(coordinator: Coordinator) -> dict[str, Any]:
+    """The aggregator's side of every cut-layer step: its work per message kind (the trunk)
+    and its codec time per operation and kind, over the whole job (bench/split_overhead.py)."""
+    return {
+        "trunk": {
+            kind: {"count": count, "seconds": round(total, 4)}
+            for kind, (count, total) in coordinator.step_times.trunk.totals().items()
+        },
+        "codec_seconds": {
+            key: round(total, 4) for key, total in coordinator.endpoint.stats.codec_seconds.items()
+        },
+    }
 
 
 def report_dict(
@@ -102,6 +117,9 @@ def _round(record: RoundRecord) -> dict[str, Any]:
         "sites": {s: {k: m.get(k) for k in keep} for s, m in record.metrics.items()},
         "train_loss": record.train_loss,
         "compute_seconds": {s: round(v, 4) for s, v in record.compute_seconds.items()},
+        "site_timings": {
+            s: {k: round(v, 4) for k, v in t.items()} for s, t in record.site_timings.items()
+        },
         "trained": record.trained,
         "missed": record.missed,
         "resumed": record.resumed,

@@ -99,6 +99,8 @@ class RoundRecord:
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     train_loss: dict[str, float] = field(default_factory=dict)
     compute_seconds: dict[str, float] = field(default_factory=dict)  # each site's own training
+    # Split modes: where each site's training time went (compute, exchange, codec, steps).
+    site_timings: dict[str, dict[str, float]] = field(default_factory=dict)
     missed: list[str] = field(default_factory=list)
     trained: list[str] = field(default_factory=list)
     bytes: dict[str, dict[str, int]] = field(default_factory=dict)  # this round's traffic
@@ -128,6 +130,7 @@ class TrainDone:
     reply: Reply
     train_loss: float
     compute_seconds: float
+    timings: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -646,6 +649,10 @@ class JobMachine:
             compute_seconds={
                 **state.record.compute_seconds,
                 **{r.site: r.compute_seconds for r in replies},
+            },
+            site_timings={
+                **state.record.site_timings,
+                **{r.site: dict(r.timings) for r in replies if r.timings},
             },
         )
         state = replace(

@@ -1,23 +1,35 @@
-"""Time per epoch of U-shaped split learning through Mosquitto against centralized training.
+"""Time per epoch of U-shaped split learning through Mosquitto against centralized training,
+and where every millisecond of a split step goes.
 
-    python bench/split_overhead.py [--write-docs] [--quick]
+    python bench/split_overhead.py [--write-docs] [--quick] [--pairs N]
 
 Same ``cnn`` on the same 64x64 synthetic-cxr images (one site holding all of them), batch 32,
 same seed. Centralized training runs here; split-u runs as the real processes (``medsplit
-aggregator`` and one ``medsplit agent``) through a Mosquitto started here, once with fp32 and
-once with fp16 on the wire. The epoch time of split-u is the aggregator's training phase of a
-round (after a warm-up round); the ratio is against the centralized epoch measured in this run.
+aggregator`` and one ``medsplit agent``) through a Mosquitto started here, with fp32, fp16 and
+int8 activations and gradients on the wire, over mutual TLS (as deployed) and plaintext.
+
+Each pair is one centralized epoch measurement followed at once by one split job, so both see
+the same machine load; pairs of every configuration are interleaved and repeated (three by
+default), and the table shows the median ratio with its range. A split epoch is the
+aggregator's training phase of a round, after a warm-up round.
+
+The breakdown per step comes from the job's own accounting (report.json): the agent's compute
+and the time it spent in cut-layer exchanges (of which its codec), and the aggregator's trunk
+work and codec per message kind. What is left of an exchange once both codecs and the trunk are
+taken out is the transport: paho, Mosquitto, the kernel and the threads handing each message on.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,23 +37,30 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._report import bench_main, machine
+from bench._report import machine, write_section
 from edge_agent.data import datasets
+from medsplit.brokers.embedded import LocalBroker, start_local_broker
 from medsplit.brokers.mosquitto import Mosquitto
 from medsplit.config import OptimizerConfig
+from medsplit.ids import AGGREGATOR_ID
 from medsplit.training import train_centralized
 from models import cut_shapes, load_plan
 
 PLAN = "cnn-cxr-u"
 BATCH = 32
+SITE = "site-1"
+WIRE_DTYPES = ("float32", "float16", "int8")
+TARGETS = {"float32": 1.5, "float16": 1.35, "int8": 1.25}
+UP_KINDS, DOWN_KINDS = ("activations", "trunk-grad"), ("trunk-out", "act-grad")
 
 
-def centralized_epoch_seconds(data: datasets.SiteData, epochs: int) -> float:
+def centralized_epoch_seconds(data: datasets.SiteData, epochs: int = 2) -> float:
+    """The median of ``epochs`` epochs after a warm-up one, in this process."""
     plan = load_plan(PLAN)
     torch.manual_seed(0)
     model = plan.model.build()
     times = []
-    for epoch in range(epochs + 1):  # the first epoch warms up
+    for epoch in range(epochs + 1):
         start = time.perf_counter()
         train_centralized(
             model,
@@ -57,27 +76,47 @@ def centralized_epoch_seconds(data: datasets.SiteData, epochs: int) -> float:
     return statistics.median(times[1:])
 
 
-def split_epoch_seconds(
-    broker_url: str, workdir: Path, wire_dtype: str, rounds: int, omp_wait: str = "PASSIVE"
-) -> float:
-    job_id = f"bench-{wire_dtype}-{omp_wait.lower()}"
+@dataclass(frozen=True)
+class Config:
+    wire_dtype: str
+    tls: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.wire_dtype}, {'mutual TLS' if self.tls else 'plaintext'}"
+
+
+@dataclass(frozen=True)
+class SplitRun:
+    epoch_s: float
+    per_step_ms: dict[str, float]  # the breakdown of one step
+
+
+def _broker(stack: ExitStack, workdir: Path, job_id: str, tls: bool) -> LocalBroker:
+    if tls:
+        return start_local_broker(stack, provision=(workdir / "pki", job_id, [SITE]))
+    mosquitto = stack.enter_context(Mosquitto(workdir / "broker"))
+    return LocalBroker(mosquitto.url, "5", "plaintext")
+
+
+def _configs(workdir: Path, job_id: str, broker: LocalBroker, config: Config, rounds: int) -> None:
     job = {
         "job_id": job_id,
         "plan": PLAN,
         "mode": "split-u",
         "orchestration": "sequential",
         "seed": 0,
-        "sites": ["site-1"],
+        "sites": [SITE],
         "dataset": "synthetic-cxr",
         "rounds": {"count": rounds + 1},
-        "training": {"batch_size": BATCH, "wire_dtype": wire_dtype},
-        "broker": {"url": broker_url, "insecure": True},
-        "state": {"run_dir": str(workdir / job_id)},
+        "training": {"batch_size": BATCH, "wire_dtype": config.wire_dtype},
+        "broker": broker.broker_section(AGGREGATOR_ID),
+        "state": {"run_dir": str(workdir / "run")},
     }
     site = {
-        "site_id": "site-1",
+        "site_id": SITE,
         "job_id": job_id,
-        "broker": {"url": broker_url, "insecure": True},
+        "broker": broker.broker_section(SITE),
         "data": {
             "dataset": "synthetic-cxr",
             "partition": "iid",
@@ -86,77 +125,168 @@ def split_epoch_seconds(
             "seed": 0,
         },
         "device": "cpu",
-        "state": {"dir": str(workdir / f"{job_id}-state")},
+        "state": {"dir": str(workdir / "state")},
         "waits": {"hello_interval_s": 0.5},
     }
-    (workdir / f"{job_id}.yaml").write_text(yaml.safe_dump(job))
-    (workdir / f"{job_id}-site.yaml").write_text(yaml.safe_dump(site))
+    (workdir / "job.yaml").write_text(yaml.safe_dump(job))
+    (workdir / "site.yaml").write_text(yaml.safe_dump(site))
+
+
+def split_run(workdir: Path, config: Config, rounds: int) -> SplitRun:
+    """One split-u job as two processes; its epoch time and its per-step breakdown."""
+    workdir.mkdir(parents=True)
+    job_id = "bench-split"
     command = [sys.executable, "-m", "medsplit"]
-    env = {**os.environ, "OMP_WAIT_POLICY": omp_wait}
-    with (workdir / f"{job_id}.log").open("w") as log:
+    with ExitStack() as stack:
+        broker = _broker(stack, workdir, job_id, config.tls)
+        _configs(workdir, job_id, broker, config, rounds)
+        log = stack.enter_context((workdir / "processes.log").open("w"))
         aggregator = subprocess.Popen(
-            [*command, "aggregator", "--config", str(workdir / f"{job_id}.yaml")],
+            [*command, "aggregator", "--config", str(workdir / "job.yaml")],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
         )
         agent = subprocess.Popen(
-            [*command, "agent", "--config", str(workdir / f"{job_id}-site.yaml")],
+            [*command, "agent", "--config", str(workdir / "site.yaml")],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
         )
         if aggregator.wait(1800) != 0 or agent.wait(120) != 0:
-            raise RuntimeError(f"split run failed; see {workdir / f'{job_id}.log'}")
-    report = json.loads((workdir / job_id / "report.json").read_text())
-    return statistics.median(h["train_seconds"] for h in report["history"][1:])
+            raise RuntimeError(f"split run failed; see {workdir / 'processes.log'}")
+    report = json.loads((workdir / "run" / "report.json").read_text())
+    epoch = statistics.median(h["train_seconds"] for h in report["history"][1:])
+    return SplitRun(epoch, breakdown(report))
 
 
-def run(quick: bool) -> str:
-    rounds = 1 if quick else 3
+def breakdown(report: dict[str, object]) -> dict[str, float]:
+    """Milliseconds per training step, by where they went, over every round of the job."""
+    history = report["history"]
+    assert isinstance(history, list)
+    site = {"compute": 0.0, "exchange": 0.0, "codec": 0.0, "steps": 0.0}
+    for record in history:
+        for key, value in record["site_timings"][SITE].items():
+            site[key] += value
+    data_path = report["data_path"]
+    assert isinstance(data_path, dict)
+    trunk, codec = data_path["trunk"], data_path["codec_seconds"]
+    encode_down = sum(codec.get(f"encode {kind}", 0.0) for kind in DOWN_KINDS)
+    aggregator_codec = encode_down + sum(codec.get(f"decode {kind}", 0.0) for kind in UP_KINDS)
+    # The trunk's handler encodes its answer too: that part is codec, not trunk compute.
+    trunk_compute = sum(trunk[kind]["seconds"] for kind in UP_KINDS if kind in trunk) - encode_down
+    steps = site["steps"]
+    transport = site["exchange"] - site["codec"] - aggregator_codec - trunk_compute
+    parts = {
+        "edge compute": site["compute"],
+        "edge codec": site["codec"],
+        "trunk compute": trunk_compute,
+        "aggregator codec": aggregator_codec,
+        "transport": transport,
+    }
+    return {name: 1000 * seconds / steps for name, seconds in parts.items()}
+
+
+@dataclass
+class Pairs:
+    ratios: list[float]
+    splits: list[SplitRun]
+
+
+def run(quick: bool, pairs: int) -> str:
+    rounds = 1 if quick else 2
     data = datasets.share("synthetic-cxr", "iid", 1, 0, seed=0)
     steps = -(-data.train_samples // BATCH)
-    central = centralized_epoch_seconds(data, rounds)
-    print(
-        f"centralized: {central:.2f} s per epoch ({1000 * central / steps:.1f} ms per step)",
-        flush=True,
-    )
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp)) as broker:
-        runs = (("float32", "ACTIVE"), ("float32", "PASSIVE"), ("float16", "PASSIVE"))
-        for wire_dtype, omp_wait in runs:
-            split = split_epoch_seconds(broker.url, Path(tmp), wire_dtype, rounds, omp_wait)
-            label = f"{wire_dtype} wire"
-            if omp_wait == "ACTIVE":
-                label += ", OpenMP threads spinning (torch's default)"
-            rows.append((label, split))
-            print(f"split-u {label}: {split:.2f} s per epoch, {split / central:.2f}x", flush=True)
+    configs = [Config(d, tls) for tls in (True, False) for d in WIRE_DTYPES]
+    results = {c: Pairs([], []) for c in configs}
+    centrals: list[float] = []
+    centralized_epoch_seconds(data, epochs=1)  # warms this process up; not counted
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(pairs):
+            for config in configs:
+                central = centralized_epoch_seconds(data)
+                split = split_run(
+                    Path(tmp) / f"{repeat}-{config.wire_dtype}-{config.tls}", config, rounds
+                )
+                centrals.append(central)
+                results[config].ratios.append(split.epoch_s / central)
+                results[config].splits.append(split)
+                print(
+                    f"pair {repeat + 1}/{pairs} {config.label}: centralized {central:.2f} s, "
+                    f"split-u {split.epoch_s:.2f} s per epoch ({split.epoch_s / central:.2f}x)",
+                    flush=True,
+                )
+    return table(results, centrals, steps, data.train_samples, pairs)
+
+
+def table(
+    results: dict[Config, Pairs], centrals: list[float], steps: int, samples: int, pairs: int
+) -> str:
+    central_ms = 1000 * statistics.median(centrals) / steps
     head_mb = 4 * torch.Size(cut_shapes(load_plan(PLAN), BATCH)["head_out"]).numel() / 1e6
     lines = [
-        f"| {data.train_samples} images, {steps} steps of {BATCH} | seconds per epoch | ms per step | vs centralized |",
+        f"{samples} images, {steps} steps of {BATCH}; {pairs} interleaved pairs per row. "
+        f"Centralized: {central_ms:.1f} ms per step (median of the pairs, "
+        f"{1000 * min(centrals) / steps:.1f}-{1000 * max(centrals) / steps:.1f}).",
+        "",
+        "| split-u, wire | vs centralized, median (range) | target | ms per step |",
         "|---|---|---|---|",
-        f"| centralized | {central:.2f} | {1000 * central / steps:.1f} | 1.00x |",
     ]
-    for label, split in rows:
+    for config, result in results.items():
+        ratios = result.ratios
+        step_ms = statistics.median(s.epoch_s for s in result.splits) * 1000 / steps
+        target = TARGETS[config.wire_dtype]
+        met = "met" if statistics.median(ratios) <= target else "missed"
         lines.append(
-            f"| split-u, {label} | {split:.2f} | {1000 * split / steps:.1f} | {split / central:.2f}x |"
+            f"| {config.label} | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) "
+            f"| {target:.2f}x, {met} | {step_ms:.1f} |"
         )
-    lines.append("")
-    lines.append(
-        f"Cut-layer activations per step: {head_mb:.1f} MB in fp32 (up), the same again as their gradient (down)."
-    )
+    names = list(next(iter(results.values())).splits[0].per_step_ms)
+    lines += [
+        "",
+        "Where a split step goes, ms (median of the pairs; every round of each job):",
+        "",
+        f"| split-u, wire | {' | '.join(names)} | sum | centralized |",
+        "|---|" + "---|" * (len(names) + 2),
+    ]
+    for config, result in results.items():
+        parts = {n: statistics.median(s.per_step_ms[n] for s in result.splits) for n in names}
+        cells = " | ".join(f"{parts[n]:.1f}" for n in names)
+        lines.append(f"| {config.label} | {cells} | {sum(parts.values()):.1f} | {central_ms:.1f} |")
+    lines += [
+        "",
+        f"Cut-layer activations per step: {head_mb:.1f} MB in fp32 (up), the same again as "
+        "their gradient (down); fp16 halves them, int8 quarters them.",
+    ]
     return "\n".join(lines)
 
 
 def intro() -> str:
     return (
         "## Split learning overhead: split-u through Mosquitto vs centralized\n\n"
-        "Command: `make bench` (runs `python bench/split_overhead.py --write-docs` after the transport benchmark).\n"
+        "Command: `make bench` (runs `python bench/split_overhead.py --write-docs` after the "
+        "transport benchmark).\n"
         f"Machine: {machine()}. The aggregator and the agent are separate processes "
         "(`medsplit aggregator`, `medsplit agent`) talking through Mosquitto on loopback; plan "
-        "`cnn-cxr-u` (head: first conv block, tail: classifier), one site with all images."
+        "`cnn-cxr-u` (head: first conv block, tail: classifier), one site with all images. "
+        "Edge compute: the site's own layers and optimizer; trunk compute: the aggregator's "
+        "layers; codecs: encoding and decoding on each side; transport: the rest of each "
+        "exchange (paho, Mosquitto, TLS, the kernel, thread hand-offs)."
     )
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--write-docs", action="store_true", help="write into docs/benchmarks.md")
+    parser.add_argument("--quick", action="store_true", help="one pair, one measured round")
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs per row")
+    args = parser.parse_args()
+    result = run(args.quick, 1 if args.quick else args.pairs)
+    print()
+    print(result)
+    if args.write_docs:
+        write_section("split_overhead", f"{intro()}\n\n{result}\n")
+
+
 if __name__ == "__main__":
-    bench_main("split_overhead", __doc__, intro, run)
+    main()

@@ -5,15 +5,26 @@
 A Mosquitto is started on a free loopback port. The echo side runs in a child process (as the
 aggregator would, on another machine), the measuring side here. The baseline is a bare
 paho-mqtt client (MQTT 5, QoS 1, TCP_NODELAY) sending raw bytes; medsplit sends the same
-number of tensor bytes as envelopes through ``Endpoint`` (safetensors, sha256, chunking at the
-256 KiB default, header and finite-value checks, de-duplication). This file imports paho only to
-build that baseline.
+number of tensor bytes as envelopes through ``Endpoint`` (safetensors layout, xxh3-128 digest,
+chunking at the 256 KiB default, header and finite-value checks, de-duplication). This file imports paho only to
+build that baseline. Both sides wait passively between OpenMP regions, as the ``medsplit``
+command's processes do (medsplit/entry.py): spinning threads would steal the cores paho needs.
+
+Tables: round trips against plain paho sending one frame and sending the same 256 KiB frames
+medsplit sends; one-way throughput against plain paho with the same frames; the round trip at
+other frame sizes; and the codec alone, per MB, with the allocator tuned (as every medsplit
+process runs) and untuned (in a child process with ``MEDSPLIT_MALLOC_TUNING=off``).
 """
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as medsplit/entry.py
+
 import argparse
 import dataclasses
+import json
 import socket
 import statistics
 import subprocess
@@ -35,7 +46,15 @@ from bench._report import machine, write_section
 from medsplit.brokers.mosquitto import Mosquitto
 from medsplit.channel import Endpoint
 from medsplit.transport import MqttSettings, MqttTransport
-from medsplit.wire import Decoder, Envelope, WireDtype, encode, new_message_id
+from medsplit.wire import (
+    DEFAULT_MAX_FRAME_BYTES,
+    Decoder,
+    Envelope,
+    WireDtype,
+    WireLimits,
+    encode,
+    new_message_id,
+)
 
 KB, MB = 1024, 1024 * 1024
 TIMEOUT = 60.0
@@ -74,7 +93,10 @@ def subscribe_plain(client: paho.Client, topic: str) -> None:
 
 
 def serve_echo(port: int) -> None:
-    """Echo pings back as pongs and acknowledge stream messages, until stdin closes."""
+    """Echo pings back as pongs and acknowledge stream messages, until stdin closes.
+
+    Plain paho answers each frame from its callback; medsplit answers each whole envelope with
+    the same tensors, in the frame size the ping asked for (``meta["frame_bytes"]``)."""
     for tag, nodelay in (("nodelay", True), ("nagle", False)):
         client = plain_client(port, f"echo-{tag}", nodelay)
         base = f"bench/{tag}"
@@ -103,7 +125,9 @@ def serve_echo(port: int) -> None:
                 transport.publish("bench/ms/ack", b"1")
                 continue
             wire_dtype: WireDtype = env.meta.get("wire_dtype", "float32")  # type: ignore[assignment]
+            limits = WireLimits(max_frame_bytes=int(env.meta.get("frame_bytes") or 256 * KB))
             reply = Envelope(env.job, env.site, env.kind, tensors=env.tensors)
+            endpoint.limits = limits
             endpoint.send("bench/ms/pong", reply, wire_dtype=wire_dtype)
 
     threading.Thread(target=loop, daemon=True).start()
@@ -114,28 +138,41 @@ def serve_echo(port: int) -> None:
 # -- the measuring side -----------------------------------------------------------------------------
 
 
+def frames_of(size: int, frame: int = DEFAULT_MAX_FRAME_BYTES) -> list[bytes]:
+    """``size`` raw bytes cut as medsplit cuts them: the baseline with the same framing."""
+    return [bytes(min(frame, size - at)) for at in range(0, max(size, 1), frame)]
+
+
 class PlainPing:
     def __init__(self, port: int, nodelay: bool) -> None:
         self.base = "bench/nodelay" if nodelay else "bench/nagle"
         self.client = plain_client(port, f"ping-{self.base[6:]}", nodelay)
-        self.pong = threading.Event()
+        self.pongs = threading.Semaphore(0)
         self.acks = threading.Semaphore(0)
-        self.client.message_callback_add(f"{self.base}/pong", lambda *a: self.pong.set())
+        self.client.message_callback_add(f"{self.base}/pong", lambda *a: self.pongs.release())
         self.client.message_callback_add(f"{self.base}/ack", lambda *a: self.acks.release())
         subscribe_plain(self.client, f"{self.base}/pong")
         subscribe_plain(self.client, f"{self.base}/ack")
 
-    def round_trip(self, payload: bytes) -> None:
-        self.pong.clear()
-        self.client.publish(f"{self.base}/ping", payload, qos=1).wait_for_publish(TIMEOUT)
-        if not self.pong.wait(TIMEOUT):
-            raise TimeoutError("no pong")
-
-    def stream(self, payload: bytes, count: int) -> None:
-        infos = [self.client.publish(f"{self.base}/stream", payload, qos=1) for _ in range(count)]
+    def round_trip(self, frames: list[bytes]) -> None:
+        """Every frame there and back (the echo answers each one)."""
+        infos = [self.client.publish(f"{self.base}/ping", f, qos=1) for f in frames]
         for info in infos:
             info.wait_for_publish(TIMEOUT)
-        for _ in range(count):
+        for _ in frames:
+            if not self.pongs.acquire(timeout=TIMEOUT):
+                raise TimeoutError("no pong")
+
+    def stream(self, frames: list[bytes], count: int) -> None:
+        """``count`` messages of ``frames`` one way; the echo acknowledges each frame."""
+        infos = [
+            self.client.publish(f"{self.base}/stream", f, qos=1)
+            for _ in range(count)
+            for f in frames
+        ]
+        for info in infos:
+            info.wait_for_publish(TIMEOUT)
+        for _ in infos:
             if not self.acks.acquire(timeout=TIMEOUT):
                 raise TimeoutError("stream stalled")
 
@@ -153,11 +190,13 @@ class MedsplitPing:
         self.endpoint = Endpoint(self.transport)
         self.wire_dtype: WireDtype = "float32"
 
+    def frame_bytes(self, size: int) -> None:
+        self.endpoint.limits = WireLimits(max_frame_bytes=size)
+
     def _fresh(self, envelope: Envelope) -> Envelope:
         # A new message id each time: the receiver would drop a repeated one as a duplicate.
-        return dataclasses.replace(
-            envelope, msg_id=new_message_id(), meta={"wire_dtype": self.wire_dtype}
-        )
+        meta = {"wire_dtype": self.wire_dtype, "frame_bytes": self.endpoint.limits.max_frame_bytes}
+        return dataclasses.replace(envelope, msg_id=new_message_id(), meta=meta)
 
     def round_trip(self, envelope: Envelope) -> None:
         self.endpoint.send("bench/ms/ping", self._fresh(envelope), wire_dtype=self.wire_dtype)
@@ -207,36 +246,59 @@ def _label(size: int) -> str:
 
 def latency_table(plain: PlainPing, ms: MedsplitPing, sizes: list[tuple[int, int]]) -> list[str]:
     lines = [
-        "| round trip | plain paho p50 | medsplit fp32 p50 | ratio | medsplit fp16 p50 | ratio |",
-        "|---|---|---|---|---|---|",
+        "| round trip | plain paho, one frame | plain paho, 256 KiB frames | medsplit fp32 | "
+        "vs one frame | vs same frames | medsplit fp16 | medsplit int8 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for size, repeats in sizes:
-        base = measure(partial(plain.round_trip, bytes(size)), repeats)
+        one = measure(partial(plain.round_trip, [bytes(size)]), repeats)
+        framed = measure(partial(plain.round_trip, frames_of(size)), repeats)
         envelope = Envelope("bench", "ping", "x", tensors=tensor_of(size))
-        ms.wire_dtype = "float32"
-        fp32 = measure(partial(ms.round_trip, envelope), repeats)
-        ms.wire_dtype = "float16"
-        fp16 = measure(partial(ms.round_trip, envelope), repeats)
+        timings = {}
+        for dtype in ("float32", "float16", "int8"):
+            ms.wire_dtype = dtype  # type: ignore[assignment]
+            timings[dtype] = measure(partial(ms.round_trip, envelope), repeats)
+        fp32 = timings["float32"].p50_ms
         lines.append(
-            f"| {_label(size)} | {base.p50_ms:.2f} ms | {fp32.p50_ms:.2f} ms "
-            f"| {fp32.p50_ms / base.p50_ms:.2f}x | {fp16.p50_ms:.2f} ms | {fp16.p50_ms / base.p50_ms:.2f}x |"
+            f"| {_label(size)} | {one.p50_ms:.2f} ms | {framed.p50_ms:.2f} ms | {fp32:.2f} ms "
+            f"| {fp32 / one.p50_ms:.2f}x | {fp32 / framed.p50_ms:.2f}x "
+            f"| {timings['float16'].p50_ms:.2f} ms | {timings['int8'].p50_ms:.2f} ms |"
         )
         print(lines[-1], flush=True)
+    ms.wire_dtype = "float32"
+    return lines
+
+
+def frame_size_table(ms: MedsplitPing, size: int, repeats: int) -> list[str]:
+    """The round trip of one message at other frame sizes: why 256 KiB is the default."""
+    envelope = Envelope("bench", "ping", "x", tensors=tensor_of(size))
+    cells = []
+    for frame in (64 * KB, 256 * KB, MB, 4 * MB):
+        ms.frame_bytes(frame)
+        cells.append(f"{measure(partial(ms.round_trip, envelope), repeats).p50_ms:.2f} ms")
+    ms.frame_bytes(DEFAULT_MAX_FRAME_BYTES)
+    lines = [
+        f"| {_label(size)} fp32 round trip, frames of | 64 KiB | 256 KiB (default) | 1 MiB | 4 MiB |",
+        "|---|---|---|---|---|",
+        f"| p50 | {' | '.join(cells)} |",
+    ]
+    print(lines[-1], flush=True)
     return lines
 
 
 def throughput_table(plain: PlainPing, ms: MedsplitPing, size: int, count: int) -> list[str]:
     total_mb = size * count / MB
     seconds = {
-        "plain": measure(partial(plain.stream, bytes(size), count), 3, warmup=1).p50_ms / 1000
+        "plain": measure(partial(plain.stream, frames_of(size), count), 3, warmup=1).p50_ms / 1000
     }
     envelope = Envelope("bench", "ping", "x", tensors=tensor_of(size))
     for dtype in ("float32", "float16"):
         ms.wire_dtype = dtype  # type: ignore[assignment]
         seconds[dtype] = measure(partial(ms.stream, envelope, count), 3, warmup=1).p50_ms / 1000
+    ms.wire_dtype = "float32"
     rate = {k: total_mb / v for k, v in seconds.items()}
     lines = [
-        f"| {count} x {_label(size)}, one way | plain paho | medsplit fp32 | medsplit fp16 |",
+        f"| {count} x {_label(size)}, one way, 256 KiB frames | plain paho | medsplit fp32 | medsplit fp16 |",
         "|---|---|---|---|",
         f"| tensor MB/s | {rate['plain']:.0f} | {rate['float32']:.0f} ({rate['float32'] / rate['plain']:.2f}x of plain) "
         f"| {rate['float16']:.0f} ({rate['float16'] / rate['plain']:.2f}x of plain) |",
@@ -245,22 +307,47 @@ def throughput_table(plain: PlainPing, ms: MedsplitPing, size: int, count: int) 
     return lines
 
 
-def codec_table(repeats: int) -> list[str]:
-    """Where medsplit's time goes: encoding and decoding alone, in this process, no network."""
-    lines = ["| codec only | encode | decode | per MB (encode + decode) |", "|---|---|---|---|"]
-    for size in (KB, 4 * MB):
+CODEC_CASES = [(KB, "float32"), (16 * KB, "float32"), (MB, "float32"), (4 * MB, "float32"),
+               (4 * MB, "float16"), (4 * MB, "int8")]  # fmt: skip
+
+
+def codec_timings(repeats: int) -> list[tuple[float, float]]:
+    """Encode and decode alone, in this process, no network: (encode, decode) p50 ms per case."""
+    out = []
+    for size, dtype in CODEC_CASES:
         envelope = Envelope("bench", "ping", "x", tensors=tensor_of(size))
-        frames = encode(envelope)
-        enc = measure(partial(encode, envelope), repeats)
+        frames = encode(envelope, wire_dtype=dtype)  # type: ignore[arg-type]
 
         def decode_all(frames: list[bytes] = frames) -> None:
             decoder = Decoder()
             for frame in frames:
                 decoder.feed(frame)
 
-        dec = measure(decode_all, repeats)
-        per_mb = f"{(enc.p50_ms + dec.p50_ms) / (size / MB):.2f} ms" if size >= MB else "-"
-        lines.append(f"| {_label(size)} | {enc.p50_ms:.3f} ms | {dec.p50_ms:.3f} ms | {per_mb} |")
+        enc = measure(partial(encode, envelope, wire_dtype=dtype), repeats)  # type: ignore[arg-type]
+        out.append((enc.p50_ms, measure(decode_all, repeats).p50_ms))
+    return out
+
+
+def codec_table(repeats: int) -> list[str]:
+    tuned = codec_timings(repeats)
+    child = subprocess.run(
+        [sys.executable, __file__, "--codec-only", str(repeats)],
+        env={**os.environ, "MEDSPLIT_MALLOC_TUNING": "off"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    untuned = json.loads(child.stdout)
+    lines = [
+        "| codec only | encode | decode | per MB, encode + decode | allocator untuned, per MB |",
+        "|---|---|---|---|---|",
+    ]
+    for (size, dtype), (enc, dec), (enc0, dec0) in zip(CODEC_CASES, tuned, untuned, strict=True):
+        per_mb = f"{(enc + dec) / (size / MB):.2f} ms"
+        before = f"{(enc0 + dec0) / (size / MB):.2f} ms"
+        lines.append(
+            f"| {_label(size)} {dtype} | {enc:.3f} ms | {dec:.3f} ms | {per_mb} | {before} |"
+        )
     print(lines[-1], flush=True)
     return lines
 
@@ -268,8 +355,8 @@ def codec_table(repeats: int) -> list[str]:
 def nodelay_table(port: int, repeats: int) -> list[str]:
     fast_ping, slow_ping = PlainPing(port, nodelay=True), PlainPing(port, nodelay=False)
     try:
-        fast = measure(partial(fast_ping.round_trip, bytes(KB)), repeats)
-        slow = measure(partial(slow_ping.round_trip, bytes(KB)), repeats)
+        fast = measure(partial(fast_ping.round_trip, [bytes(KB)]), repeats)
+        slow = measure(partial(slow_ping.round_trip, [bytes(KB)]), repeats)
     finally:
         fast_ping.close()
         slow_ping.close()
@@ -283,11 +370,9 @@ def nodelay_table(port: int, repeats: int) -> list[str]:
 
 
 def run(quick: bool) -> str:
-    sizes = (
-        [(1 * KB, 30), (1 * MB, 5), (8 * MB, 3)]
-        if quick
-        else [(1 * KB, 300), (1 * MB, 40), (8 * MB, 12)]
-    )
+    sizes = [(KB, 30), (16 * KB, 30), (2 * MB, 5), (8 * MB, 3)]
+    if not quick:
+        sizes = [(KB, 300), (16 * KB, 300), (2 * MB, 40), (8 * MB, 12)]
     with tempfile.TemporaryDirectory() as tmp, Mosquitto(Path(tmp)) as broker:
         echo = subprocess.Popen(
             [sys.executable, __file__, "--serve-echo", str(broker.port)],
@@ -303,6 +388,7 @@ def run(quick: bool) -> str:
             try:
                 lines = latency_table(plain, ms, sizes)
                 lines += ["", *throughput_table(plain, ms, 4 * MB, 4 if quick else 25)]
+                lines += ["", *frame_size_table(ms, 2 * MB, 5 if quick else 30)]
             finally:
                 ms.close()
                 plain.close()
@@ -322,9 +408,13 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--serve-echo", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--codec-only", type=int, metavar="REPEATS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_echo:
         serve_echo(args.serve_echo)
+        return
+    if args.codec_only:
+        print(json.dumps(codec_timings(args.codec_only)))
         return
     table = run(args.quick)
     print()
@@ -334,11 +424,14 @@ def main() -> None:
             "transport",
             "## Transport: medsplit vs plain paho through Mosquitto\n\n"
             "Command: `make bench` (runs `python bench/transport.py --write-docs`).\n"
-            f"Machine: {machine()}; Mosquitto on loopback, QoS 1; the echo side runs in a second process.\n\n"
-            "A medsplit round trip is: encode (safetensors, sha256, finite check), publish chunked at "
-            "256 KiB, broker, receive, reassemble, verify, decode, and the same back. The fp16 columns "
-            "send float32 tensors down-cast to float16 (half the bytes) and restore float32 on arrival; "
-            "plain paho always sends the full fp32 byte count.\n\n"
+            f"Machine: {machine()}; Mosquitto on loopback, QoS 1; the echo side runs in a second "
+            "process; both wait passively between OpenMP regions, as medsplit's processes do.\n\n"
+            "A medsplit round trip is: encode (safetensors layout, xxh3-128, finite check), "
+            "publish chunked at 256 KiB, broker, receive, reassemble, verify, decode, and the same "
+            "back. The fp16 and int8 columns send float32 tensors as float16 or as int8 with a "
+            "scale per row (half or a quarter of the bytes) and restore float32 on arrival; plain "
+            "paho always sends the full fp32 byte count, either as one frame or cut into the "
+            "frames medsplit sends.\n\n"
             f"{table}\n",
         )
 

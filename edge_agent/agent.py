@@ -54,7 +54,7 @@ from edge_agent.site_model import (
     save_site_model,
     site_card,
 )
-from medsplit.channel import Endpoint, Received, next_retry
+from medsplit.channel import Endpoint, EndpointStats, Received, next_retry
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
 from medsplit.protocol.presence import Presence, new_incarnation
 from medsplit.statistics import normalization_digest
@@ -76,6 +76,11 @@ class Progress:
     steps: int = 0  # training batches (split: cut-layer round trips)
     compute_seconds: float = 0.0  # local training time, waiting for the aggregator included
     last_train_loss: float | None = None
+    exchange_seconds: float = 0.0  # split: in cut-layer exchanges (send, wait, receive)
+
+
+def _codec_seconds(stats: EndpointStats) -> float:
+    return sum(stats.codec_seconds.values())
 
 
 STATE_FILE = "edge.safetensors"
@@ -195,6 +200,7 @@ class Agent:
         tensors: Mapping[str, torch.Tensor] | None = None,
         meta: Mapping[str, MetaValue] | None = None,
         cast: set[str] | None = None,
+        wait: bool = True,
     ) -> Envelope:
         envelope = Envelope(
             self.job_id,
@@ -205,7 +211,7 @@ class Agent:
             tensors=dict(tensors or {}),
             meta=dict(meta or {}),
         )
-        self._publish(envelope, cast)
+        self._publish(envelope, cast, wait=wait)
         return envelope
 
     def _on_duplicate(self, topic: str, header: Header) -> None:
@@ -219,8 +225,12 @@ class Agent:
             log.info("%s: %s came again, unanswered; handling it again", self.site_id, header.kind)
             self._backlog.append(Received(topic, request))
 
-    def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
-        """Send ``envelope`` up; an answer to a request is kept by the endpoint for a repeat."""
+    def _publish(
+        self, envelope: Envelope, cast: set[str] | None = None, *, wait: bool = True
+    ) -> None:
+        """Send ``envelope`` up; an answer to a request is kept by the endpoint for a repeat.
+        ``wait=False`` for a step's request: its answer acknowledges it, and it is repeated
+        while no answer comes."""
         # Only the tensors named in ``cast`` (activations, gradients) may travel down-cast.
         wire_dtype = self.spec.wire_dtype if self.spec else "float32"
         send = self.endpoint.send if envelope.reply_to is None else self.endpoint.answer
@@ -229,6 +239,7 @@ class Agent:
             envelope,
             wire_dtype=wire_dtype,
             cast=cast or set(),
+            wait=wait,
         )
 
     def _report_reject(self, topic: str, error: WireError) -> None:
@@ -487,6 +498,8 @@ class Agent:
         segments.start_round()
         segments.train()
         started = time.perf_counter()
+        exchange, codec = self.progress.exchange_seconds, _codec_seconds(self.endpoint.stats)
+        steps = self.progress.steps
         epochs = int(env.meta.get("epochs", self.spec.local_epochs) or 1)
         if isinstance(segments, LocalModel):  # federated: nothing leaves the site until done
             losses = train_epochs(
@@ -506,11 +519,17 @@ class Agent:
             every = int(env.meta.get("snapshot_every") or 0)
             train_loss = self._train_split(env.round, epochs, every=every, resumed=resumed)
         seconds = time.perf_counter() - started
-        meta = {
+        meta: dict[str, MetaValue] = {
             "samples": self.data.train_samples,
             "train_loss": train_loss,
             "train_seconds": seconds,
         }
+        if not isinstance(segments, LocalModel):  # where a split round's time went
+            meta |= {
+                "exchange_seconds": self.progress.exchange_seconds - exchange,
+                "codec_seconds": _codec_seconds(self.endpoint.stats) - codec,
+                "steps": self.progress.steps - steps,
+            }
         self.progress.rounds_trained += 1
         self.progress.compute_seconds += seconds
         self.progress.last_train_loss = train_loss
@@ -555,29 +574,35 @@ class Agent:
         seg = self.segments
         seg.optimizer.zero_grad()
         h = seg.head(xb)
+        at = {"round": round, "step": step}
         if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
-            tensors = {"h": h.detach(), "y": yb}
-            request = self._send(
-                Kind.ACTIVATIONS, round=round, step=step, tensors=tensors, cast={"h"}
-            )
-            reply = self._await(Kind.GRADIENTS, request, {"h"})
+            reply = self._exchange(Kind.ACTIVATIONS, {"h": h.detach(), "y": yb}, Kind.GRADIENTS, at)
             h.backward(reply.tensors["g"].to(self.device))
             seg.optimizer.step()
             return float(reply.meta.get("loss") or 0.0)
-        request = self._send(
-            Kind.ACTIVATIONS, round=round, step=step, tensors={"h": h.detach()}, cast={"h"}
-        )
-        t = self._await(Kind.TRUNK_OUT, request, {"h"}).tensors["t"].to(self.device)
-        t.requires_grad_()
+        t = self._exchange(Kind.ACTIVATIONS, {"h": h.detach()}, Kind.TRUNK_OUT, at).tensors["t"]
+        t = t.to(self.device).requires_grad_()
         loss = loss_fn(seg.tail(t), yb)
         loss.backward()
         assert t.grad is not None
-        request = self._send(
-            Kind.TRUNK_GRAD, round=round, step=step, tensors={"g": t.grad}, cast={"g"}
-        )
-        h.backward(self._await(Kind.ACT_GRAD, request, {"g"}).tensors["g"].to(self.device))
+        g = self._exchange(Kind.TRUNK_GRAD, {"g": t.grad}, Kind.ACT_GRAD, at).tensors["g"]
+        h.backward(g.to(self.device))
         seg.optimizer.step()
         return float(loss.detach())
+
+    def _exchange(
+        self, kind: str, tensors: dict[str, torch.Tensor], answer: str, at: dict[str, int]
+    ) -> Envelope:
+        """One cut-layer round trip: ``tensors`` up, the ``answer`` back. Only the cut-layer
+        tensor (``h`` or ``g``) may travel in the job's wire dtype; labels never do."""
+        started = time.perf_counter()
+        cast = {"h"} if "h" in tensors else {"g"}
+        request = self._send(
+            kind, round=at["round"], step=at["step"], tensors=tensors, cast=cast, wait=False
+        )
+        reply = self._await(answer, request, cast)
+        self.progress.exchange_seconds += time.perf_counter() - started
+        return reply
 
     def _save(self) -> None:
         """Keep this site's layers in its state directory (atomically), e.g. for export.

@@ -72,7 +72,12 @@ class ExperimentConfig(BaseModel):
     batch_size: int = Field(32, ge=1, le=65_536)
     optimizer: OptimizerConfig = OptimizerConfig()
     sample_fraction: float = Field(1.0, gt=0, le=1)
-    wire_dtype: WireDtype = "float32"
+    wire_dtypes: list[WireDtype] = Field(
+        default_factory=lambda: list[WireDtype](["float32"]),
+        min_length=1,
+        description="for split and split-u: each is its own row, so the accuracy cost of a "
+        "narrower wire reads next to float32; the other modes send no activations",
+    )
     plans: Plans = Plans()
     broker: BrokerConfig | None = Field(
         None,
@@ -84,6 +89,15 @@ class ExperimentConfig(BaseModel):
     timeout_s: float = Field(3600.0, gt=0, description="per distributed job")
 
     _known_dataset = field_validator("dataset")(lambda cls, name: check_name(name))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_wire_dtype(cls, data: Any) -> Any:
+        """``wire_dtype: X`` (one value, as before) means ``wire_dtypes: [X]``."""
+        if isinstance(data, dict) and "wire_dtype" in data and "wire_dtypes" not in data:
+            data = dict(data)
+            data["wire_dtypes"] = [data.pop("wire_dtype")]
+        return data
 
     @field_validator("partitions")
     @classmethod
@@ -139,8 +153,9 @@ class ExperimentConfig(BaseModel):
                 orchestrations = ["none"]  # no network, no rounds to orchestrate
             elif mode not in SPLIT_MODES:
                 orchestrations = [MODES[Mode(mode)].default_orchestration.value]
-            for orchestration in orchestrations:
-                cells.append(Cell(mode, orchestration, partition, sites, seed))
+            wires = list(self.wire_dtypes) if mode in SPLIT_MODES else ["float32"]
+            for orchestration, wire in itertools.product(orchestrations, wires):
+                cells.append(Cell(mode, orchestration, partition, sites, seed, wire))
         return cells
 
     def job_config(self, cell: Cell, broker_url: str, protocol: str = "5") -> JobConfig:
@@ -165,7 +180,7 @@ class ExperimentConfig(BaseModel):
                 "local_epochs": self.local_epochs,
                 "batch_size": self.batch_size,
                 "optimizer": self.optimizer.model_dump(),
-                "wire_dtype": self.wire_dtype,
+                "wire_dtype": cell.wire_dtype,
             },
             # Every party of an experiment runs in this process under one identity: the
             # broker is a loopback one, plaintext, and the config says so (docs/security.md).
@@ -192,6 +207,7 @@ class Cell:
     partition: str
     sites: int
     seed: int
+    wire_dtype: str = "float32"
 
     def label(self) -> str:
         return f"{self.method}, {self.partition}, {self.sites} sites, seed {self.seed}"
@@ -199,12 +215,15 @@ class Cell:
     @property
     def method(self) -> str:
         """The row name in the results: the mode, plus the orchestration for split modes."""
-        if self.mode in SPLIT_MODES:
-            return f"{self.mode} ({self.orchestration})"
-        return self.mode
+        if self.mode not in SPLIT_MODES:
+            return self.mode
+        if self.wire_dtype != "float32":
+            return f"{self.mode} ({self.orchestration}, {self.wire_dtype} wire)"
+        return f"{self.mode} ({self.orchestration})"
 
     def job_id(self, experiment: str) -> str:
-        text = f"{experiment}-{self.mode}-{self.orchestration}-{self.partition}-{self.sites}s-{self.seed}"
+        wire = "" if self.wire_dtype == "float32" else f"-{self.wire_dtype}"
+        text = f"{experiment}-{self.mode}-{self.orchestration}{wire}-{self.partition}-{self.sites}s-{self.seed}"
         text = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
         if len(text) <= 64:
             return text

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.data.names import DATASETS, SCHEMES, parse_scheme
-from medsplit.modes import MODES, Mode, Orchestration
+from medsplit.modes import MODES, WIRE_DTYPES, Mode, Orchestration
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,9 +25,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--wire-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
-    )
+    parser.add_argument("--wire-dtype", choices=WIRE_DTYPES, default="float32")
     parser.add_argument(
         "--broker", help="use this broker (mqtt://host:port) instead of starting one"
     )

@@ -11,12 +11,12 @@ import csv
 import io
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import matplotlib
 
-from experiments.config import ExperimentConfig
+from experiments.config import Cell, ExperimentConfig
 from experiments.runner import CellResult
 from medsplit.storage import atomic_write
 
@@ -57,6 +57,7 @@ class Row:
     mb_up: Spread
     mb_down: Spread
     seconds: Spread
+    float32_method: str | None = None  # the same method with a float32 wire, for a narrower one
 
 
 def summarize(results: list[CellResult]) -> list[Row]:
@@ -79,9 +80,24 @@ def summarize(results: list[CellResult]) -> list[Row]:
                 mb_up=Spread.of([r.bytes_per_site("up") / 1e6 for r in done]),
                 mb_down=Spread.of([r.bytes_per_site("down") / 1e6 for r in done]),
                 seconds=Spread.of([r.wall_time_s for r in done]),
+                float32_method=_float32_method(members[0].cell),
             )
         )
     return rows
+
+
+def _float32_method(cell: Cell) -> str | None:
+    if cell.wire_dtype == "float32":
+        return None
+    return replace(cell, wire_dtype="float32").method
+
+
+def _cost(row: Row, accuracy: dict[str, Spread]) -> str:
+    """Accuracy points lost (negative) or gained against the same method with a float32 wire."""
+    base = accuracy.get(row.float32_method or "")
+    if base is None or base.mean is None or row.accuracy.mean is None:
+        return "-"
+    return f"{100 * (row.accuracy.mean - base.mean):+.2f}"
 
 
 def markdown(config: ExperimentConfig, rows: list[Row]) -> str:
@@ -90,9 +106,10 @@ def markdown(config: ExperimentConfig, rows: list[Row]) -> str:
         "",
         f"Dataset `{config.dataset}`, {config.rounds} rounds x {config.local_epochs} local epoch(s), "
         f"batch {config.batch_size}, {config.optimizer.name} lr {config.optimizer.lr:g}, "
-        f"seeds {config.seeds}, wire {config.wire_dtype}. Accuracy and AUROC: mean over sites of "
-        "the held-out metrics after the last round, then mean ± std over seeds. MB: bytes each "
-        "site sent (up) and received (down) over the whole job, mean per site.",
+        f"seeds {config.seeds}, wire {', '.join(config.wire_dtypes)}. Accuracy and AUROC: mean "
+        "over sites of the held-out metrics after the last round, then mean ± std over seeds. "
+        "vs float32: accuracy points against the same method with a float32 wire. MB: bytes "
+        "each site sent (up) and received (down) over the whole job, mean per site.",
         "",
     ]
     by_setting: dict[tuple[str, int], list[Row]] = defaultdict(list)
@@ -102,13 +119,16 @@ def markdown(config: ExperimentConfig, rows: list[Row]) -> str:
         lines += [
             f"## {partition}, {sites} sites",
             "",
-            "| method | accuracy | AUROC | MB up / site | MB down / site | wall s | runs |",
-            "|---|---|---|---|---|---|---|",
+            "| method | accuracy | vs float32 | AUROC | MB up / site | MB down / site | wall s "
+            "| runs |",
+            "|---|---|---|---|---|---|---|---|",
         ]
+        accuracy = {row.method: row.accuracy for row in members}
         for row in members:
             runs = f"{row.runs - row.failed}/{row.runs}"
             lines.append(
-                f"| {row.method} | {row.accuracy.text()} | {row.auroc.text()} | "
+                f"| {row.method} | {row.accuracy.text()} | {_cost(row, accuracy)} | "
+                f"{row.auroc.text()} | "
                 f"{row.mb_up.text(2)} | {row.mb_down.text(2)} | {row.seconds.text(1)} | {runs} |"
             )
         lines.append("")

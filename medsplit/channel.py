@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from medsplit import allocator
 from medsplit.protocol import topics
 from medsplit.protocol.presence import Presence, PresenceError
 from medsplit.throttle import Throttle
 from medsplit.transport.acks import Delivery
-from medsplit.transport.base import Inbound, Transport
+from medsplit.transport.base import Inbound, Transport, TransportError
 from medsplit.transport.inbox import branch
 from medsplit.wire import (
     Decoder,
@@ -72,6 +73,9 @@ class EndpointStats:
     rejected_from: Counter[str] = field(default_factory=Counter)  # by topic branch
     # Wire bytes by (site or "all", direction, kind), from the topic each frame travelled on.
     traffic: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    # Seconds spent encoding and decoding, by "encode <kind>" / "decode <kind>"; a message's
+    # decode counts all its chunks. "decode (rejected)" is the time spent on refused ones.
+    codec_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
     def count(self, topic: str, nbytes: int) -> None:
         try:
@@ -137,6 +141,7 @@ class Endpoint:
         kept_answers: int = 4,
         repeat_interval_s: float = 0.0,
     ) -> None:
+        allocator.tune()  # message-sized buffers reused, not page-faulted in each time
         self.transport = transport
         self.limits = limits
         self.on_reject = on_reject
@@ -150,6 +155,7 @@ class Endpoint:
         self.stats = EndpointStats()
         self._log_throttle = Throttle(LOG_BURST, LOG_INTERVAL_S)
         self._pending: list[Delivery] = []
+        self._decoding = 0.0  # seconds on the chunks of messages not complete yet
         self._decoder = Decoder(
             limits,
             expected_for=expected_for,
@@ -173,15 +179,20 @@ class Endpoint:
     ) -> int:
         """Publish ``envelope`` on ``topic``; returns the bytes put on the wire.
 
-        ``wire_dtype`` float16/bfloat16 down-casts the float tensors named in ``cast`` (all when
-        None): use it for activations and gradients, never for weights. With ``wait=False`` it
-        returns before the broker acknowledged the frames, so encoding the next message
-        overlaps with sending this one; ``flush()`` then waits for every acknowledgement.
+        A ``wire_dtype`` other than float32 down-casts (16-bit) or quantises (8-bit) the float
+        tensors named in ``cast`` (all when None): use it for activations and gradients, never
+        for weights. With ``wait=False`` it returns before the broker acknowledged the frames,
+        so encoding the next message overlaps with sending this one, and a request's answer can
+        arrive while the thread is already waiting for it instead of for an acknowledgement;
+        ``flush()`` waits for every acknowledgement, and a refusal surfaces at the next
+        ``send`` or ``flush``.
         """
+        started = time.perf_counter()
         frames = encode(envelope, wire_dtype=wire_dtype, cast=cast, limits=self.limits)
+        self.stats.codec_seconds[f"encode {envelope.kind}"] += time.perf_counter() - started
         delivery = self.transport.publish_all(topic, frames, wait=wait)
         if not wait:
-            self._pending = [d for d in self._pending if not d.done]
+            self._settle()
             self._pending.append(delivery)
         nbytes = sum(len(f) for f in frames)
         self.stats.sent_messages += 1
@@ -197,13 +208,14 @@ class Endpoint:
         *,
         wire_dtype: WireDtype = "float32",
         cast: Collection[str] | None = None,
+        wait: bool = True,
     ) -> int:
         """Send the answer to the request ``envelope.reply_to`` and keep it for a repeat."""
         if envelope.reply_to is None:
             raise ValueError(
                 f"an answer must name its request (reply_to); {envelope.kind} does not"
             )
-        nbytes = self.send(topic, envelope, wire_dtype=wire_dtype, cast=cast)
+        nbytes = self.send(topic, envelope, wire_dtype=wire_dtype, cast=cast, wait=wait)
         kept = _Kept(topic, envelope, wire_dtype, cast, time.monotonic())
         self._keep(envelope.reply_to, kept)
         return nbytes
@@ -218,6 +230,21 @@ class Endpoint:
         while len(self._kept_by_topic) > MAX_ANSWER_TOPICS:
             for old in self._kept_by_topic.popitem(last=False)[1]:
                 self._kept.pop(old, None)
+
+    def _settle(self) -> None:
+        """Forget acknowledged deliveries; one the broker refused raises its error now."""
+        pending, self._pending = self._pending, []
+        refused: TransportError | None = None
+        for delivery in pending:
+            if not delivery.done:
+                self._pending.append(delivery)
+            elif refused is None:
+                try:
+                    delivery.wait()  # returns at once, or raises what went wrong
+                except TransportError as exc:
+                    refused = exc
+        if refused is not None:
+            raise refused
 
     def flush(self) -> None:
         """Wait until the broker acknowledged everything sent with ``wait=False``."""
@@ -251,13 +278,19 @@ class Endpoint:
             self._presence(inbound)
             return None
         self.stats.count(inbound.topic, len(inbound.payload))
+        started = time.perf_counter()
         try:
             envelope = self._decoder.feed(inbound.payload, branch(inbound.topic))
             if envelope is not None:
                 _check_route(inbound.topic, envelope)
         except WireError as error:
+            self.stats.codec_seconds["decode (rejected)"] += time.perf_counter() - started
             self._reject(inbound.topic, error)
             return None
+        self._decoding += time.perf_counter() - started
+        if envelope is not None:
+            self.stats.codec_seconds[f"decode {envelope.kind}"] += self._decoding
+            self._decoding = 0.0
         if self._decoder.duplicates != self.stats.duplicates:
             self.stats.duplicates = self._decoder.duplicates
             self._duplicate(inbound)

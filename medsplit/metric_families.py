@@ -78,6 +78,11 @@ class Durations:
             counts[slot] += 1
             self._sums[label] = self._sums.get(label, 0.0) + seconds
 
+    def totals(self) -> dict[str, tuple[int, float]]:
+        """Per label: how many durations were observed, and their sum."""
+        with self._lock:
+            return {key: (sum(c), self._sums[key]) for key, c in self._counts.items()}
+
     def family(self, name: str, documentation: str, label: str) -> Metric:
         from prometheus_client.core import HistogramMetricFamily  # noqa: PLC0415
 

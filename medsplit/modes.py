@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal
+from typing import Literal, get_args
 
 
 class TextEnum(str, Enum):
@@ -36,8 +36,10 @@ class Orchestration(TextEnum):
     PARALLEL = "parallel"
 
 
-# Activations and gradients may travel down-cast; weights always travel as float32.
-WireDtype = Literal["float32", "float16", "bfloat16"]
+# Activations and gradients may travel down-cast (16-bit) or quantised with a scale per row
+# (8-bit, medsplit.wire.quantize); weights always travel as float32.
+WireDtype = Literal["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
+WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
 
 Exchanged = Literal["edge", "all", "shared"]
 

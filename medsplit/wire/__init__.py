@@ -18,6 +18,7 @@ if TYPE_CHECKING:
         encode,
         new_message_id,
         open_payload,
+        payload_digest,
     )
     from medsplit.wire.errors import (
         BadMagic,
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
         check_tensors,
         decode_tensors,
         encode_tensors,
+        prepare_tensors,
     )
 
 _EXPORTS = {
@@ -73,6 +75,8 @@ _EXPORTS = {
     "encode_tensors": "medsplit.wire.tensors",
     "new_message_id": "medsplit.wire.envelope",
     "open_payload": "medsplit.wire.envelope",
+    "payload_digest": "medsplit.wire.envelope",
+    "prepare_tensors": "medsplit.wire.tensors",
     "pack_frame": "medsplit.wire.frame",
     "unpack_frame": "medsplit.wire.frame",
 }
@@ -109,5 +113,7 @@ __all__ = [
     "new_message_id",
     "open_payload",
     "pack_frame",
+    "payload_digest",
+    "prepare_tensors",
     "unpack_frame",
 ]

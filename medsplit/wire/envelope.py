@@ -7,24 +7,25 @@ once all its chunks are in, verified. Both sides share ``WireLimits``.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import xxhash
 from pydantic import ValidationError
 
 from medsplit.modes import WireDtype
+from medsplit.wire import layout
 from medsplit.wire.errors import ChecksumMismatch, PayloadTooLarge
 from medsplit.wire.frame import PREFIX_BYTES, Header, MetaValue, pack_frame
 from medsplit.wire.tensors import (
     TensorSpec,
     check_tensors,
     decode_tensors,
-    encode_tensors,
+    prepare_tensors,
 )
 
 # Well under EMQX's default 1 MiB packet limit. Measured with raw frames through Mosquitto on
@@ -101,6 +102,41 @@ class Envelope:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+def payload_digest(parts: Iterable[bytes | memoryview]) -> str:
+    """xxh3-128 of the payload's parts in order: ~0.04 ms/MB, against sha256's ~0.6.
+
+    It catches a corrupted, truncated or mixed-up payload; forgery is TLS's to stop (the
+    broker hop is authenticated and encrypted end to end, docs/security.md)."""
+    digest = xxhash.xxh3_128()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
+def _slices(segments: Sequence[memoryview], room: int) -> Iterator[list[memoryview]]:
+    """The payload's segments cut into consecutive pieces of ``room`` bytes (views, no copy)."""
+    piece: list[memoryview] = []
+    filled = 0
+    for segment in segments:
+        pos = 0
+        while pos < len(segment):
+            take = min(room - filled, len(segment) - pos)
+            piece.append(segment[pos : pos + take])
+            pos += take
+            filled += take
+            if filled == room:
+                yield piece
+                piece, filled = [], 0
+    if piece:
+        yield piece
+
+
+def _numbered(template: bytes, chunk: int) -> bytes:
+    """Chunk 0's header JSON renumbered. ``"chunk"`` comes before every free-text field in the
+    header (ids cannot hold quotes; meta and cast come last), so its first match is the field."""
+    return template.replace(b'"chunk":0,', b'"chunk":%d,' % chunk, 1)
+
+
 def encode(
     envelope: Envelope,
     *,
@@ -110,13 +146,15 @@ def encode(
 ) -> list[bytes]:
     """Encode an envelope into frames of at most ``limits.max_frame_bytes`` each.
 
-    Raises ``PayloadTooLarge`` for a payload over ``limits.max_message_bytes``, ``NonFiniteTensor``
+    Each frame is built in one copy, straight from the tensors' memory. Raises
+    ``PayloadTooLarge`` for a payload over ``limits.max_message_bytes``, ``NonFiniteTensor``
     for NaN/Inf, and ``ValueError`` for invalid routing fields (a programming error).
     """
-    payload, restored = encode_tensors(envelope.tensors, wire_dtype, cast)
-    if len(payload) > limits.max_message_bytes:
+    prepared, restored = prepare_tensors(envelope.tensors, wire_dtype, cast)
+    payload = layout.segments(prepared)
+    if payload.size > limits.max_message_bytes:
         raise PayloadTooLarge(
-            f"payload of {len(payload)} bytes exceeds max_message_bytes={limits.max_message_bytes}"
+            f"payload of {payload.size} bytes exceeds max_message_bytes={limits.max_message_bytes}"
         )
     fields: dict[str, Any] = {
         "job": envelope.job,
@@ -126,8 +164,8 @@ def encode(
         "step": envelope.step,
         "msg_id": envelope.msg_id,
         "reply_to": envelope.reply_to,
-        "size": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "size": payload.size,
+        "digest": payload_digest(payload.segments),
         "sent_at": envelope.sent_at,
         "meta": dict(envelope.meta),
         "cast": restored,
@@ -137,42 +175,40 @@ def encode(
     except ValidationError as exc:
         raise ValueError(f"invalid envelope: {exc}") from None
     header_json = first.to_json()
-    if len(payload) + len(header_json) + PREFIX_BYTES <= limits.max_frame_bytes:
-        return [pack_frame(header_json, payload)]
+    if payload.size + len(header_json) + PREFIX_BYTES <= limits.max_frame_bytes:
+        return [pack_frame(header_json, *payload.segments)]
     # Chunk numbers of up to 9 digits each widen the header by at most 16 bytes.
     room = limits.max_frame_bytes - PREFIX_BYTES - len(header_json) - 16
     if room < 1024:
         raise ValueError(f"max_frame_bytes={limits.max_frame_bytes} leaves no room for the payload")
-    count = -(-len(payload) // room)
-    view = memoryview(payload)
+    count = -(-payload.size // room)
+    template = first.model_copy(update={"chunks": count}).to_json()
     return [
-        pack_frame(
-            first.model_copy(update={"chunk": i, "chunks": count}).to_json(),
-            view[i * room : (i + 1) * room],
-        )
-        for i in range(count)
+        pack_frame(_numbered(template, i), *pieces)
+        for i, pieces in enumerate(_slices(payload.segments, room))
     ]
 
 
 def open_payload(
     header: Header,
-    payload: bytes,
+    chunks: Sequence[memoryview],
     expected: Mapping[str, TensorSpec] | None = None,
     limits: WireLimits = WireLimits(),
 ) -> Envelope:
-    """Verify a complete payload against its header and decode it into an envelope."""
+    """Verify a complete payload (its chunks in order) against its header and decode it."""
     if header.size > limits.max_message_bytes:
         raise PayloadTooLarge(
             f"message of {header.size} bytes exceeds max_message_bytes={limits.max_message_bytes}"
         )
-    if len(payload) != header.size:
-        raise ChecksumMismatch(f"payload is {len(payload)} bytes, header says {header.size}")
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != header.sha256:
+    size = sum(len(chunk) for chunk in chunks)
+    if size != header.size:
+        raise ChecksumMismatch(f"payload is {size} bytes, header says {header.size}")
+    digest = payload_digest(chunks)
+    if digest != header.digest:
         raise ChecksumMismatch(
-            f"payload sha256 {digest[:16]}... differs from header {header.sha256[:16]}..."
+            f"payload digest {digest[:16]}... differs from header {header.digest[:16]}..."
         )
-    tensors = decode_tensors(payload, header.cast)
+    tensors = decode_tensors(chunks, header.cast)
     check_tensors(tensors, expected)
     return Envelope(
         job=header.job,

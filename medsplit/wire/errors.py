@@ -33,7 +33,7 @@ class MalformedPayload(WireError):
 
 
 class ChecksumMismatch(WireError):
-    """The payload's sha256 or size differs from the header's."""
+    """The payload's digest (xxh3-128) or size differs from the header's."""
 
 
 class PayloadTooLarge(WireError):

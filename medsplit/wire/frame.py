@@ -38,7 +38,8 @@ from medsplit.wire.errors import (
 )
 
 MAGIC = b"MSPL"
-SCHEMA_VERSION = 1
+# 2: the payload's digest is xxh3-128 (``digest``), no longer sha256.
+SCHEMA_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 _PREFIX = struct.Struct(">4sHI")
 PREFIX_BYTES = _PREFIX.size
@@ -65,7 +66,9 @@ class Header(BaseModel):
     chunk: int = Field(ge=0)
     chunks: int = Field(ge=1)
     size: int = Field(ge=0, description="bytes of the whole payload")
-    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")] = Field(
+        description="xxh3-128 of the whole payload: catches corruption, not forgery (TLS's job)"
+    )
     sent_at: float = Field(ge=0)
     meta: dict[Annotated[str, StringConstraints(max_length=64)], MetaValue] = Field(
         default_factory=dict, max_length=64
@@ -92,14 +95,15 @@ class Frame:
     chunk: memoryview
 
 
-def pack_frame(header_json: bytes, chunk: bytes | memoryview) -> bytes:
+def pack_frame(header_json: bytes, *chunk: bytes | memoryview) -> bytes:
+    """One frame: the prefix, the header, then the chunk's pieces, in one copy."""
     if len(header_json) > MAX_HEADER_BYTES:
         raise ValueError(f"header of {len(header_json)} bytes exceeds {MAX_HEADER_BYTES}")
-    return b"".join((_PREFIX.pack(MAGIC, SCHEMA_VERSION, len(header_json)), header_json, chunk))
+    return b"".join((_PREFIX.pack(MAGIC, SCHEMA_VERSION, len(header_json)), header_json, *chunk))
 
 
-def unpack_frame(data: bytes) -> Frame:
-    """Parse one frame from untrusted bytes; raises only ``WireError`` subclasses."""
+def split_frame(data: bytes) -> tuple[memoryview, memoryview]:
+    """A frame's header bytes and its chunk, after checking the prefix; ``WireError`` only."""
     if len(data) < PREFIX_BYTES:
         if not MAGIC.startswith(bytes(data[:4])):
             raise BadMagic(f"not a medsplit frame: starts with {bytes(data[:4])!r}")
@@ -118,16 +122,30 @@ def unpack_frame(data: bytes) -> Frame:
     end = PREFIX_BYTES + header_len
     if len(data) < end:
         raise TruncatedFrame(f"frame of {len(data)} bytes ends inside its {header_len}-byte header")
+    view = memoryview(data)
+    return view[PREFIX_BYTES:end], view[end:]
+
+
+def parse_header(raw: memoryview | bytes) -> Header:
+    """A header from its JSON bytes, validated field by field; ``MalformedHeader`` otherwise."""
     try:
-        raw = json.loads(bytes(data[PREFIX_BYTES:end]).decode("utf-8"))
-        header = Header.model_validate(raw)
+        return Header.model_validate(json.loads(bytes(raw).decode("utf-8")))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         # json.JSONDecodeError and pydantic.ValidationError are both ValueErrors.
         reason = exc.errors(include_url=False) if isinstance(exc, ValidationError) else exc
         raise MalformedHeader(f"invalid header: {reason}") from None
-    chunk = memoryview(data)[end:]
+
+
+def check_chunk(header: Header, chunk: memoryview) -> None:
     if len(chunk) > header.size:
         raise ChecksumMismatch(
             f"chunk of {len(chunk)} bytes is larger than the whole payload ({header.size} bytes)"
         )
+
+
+def unpack_frame(data: bytes) -> Frame:
+    """Parse one frame from untrusted bytes; raises only ``WireError`` subclasses."""
+    raw, chunk = split_frame(data)
+    header = parse_header(raw)
+    check_chunk(header, chunk)
     return Frame(header, chunk)

@@ -7,10 +7,17 @@ sender (the topic branch it came on) may have at most ``max_pending_per_sender``
 messages and a quarter of ``max_buffered_bytes``, so a peer that starts thousands of messages
 and never finishes them fills its own share, not everyone's. A message whose next chunk does
 not arrive within ``timeout_s`` of the previous one is dropped.
+
+The first chunk of a message to arrive has its header validated in full. The others take a
+shorter road when the first one's header bytes were medsplit's canonical JSON: a chunk whose
+header bytes equal them apart from the chunk index belongs to that message, with no JSON parse
+or schema validation (~35 us a chunk, 0.14 ms/MB at 256 KiB frames). Any other header bytes
+take the full road, so nothing is accepted that the full checks would refuse.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
@@ -23,7 +30,7 @@ from medsplit.wire.errors import (
     ReassemblyOverflow,
     ReassemblyTimeout,
 )
-from medsplit.wire.frame import Header, unpack_frame
+from medsplit.wire.frame import Header, check_chunk, parse_header, split_frame
 from medsplit.wire.tensors import TensorSpec
 
 ExpectedFor = Callable[[Header], Mapping[str, TensorSpec] | None]
@@ -37,6 +44,19 @@ def _same_message(a: Header, b: Header) -> bool:
     return all(getattr(a, name) == getattr(b, name) for name in _MESSAGE_FIELDS)
 
 
+# The chunk field as Header.to_json writes it; in canonical JSON it is the first match (the
+# fields before it are ids and numbers, which cannot hold a quote).
+_CHUNK_FIELD = re.compile(rb'"chunk":(0|[1-9][0-9]{0,8}),')
+
+
+def _renumbered(raw: bytes) -> tuple[int, bytes] | None:
+    """The chunk index in header bytes, and the bytes with that index set to 0."""
+    match = _CHUNK_FIELD.search(raw)
+    if match is None:
+        return None
+    return int(match[1]), raw[: match.start()] + b'"chunk":0,' + raw[match.end() :]
+
+
 @dataclass
 class _Partial:
     header: Header
@@ -44,6 +64,7 @@ class _Partial:
     parts: dict[int, memoryview] = field(default_factory=dict)
     buffered: int = 0
     last_seen: float = 0.0
+    template: bytes | None = None  # canonical header bytes with chunk 0, when they were
 
 
 class Reassembler:
@@ -68,6 +89,7 @@ class Reassembler:
         self._buffered = 0
         self._by_sender: Counter[str] = Counter()  # incomplete messages per sender
         self._sender_bytes: Counter[str] = Counter()
+        self._templates: dict[bytes, str] = {}  # canonical chunk-0 header bytes -> msg_id
 
     @property
     def buffered_bytes(self) -> int:
@@ -77,8 +99,13 @@ class Reassembler:
     def pending(self) -> int:
         return len(self._partials)
 
-    def add(self, header: Header, chunk: memoryview, sender: str = "") -> bytes | None:
-        """Add one chunk; returns the whole payload when this chunk completes it."""
+    def add(
+        self, header: Header, chunk: memoryview, sender: str = "", raw: bytes | None = None
+    ) -> list[memoryview] | None:
+        """Add one chunk; returns all the chunks, in order, when this one completes them.
+
+        ``raw`` is the header's bytes as received: when they are canonical, later chunks of
+        the message are recognised by them (``add_known``)."""
         if header.size > self.max_message_bytes:
             raise PayloadTooLarge(
                 f"message {header.msg_id} announces {header.size} bytes; "
@@ -93,12 +120,44 @@ class Reassembler:
                 )
             partial = self._partials[header.msg_id] = _Partial(header, sender)
             self._by_sender[sender] += 1
+            self._learn_template(partial, raw)
         elif partial.sender != sender or not _same_message(partial.header, header):
             self._drop(header.msg_id)
             raise MalformedHeader(
                 f"chunk {header.chunk} of {header.msg_id} disagrees with chunk headers seen before"
             )
-        if header.chunk in partial.parts:
+        return self._store(partial, header.chunk, chunk)
+
+    def add_known(
+        self, raw: bytes, chunk: memoryview, sender: str
+    ) -> tuple[Header, list[memoryview] | None] | None:
+        """A chunk of a pending message recognised by its header bytes, without parsing them;
+        None when it is not one (the caller then parses and calls ``add``)."""
+        if not self._templates:
+            return None
+        renumbered = _renumbered(raw)
+        if renumbered is None:
+            return None
+        index, template = renumbered
+        msg_id = self._templates.get(template)
+        if msg_id is None:
+            return None
+        partial = self._partials[msg_id]
+        if partial.sender != sender or index >= partial.header.chunks:
+            return None  # the full road refuses it, with its reason
+        return partial.header, self._store(partial, index, chunk)
+
+    def _learn_template(self, partial: _Partial, raw: bytes | None) -> None:
+        if raw is None or raw != partial.header.to_json():
+            return  # not canonical JSON: every chunk takes the full road
+        renumbered = _renumbered(raw)
+        if renumbered is not None and renumbered[0] == partial.header.chunk:
+            partial.template = renumbered[1]
+            self._templates[partial.template] = partial.header.msg_id
+
+    def _store(self, partial: _Partial, index: int, chunk: memoryview) -> list[memoryview] | None:
+        header, sender = partial.header, partial.sender
+        if index in partial.parts:
             return None  # a redelivered chunk
         if partial.buffered + len(chunk) > header.size:
             self._drop(header.msg_id)
@@ -111,11 +170,11 @@ class Reassembler:
         ):
             self._drop(header.msg_id)
             raise ReassemblyOverflow(
-                f"buffering chunk {header.chunk}/{header.chunks} of {header.msg_id} would exceed "
+                f"buffering chunk {index}/{header.chunks} of {header.msg_id} would exceed "
                 f"max_buffered_bytes={self.max_buffered_bytes} (a quarter of it per sender); "
                 "the message was dropped"
             )
-        partial.parts[header.chunk] = chunk
+        partial.parts[index] = chunk
         partial.buffered += len(chunk)
         partial.last_seen = self._clock()
         self._buffered += len(chunk)
@@ -123,7 +182,7 @@ class Reassembler:
         if len(partial.parts) < header.chunks:
             return None
         self._drop(header.msg_id)
-        return b"".join(partial.parts[i] for i in range(header.chunks))
+        return [partial.parts[i] for i in range(header.chunks)]
 
     def expire(self) -> list[ReassemblyTimeout]:
         """Drop messages that stopped making progress; returns one error per dropped message."""
@@ -145,6 +204,8 @@ class Reassembler:
     def _drop(self, msg_id: str) -> None:
         partial = self._partials.pop(msg_id, None)
         if partial is not None:
+            if partial.template is not None:
+                self._templates.pop(partial.template, None)
             self._buffered -= partial.buffered
             self._sender_bytes[partial.sender] -= partial.buffered
             self._by_sender[partial.sender] -= 1
@@ -193,16 +254,22 @@ class Decoder:
 
     def feed(self, data: bytes, sender: str = "") -> Envelope | None:
         """One frame from ``sender`` (the topic branch it came on, for per-sender bounds)."""
-        frame = unpack_frame(data)
-        header = frame.header
-        if header.msg_id in self._seen:
-            self.duplicates += 1
-            self.last_duplicate = header
-            return None
-        if header.chunks == 1:
-            payload: bytes | None = bytes(frame.chunk)
+        raw_view, chunk = split_frame(data)
+        raw = bytes(raw_view)
+        known = self.reassembler.add_known(raw, chunk, sender)
+        if known is not None:
+            header, payload = known
         else:
-            payload = self.reassembler.add(header, frame.chunk, sender)
+            header = parse_header(raw)
+            check_chunk(header, chunk)
+            if header.msg_id in self._seen:
+                self.duplicates += 1
+                self.last_duplicate = header
+                return None
+            if header.chunks == 1:
+                payload = [chunk]
+            else:
+                payload = self.reassembler.add(header, chunk, sender, raw)
         if payload is None:
             return None
         expected = self.expected_for(header) if self.expected_for else None

@@ -10,6 +10,8 @@ import torch
 from medsplit.channel import Endpoint
 from medsplit.protocol import topics
 from medsplit.transport import MemoryBroker, MemoryTransport, TransportClosed, Will
+from medsplit.transport.acks import Ack, Delivery
+from medsplit.transport.base import PublishRejected
 from medsplit.transport.inbox import ByteBoundedQueue
 from medsplit.wire import Envelope, TensorSpec, WireError, WireLimits, encode
 
@@ -147,3 +149,35 @@ def test_inbox_blocks_producers_when_full_and_releases_on_get() -> None:
     thread.join()
     queue.close()
     assert queue.get(timeout=1) is None
+
+
+class _RefusingTransport(MemoryTransport):
+    """Delivers, then reports the broker's refusal (135, not authorized) of each publication."""
+
+    def publish_all(self, topic: str, payloads, *, qos: int = 1, wait: bool = True):  # type: ignore[no-untyped-def]
+        super().publish_all(topic, payloads, qos=qos, wait=wait)
+        ack = Ack(1, failure=135)
+        ack.done.set()
+        return Delivery(topic, [ack], timeout_s=1.0)
+
+
+def test_a_pipelined_send_refused_by_the_broker_raises_at_the_next_send(
+    broker: MemoryBroker,
+) -> None:
+    endpoint = Endpoint(_RefusingTransport(broker, "a"))
+    endpoint.transport.connect()
+    envelope = Envelope(JOB, "a", "activations", tensors={"h": torch.ones(2)})
+    endpoint.send("t/1", envelope, wait=False)  # returns before its acknowledgement is read
+    with pytest.raises(PublishRejected, match="not authorized"):
+        endpoint.send("t/2", envelope, wait=False)
+    endpoint.flush()  # the refusal was reported once, not again
+
+
+def test_codec_time_is_counted_by_operation_and_kind(broker: MemoryBroker) -> None:
+    sender = Endpoint(_connect(broker, "a"))
+    receiver = Endpoint(_connect(broker, "b", "t/#"))
+    sender.send("t/1", Envelope(JOB, "a", "activations", tensors={"h": torch.ones(64, 64)}))
+    assert receiver.receive(timeout=5) is not None
+    assert sender.stats.codec_seconds["encode activations"] > 0
+    assert receiver.stats.codec_seconds["decode activations"] > 0
+    assert set(receiver.stats.codec_seconds) == {"decode activations"}

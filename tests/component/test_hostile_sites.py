@@ -50,7 +50,9 @@ def _data() -> dict[str, datasets.SiteData]:
 class PoisoningAgent(Agent):
     """Site e sends noise instead of its trained weights (honest sample count)."""
 
-    def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
+    def _publish(
+        self, envelope: Envelope, cast: set[str] | None = None, *, wait: bool = True
+    ) -> None:
         if self.site_id == EVIL and envelope.kind == Kind.DONE:
             noise = torch.Generator().manual_seed(envelope.round)
             tensors = {
@@ -58,16 +60,18 @@ class PoisoningAgent(Agent):
                 for k, v in envelope.tensors.items()
             }
             envelope = replace(envelope, tensors=tensors)
-        super()._publish(envelope, cast)
+        super()._publish(envelope, cast, wait=wait)
 
 
 class InflatingAgent(Agent):
     """Site e claims a thousand times its samples, to outweigh everyone."""
 
-    def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
+    def _publish(
+        self, envelope: Envelope, cast: set[str] | None = None, *, wait: bool = True
+    ) -> None:
         if self.site_id == EVIL and envelope.kind == Kind.DONE:
             envelope = replace(envelope, meta={**envelope.meta, "samples": 10**6})
-        super()._publish(envelope, cast)
+        super()._publish(envelope, cast, wait=wait)
 
 
 def _accuracy(result: JobResult) -> float:
@@ -132,10 +136,12 @@ class RevokedMidJob(Agent):
 
     revocations: Path
 
-    def _publish(self, envelope: Envelope, cast: set[str] | None = None) -> None:
+    def _publish(
+        self, envelope: Envelope, cast: set[str] | None = None, *, wait: bool = True
+    ) -> None:
         if self.site_id == EVIL and envelope.kind == Kind.METRICS and envelope.round == 0:
             self.revocations.write_text(json.dumps({"identities": [EVIL]}))
-        super()._publish(envelope, cast)
+        super()._publish(envelope, cast, wait=wait)
 
 
 def test_the_aggregator_refuses_a_revoked_site_before_the_broker_does(tmp_path: Path) -> None:

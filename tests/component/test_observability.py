@@ -151,6 +151,26 @@ def test_split_steps_are_timed_per_site_and_per_message_kind(job: JobResult) -> 
     assert buckets[site] == step_counts[(("site", SITES[0]),)]  # cumulative up to +Inf
 
 
+def test_the_report_says_where_each_split_step_went(job: JobResult) -> None:
+    report = build_report(job.coordinator, wall_time_s=1.0)
+    for record in report["history"]:
+        assert set(record["site_timings"]) == set(SITES)
+        for site, timing in record["site_timings"].items():
+            per_round = -(-job.agents[site].data.train_samples // 32)
+            assert timing["steps"] == per_round
+            assert timing["compute"] + timing["exchange"] == pytest.approx(
+                record["compute_seconds"][site], abs=2e-3
+            )
+            assert 0 < timing["codec"] <= timing["exchange"]
+    steps = sum(-(-agent.data.train_samples // 32) * 2 for agent in job.agents.values())
+    trunk = report["data_path"]["trunk"]
+    assert trunk["activations"]["count"] == trunk["trunk-grad"]["count"] == steps
+    assert all(t["seconds"] > 0 for t in trunk.values())
+    codec = report["data_path"]["codec_seconds"]
+    for key in ("decode activations", "encode trunk-out", "decode trunk-grad", "encode act-grad"):
+        assert codec[key] > 0, key
+
+
 def test_a_site_the_round_waits_for_too_long_is_late_and_the_status_says_why() -> None:
     sites = {s: SiteEntry(s, joined=True, connected=True) for s in ("a", "b")}
     closed = tuple(RoundRecord(r, seconds=3.0) for r in range(2))

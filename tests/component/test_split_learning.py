@@ -182,10 +182,11 @@ def test_accuracy_matches_centralized_training_over_three_seeds() -> None:
     assert abs(mean["split-u"] - mean["centralized"]) <= 0.01
 
 
-def test_fp16_wire_down_casts_cut_layer_tensors_but_never_weights() -> None:
+@pytest.mark.parametrize("wire_dtype", ["float16", "int8", "float8_e4m3fn"])
+def test_a_narrow_wire_carries_cut_layer_tensors_but_never_weights(wire_dtype: str) -> None:
     from medsplit.wire import unpack_frame  # noqa: PLC0415
 
-    config = _config(wire_dtype="float16", rounds=1)
+    config = _config(wire_dtype=wire_dtype, rounds=1)
     broker = MemoryBroker()
     run_job(config, _sites(["site-a"]), memory_connector(broker))
     cast_by_kind: dict[str, set[str]] = {}

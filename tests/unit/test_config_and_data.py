@@ -117,7 +117,7 @@ def test_plan_path_is_resolved_next_to_the_config(tmp_path: Path) -> None:
         ({"rounds": {"min_sites": 5}}, "", "min_sites: 5 is more than"),
         ({"mode": "split"}, "", "needs a plan without a tail"),
         ({"broker": {"url": "http://x"}}, "broker.url", "mqtt://"),
-        ({"training": {"wire_dtype": "int8"}}, "training.wire_dtype", "float16"),
+        ({"training": {"wire_dtype": "int4"}}, "training.wire_dtype", "int8"),
         ({"roundz": 3}, "roundz", "unknown field"),
         ({"sites": ["a", "aggregator"]}, "sites", "reserved"),
         ({"broker": {"keepalive_s": 1}}, "broker.keepalive_s", "greater than or equal to 5"),

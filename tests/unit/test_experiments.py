@@ -12,6 +12,7 @@ import torch
 import yaml
 
 from aggregator.config import JobConfig
+from aggregator.state import RoundRecord
 from edge_agent.data import datasets
 from edge_agent.data.partitions import Scanner
 from experiments.baselines import run_centralized, run_local
@@ -188,3 +189,31 @@ def test_results_summarise_seeds_and_mark_failures(tmp_path: Path) -> None:
     rows = list(csv.DictReader((tmp_path / "cells.csv").open()))
     assert [r["status"] for r in rows] == ["completed", "completed", "completed", "failed"]
     assert rows[-1]["error"].startswith("JobFailed")
+
+
+def test_each_wire_dtype_is_a_row_of_the_split_modes_only() -> None:
+    config = _experiment(modes=["fedavg", "split-u"], wire_dtypes=["float32", "int8"])
+    methods = [c.method for c in config.cells()]
+    assert methods == ["fedavg", "split-u (sequential)", "split-u (sequential, int8 wire)"]
+    int8 = config.cells()[-1]
+    assert config.job_config(int8, "mqtt://127.0.0.1:1883").training.wire_dtype == "int8"
+    assert len({c.job_id(config.name) for c in config.cells()}) == 3
+    # The single-valued key of earlier files still reads.
+    assert _experiment(wire_dtype="float16").wire_dtypes == ["float16"]
+
+
+def test_a_narrow_wire_reports_its_accuracy_cost_against_float32(tmp_path: Path) -> None:
+    config = _experiment(modes=["split-u"], wire_dtypes=["float32", "int8"], out=str(tmp_path))
+    fp32, int8 = config.cells()
+
+    def history(accuracy: float) -> list[RoundRecord]:
+        return [RoundRecord(0, metrics={"site-01": {"accuracy": accuracy, "auroc": 0.9}})]
+
+    results = [
+        CellResult(fp32, "completed", history(0.90), wall_time_s=1.0),
+        CellResult(int8, "completed", history(0.885), wall_time_s=1.0),
+    ]
+    write_results(config, results)
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| split-u (sequential, int8 wire) | 0.885 ± 0.000 | -1.50 |" in markdown
+    assert "| split-u (sequential) | 0.900 ± 0.000 | - |" in markdown

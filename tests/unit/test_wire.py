@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 
@@ -134,7 +133,7 @@ def _frame_with_payload(payload: bytes, **header_overrides: object) -> bytes:
     fields = {
         "job": "job-1", "site": "site-a", "kind": "update", "round": 0, "step": 0,
         "msg_id": "ab" * 16, "chunk": 0, "chunks": 1, "size": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(), "sent_at": 1.0, "meta": {}, "cast": {},
+        "digest": wire.payload_digest([payload]), "sent_at": 1.0, "meta": {}, "cast": {},
     }  # fmt: skip
     fields.update(header_overrides)
     return wire.pack_frame(json.dumps(fields).encode(), payload)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 
 import torch
@@ -39,6 +38,8 @@ def _sample_envelope() -> Envelope:
 VALID_FRAMES = encode(_sample_envelope(), limits=LIMITS, wire_dtype="float16", cast={"x"})
 SINGLE_FRAME = encode(_sample_envelope())[0]
 VALID_PAYLOAD, _ = wire.encode_tensors(_sample_envelope().tensors)
+# With an 8-bit tensor and its scales: the fuzzer reaches the dequantisation checks too.
+QUANTISED_PAYLOAD, _ = wire.encode_tensors(_sample_envelope().tensors, "int8", {"x"})
 SPECS = {
     "x": TensorSpec(torch.float32, (None, 30)),
     "labels": TensorSpec(torch.int64, (None,)),
@@ -118,7 +119,7 @@ def test_mutated_chunk_sequences(order: list[int], data: st.DataObject) -> None:
 @given(
     st.dictionaries(
         st.sampled_from(["job", "site", "kind", "round", "step", "msg_id", "chunk", "chunks",
-                         "size", "sha256", "sent_at", "meta", "cast", "extra"]),
+                         "size", "digest", "sent_at", "meta", "cast", "extra"]),
         json_values,
     )
 )  # fmt: skip
@@ -134,7 +135,7 @@ def test_random_header_fields(overrides: dict[str, object]) -> None:
 
 @FUZZ
 @given(
-    mutated(VALID_PAYLOAD),
+    st.sampled_from([VALID_PAYLOAD, QUANTISED_PAYLOAD]).flatmap(mutated),
     st.dictionaries(
         st.sampled_from(["x", "labels", "h", "q"]), st.sampled_from(["float32", "float64"])
     ),
@@ -144,7 +145,7 @@ def test_mutated_payload_with_matching_checksum(payload: bytes, cast: dict[str, 
     header = {
         "job": "job-1", "site": "site-a", "kind": "activations", "round": 0, "step": 0,
         "msg_id": "cd" * 16, "chunk": 0, "chunks": 1, "size": len(payload),
-        "sha256": hashlib.sha256(payload).hexdigest(), "sent_at": 1.0, "meta": {}, "cast": cast,
+        "digest": wire.payload_digest([payload]), "sent_at": 1.0, "meta": {}, "cast": cast,
     }  # fmt: skip
     frame = wire.pack_frame(json.dumps(header).encode(), payload)
     _feed_all([frame], expect=True)

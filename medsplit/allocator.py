@@ -1,0 +1,59 @@
+"""glibc's allocator, kept from handing megabyte buffers back to the kernel after every message.
+
+Every message allocates buffers of hundreds of kilobytes: the frames, paho's packet copy of
+each, the socket reads, the tensors they decode into. glibc serves a request over its mmap
+threshold (128 KiB at start, moving up to the largest size freed so far) with a fresh mapping
+and returns the heap's free top to the kernel past a trim threshold, so such buffers come back
+as new pages each time, and the first touch of every page is a page fault: ~0.9 ms/MB here,
+thirty times the cost of copying the bytes. Fixing both thresholds keeps freed buffers for the
+next message: building 4 MB of frames went from 3.9 ms to 0.2 ms (docs/benchmarks.md,
+"transport"). The cost is memory: up to ``TRIM_BYTES`` of freed heap stays with the process.
+
+``tune()`` is called once per process by every ``Endpoint``; ``MEDSPLIT_MALLOC_TUNING=off``
+leaves the allocator alone. Elsewhere than glibc (musl, macOS) it does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # allocations below come from the reused heap
+TRIM_BYTES = 256 * 1024 * 1024  # free heap kept before any is returned to the kernel
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+@functools.cache
+def tune() -> bool:
+    """Set glibc's thresholds once; returns whether the allocator is tuned."""
+    return _apply()
+
+
+def _apply() -> bool:
+    if os.environ.get("MEDSPLIT_MALLOC_TUNING", "on").lower() in {"off", "0", "false", "no"}:
+        return False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") is not None
+    except (OSError, ValueError):
+        glibc = False
+    if not glibc:  # musl has a mallopt that does nothing
+        return False
+    ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
+    ok = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_BYTES) == 1) and ok
+    if not ok:
+        log.debug("glibc refused the allocator thresholds; message buffers will page-fault")
+    return ok
