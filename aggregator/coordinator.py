@@ -478,11 +478,11 @@ class Coordinator:
             answer = env.reply(
                 AGGREGATOR_ID, Kind.GRADIENTS, tensors={"g": grad}, meta={"loss": loss}
             )
-            self._answer_step(site, answer, cast={"g"})
+            self._reply(site, answer, cast={"g"}, wait=False)
         else:
             out = trunk.forward(site, env.round, env.step, env.tensors["h"])
             answer = env.reply(AGGREGATOR_ID, Kind.TRUNK_OUT, tensors={"t": out})
-            self._answer_step(site, answer, cast={"t"})
+            self._reply(site, answer, cast={"t"}, wait=False)
 
     def _on_trunk_grad(self, site: str, env: Envelope) -> None:
         if not self._asked(site, Phase.TRAINING, env):
@@ -492,14 +492,14 @@ class Coordinator:
             self.state = replace(self.state, late_messages=self.state.late_messages + 1)
             return
         answer = env.reply(AGGREGATOR_ID, Kind.ACT_GRAD, tensors={"g": grad})
-        self._answer_step(site, answer, cast={"g"})
+        self._reply(site, answer, cast={"g"}, wait=False)
 
     def _on_eval_activations(self, site: str, env: Envelope) -> None:
         if not self._asked(site, Phase.EVALUATING, env):
             return
         out = self._cut_layer_trunk().evaluate(env.tensors["h"])
         answer = env.reply(AGGREGATOR_ID, Kind.EVAL_OUT, tensors={"t": out})
-        self._answer_step(site, answer, cast={"t"})
+        self._reply(site, answer, cast={"t"}, wait=False)
 
     _handlers: ClassVar[dict[str, Callable[[Coordinator, str, Envelope], None]]] = {
         Kind.HELLO: _on_hello,
@@ -598,9 +598,15 @@ class Coordinator:
         self._reply(site, envelope)
         return envelope
 
-    def _reply(self, site: str, envelope: Envelope, cast: set[str] | None = None) -> None:
+    def _reply(
+        self, site: str, envelope: Envelope, cast: set[str] | None = None, *, wait: bool = True
+    ) -> None:
         """Send ``envelope`` to ``site``; an answer to a request (cut-layer answers, errors) is
-        kept by the endpoint, so a repeat of the request gets it again, not a second update."""
+        kept by the endpoint, so a repeat of the request gets it again, not a second update.
+
+        Cut-layer answers go with ``wait=False``: the site's next step is the acknowledgement
+        that matters, a lost answer is sent again when its request repeats, and the loop goes
+        back to receiving at once (docs/wire-format.md)."""
         # Only the tensors named in ``cast`` (activations, gradients) may travel down-cast.
         send = self.endpoint.send if envelope.reply_to is None else self.endpoint.answer
         send(
@@ -608,18 +614,7 @@ class Coordinator:
             envelope,
             wire_dtype=self.config.training.wire_dtype,
             cast=cast or set(),
-        )
-
-    def _answer_step(self, site: str, answer: Envelope, cast: set[str]) -> None:
-        """A cut-layer answer, sent without waiting for the broker's acknowledgement: the site's
-        next step is the acknowledgement that matters, and a lost answer is sent again when its
-        request repeats. The loop goes back to receiving at once (docs/wire-format.md)."""
-        self.endpoint.answer(
-            topics.down(self.config.job_id, site, answer.kind),
-            answer,
-            wire_dtype=self.config.training.wire_dtype,
-            cast=cast,
-            wait=False,
+            wait=wait,
         )
 
     # -- telling people --------------------------------------------------------------------------------

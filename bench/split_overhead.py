@@ -1,7 +1,7 @@
 """Time per epoch of U-shaped split learning through Mosquitto against centralized training,
 and where every millisecond of a split step goes.
 
-    python bench/split_overhead.py [--write-docs] [--quick] [--pairs N]
+    python bench/split_overhead.py [--write-docs] [--quick]
 
 Same ``cnn`` on the same 64x64 synthetic-cxr images (one site holding all of them), batch 32,
 same seed. Centralized training runs here; split-u runs as the real processes (``medsplit
@@ -21,7 +21,6 @@ taken out is the transport: paho, Mosquitto, the kernel and the threads handing 
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._report import machine, write_section
+from bench._report import bench_main, machine
 from edge_agent.data import datasets
 from medsplit.brokers.embedded import LocalBroker, start_local_broker
 from medsplit.brokers.mosquitto import Mosquitto
@@ -50,6 +49,7 @@ PLAN = "cnn-cxr-u"
 BATCH = 32
 SITE = "site-1"
 WIRE_DTYPES = ("float32", "float16", "int8")
+PAIRS = 3
 TARGETS = {"float32": 1.5, "float16": 1.35, "int8": 1.25}
 UP_KINDS, DOWN_KINDS = ("activations", "trunk-grad"), ("trunk-out", "act-grad")
 
@@ -191,8 +191,9 @@ class Pairs:
     splits: list[SplitRun]
 
 
-def run(quick: bool, pairs: int) -> str:
-    rounds = 1 if quick else 2
+def run(quick: bool) -> str:
+    """``PAIRS`` interleaved pairs per configuration (one, with one measured round, if quick)."""
+    rounds, pairs = (1, 1) if quick else (2, PAIRS)
     data = datasets.share("synthetic-cxr", "iid", 1, 0, seed=0)
     steps = -(-data.train_samples // BATCH)
     configs = [Config(d, tls) for tls in (True, False) for d in WIRE_DTYPES]
@@ -273,20 +274,5 @@ def intro() -> str:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--write-docs", action="store_true", help="write into docs/benchmarks.md")
-    parser.add_argument("--quick", action="store_true", help="one pair, one measured round")
-    parser.add_argument("--pairs", type=int, default=3, help="interleaved pairs per row")
-    args = parser.parse_args()
-    result = run(args.quick, 1 if args.quick else args.pairs)
-    print()
-    print(result)
-    if args.write_docs:
-        write_section("split_overhead", f"{intro()}\n\n{result}\n")
-
-
 if __name__ == "__main__":
-    main()
+    bench_main("split_overhead", __doc__, intro, run)

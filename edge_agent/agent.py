@@ -54,7 +54,7 @@ from edge_agent.site_model import (
     save_site_model,
     site_card,
 )
-from medsplit.channel import Endpoint, EndpointStats, Received, next_retry
+from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
 from medsplit.protocol.presence import Presence, new_incarnation
 from medsplit.statistics import normalization_digest
@@ -77,10 +77,6 @@ class Progress:
     compute_seconds: float = 0.0  # local training time, waiting for the aggregator included
     last_train_loss: float | None = None
     exchange_seconds: float = 0.0  # split: in cut-layer exchanges (send, wait, receive)
-
-
-def _codec_seconds(stats: EndpointStats) -> float:
-    return sum(stats.codec_seconds.values())
 
 
 STATE_FILE = "edge.safetensors"
@@ -498,7 +494,7 @@ class Agent:
         segments.start_round()
         segments.train()
         started = time.perf_counter()
-        exchange, codec = self.progress.exchange_seconds, _codec_seconds(self.endpoint.stats)
+        exchange, codec = self.progress.exchange_seconds, self.endpoint.stats.codec_total
         steps = self.progress.steps
         epochs = int(env.meta.get("epochs", self.spec.local_epochs) or 1)
         if isinstance(segments, LocalModel):  # federated: nothing leaves the site until done
@@ -527,7 +523,7 @@ class Agent:
         if not isinstance(segments, LocalModel):  # where a split round's time went
             meta |= {
                 "exchange_seconds": self.progress.exchange_seconds - exchange,
-                "codec_seconds": _codec_seconds(self.endpoint.stats) - codec,
+                "codec_seconds": self.endpoint.stats.codec_total - codec,
                 "steps": self.progress.steps - steps,
             }
         self.progress.rounds_trained += 1
@@ -574,32 +570,31 @@ class Agent:
         seg = self.segments
         seg.optimizer.zero_grad()
         h = seg.head(xb)
-        at = {"round": round, "step": step}
         if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
-            reply = self._exchange(Kind.ACTIVATIONS, {"h": h.detach(), "y": yb}, Kind.GRADIENTS, at)
+            tensors = {"h": h.detach(), "y": yb}
+            reply = self._exchange(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step)
             h.backward(reply.tensors["g"].to(self.device))
             seg.optimizer.step()
             return float(reply.meta.get("loss") or 0.0)
-        t = self._exchange(Kind.ACTIVATIONS, {"h": h.detach()}, Kind.TRUNK_OUT, at).tensors["t"]
+        reply = self._exchange(Kind.ACTIVATIONS, {"h": h.detach()}, Kind.TRUNK_OUT, round, step)
+        t = reply.tensors["t"]
         t = t.to(self.device).requires_grad_()
         loss = loss_fn(seg.tail(t), yb)
         loss.backward()
         assert t.grad is not None
-        g = self._exchange(Kind.TRUNK_GRAD, {"g": t.grad}, Kind.ACT_GRAD, at).tensors["g"]
+        g = self._exchange(Kind.TRUNK_GRAD, {"g": t.grad}, Kind.ACT_GRAD, round, step).tensors["g"]
         h.backward(g.to(self.device))
         seg.optimizer.step()
         return float(loss.detach())
 
     def _exchange(
-        self, kind: str, tensors: dict[str, torch.Tensor], answer: str, at: dict[str, int]
+        self, kind: str, tensors: dict[str, torch.Tensor], answer: str, round: int, step: int
     ) -> Envelope:
         """One cut-layer round trip: ``tensors`` up, the ``answer`` back. Only the cut-layer
         tensor (``h`` or ``g``) may travel in the job's wire dtype; labels never do."""
         started = time.perf_counter()
         cast = {"h"} if "h" in tensors else {"g"}
-        request = self._send(
-            kind, round=at["round"], step=at["step"], tensors=tensors, cast=cast, wait=False
-        )
+        request = self._send(kind, round=round, step=step, tensors=tensors, cast=cast, wait=False)
         reply = self._await(answer, request, cast)
         self.progress.exchange_seconds += time.perf_counter() - started
         return reply

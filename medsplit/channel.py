@@ -77,6 +77,11 @@ class EndpointStats:
     # decode counts all its chunks. "decode (rejected)" is the time spent on refused ones.
     codec_seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
 
+    @property
+    def codec_total(self) -> float:
+        """Seconds spent encoding and decoding, all kinds together."""
+        return sum(self.codec_seconds.values())
+
     def count(self, topic: str, nbytes: int) -> None:
         try:
             route = topics.parse(topic)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from medsplit.modes import WireDtype
 from medsplit.wire import layout
 from medsplit.wire.errors import ChecksumMismatch, PayloadTooLarge
-from medsplit.wire.frame import PREFIX_BYTES, Header, MetaValue, pack_frame
+from medsplit.wire.frame import PREFIX_BYTES, Header, MetaValue, pack_frame, renumbered
 from medsplit.wire.tensors import (
     TensorSpec,
     check_tensors,
@@ -131,12 +131,6 @@ def _slices(segments: Sequence[memoryview], room: int) -> Iterator[list[memoryvi
         yield piece
 
 
-def _numbered(template: bytes, chunk: int) -> bytes:
-    """Chunk 0's header JSON renumbered. ``"chunk"`` comes before every free-text field in the
-    header (ids cannot hold quotes; meta and cast come last), so its first match is the field."""
-    return template.replace(b'"chunk":0,', b'"chunk":%d,' % chunk, 1)
-
-
 def encode(
     envelope: Envelope,
     *,
@@ -184,7 +178,7 @@ def encode(
     count = -(-payload.size // room)
     template = first.model_copy(update={"chunks": count}).to_json()
     return [
-        pack_frame(_numbered(template, i), *pieces)
+        pack_frame(renumbered(template, i), *pieces)
         for i, pieces in enumerate(_slices(payload.segments, room))
     ]
 

@@ -15,6 +15,7 @@ readable in a broker's debug log, and pydantic validates it field by field with 
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from typing import Annotated
@@ -85,6 +86,26 @@ class Header(BaseModel):
 
     def to_json(self) -> bytes:
         return json.dumps(self.model_dump(), separators=(",", ":"), allow_nan=False).encode()
+
+
+# The chunk field as ``Header.to_json`` writes it. In that canonical JSON it is the first match:
+# the fields before it are ids and numbers, which cannot hold a quote, and meta and cast (free
+# text) come after it.
+_CHUNK_FIELD = re.compile(rb'"chunk":(0|[1-9][0-9]{0,8}),')
+
+
+def renumbered(header_json: bytes, chunk: int) -> bytes:
+    """Chunk 0's canonical header bytes as chunk ``chunk``'s: the sender serialises once."""
+    return header_json.replace(b'"chunk":0,', b'"chunk":%d,' % chunk, 1)
+
+
+def chunk_of(header_json: bytes) -> tuple[int, bytes] | None:
+    """The chunk index in header bytes, and the bytes renumbered as chunk 0 (the inverse of
+    ``renumbered``); None when there is no chunk field in the canonical form."""
+    match = _CHUNK_FIELD.search(header_json)
+    if match is None:
+        return None
+    return int(match[1]), header_json[: match.start()] + b'"chunk":0,' + header_json[match.end() :]
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ take the full road, so nothing is accepted that the full checks would refuse.
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
@@ -30,7 +29,7 @@ from medsplit.wire.errors import (
     ReassemblyOverflow,
     ReassemblyTimeout,
 )
-from medsplit.wire.frame import Header, check_chunk, parse_header, split_frame
+from medsplit.wire.frame import Header, check_chunk, chunk_of, parse_header, split_frame
 from medsplit.wire.tensors import TensorSpec
 
 ExpectedFor = Callable[[Header], Mapping[str, TensorSpec] | None]
@@ -42,19 +41,6 @@ _MESSAGE_FIELDS = tuple(name for name in Header.model_fields if name != "chunk")
 def _same_message(a: Header, b: Header) -> bool:
     """Every chunk of one message must repeat the same header apart from its index."""
     return all(getattr(a, name) == getattr(b, name) for name in _MESSAGE_FIELDS)
-
-
-# The chunk field as Header.to_json writes it; in canonical JSON it is the first match (the
-# fields before it are ids and numbers, which cannot hold a quote).
-_CHUNK_FIELD = re.compile(rb'"chunk":(0|[1-9][0-9]{0,8}),')
-
-
-def _renumbered(raw: bytes) -> tuple[int, bytes] | None:
-    """The chunk index in header bytes, and the bytes with that index set to 0."""
-    match = _CHUNK_FIELD.search(raw)
-    if match is None:
-        return None
-    return int(match[1]), raw[: match.start()] + b'"chunk":0,' + raw[match.end() :]
 
 
 @dataclass
@@ -135,7 +121,7 @@ class Reassembler:
         None when it is not one (the caller then parses and calls ``add``)."""
         if not self._templates:
             return None
-        renumbered = _renumbered(raw)
+        renumbered = chunk_of(raw)
         if renumbered is None:
             return None
         index, template = renumbered
@@ -150,7 +136,7 @@ class Reassembler:
     def _learn_template(self, partial: _Partial, raw: bytes | None) -> None:
         if raw is None or raw != partial.header.to_json():
             return  # not canonical JSON: every chunk takes the full road
-        renumbered = _renumbered(raw)
+        renumbered = chunk_of(raw)
         if renumbered is not None and renumbered[0] == partial.header.chunk:
             partial.template = renumbered[1]
             self._templates[partial.template] = partial.header.msg_id

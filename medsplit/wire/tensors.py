@@ -23,6 +23,7 @@ from medsplit.wire.errors import MalformedPayload, NonFiniteTensor, TensorSpecMi
 from medsplit.wire.quantize import (
     QUANTIZED,
     SCALE_SUFFIX,
+    WIRE_OF,
     dequantize,
     quantize,
     scale_name,
@@ -147,7 +148,7 @@ def _restore(name: str, tensors: dict[str, torch.Tensor], logical: torch.dtype) 
         if scale is not None:
             raise MalformedPayload(f"tensor {name!r} travels as {tensor.dtype} but has a scale")
         return tensor.to(logical)
-    if tensor.dtype not in (dtype for dtype, _ in QUANTIZED.values()):
+    if tensor.dtype not in WIRE_OF:
         raise MalformedPayload(
             f"tensor {name!r} is marked as down-cast but travels as {tensor.dtype}"
         )
