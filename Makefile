@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint typecheck check bench demo clean wheelhouse images compose-demo
+.PHONY: setup test lint typecheck check bench privacy demo clean wheelhouse images compose-demo
 
 setup:
 	bash scripts/setup.sh
@@ -34,6 +34,11 @@ bench: setup
 	$(PY) bench/containers.py --write-docs
 	$(PY) bench/observability.py --write-docs
 
+
+# What a curious aggregator learns in each mode, and what each defense costs (docs/privacy.md).
+privacy: setup
+	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-breast-cancer.yaml --write-docs
+	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-cxr.yaml --write-docs
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

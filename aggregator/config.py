@@ -4,6 +4,7 @@
   ``sites``, ``seed``, ``release_trunk``, ``dataset``;
 * ``rounds``: how many, how long each may take, how many sites must answer, sampling;
 * ``training``: what every site does in a round (epochs, batches, optimizer, wire precision);
+* ``defenses``: what every site does to the cut-layer tensors it sends (docs/privacy.md);
 * ``broker``, ``waits``: the shared groups of ``medsplit.config``;
 * ``state``: where the run's report and weights go;
 * ``checkpoint``: where the job is saved after every round, and how many saves are kept;
@@ -31,7 +32,13 @@ from pydantic import (
     model_validator,
 )
 
-from medsplit.config import BrokerConfig, FileSettings, OptimizerConfig, WaitSettings
+from medsplit.config import (
+    BrokerConfig,
+    DefenseSettings,
+    FileSettings,
+    OptimizerConfig,
+    WaitSettings,
+)
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, check_site_ids
 from medsplit.modes import MODES, Mode, Orchestration, WireDtype
@@ -215,6 +222,10 @@ class JobConfig(FileSettings):
     )
     rounds: RoundSettings = RoundSettings()
     training: TrainingSettings = TrainingSettings()
+    defenses: DefenseSettings = Field(
+        DefenseSettings(),
+        description="what every site does to the cut-layer tensors it sends (docs/privacy.md)",
+    )
     broker: BrokerConfig = Field(BrokerConfig(), description="the broker, shared group")
     waits: WaitSettings = Field(WaitSettings(), description="how often waits are reported")
     state: AggregatorState = Field(AggregatorState(), description="what the aggregator writes")
@@ -306,6 +317,7 @@ class JobConfig(FileSettings):
                 "checkpoint.every_steps: applies to sequential split and split-u rounds, whose "
                 "steps run one site at a time; other rounds are checkpointed when they close"
             )
+        _check_defenses(self.defenses, self.mode)
         if _SHAPE_ONLY.get():
             return self
         inputs = self.plan.model.input_shape[0]
@@ -342,3 +354,17 @@ class JobConfig(FileSettings):
     def checkpoint_dir(self) -> Path:
         """This job's checkpoints: one folder per job id, so jobs can share a volume."""
         return (self.checkpoint.dir or self.output_dir / "checkpoints") / self.job_id
+
+
+def _check_defenses(defenses: DefenseSettings, mode: Mode) -> None:
+    """Defenses act on cut-layer tensors: refuse one that would silently do nothing."""
+    if defenses.active and not MODES[mode].cut_layer:
+        raise ValueError(
+            f"defenses: mode {mode} sends weights, not activations; defenses apply to split "
+            "and split-u"
+        )
+    if defenses.gradient_noise and MODES[mode].labels_travel:
+        raise ValueError(
+            f"defenses.gradient_noise: in mode {mode} the labels themselves travel, so noise "
+            "on gradients hides nothing; use split-u to keep labels on the site"
+        )

@@ -65,6 +65,7 @@ from aggregator.state import (
 )
 from aggregator.strategy import Aggregation, Cyclic, FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
+from aggregator.wire_tap import WireTap
 from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
@@ -116,8 +117,11 @@ class Coordinator:
         presence: Presence | None = None,
         checkpoints: CheckpointStore | None = None,
         fresh: bool = False,
+        tap: WireTap | None = None,
     ) -> None:
+        """``tap`` keeps what sites send, for the privacy sweep's attacks (never in a deployment)."""
         self.config = config
+        self.tap = tap
         self.endpoint = endpoint
         self.on_event = on_event or (lambda event: None)
         self.clock = clock
@@ -166,6 +170,7 @@ class Coordinator:
             seed=config.seed,
             wire_dtype=config.training.wire_dtype,
             release_trunk=config.release_trunk,
+            defenses=config.defenses,
         )
         specs = TensorSpecs(plan, config.mode, release_trunk=config.release_trunk)
         endpoint.set_expected(lambda header: specs.expected(header.kind))
@@ -387,6 +392,8 @@ class Coordinator:
         if handler is None:
             log.warning("unexpected %s from %s ignored", env.kind, site)
             return
+        if self.tap is not None:
+            self.tap.received(site, env)
         try:
             started = time.perf_counter()
             handler(self, site, env)

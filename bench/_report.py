@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from experiments import doc_sections
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = """# Benchmarks
@@ -26,17 +27,7 @@ def machine() -> str:
 
 def write_section(name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- bench:NAME -->`` markers."""
-    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
-    text = DOC.read_text() if DOC.exists() else HEADER
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
-    text = (
-        pattern.sub(lambda _: block, text)
-        if pattern.search(text)
-        else f"{text.rstrip()}\n\n{block}\n"
-    )
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    doc_sections.write_section(DOC, name, body, header=HEADER, tag="bench")
 
 
 def bench_main(

@@ -55,6 +55,8 @@ from edge_agent.site_model import (
     site_card,
 )
 from medsplit.channel import Endpoint, Received, next_retry
+from medsplit.config import DefenseSettings
+from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
 from medsplit.protocol.presence import Presence, new_incarnation
 from medsplit.statistics import normalization_digest
@@ -133,6 +135,7 @@ class Agent:
         self.onnx_model: Path | None = None
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
+        self.defenses = SiteDefenses(DefenseSettings())  # the job's, from its setup message
         self.segments: EdgeSegments | LocalModel | None = None
         self.incarnation = incarnation or new_incarnation()
         self.lifecycle = Lifecycle(
@@ -460,6 +463,7 @@ class Agent:
             self.lifecycle = self.lifecycle.set_up()
             return  # a repeated setup (we said hello more than once): nothing to rebuild
         self.spec = spec
+        self.defenses = SiteDefenses(spec.defenses)
         self.specs = TensorSpecs(
             self.spec.plan, self.spec.mode, release_trunk=self.spec.release_trunk
         )
@@ -569,21 +573,23 @@ class Agent:
         assert self.spec is not None
         seg = self.segments
         seg.optimizer.zero_grad()
+        defenses = self.defenses
         h = seg.head(xb)
         if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
-            tensors = {"h": h.detach(), "y": yb}
+            tensors = {"h": defenses.activations(h), "y": yb}
             reply = self._exchange(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step)
-            h.backward(reply.tensors["g"].to(self.device))
+            defenses.backward_head(xb, h, reply.tensors["g"].to(self.device))
             seg.optimizer.step()
             return float(reply.meta.get("loss") or 0.0)
-        reply = self._exchange(Kind.ACTIVATIONS, {"h": h.detach()}, Kind.TRUNK_OUT, round, step)
-        t = reply.tensors["t"]
+        sent = {"h": defenses.activations(h)}
+        t = self._exchange(Kind.ACTIVATIONS, sent, Kind.TRUNK_OUT, round, step).tensors["t"]
         t = t.to(self.device).requires_grad_()
         loss = loss_fn(seg.tail(t), yb)
         loss.backward()
         assert t.grad is not None
-        g = self._exchange(Kind.TRUNK_GRAD, {"g": t.grad}, Kind.ACT_GRAD, round, step).tensors["g"]
-        h.backward(g.to(self.device))
+        returned = {"g": defenses.gradient(t.grad)}
+        g = self._exchange(Kind.TRUNK_GRAD, returned, Kind.ACT_GRAD, round, step).tensors["g"]
+        defenses.backward_head(xb, h, g.to(self.device))
         seg.optimizer.step()
         return float(loss.detach())
 
@@ -710,7 +716,7 @@ class Agent:
         outputs = []
         with torch.no_grad():
             for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
-                h = seg.head(x[idx])
+                h = self.defenses.activations(seg.head(x[idx]))
                 request = self._send(
                     Kind.EVAL_ACTIVATIONS, round=round, step=step, tensors={"h": h}, cast={"h"}
                 )

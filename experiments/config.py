@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from aggregator.config import JobConfig
 from edge_agent.data.names import check_name, parse_scheme
-from medsplit.config import BrokerConfig, OptimizerConfig
+from medsplit.config import BrokerConfig, DefenseSettings, OptimizerConfig
 from medsplit.ids import ID_PATTERN
 from medsplit.modes import MODES, SPLIT_MODES, Mode, Orchestration, WireDtype
 from models import ConfigError
@@ -51,6 +51,40 @@ class Plans(BaseModel):
     split_u: str | None = Field(None, alias="split-u", description="U-shaped split (a tail)")
 
 
+class PrivacySettings(BaseModel):
+    """What ``medsplit privacy`` attacks, and with which defenses (docs/privacy.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    auxiliary_fraction: float = Field(
+        0.2,
+        gt=0,
+        le=0.5,
+        description="share of the dataset held out from every site as the attacker's public "
+        "auxiliary data (stratified, seeded); the sites divide the rest",
+    )
+    defenses: list[DefenseSettings] = Field(
+        default_factory=lambda: [DefenseSettings()],
+        min_length=1,
+        description="one row per setting, for split and split-u (gradient_noise for split-u "
+        "only); the undefended run is always added first",
+    )
+    attack_epochs: int = Field(
+        60, ge=1, le=10_000, description="epochs the attacker trains its inversion decoder"
+    )
+    dcor_samples: int = Field(
+        500, ge=4, le=5000, description="records the distance correlation is computed on"
+    )
+
+    def settings(self) -> list[DefenseSettings]:
+        """The defense rows, undefended first, each once."""
+        rows = [DefenseSettings()]
+        for defense in self.defenses:
+            if defense not in rows:
+                rows.append(defense)
+        return rows
+
+
 class ExperimentConfig(BaseModel):
     """A grid of modes x partitions x site counts x seeds on one dataset. See docs/experiments.md."""
 
@@ -79,6 +113,11 @@ class ExperimentConfig(BaseModel):
         "narrower wire reads next to float32; the other modes send no activations",
     )
     plans: Plans = Plans()
+    privacy: PrivacySettings | None = Field(
+        None,
+        description="attacks and defense settings of medsplit privacy; given here, medsplit "
+        "experiment runs the privacy sweep after its grid too",
+    )
     broker: BrokerConfig | None = Field(
         None,
         description="a loopback plaintext broker (mqtt://) to use; default: start Mosquitto "
@@ -134,6 +173,10 @@ class ExperimentConfig(BaseModel):
     def output_dir(self) -> Path:
         return self.out or Path("runs") / "experiments" / self.name
 
+    @property
+    def privacy_settings(self) -> PrivacySettings:
+        return self.privacy or PrivacySettings()
+
     def plan_for(self, mode: str) -> str:
         defaults = DEFAULT_PLANS.get(self.dataset, DEFAULT_PLANS["breast-cancer"])
         family = mode if mode in SPLIT_MODES else "federated"
@@ -187,6 +230,8 @@ class ExperimentConfig(BaseModel):
             "broker": {"url": broker_url, "protocol": protocol, "insecure": True},
             "state": {"run_dir": str(self.output_dir / "runs" / cell.job_id(self.name))},
         }
+        if cell.defense.active:
+            job["defenses"] = cell.defense.model_dump()
         if cell.orchestration != "none":
             job["orchestration"] = cell.orchestration
         config: JobConfig = JobConfig.from_mapping(job, f"<experiment {self.name}>")
@@ -208,9 +253,11 @@ class Cell:
     sites: int
     seed: int
     wire_dtype: str = "float32"
+    defense: DefenseSettings = field(default_factory=DefenseSettings)  # the privacy axis
 
     def label(self) -> str:
-        return f"{self.method}, {self.partition}, {self.sites} sites, seed {self.seed}"
+        defense = f", defense {self.defense.label()}" if self.defense.active else ""
+        return f"{self.method}, {self.partition}, {self.sites} sites, seed {self.seed}{defense}"
 
     @property
     def method(self) -> str:
@@ -223,7 +270,11 @@ class Cell:
 
     def job_id(self, experiment: str) -> str:
         wire = "" if self.wire_dtype == "float32" else f"-{self.wire_dtype}"
-        text = f"{experiment}-{self.mode}-{self.orchestration}{wire}-{self.partition}-{self.sites}s-{self.seed}"
+        defense = f"-{self.defense.label()}" if self.defense.active else ""
+        text = (
+            f"{experiment}-{self.mode}-{self.orchestration}{wire}{defense}-{self.partition}-"
+            f"{self.sites}s-{self.seed}"
+        )
         text = re.sub(r"[^A-Za-z0-9_.-]", "_", text)
         if len(text) <= 64:
             return text

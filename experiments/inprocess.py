@@ -17,6 +17,7 @@ from typing import Any
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
 from aggregator.state import RoundRecord
+from aggregator.wire_tap import WireTap
 from edge_agent.agent import Agent
 from edge_agent.data.datasets import SiteData
 from medsplit.wiring import Connector, Party, open_aggregator, open_site
@@ -105,6 +106,7 @@ def run_job(
     state_root: Path | None = None,
     agent_type: type[Agent] = Agent,
     agents_first: bool = False,
+    tap: WireTap | None = None,
     **agent_kw: Any,
 ) -> JobResult:
     """Aggregator in this thread, one thread per agent; every agent must finish.
@@ -114,6 +116,7 @@ def run_job(
     ``state_root`` each site keeps its state in ``state_root/SITE``, as the demo lays it out.
     With ``agents_first`` the agents start first and the aggregator only once every one of
     them has said hello twice, as when a deployment's sites come up before its server.
+    ``tap`` keeps what the aggregator receives (the privacy sweep).
     """
     sites = _Sites.start(
         config.job_id,
@@ -136,7 +139,7 @@ def run_job(
     if not agents_first:
         for thread in threads:
             thread.start()
-    coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence)
+    coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence, tap=tap)
     try:
         history = coordinator.run()
         _stop_revoked(coordinator, agents)

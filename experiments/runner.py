@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 from rich.console import Console
 
@@ -53,14 +54,29 @@ class CellResult:
         return sum(t[direction] for t in self.traffic.values()) / len(self.traffic)
 
 
-def run_experiment(
+class Outcome(Protocol):
+    """What every grid runner returns per cell: whether it completed, and why not."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def error(self) -> str: ...
+
+
+R = TypeVar("R", bound=Outcome)
+
+
+def run_grid(
     config: ExperimentConfig,
+    cells: list[Cell],
+    run: Callable[[Cell, str, str], R],
     *,
     console: Console | None = None,
-    on_result: Callable[[CellResult], None] | None = None,
-) -> list[CellResult]:
+    on_result: Callable[[R], None] | None = None,
+) -> list[R]:
+    """``run(cell, broker_url, protocol)`` for every cell, on the experiment's broker (or one
+    started here), with a progress bar; a failed cell is reported and the grid goes on."""
     console = console or Console(stderr=True)
-    cells = config.cells()
     results = []
     with ExitStack() as stack:
         if config.broker is not None:
@@ -73,7 +89,7 @@ def run_experiment(
             task = progress.add_task(config.name, total=len(cells))
             for cell in cells:
                 progress.update(task, description=cell.label())
-                result = run_cell(config, cell, url, protocol)
+                result = run(cell, url, protocol)
                 if result.status != "completed":
                     console.print(f"[red]{cell.label()} failed:[/red] {result.error}")
                 results.append(result)
@@ -81,6 +97,18 @@ def run_experiment(
                     on_result(result)
                 progress.advance(task)
     return results
+
+
+def run_experiment(
+    config: ExperimentConfig,
+    *,
+    console: Console | None = None,
+    on_result: Callable[[CellResult], None] | None = None,
+) -> list[CellResult]:
+    def run(cell: Cell, url: str, protocol: str) -> CellResult:
+        return run_cell(config, cell, url, protocol)
+
+    return run_grid(config, config.cells(), run, console=console, on_result=on_result)
 
 
 def run_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol: str) -> CellResult:

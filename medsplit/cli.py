@@ -100,7 +100,32 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     for path in write_results(config, results):
         print(path)
     failed = [r for r in results if r.status != "completed"]
+    if config.privacy is not None:
+        status = _run_privacy(config, f"medsplit experiment --config {args.config}", docs=False)
+        return 1 if failed else status
     return 1 if failed else 0
+
+
+def _cmd_privacy(args: argparse.Namespace) -> int:
+    from experiments.config import ExperimentConfig
+
+    config = ExperimentConfig.from_yaml(args.config)
+    if args.out:
+        config = config.model_copy(update={"out": Path(args.out)})
+    command = f"medsplit privacy --config {args.config}"
+    return _run_privacy(config, command, docs=args.write_docs)
+
+
+def _run_privacy(config: Any, command: str, *, docs: bool) -> int:
+    from experiments.privacy.report import write_privacy
+    from experiments.privacy.sweep import run_privacy
+
+    for chatty in ("medsplit.transport", "edge_agent", "aggregator"):  # the progress bar says it
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    results = run_privacy(config)
+    for path in write_privacy(config, results, command=command, docs=docs):
+        print(path)
+    return 1 if any(r.status != "completed" for r in results) else 0
 
 
 def _cmd_dicom_synth(args: argparse.Namespace) -> int:
@@ -358,13 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
 
-    experiment = commands.add_parser(
-        "experiment", help="compare every mode on the same data (a grid over a real broker)"
-    )
-    experiment.add_argument("--config", required=True, help="experiment YAML (docs/experiments.md)")
-    experiment.add_argument("--out", help="output directory (default: out from the config)")
-    experiment.set_defaults(func=_cmd_experiment)
-
+    _add_experiment_commands(commands)
     synth = commands.add_parser(
         "dicom-synth", help="write chest-radiograph-like DICOM files, one scanner per site"
     )
@@ -401,6 +420,27 @@ def _add_after_finish(parser: argparse.ArgumentParser) -> None:
         help="when the job is over: exit (0), or wait, serving the health endpoints, until "
         "SIGTERM (Kubernetes restarts every exit; the charts use wait)",
     )
+
+
+def _add_experiment_commands(commands: Any) -> None:
+    experiment = commands.add_parser(
+        "experiment", help="compare every mode on the same data (a grid over a real broker)"
+    )
+    experiment.add_argument("--config", required=True, help="experiment YAML (docs/experiments.md)")
+    experiment.add_argument("--out", help="output directory (default: out from the config)")
+    experiment.set_defaults(func=_cmd_experiment)
+    privacy = commands.add_parser(
+        "privacy",
+        help="attack what the aggregator received in each mode, with and without defenses",
+    )
+    privacy.add_argument(
+        "--config", required=True, help="experiment YAML with a privacy section (docs/privacy.md)"
+    )
+    privacy.add_argument("--out", help="output directory (default: out from the config)")
+    privacy.add_argument(
+        "--write-docs", action="store_true", help="also write the table into docs/privacy.md"
+    )
+    privacy.set_defaults(func=_cmd_privacy)
 
 
 def _add_provision_command(commands: Any) -> None:

@@ -119,6 +119,56 @@ class OptimizerConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty")
 
 
+class DefenseSettings(BaseModel):
+    """What every site does to the cut-layer tensors it sends, against a curious aggregator.
+
+    All off by default; docs/privacy.md measures what each setting buys and costs. They apply
+    to split and split-u only: federated modes send weights, not activations.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nopeek_alpha: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="NoPeek: weight of the distance correlation between a batch's inputs and "
+        "its activations, added to the site's loss (arXiv 2008.09161)",
+    )
+    activation_noise: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="standard deviation of Gaussian noise added to every activation a site "
+        "sends, in training and evaluation",
+    )
+    gradient_noise: float = Field(
+        0.0,
+        ge=0,
+        le=100,
+        description="split-u: Gaussian noise added to the gradients a site returns, as a "
+        "multiple of the batch's mean gradient norm; hides labels from the norm and cosine "
+        "attacks",
+    )
+
+    @property
+    def active(self) -> bool:
+        return bool(self.nopeek_alpha or self.activation_noise or self.gradient_noise)
+
+    def label(self) -> str:
+        """A short name for tables: ``none``, ``nopeek 0.5``, ``noise 0.3 + grad-noise 1``."""
+        parts = [
+            f"{name} {value:g}"
+            for name, value in (
+                ("nopeek", self.nopeek_alpha),
+                ("noise", self.activation_noise),
+                ("grad-noise", self.gradient_noise),
+            )
+            if value
+        ]
+        return " + ".join(parts) or "none"
+
+
 class WaitSettings(BaseModel):
     """How often a waiting process says what it is waiting for (never silently)."""
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from medsplit.config import OptimizerConfig
+from medsplit.config import DefenseSettings, OptimizerConfig
 from medsplit.modes import MODES, Mode, Orchestration, traits
 from medsplit.protocol.kinds import Kind
 from medsplit.wire import TensorSpec, WireDtype
@@ -53,6 +53,7 @@ class JobSpec(BaseModel):
     seed: int
     wire_dtype: WireDtype
     release_trunk: bool = True
+    defenses: DefenseSettings = DefenseSettings()
 
     def to_meta(self) -> str:
         return self.model_dump_json()

@@ -1,0 +1,296 @@
+"""Run every privacy cell and score the attacks against the sites' real records.
+
+A cell is one mode x defense x seed (and partition, site count, orchestration). Each runs as a
+real job through a real broker, with the aggregator's ``WireTap`` keeping what it received in
+the first and the last round. The attacker's public auxiliary data is a stratified slice of the
+dataset that no site holds, standardised as the federation's sites are (the aggregator learns
+those statistics in the statistics round). Every attack targets one site, ``site-01``: the
+decoder is trained per attacked head, and one is what a report needs to show the leak.
+
+Scoring -- and only scoring -- uses the site's records: the step of every tapped message names
+its batch, and the batch order is a function of the job's seed and the round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from rich.console import Console
+from sklearn.model_selection import train_test_split
+from torch import nn
+
+from aggregator.config import JobConfig
+from aggregator.coordinator import JobFailed
+from aggregator.wire_tap import Tapped, WireTap
+from edge_agent.data import datasets
+from edge_agent.data.datasets import Dataset, SiteData
+from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
+from experiments.config import BASELINES, Cell, ExperimentConfig, PrivacySettings
+from experiments.inprocess import JobResult, run_job
+from experiments.privacy import attacks
+from experiments.runner import run_grid
+from medsplit.modes import MODES, Mode
+from medsplit.privacy import measures
+from medsplit.protocol import Kind
+from medsplit.protocol.spec import exchanged_keys
+from medsplit.training import batch_order
+from medsplit.transport import TransportError
+from medsplit.wiring import mqtt_connector
+from models import split_model
+
+log = logging.getLogger(__name__)
+
+TARGET = "site-01"
+
+
+@dataclass
+class Measured:
+    """What one cell's attacks achieved against ``site-01`` (None: not applicable)."""
+
+    cell: Cell
+    status: str = "completed"
+    error: str = ""
+    accuracy: float | None = None
+    exposed_weights: float | None = None  # share of the model's parameters a site sends
+    input_dcor: float | None = None
+    reconstruction_gain: float | None = None  # 1 - MSE(attack) / MSE(mean guess)
+    reconstruction_mse: float | None = None
+    baseline_mse: float | None = None
+    ssim: float | None = None
+    baseline_ssim: float | None = None
+    label_leak: dict[str, float] = field(default_factory=dict)  # attack -> leak AUC
+    update_gain: float | None = None  # federated: first-layer inversion of one update (median)
+    update_baseline: float | None = None  # the same score for public records as "candidates"
+    note: str = ""
+    seconds: float = 0.0
+
+
+def privacy_cells(config: ExperimentConfig) -> list[Cell]:
+    """The experiment's distributed cells, each with every defense that applies to its mode."""
+    cells = []
+    for cell in config.cells():
+        if cell.mode in BASELINES:
+            continue
+        traits = MODES[Mode(cell.mode)]
+        for defense in config.privacy_settings.settings():
+            if defense.active and not traits.cut_layer:
+                continue  # federated modes send weights: there is nothing to defend this way
+            if defense.gradient_noise and traits.labels_travel:
+                continue
+            cells.append(replace(cell, defense=defense))
+    return cells
+
+
+def public_slice(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(what the sites divide, the attacker's public slice), stratified by label."""
+    idx = np.arange(len(dataset.y))
+    private, public = train_test_split(
+        idx, test_size=fraction, random_state=seed, stratify=dataset.y.numpy()
+    )
+    private, public = np.sort(private), np.sort(public)
+    return (
+        replace(dataset, x=dataset.x[private], y=dataset.y[private]),
+        replace(dataset, x=dataset.x[public], y=dataset.y[public]),
+    )
+
+
+def standardised_like(x: torch.Tensor, card: DataCard | None) -> torch.Tensor:
+    """``x`` in the sites' encoding: the mean and std their data card records."""
+    if card is None:
+        raise ValueError("the sites' data has no card: cannot encode the auxiliary slice")
+    if isinstance(card.input, ImageInput):
+        pre = card.input.preprocessing
+        return (x - pre.mean) / pre.std
+    assert isinstance(card.input, FeatureInput)
+    return (x - torch.tensor(card.input.mean)) / torch.tensor(card.input.std)
+
+
+def run_privacy(
+    config: ExperimentConfig,
+    *,
+    console: Console | None = None,
+    on_result: Callable[[Measured], None] | None = None,
+) -> list[Measured]:
+    def run(cell: Cell, url: str, protocol: str) -> Measured:
+        return measure_cell(config, cell, url, protocol)
+
+    return run_grid(config, privacy_cells(config), run, console=console, on_result=on_result)
+
+
+def measure_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol: str) -> Measured:
+    """Run the cell's job with the tap on, then every attack that applies to its mode."""
+    started = time.monotonic()
+    settings = config.privacy_settings
+    job = config.job_config(cell, broker_url, protocol)
+    private, public = public_slice(
+        datasets.load(config.dataset, seed=cell.seed), settings.auxiliary_fraction, cell.seed
+    )
+    shares = datasets.all_sites(private, cell.sites, cell.partition, seed=cell.seed)
+    sites = dict(zip(job.sites, shares, strict=True))
+    aux = standardised_like(public.x, shares[0].card)
+    tap = WireTap(rounds={0, job.rounds.count - 1})
+    result = Measured(cell)
+    try:
+        connect = mqtt_connector(job.broker.model_copy(update={"client_id": None}))
+        outcome = run_job(job, sites, connect, timeout=config.timeout_s, tap=tap)
+    except (JobFailed, TransportError, TimeoutError, RuntimeError, ValueError) as exc:
+        result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+        return result
+    result.accuracy = outcome.history[-1].mean()["accuracy"] if outcome.history else None
+    result.exposed_weights = _exposed_share(job)
+    target = _Target(job, settings, tap, outcome, sites[TARGET], aux)
+    if MODES[job.mode].cut_layer:
+        _attack_split(result, target)
+    else:
+        _attack_update(result, target)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _exposed_share(job: JobConfig) -> float:
+    with torch.device("meta"):
+        state = job.plan.model.build().state_dict()
+    sent = set(exchanged_keys(job.plan, job.mode))
+    total = sum(t.numel() for t in state.values())
+    return float(sum(t.numel() for k, t in state.items() if k in sent) / total)
+
+
+def round_batches(job: JobConfig, samples: int, round: int) -> list[torch.Tensor]:
+    """The index batches of ``round``, step by step, as the site drew them."""
+    epochs = job.training.local_epochs
+    return [
+        batch
+        for epoch in range(round * epochs, (round + 1) * epochs)
+        for batch in batch_order(samples, job.training.batch_size, seed=job.seed, epoch=epoch)
+    ]
+
+
+def _segment(job: JobConfig, weights: dict[str, torch.Tensor], which: str) -> nn.Sequential:
+    parts = split_model(job.plan.model.build(), job.plan)
+    module: nn.Sequential = getattr(parts, which)
+    module.load_state_dict({k: weights[k] for k in module.state_dict()})
+    return module
+
+
+@dataclass(frozen=True)
+class _Target:
+    """What one cell's attacks work from: the job, the tap and the auxiliary slice (the
+    attacker's knowledge), and the site's records (for scoring only)."""
+
+    job: JobConfig
+    settings: PrivacySettings
+    tap: WireTap
+    outcome: JobResult
+    site: SiteData
+    aux: torch.Tensor
+
+
+def _attack_split(result: Measured, target: _Target) -> None:
+    job, settings, tap, site, aux = (
+        target.job,
+        target.settings,
+        target.tap,
+        target.site,
+        target.aux,
+    )
+    last = job.rounds.count - 1
+    sent = tap.messages(TARGET, Kind.ACTIVATIONS, last)
+    weights = tap.weights(TARGET, last)
+    if not sent or weights is None:
+        result.note = "the tap holds no activations of the last round"
+        return
+    batches = round_batches(job, site.train_samples, last)
+    rows = torch.cat([batches[m.step] for m in sent])
+    x, h = site.x_train[rows], torch.cat([m.tensors["h"].float() for m in sent])
+    keep = torch.randperm(len(rows), generator=torch.Generator().manual_seed(job.seed))
+    keep = keep[: settings.dcor_samples]
+    result.input_dcor = float(measures.distance_correlation(x[keep].double(), h[keep].double()))
+    head = _segment(job, weights, "head")
+    decoder = attacks.train_inversion(
+        head, aux, noise=job.defenses.activation_noise, epochs=settings.attack_epochs, seed=job.seed
+    )
+    guess = aux.mean(0, keepdim=True)
+    reconstruction = attacks.invert(decoder, h)
+    result.reconstruction_gain = measures.reconstruction_gain(reconstruction, x, guess)
+    result.reconstruction_mse = measures.mse(reconstruction, x)
+    result.baseline_mse = measures.mse(guess, x)
+    if x.dim() == 4:
+        span = float(x.max() - x.min())
+        result.ssim = measures.ssim(reconstruction, x, span)
+        result.baseline_ssim = measures.ssim(guess, x, span)
+    labels = site.y_train[rows]
+    if MODES[job.mode].labels_travel:
+        result.label_leak = {"labels sent": 1.0}
+        return
+    result.label_leak = _label_attacks(target, sent, labels, batches)
+
+
+def _label_attacks(
+    target: _Target, sent: list[Tapped], labels: torch.Tensor, batches: list[torch.Tensor]
+) -> dict[str, float]:
+    """Norm and cosine attacks per batch (mean AUC over batches with both classes), and the
+    model-completion attack over every activation sent."""
+    job, tap, site = target.job, target.tap, target.site
+    last = job.rounds.count - 1
+    norm, cosine = [], []
+    for message in tap.messages(TARGET, Kind.TRUNK_GRAD, last):
+        g, y = message.tensors["g"].float(), site.y_train[batches[message.step]]
+        positives = torch.nonzero(y == 1).flatten()
+        if len(y.unique()) < 2 or len(positives) == 0:
+            continue
+        norm.append(measures.auc(attacks.norm_scores(g), y))
+        reference = int(positives[0])  # the one label the attacker knows
+        others = torch.arange(len(y)) != reference
+        cosine.append(measures.auc(attacks.cosine_scores(g, reference)[others], y[others]))
+    leak = {"norm": measures.mean_leak(norm), "cosine": measures.mean_leak(cosine)}
+    weights = tap.weights(TARGET, last)
+    trunk = target.outcome.coordinator.trunk
+    if weights is not None and trunk is not None and job.plan.u_shaped:
+        h = torch.cat([m.tensors["h"].float() for m in sent])
+        scores = attacks.completion_scores(trunk.module, _segment(job, weights, "tail"), h)
+        leak["completion"] = measures.leak_auc(scores.numpy(), labels.numpy())
+    return leak
+
+
+def _attack_update(result: Measured, target: _Target) -> None:
+    """Federated: invert the first layer of the site's first update, if it is fully connected."""
+    job, site, aux = target.job, target.site, target.aux
+    after = target.tap.weights(TARGET, 0)
+    model = job.plan.model.build(seed=job.seed)  # the weights the aggregator sent in round 0
+    first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
+    name = next((n for n, m in model.named_modules() if m is first), "")
+    if after is None or not isinstance(first, nn.Linear) or first.bias is None:
+        result.note = (
+            "first layer is a convolution: its update mixes every patch of every image, and "
+            "the bias trick inverts fully connected layers only"
+        )
+        return
+    before = model.state_dict()
+    weight, bias = f"{name}.weight", f"{name}.bias"
+    if weight not in after or bias not in after:
+        result.note = "the first layer is private: its update never leaves the site"
+        return
+    candidates = attacks.first_layer_inversion(before, after, weight, bias)
+    guess = aux.mean(0)
+    result.update_gain = _closest_record_gain(candidates, site.x_train, guess)
+    decoys = aux[torch.randperm(len(aux), generator=torch.Generator().manual_seed(job.seed))]
+    result.update_baseline = _closest_record_gain(decoys[: len(candidates)], site.x_train, guess)
+
+
+def _closest_record_gain(
+    candidates: torch.Tensor, records: torch.Tensor, guess: torch.Tensor
+) -> float:
+    """Median over candidates of the best reconstruction gain any one record gives it: how
+    close the attacker's typical guess comes to some real patient (a median, because a neuron
+    whose bias barely moved yields a candidate of enormous norm)."""
+    if len(candidates) == 0:
+        return math.nan
+    errors = torch.cdist(candidates.double(), records.double()) ** 2
+    baseline = ((records.double() - guess.double()) ** 2).sum(1)
+    return float((1 - errors / baseline[None, :]).max(dim=1).values.median())
