@@ -141,6 +141,7 @@ def measure_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol
         outcome = run_job(job, sites, connect, timeout=config.timeout_s, tap=tap)
     except (JobFailed, TransportError, TimeoutError, RuntimeError, ValueError) as exc:
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
+        result.seconds = time.monotonic() - started
         return result
     result.accuracy = outcome.history[-1].mean()["accuracy"] if outcome.history else None
     result.exposed_weights = _exposed_share(job)

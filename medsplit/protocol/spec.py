@@ -56,7 +56,12 @@ class JobSpec(BaseModel):
     defenses: DefenseSettings = DefenseSettings()
 
     def to_meta(self) -> str:
-        return self.model_dump_json()
+        """The spec as JSON. Defenses that are all off are left out, so an agent from before
+        defenses existed still joins such a job; one asked to defend refuses the spec (an
+        unknown field) instead of silently sending undefended tensors."""
+        if self.defenses.active:
+            return self.model_dump_json()
+        return self.model_dump_json(exclude={"defenses"})
 
     @classmethod
     def from_meta(cls, text: Any) -> JobSpec:

@@ -18,7 +18,7 @@ from tests.support.configs import job_config
 
 @pytest.mark.parametrize(
     ("mode", "plan", "noise"),
-    [("split", "mlp-ehr", 0.0), ("split", "mlp-ehr", 0.5), ("split-u", "mlp-ehr-u", 0.5)],
+    [("split", "mlp-ehr", 0.0), ("split-u", "mlp-ehr-u", 0.5)],
 )
 def test_the_tap_holds_every_batch_the_aggregator_received(
     mode: str, plan: str, noise: float

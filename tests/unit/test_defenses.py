@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -104,6 +105,10 @@ def test_defenses_reach_the_sites_in_the_job_spec() -> None:
         defenses=config.defenses,
     )
     assert JobSpec.from_meta(spec.to_meta()).defenses == config.defenses
+    # Undefended, the spec reads as it did before defenses existed (older agents still join).
+    plain = spec.model_copy(update={"defenses": DefenseSettings()})
+    assert "defenses" not in json.loads(plain.to_meta())
+    assert JobSpec.from_meta(plain.to_meta()) == plain
 
 
 @pytest.mark.parametrize(
