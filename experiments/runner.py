@@ -33,6 +33,10 @@ from medsplit.wiring import Connector, mqtt_connector
 log = logging.getLogger(__name__)
 
 
+# What makes one cell fail without stopping the grid: the job's own failure, the broker, time.
+CELL_FAILURES = (JobFailed, TransportError, TimeoutError, RuntimeError, ValueError)
+
+
 @dataclass
 class CellResult:
     cell: Cell
@@ -125,14 +129,14 @@ def run_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol: st
         elif cell.mode == "local":
             result.history = run_local(job, sites)
         else:
-            outcome = run_job(job, sites, _connector(job), timeout=config.timeout_s)
+            outcome = run_job(job, sites, connector_for(job), timeout=config.timeout_s)
             result.history = outcome.history
             result.traffic = {
                 s: {"up": st.bytes_up, "down": st.bytes_down}
                 for s, st in outcome.coordinator.sites.items()
             }
             late = outcome.coordinator.late_messages
-    except (JobFailed, TransportError, TimeoutError, RuntimeError, ValueError) as exc:
+    except CELL_FAILURES as exc:
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
     result.wall_time_s = time.monotonic() - started
     report = report_dict(
@@ -151,6 +155,6 @@ def run_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol: st
     return result
 
 
-def _connector(job: JobConfig) -> Connector:
+def connector_for(job: JobConfig) -> Connector:
     # Every party needs its own client id, whatever the experiment's broker section says.
     return mqtt_connector(job.broker.model_copy(update={"client_id": None}))

@@ -86,16 +86,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoOptions.from_args(args))
 
 
-def _cmd_experiment(args: argparse.Namespace) -> int:
+def _load_experiment(args: argparse.Namespace) -> Any:
+    """The experiment file with ``--out`` applied; the job logs quietened (the progress bar
+    says what runs)."""
     from experiments.config import ExperimentConfig
-    from experiments.results import write_results
-    from experiments.runner import run_experiment
 
     config = ExperimentConfig.from_yaml(args.config)
-    for chatty in ("medsplit.transport", "edge_agent", "aggregator"):  # the progress bar says it
+    for chatty in ("medsplit.transport", "edge_agent", "aggregator"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     if args.out:
         config = config.model_copy(update={"out": Path(args.out)})
+    return config
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from experiments.results import write_results
+    from experiments.runner import run_experiment
+
+    config = _load_experiment(args)
     results = run_experiment(config)
     for path in write_results(config, results):
         print(path)
@@ -107,21 +115,14 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
-    from experiments.config import ExperimentConfig
-
-    config = ExperimentConfig.from_yaml(args.config)
-    if args.out:
-        config = config.model_copy(update={"out": Path(args.out)})
     command = f"medsplit privacy --config {args.config}"
-    return _run_privacy(config, command, docs=args.write_docs)
+    return _run_privacy(_load_experiment(args), command, docs=args.write_docs)
 
 
 def _run_privacy(config: Any, command: str, *, docs: bool) -> int:
     from experiments.privacy.report import write_privacy
     from experiments.privacy.sweep import run_privacy
 
-    for chatty in ("medsplit.transport", "edge_agent", "aggregator"):  # the progress bar says it
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     results = run_privacy(config)
     for path in write_privacy(config, results, command=command, docs=docs):
         print(path)

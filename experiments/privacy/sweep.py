@@ -13,7 +13,6 @@ its batch, and the batch order is a function of the job's seed and the round.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,25 +25,20 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from aggregator.config import JobConfig
-from aggregator.coordinator import JobFailed
-from aggregator.wire_tap import Tapped, WireTap
+from aggregator.wire_tap import WireTap
 from edge_agent.data import datasets
 from edge_agent.data.datasets import Dataset, SiteData
 from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
 from experiments.config import BASELINES, Cell, ExperimentConfig, PrivacySettings
 from experiments.inprocess import JobResult, run_job
 from experiments.privacy import attacks
-from experiments.runner import run_grid
+from experiments.runner import CELL_FAILURES, connector_for, run_grid
 from medsplit.modes import MODES, Mode
 from medsplit.privacy import measures
 from medsplit.protocol import Kind
 from medsplit.protocol.spec import exchanged_keys
 from medsplit.training import batch_order
-from medsplit.transport import TransportError
-from medsplit.wiring import mqtt_connector
 from models import split_model
-
-log = logging.getLogger(__name__)
 
 TARGET = "site-01"
 
@@ -137,9 +131,8 @@ def measure_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol
     tap = WireTap(rounds={0, job.rounds.count - 1})
     result = Measured(cell)
     try:
-        connect = mqtt_connector(job.broker.model_copy(update={"client_id": None}))
-        outcome = run_job(job, sites, connect, timeout=config.timeout_s, tap=tap)
-    except (JobFailed, TransportError, TimeoutError, RuntimeError, ValueError) as exc:
+        outcome = run_job(job, sites, connector_for(job), timeout=config.timeout_s, tap=tap)
+    except CELL_FAILURES as exc:
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
         result.seconds = time.monotonic() - started
         return result
@@ -193,13 +186,7 @@ class _Target:
 
 
 def _attack_split(result: Measured, target: _Target) -> None:
-    job, settings, tap, site, aux = (
-        target.job,
-        target.settings,
-        target.tap,
-        target.site,
-        target.aux,
-    )
+    job, settings, tap, site = target.job, target.settings, target.tap, target.site
     last = job.rounds.count - 1
     sent = tap.messages(TARGET, Kind.ACTIVATIONS, last)
     weights = tap.weights(TARGET, last)
@@ -214,9 +201,13 @@ def _attack_split(result: Measured, target: _Target) -> None:
     result.input_dcor = float(measures.distance_correlation(x[keep].double(), h[keep].double()))
     head = _segment(job, weights, "head")
     decoder = attacks.train_inversion(
-        head, aux, noise=job.defenses.activation_noise, epochs=settings.attack_epochs, seed=job.seed
+        head,
+        target.aux,
+        noise=job.defenses.activation_noise,
+        epochs=settings.attack_epochs,
+        seed=job.seed,
     )
-    guess = aux.mean(0, keepdim=True)
+    guess = target.aux.mean(0, keepdim=True)
     reconstruction = attacks.invert(decoder, h)
     result.reconstruction_gain = measures.reconstruction_gain(reconstruction, x, guess)
     result.reconstruction_mse = measures.mse(reconstruction, x)
@@ -225,36 +216,37 @@ def _attack_split(result: Measured, target: _Target) -> None:
         span = float(x.max() - x.min())
         result.ssim = measures.ssim(reconstruction, x, span)
         result.baseline_ssim = measures.ssim(guess, x, span)
-    labels = site.y_train[rows]
     if MODES[job.mode].labels_travel:
         result.label_leak = {"labels sent": 1.0}
         return
-    result.label_leak = _label_attacks(target, sent, labels, batches)
+    tail = _segment(job, weights, "tail") if job.plan.u_shaped else None
+    result.label_leak = _label_attacks(target, h, site.y_train[rows], batches, tail)
 
 
 def _label_attacks(
-    target: _Target, sent: list[Tapped], labels: torch.Tensor, batches: list[torch.Tensor]
+    target: _Target,
+    h: torch.Tensor,
+    labels: torch.Tensor,
+    batches: list[torch.Tensor],
+    tail: nn.Sequential | None,
 ) -> dict[str, float]:
     """Norm and cosine attacks per batch (mean AUC over batches with both classes), and the
-    model-completion attack over every activation sent."""
-    job, tap, site = target.job, target.tap, target.site
-    last = job.rounds.count - 1
+    model-completion attack over every activation ``h`` sent (with their ``labels``)."""
+    last = target.job.rounds.count - 1
     norm, cosine = [], []
-    for message in tap.messages(TARGET, Kind.TRUNK_GRAD, last):
-        g, y = message.tensors["g"].float(), site.y_train[batches[message.step]]
+    for message in target.tap.messages(TARGET, Kind.TRUNK_GRAD, last):
+        g, y = message.tensors["g"].float(), target.site.y_train[batches[message.step]]
         positives = torch.nonzero(y == 1).flatten()
-        if len(y.unique()) < 2 or len(positives) == 0:
+        if not 0 < len(positives) < len(y):  # one class only: nothing to separate
             continue
         norm.append(measures.auc(attacks.norm_scores(g), y))
         reference = int(positives[0])  # the one label the attacker knows
         others = torch.arange(len(y)) != reference
         cosine.append(measures.auc(attacks.cosine_scores(g, reference)[others], y[others]))
     leak = {"norm": measures.mean_leak(norm), "cosine": measures.mean_leak(cosine)}
-    weights = tap.weights(TARGET, last)
     trunk = target.outcome.coordinator.trunk
-    if weights is not None and trunk is not None and job.plan.u_shaped:
-        h = torch.cat([m.tensors["h"].float() for m in sent])
-        scores = attacks.completion_scores(trunk.module, _segment(job, weights, "tail"), h)
+    if tail is not None and trunk is not None:
+        scores = attacks.completion_scores(trunk.module, tail, h)
         leak["completion"] = measures.leak_auc(scores.numpy(), labels.numpy())
     return leak
 
@@ -266,10 +258,13 @@ def _attack_update(result: Measured, target: _Target) -> None:
     model = job.plan.model.build(seed=job.seed)  # the weights the aggregator sent in round 0
     first = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv2d)), None)
     name = next((n for n, m in model.named_modules() if m is first), "")
-    if after is None or not isinstance(first, nn.Linear) or first.bias is None:
+    if after is None:
+        result.note = "the tap holds no first-round update"
+        return
+    if not isinstance(first, nn.Linear) or first.bias is None:
         result.note = (
-            "first layer is a convolution: its update mixes every patch of every image, and "
-            "the bias trick inverts fully connected layers only"
+            "first layer is not fully connected with a bias (e.g. a convolution, whose update "
+            "mixes every patch of every image): the bias trick does not apply"
         )
         return
     before = model.state_dict()
