@@ -72,7 +72,11 @@ class RoundSettings(BaseModel):
         "its final model (a site that comes back meanwhile is sent it again)",
     )
     min_sites: int | None = Field(
-        None, ge=1, description="sites that must answer for a round to count; default: all"
+        None,
+        ge=1,
+        description="sites that must answer for a round to count; default: a strict majority "
+        "of the job's sites, and at least 2 (all of them with 1 or 2 sites), so that one "
+        "refused or missing site costs its own turn, not the job",
     )
     sample_fraction: float = Field(
         1.0, gt=0, le=1, description="parallel rounds: share of sites asked to train each round"
@@ -161,10 +165,11 @@ class SecuritySettings(BaseModel):
 
 
 class AggregationSettings(BaseModel):
-    """How replies are combined: the weighted mean, or a robust median or trimmed mean.
+    """How replies are combined: updates clipped to the round's median norm, then averaged.
 
-    Robust methods bound what one poisoned site can do in parallel rounds (a cyclic turn has
-    one reply, so they change nothing there)."""
+    By default the average is the sample-weighted mean; a coordinate-wise median or trimmed
+    mean can replace it. They bound what one poisoned site can do in parallel rounds (a cyclic turn has one reply,
+    so they change nothing there)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -181,6 +186,13 @@ class AggregationSettings(BaseModel):
         gt=0,
         description="scale each site's update (its weights minus the round's) down to at most "
         "this L2 norm before combining; default: no clipping",
+    )
+    median_norm_clip: float | None = Field(
+        1.0,
+        gt=0,
+        description="scale each site's update down to at most this multiple of the round's "
+        "median update norm before combining, so that one site cannot pull harder than a "
+        "typical one (docs/security.md); null: off, the plain FedAvg mean",
     )
 
 
@@ -344,7 +356,7 @@ class JobConfig(FileSettings):
 
     @property
     def quorum(self) -> int:
-        return self.rounds.min_sites or len(self.sites)
+        return self.rounds.min_sites or default_quorum(len(self.sites))
 
     @property
     def output_dir(self) -> Path:
@@ -354,6 +366,18 @@ class JobConfig(FileSettings):
     def checkpoint_dir(self) -> Path:
         """This job's checkpoints: one folder per job id, so jobs can share a volume."""
         return (self.checkpoint.dir or self.output_dir / "checkpoints") / self.job_id
+
+
+def default_quorum(sites: int) -> int:
+    """``min_sites`` unless a job sets it: a strict majority, at least 2 (all of 1 or 2).
+
+    One site refused or missing must not end a federation of three or more, while every
+    round's model stays the work of most of its sites: a minority cannot carry a round, and
+    the median update norm the default aggregation clips to is an honest site's as long as
+    honest sites are the majority."""
+    if sites <= 2:
+        return sites
+    return max(2, sites // 2 + 1)
 
 
 def _check_defenses(defenses: DefenseSettings, mode: Mode) -> None:

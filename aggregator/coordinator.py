@@ -30,8 +30,9 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +41,7 @@ import torch
 from aggregator.checkpoint import CheckpointStore
 from aggregator.config import JobConfig
 from aggregator.observability import CUT_LAYER_KINDS, StepTimes
+from aggregator.requests import OpenRequests
 from aggregator.state import (
     Checkpoint,
     CloseTurn,
@@ -53,6 +55,8 @@ from aggregator.state import (
     OpenTurn,
     Out,
     Phase,
+    Refusal,
+    ReplyRejected,
     Revoked,
     RoundRecord,
     SiteEntry,
@@ -66,23 +70,38 @@ from aggregator.state import (
 from aggregator.strategy import Aggregation, Cyclic, FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
 from aggregator.wire_tap import WireTap
-from medsplit.channel import Endpoint, Received, next_retry
+from medsplit.channel import LOG_BURST, LOG_INTERVAL_S, Endpoint, Received
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, exchanged_keys, final_keys, topics
+from medsplit.protocol.meta import (
+    DoneMeta,
+    ErrorMeta,
+    HelloMeta,
+    MessageRules,
+    MetricsMeta,
+    StatsMeta,
+    read_meta,
+)
 from medsplit.protocol.presence import Presence
 from medsplit.security.revocation import RevocationWatch
 from medsplit.snapshots import set_rng_state
 from medsplit.statistics import FeatureSums, normalization_digest
-from medsplit.throttle import error_replies
+from medsplit.throttle import Throttle, error_replies
+from medsplit.transport.inbox import branch
 from medsplit.wire import Envelope, WireError
-from medsplit.wire.frame import MetaValue
 from models import split_model
 
 log = logging.getLogger(__name__)
 EventSink = Callable[[dict[str, Any]], None]
 REFUSAL_INTERVAL_S = 10.0  # a stranger repeating hello is refused at most this often
 MAX_REMEMBERED_STRANGERS = 1024
+HELLO_BURST, HELLO_INTERVAL_S = 3, 10.0  # hellos taken from one site per interval
+ANSWER_TO: dict[str, str] = {
+    Kind.STATS_REQUEST: Kind.STATS,
+    Kind.TRAIN: Kind.DONE,
+    Kind.EVALUATE: Kind.METRICS,
+}
 REQUEST_KINDS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
 
 __all__ = ["Coordinator", "JobFailed", "JobInterrupted", "RoundRecord", "make_strategy"]
@@ -94,15 +113,6 @@ class JobFailed(RuntimeError):
 
 class JobInterrupted(RuntimeError):
     """``stop()`` was called (SIGTERM): the job is saved up to its last closed round."""
-
-
-@dataclass
-class _Request:
-    """The open request to one site, re-sent until it is answered."""
-
-    envelope: Envelope
-    next_at: float
-    interval: float
 
 
 class Coordinator:
@@ -173,16 +183,25 @@ class Coordinator:
             defenses=config.defenses,
         )
         specs = TensorSpecs(plan, config.mode, release_trunk=config.release_trunk)
-        endpoint.set_expected(lambda header: specs.expected(header.kind))
+        endpoint.set_expected(
+            lambda header: specs.expected(header.kind), MessageRules.aggregator(config.mode)
+        )
         endpoint.on_reject = self._on_reject
         endpoint.on_presence = self._on_presence
         self._refused_at: dict[str, float] = {}
         self._rival: Presence | None = None
-        self._requests: dict[str, _Request] = {}
+        self.requests = OpenRequests(config.waits.retry_interval_s, clock)
         self._stop = threading.Event()
         self.step_times = StepTimes()  # split steps, for /metrics
         self.resent = 0  # requests published again because no answer came in time
         self.error_replies = error_replies(clock)  # a flood of bad frames gets a few answers
+        # Answers refused by the rules of the job (by reason, and by site), and events the
+        # state machine failed on (by event type): both in /metrics, /status and report.json.
+        self.refusals: Counter[str] = Counter()
+        self.refused_from: Counter[str] = Counter()
+        self.dropped_events: Counter[str] = Counter()
+        self._log_throttle = Throttle(LOG_BURST, LOG_INTERVAL_S, clock)
+        self._hellos = Throttle(HELLO_BURST, HELLO_INTERVAL_S, clock)
         revocations = config.security.revocations_file
         self.revocations = (
             None
@@ -259,7 +278,7 @@ class Coordinator:
             if now >= next_status:
                 self._log_waiting(now)
                 next_status = now + self.config.waits.status_interval_s
-            self._resend_due(now)
+            self._resend_due()
             timeout = max(0.0, min(0.5, self.state.deadline - now, next_status - now))
             received = self.endpoint.receive(timeout=timeout)
             if received is not None:
@@ -286,15 +305,45 @@ class Coordinator:
                 self._step(Revoked(site))
 
     def _step(self, event: Event) -> None:
+        """Feed one event to the machine. A transition that raises is a bug, but one event
+        must not end the job: the event is dropped (the state stays as it was), counted and
+        logged with its site, and the job goes on."""
         before = self.state
-        self.state, out = self.machine.step(before, event, self.clock())
+        try:
+            self.state, out = self.machine.step(before, event, self.clock())
+        except Exception as exc:
+            self._drop_event(event, exc)
+            return
         for message in out:
             self._execute(message)
         self._report_progress(before, self.state)
 
+    def _drop_event(self, event: Event, exc: Exception) -> None:
+        name = type(event).__name__
+        self.dropped_events[name] += 1
+        site = getattr(event, "site", None) or "-"
+        if self._log_throttle.allow(f"event {name}"):
+            log.error(
+                "dropped %s from %s: the job's state machine failed on it (%s: %s); the job "
+                "goes on without it",
+                name,
+                site,
+                type(exc).__name__,
+                exc,
+            )
+        log.debug("state machine failure on %s", event, exc_info=exc)
+
     def _execute(self, message: Out) -> None:
         if isinstance(message, Checkpoint):
             self._save_checkpoint(message)
+            return
+        if isinstance(message, Refusal):
+            self.refusals[message.reason] += 1
+            self.refused_from[message.site] += 1
+            if self._log_throttle.allow(f"refusal {message.site}"):
+                log.warning(
+                    "refused %s's answer (%s): %s", message.site, message.reason, message.detail
+                )
             return
         if isinstance(message, Forget | OpenTurn | CloseTurn):
             self._trunk_turns(message)
@@ -307,12 +356,10 @@ class Coordinator:
             tensors = self.final_tensors()
         elif message.kind in (Kind.TRAIN, Kind.EVALUATE) and self.state.normalization:
             meta["normalization"] = normalization_digest(*self.state.normalization)
-        envelope = self._send(
-            message.site, message.kind, round=message.round, tensors=tensors, meta=meta
-        )
-        if message.kind in REQUEST_KINDS:
-            retry = self.config.waits.retry_interval_s
-            self._requests[message.site] = _Request(envelope, self.clock() + retry, retry)
+        envelope = self._envelope(message.kind, message.round, tensors, meta)
+        if message.kind in REQUEST_KINDS and not self.requests.open(message.site, envelope):
+            return  # the same request went out less than a retry interval ago: it waits
+        self._reply(message.site, envelope)
 
     def _trunk_turns(self, message: Forget | OpenTurn | CloseTurn) -> None:
         if self.trunk is None:
@@ -335,27 +382,23 @@ class Coordinator:
             return
         log.info("checkpoint written: %s", self.last_checkpoint)
 
-    def _resend_due(self, now: float) -> None:
-        """Publish again (same message id) each open request whose answer is overdue."""
-        waiting = set(self.state.waiting_for)
-        for site in list(self._requests):
-            request = self._requests[site]
-            if site not in waiting:
-                del self._requests[site]
-            elif now >= request.next_at and self.state.sites[site].connected:
+    def _resend_due(self) -> None:
+        """Publish each open request whose answer is overdue again (same message id), and each
+        re-issued one whose turn came (``aggregator.requests``)."""
+        sites = self.state.sites
+        due = self.requests.due(self.state.waiting_for, lambda site: sites[site].connected)
+        for site, request, repeat in due:
+            if repeat:
                 log.info(
-                    "no answer from %s to %s (round %d) after %.0f s; sending it again",
+                    "no answer from %s to %s (round %d) yet; sending it again",
                     site,
                     request.envelope.kind,
                     request.envelope.round + 1,
-                    request.interval,
                 )
-                if "normalization" in request.envelope.meta:  # it may be what was lost
-                    self._send_normalization(site)
-                self._reply(site, request.envelope)
                 self.resent += 1
-                request.interval = next_retry(request.interval, self.config.waits.retry_interval_s)
-                request.next_at = now + request.interval
+            if "normalization" in request.envelope.meta:  # it may be what was lost
+                self._send_normalization(site)
+            self._reply(site, request.envelope)
 
     def _send_normalization(self, site: str) -> None:
         assert self.state.normalization is not None
@@ -364,8 +407,7 @@ class Coordinator:
 
     def _answers_request(self, site: str, env: Envelope) -> bool:
         """Whether ``env`` answers the request this aggregator has open with ``site``."""
-        request = self._requests.get(site)
-        if request is not None and env.reply_to == request.envelope.msg_id:
+        if self.requests.answered_by(site, env):
             return True
         log.info("dropped %s from %s: it answers no open request of this epoch", env.kind, site)
         self.state = replace(self.state, late_messages=self.state.late_messages + 1)
@@ -388,8 +430,14 @@ class Coordinator:
         if self.state.sites[site].revoked:
             self.endpoint.stats.rejected["Revoked"] += 1
             return
+        if env.kind == Kind.HELLO and not self._hellos.allow(site):
+            # Each hello is answered (setup, and a restarted agent's request again): answering
+            # a flood of them would multiply what the site sends into what it gets.
+            self.endpoint.stats.rejected["RateLimited"] += 1
+            self.endpoint.stats.rejected_from[branch(received.topic)] += 1
+            return
         handler = self._handlers.get(env.kind)
-        if handler is None:
+        if handler is None:  # a kind the job's rules let through but nobody handles
             log.warning("unexpected %s from %s ignored", env.kind, site)
             return
         if self.tap is not None:
@@ -399,7 +447,7 @@ class Coordinator:
             handler(self, site, env)
             if env.kind in CUT_LAYER_KINDS:
                 self.step_times.served(site, env, started, time.perf_counter())
-        except (ValueError, KeyError, RuntimeError) as exc:
+        except Exception as exc:
             # A message that passed the wire checks but still cannot be used (e.g. a step the
             # trunk cannot process) is answered with an error; it never stops the job.
             log.warning("could not handle %s from %s: %s", env.kind, site, exc)
@@ -408,14 +456,8 @@ class Coordinator:
 
     def _on_hello(self, site: str, env: Envelope) -> None:
         first = not self.state.sites[site].joined
-        self._step(
-            Hello(
-                site,
-                str(env.meta.get("incarnation") or env.msg_id),
-                int(env.meta.get("train_samples") or 0),
-                int(env.meta.get("test_samples") or 0),
-            )
-        )
+        hello = read_meta(HelloMeta, env)
+        self._step(Hello(site, hello.incarnation, hello.train_samples, hello.test_samples))
         if first:
             entry = self.state.sites[site]
             log.info(
@@ -430,9 +472,7 @@ class Coordinator:
     def _on_stats(self, site: str, env: Envelope) -> None:
         if not self._answers_request(site, env):
             return
-        count = int(env.meta.get("count") or 0)
-        if count < 1:
-            raise ValueError(f"statistics of {count} samples")
+        count = read_meta(StatsMeta, env).count
         self._step(
             StatsReported(site, FeatureSums(count, env.tensors["sum"], env.tensors["sum_sq"]))
         )
@@ -440,15 +480,17 @@ class Coordinator:
     def _on_done(self, site: str, env: Envelope) -> None:
         if not self._answers_request(site, env):
             return
-        reply = Reply(site, env.tensors, int(env.meta.get("samples") or 0))
-        loss = float(env.meta.get("train_loss") or 0.0)
-        seconds = float(env.meta.get("train_seconds") or 0.0)
-        self._step(TrainDone(site, env.round, reply, loss, seconds, _timings(env.meta, seconds)))
+        done = read_meta(DoneMeta, env)
+        reply = Reply(site, env.tensors, done.samples)
+        self._step(
+            TrainDone(site, env.round, reply, done.train_loss, done.train_seconds, _timings(done))
+        )
 
     def _on_metrics(self, site: str, env: Envelope) -> None:
         if not self._answers_request(site, env):
             return
-        self._step(Evaluated(site, env.round, dict(env.meta)))
+        metrics = read_meta(MetricsMeta, env)
+        self._step(Evaluated(site, env.round, metrics.model_dump(exclude={"epoch"})))
 
     def _on_finished(self, site: str, env: Envelope) -> None:
         if not self._answers_request(site, env):
@@ -457,7 +499,16 @@ class Coordinator:
         self._step(FinishAcked(site))
 
     def _on_error(self, site: str, env: Envelope) -> None:
-        log.warning("site %s reported an error: %s", site, dict(env.meta))
+        if self._log_throttle.allow(f"error {site}"):
+            log.warning("site %s reported an error: %s", site, dict(env.meta))
+        request = self.requests.get(site)
+        if request is not None and self.requests.answered_by(site, env):
+            # The site cannot answer what it was asked (e.g. its model went non-finite): the
+            # step goes on without it instead of waiting for the deadline.
+            answer = ANSWER_TO.get(request.envelope.kind)
+            reason = read_meta(ErrorMeta, env).error
+            if answer is not None:
+                self._step(ReplyRejected(site, answer, f"SiteError:{reason}"))
 
     def _asked(self, site: str, phase: Phase, env: Envelope) -> bool:
         """Whether ``site`` is in the middle of what it was asked: cut-layer traffic from a site
@@ -465,9 +516,7 @@ class Coordinator:
         the trunk."""
         state = self.state
         if state.phase == phase and site in state.waiting_for and env.round == state.round:
-            request = self._requests.get(site)
-            if request is not None:  # it is working on the request: no need to send it again
-                request.next_at = self.clock() + request.interval
+            self.requests.working(site)  # it is on it: no need to send the request again
             return True
         self.state = replace(self.state, late_messages=self.state.late_messages + 1)
         return False
@@ -483,7 +532,10 @@ class Coordinator:
         if MODES[self.config.mode].labels_travel:
             grad, loss = trunk.split_step(site, env.tensors["h"], env.tensors["y"])
             answer = env.reply(
-                AGGREGATOR_ID, Kind.GRADIENTS, tensors={"g": grad}, meta={"loss": loss}
+                AGGREGATOR_ID,
+                Kind.GRADIENTS,
+                tensors={"g": grad},
+                meta={"loss": loss if math.isfinite(loss) else None},
             )
             self._reply(site, answer, cast={"g"}, wait=False)
         else:
@@ -579,7 +631,13 @@ class Coordinator:
         except ValueError:
             return
         entry = self.state.sites.get(site or "")
-        if entry is not None and not entry.revoked and self.error_replies.allow(entry.site_id):
+        if entry is None or entry.revoked:
+            return
+        refusals = sum(self.refusals.values())
+        kind = topics.parse(topic).kind
+        if kind is not None:  # the answer a step waits for costs the site that step
+            self._step(ReplyRejected(entry.site_id, kind, type(error).__name__))
+        if sum(self.refusals.values()) == refusals and self.error_replies.allow(entry.site_id):
             meta = {"error": type(error).__name__, "detail": str(error)[:500]}
             self._send(entry.site_id, Kind.ERROR, meta=meta)
 
@@ -593,17 +651,21 @@ class Coordinator:
         round: int = 0,
         tensors: dict[str, torch.Tensor] | None = None,
         meta: dict[str, Any] | None = None,
+    ) -> None:
+        self._reply(site, self._envelope(kind, round, tensors or {}, meta or {}))
+
+    def _envelope(
+        self, kind: str, round: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     ) -> Envelope:
-        envelope = Envelope(
+        """A message of this aggregator, stamped with its epoch."""
+        return Envelope(
             self.config.job_id,
             AGGREGATOR_ID,
             kind,
             round=round,
-            tensors=tensors or {},
-            meta={**(meta or {}), "epoch": self.epoch},
+            tensors=tensors,
+            meta={**meta, "epoch": self.epoch},
         )
-        self._reply(site, envelope)
-        return envelope
 
     def _reply(
         self, site: str, envelope: Envelope, cast: set[str] | None = None, *, wait: bool = True
@@ -724,20 +786,14 @@ def make_strategy(config: JobConfig) -> Strategy:
     return Cyclic(base) if config.orchestration == Orchestration.SEQUENTIAL else base
 
 
-def _timings(meta: Mapping[str, MetaValue], seconds: float) -> dict[str, float]:
+def _timings(done: DoneMeta) -> dict[str, float]:
     """Where a split site's training time went, from its ``done``: its own compute, the
     cut-layer exchanges (of which its codec), and its step count. Empty for other modes."""
-    try:
-        exchange = float(meta["exchange_seconds"])  # type: ignore[arg-type]
-        codec = float(meta["codec_seconds"])  # type: ignore[arg-type]
-        steps = float(meta["steps"])  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError):
-        return {}
-    if not all(math.isfinite(v) and v >= 0 for v in (exchange, codec, steps)):
+    if done.exchange_seconds is None or done.codec_seconds is None or done.steps is None:
         return {}
     return {
-        "compute": max(seconds - exchange, 0.0),
-        "exchange": exchange,
-        "codec": min(codec, exchange),
-        "steps": steps,
+        "compute": max(done.train_seconds - done.exchange_seconds, 0.0),
+        "exchange": done.exchange_seconds,
+        "codec": min(done.codec_seconds, done.exchange_seconds),
+        "steps": float(done.steps),
     }

@@ -155,6 +155,8 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
         ],
         "late_messages": state.late_messages,
         "rejected": dict(coordinator.endpoint.stats.rejected),
+        "refused": dict(coordinator.refusals),
+        "dropped_events": dict(coordinator.dropped_events),
         "last_checkpoint": None
         if coordinator.last_checkpoint is None
         else str(coordinator.last_checkpoint),
@@ -230,6 +232,18 @@ class JobCollector(Scraped["Coordinator"]):
             "messages refused, by reason",
             "reason",
             coordinator.endpoint.stats.rejected,
+        )
+        yield counted_by(
+            "medsplit_replies_refused",
+            "answers a site owed that were refused (the site lost its step), by reason",
+            "reason",
+            coordinator.refusals,
+        )
+        yield counted_by(
+            "medsplit_events_dropped",
+            "events the job's state machine failed on, dropped so that the job goes on",
+            "event",
+            coordinator.dropped_events,
         )
         yield CounterMetricFamily(
             "medsplit_late_messages",

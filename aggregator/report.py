@@ -48,6 +48,12 @@ def build_report(
         "rejected_from": dict(coordinator.endpoint.stats.rejected_from),
         "throttled": dict(coordinator.endpoint.transport.throttled),
         "error_replies_suppressed": sum(coordinator.error_replies.suppressed.values()),
+        # Answers refused by the job's rules (by reason, and by site): the site lost its step.
+        "refused": dict(coordinator.refusals),
+        "refused_from": dict(coordinator.refused_from),
+        # Events the state machine failed on, dropped so that the job could go on (a bug).
+        "dropped_events": dict(coordinator.dropped_events),
+        "requests_deferred": coordinator.requests.deferred,
         "revoked": [s for s, e in state.sites.items() if e.revoked],
         "unconfirmed_finish": [
             s for s, e in state.sites.items() if e.taking_part and not e.finished

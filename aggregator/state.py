@@ -128,7 +128,7 @@ class TrainDone:
     site: str
     round: int
     reply: Reply
-    train_loss: float
+    train_loss: float | None  # None: the site's loss was not a finite number
     compute_seconds: float
     timings: Mapping[str, float] = field(default_factory=dict)
 
@@ -168,11 +168,32 @@ class Revoked:
 
 
 @dataclass(frozen=True)
+class ReplyRejected:
+    """A message of ``site`` failed the receiver's checks (its meta, its tensors): if it was
+    the answer the current step waits for, the site is refused for the step, not waited for
+    until the deadline (the aggregator's repeats of the request would only bring it again)."""
+
+    site: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Tick:
     """Time passed (deadlines are checked on every event; a tick is an event with no news)."""
 
 
-Event = Hello | StatsReported | TrainDone | Evaluated | SitePresence | FinishAcked | Revoked | Tick
+Event = (
+    Hello
+    | StatsReported
+    | TrainDone
+    | Evaluated
+    | SitePresence
+    | FinishAcked
+    | Revoked
+    | ReplyRejected
+    | Tick
+)
 
 
 # -- outgoing messages ---------------------------------------------------------------------------
@@ -245,7 +266,23 @@ class Checkpoint:
     point: ResumePoint
 
 
-Out = Send | Forget | OpenTurn | CloseTurn | Checkpoint
+@dataclass(frozen=True)
+class Refusal:
+    """``site``'s answer to the current step was refused for ``reason`` (counted by it)."""
+
+    site: str
+    reason: str
+    detail: str
+
+
+Out = Send | Forget | OpenTurn | CloseTurn | Checkpoint | Refusal
+
+# Which answer each step waits for: a rejected message of that kind costs the site its step.
+ANSWER_OF: dict[str, Phase] = {
+    Kind.STATS: Phase.STATISTICS,
+    Kind.DONE: Phase.TRAINING,
+    Kind.METRICS: Phase.EVALUATING,
+}
 
 
 # -- the state ------------------------------------------------------------------------------------
@@ -405,6 +442,8 @@ class JobMachine:
             state = _with_site(
                 state, replace(state.sites[event.site], revoked=True, connected=False)
             )
+        elif isinstance(event, ReplyRejected):
+            state = self._rejected(state, event, out)
         state = self._advance(state, now, out)
         return state, out
 
@@ -459,7 +498,9 @@ class JobMachine:
             )
         return None
 
-    def _refuse(self, state: JobState, site: str, why: str, out: list[Out]) -> JobState:
+    def _refuse(
+        self, state: JobState, site: str, reason: str, why: str, out: list[Out]
+    ) -> JobState:
         """The site's answer is not used; it is told why, and not waited for this step."""
         out.append(
             Send(
@@ -469,7 +510,14 @@ class JobMachine:
                 meta={"error": "ReplyRefused", "detail": why[:500]},
             )
         )
+        out.append(Refusal(site, reason, why))
         return replace(state, refused=(*state.refused, site))
+
+    def _rejected(self, state: JobState, rejected: ReplyRejected, out: list[Out]) -> JobState:
+        if ANSWER_OF.get(rejected.kind) != state.phase or rejected.site not in state.waiting_for:
+            return state  # not what the step waits for: counted by the receiver, nothing more
+        why = f"your {rejected.kind} was rejected ({rejected.reason}); this step goes on without it"
+        return self._refuse(state, rejected.site, rejected.reason, why, out)
 
     def _train_done(self, state: JobState, done: TrainDone, out: list[Out]) -> JobState:
         if (
@@ -479,13 +527,12 @@ class JobMachine:
         ):
             return replace(state, late_messages=state.late_messages + 1)
         refusal = self._claims_too_much(state, done.site, done.reply.samples)
-        if refusal is None:
-            try:
-                self.strategy.check_reply(state.weights, done.reply)
-            except ValueError as exc:
-                refusal = str(exc)
         if refusal is not None:
-            return self._refuse(state, done.site, refusal, out)
+            return self._refuse(state, done.site, "ClaimsTooManySamples", refusal, out)
+        try:
+            self.strategy.check_reply(state.weights, done.reply)
+        except ValueError as exc:
+            return self._refuse(state, done.site, "UnusableReply", str(exc), out)
         return replace(state, replies={**state.replies, done.site: done})
 
     def _evaluated(self, state: JobState, evaluated: Evaluated) -> JobState:
@@ -645,7 +692,10 @@ class JobMachine:
             state.record,
             trained=[*state.record.trained, *(r.site for r in replies)],
             missed=[*state.record.missed, *failures],
-            train_loss={**state.record.train_loss, **{r.site: r.train_loss for r in replies}},
+            train_loss={
+                **state.record.train_loss,
+                **{r.site: r.train_loss for r in replies if r.train_loss is not None},
+            },
             compute_seconds={
                 **state.record.compute_seconds,
                 **{r.site: r.compute_seconds for r in replies},

@@ -29,6 +29,7 @@ Surviving faults:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -58,6 +59,7 @@ from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.config import DefenseSettings
 from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
+from medsplit.protocol.meta import MessageRules
 from medsplit.protocol.presence import Presence, new_incarnation
 from medsplit.statistics import normalization_digest
 from medsplit.storage import atomic_write
@@ -155,7 +157,7 @@ class Agent:
         endpoint.repeat_interval_s = (
             retry_interval_s  # repeats queued in a long training: one answer
         )
-        endpoint.set_expected(self._expected)
+        endpoint.set_expected(self._expected, MessageRules())
 
     @property
     def phase(self) -> AgentPhase:
@@ -402,8 +404,10 @@ class Agent:
                 log.warning("%s: aggregator reported an error: %s", self.site_id, dict(env.meta))
         except StepTimeout as exc:
             log.warning("%s: round %s abandoned: %s", self.site_id, env.round, exc)
-        except (ValueError, KeyError, RuntimeError) as exc:
-            # e.g. a setup whose job spec does not validate: report it, keep serving.
+        except (ValueError, KeyError, RuntimeError, WireError) as exc:
+            # e.g. a setup whose job spec does not validate, or a model poisoned into
+            # non-finite weights that cannot be sent: report it (the aggregator stops waiting
+            # for this site's answer), keep serving.
             log.warning("%s: could not handle %s: %s", self.site_id, env.kind, exc)
             self._publish(env.error(self.site_id, type(exc).__name__, str(exc)))
 
@@ -521,7 +525,7 @@ class Agent:
         seconds = time.perf_counter() - started
         meta: dict[str, MetaValue] = {
             "samples": self.data.train_samples,
-            "train_loss": train_loss,
+            "train_loss": train_loss if math.isfinite(train_loss) else None,
             "train_seconds": seconds,
         }
         if not isinstance(segments, LocalModel):  # where a split round's time went

@@ -45,7 +45,7 @@ from medsplit.wire import (
     WireLimits,
     encode,
 )
-from medsplit.wire.reassembly import ExpectedFor
+from medsplit.wire.reassembly import ExpectedFor, HeaderCheck
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +169,14 @@ class Endpoint:
             dedup_window=dedup_window,
         )
 
-    def set_expected(self, expected_for: ExpectedFor | None) -> None:
-        """Change the tensor specs incoming messages are checked against (e.g. after setup)."""
+    def set_expected(
+        self, expected_for: ExpectedFor | None, check_header: HeaderCheck | None = None
+    ) -> None:
+        """Change the tensor specs incoming messages are checked against (e.g. after setup),
+        and the receiver's own header check (``medsplit.protocol.meta.MessageRules``)."""
         self._decoder.expected_for = expected_for
+        if check_header is not None:
+            self._decoder.check_header = check_header
 
     def send(
         self,

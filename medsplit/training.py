@@ -49,7 +49,7 @@ class Metrics:
 
     def as_meta(self) -> dict[str, float | int | None]:
         return {
-            "loss": self.loss,
+            "loss": self.loss if math.isfinite(self.loss) else None,  # JSON has no NaN
             "accuracy": self.accuracy,
             "auroc": self.auroc,
             "samples": self.samples,
@@ -61,7 +61,10 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
         loss = float(loss_fn(logits, labels))
         accuracy = float((logits.argmax(1) == labels).float().mean())
         auroc = None
-        if logits.shape[1] == 2 and len(labels.unique()) == 2:
+        # A model poisoned into non-finite outputs still gets its metrics (not an exception
+        # that stalls the round): its accuracy says what it is worth, and AUROC is undefined.
+        finite = bool(torch.isfinite(logits).all())
+        if logits.shape[1] == 2 and len(labels.unique()) == 2 and finite:
             scores = logits.softmax(1)[:, 1].numpy()
             from sklearn.metrics import roc_auc_score  # noqa: PLC0415 - only sites evaluate
 

@@ -54,3 +54,12 @@ class ReassemblyTimeout(WireError):
 
 class ReassemblyOverflow(WireError):
     """Buffering this message's chunks would exceed the reassembly memory bound."""
+
+
+class BadMeta(WireError):
+    """A header's ``meta`` does not match its kind's schema (a wrong type, a non-finite or
+    out-of-range number, an unknown field)."""
+
+
+class UnexpectedKind(WireError):
+    """A kind the receiver does not take here (unknown, or not used in the job's mode)."""

@@ -33,6 +33,8 @@ from medsplit.wire.frame import Header, check_chunk, chunk_of, parse_header, spl
 from medsplit.wire.tensors import TensorSpec
 
 ExpectedFor = Callable[[Header], Mapping[str, TensorSpec] | None]
+# Checks a receiver adds to a header (its meta, the kinds it takes); raises a ``WireError``.
+HeaderCheck = Callable[[Header], object]
 
 
 _MESSAGE_FIELDS = tuple(name for name in Header.model_fields if name != "chunk")
@@ -222,8 +224,10 @@ class Decoder:
         max_pending_per_sender: int = 16,
         dedup_window: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
+        check_header: HeaderCheck | None = None,
     ) -> None:
         self.limits = limits
+        self.check_header = check_header
         self.dedup_window = dedup_window
         self.duplicates = 0
         self.last_duplicate: Header | None = None  # the header of the last one dropped
@@ -252,6 +256,8 @@ class Decoder:
                 self.duplicates += 1
                 self.last_duplicate = header
                 return None
+            if self.check_header is not None:  # before a single byte of it is buffered
+                self.check_header(header)
             if header.chunks == 1:
                 payload = [chunk]
             else:

@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from aggregator.strategy import Aggregation, FedAvg, Reply, clip_update, coordinate_wise
+from aggregator.strategy import (
+    Aggregation,
+    FedAvg,
+    Reply,
+    clip_update,
+    coordinate_wise,
+    update_norm,
+)
 from medsplit.throttle import Throttle
 from medsplit.transport.inbox import ByteBoundedQueue, branch
 from medsplit.wire import (
@@ -53,8 +60,10 @@ def test_robust_fedavg_is_not_moved_by_one_poisoned_reply() -> None:
     current = {"w": torch.zeros(3)}
     honest = [Reply(f"s{i}", {"w": torch.full((3,), 1.0 + i / 10)}, 10) for i in range(4)]
     poisoned = Reply("evil", {"w": torch.full((3,), -1e6)}, 10)
-    plain = FedAvg().aggregate_train(current, [*honest, poisoned])
-    robust = FedAvg(aggregation=Aggregation("trimmed-mean")).aggregate_train(
+    plain = FedAvg(aggregation=Aggregation(median_norm_clip=None)).aggregate_train(
+        current, [*honest, poisoned]
+    )
+    robust = FedAvg(aggregation=Aggregation("trimmed-mean", median_norm_clip=None)).aggregate_train(
         current, [*honest, poisoned]
     )
     assert plain["w"][0] < -1e5
@@ -62,6 +71,26 @@ def test_robust_fedavg_is_not_moved_by_one_poisoned_reply() -> None:
     assert torch.allclose(robust["w"], torch.full((3,), 1.1))
     with pytest.raises(ValueError, match="unknown aggregation"):
         FedAvg(aggregation=Aggregation("mode")).aggregate_train(current, honest)
+
+
+def test_the_default_clips_every_update_to_the_rounds_median_norm() -> None:
+    current = {"w": torch.zeros(4), "n": torch.tensor(1)}
+    norms = [1.0, 2.0, 3.0, 4000.0]  # the last site scaled its update a thousandfold
+    replies = [
+        Reply(f"s{i}", {"w": torch.full((4,), norm / 2), "n": torch.tensor(i)}, 10)
+        for i, norm in enumerate(norms)
+    ]
+    median = 2.5  # of the four update norms
+    combined = FedAvg().aggregate_train(current, replies)
+    # 1 and 2 pass untouched, 3 and 4000 are scaled down to 2.5: the mean of the norms.
+    assert math.isclose(float(combined["w"].norm()), (1 + 2 + median + median) / 4, rel_tol=1e-6)
+    assert combined["n"].item() == 3  # counters are not clipped
+    negated = Reply("evil", {"w": torch.full((4,), -1e6), "n": torch.tensor(0)}, 10)
+    honest = replies[:3]
+    pulled = FedAvg().aggregate_train(current, [*honest, negated])
+    # Clipped to the median norm, the hostile update pulls back no harder than a typical one.
+    assert float(pulled["w"].sum()) > 0
+    assert math.isclose(float(update_norm(current, dict(negated.state))), 2e6, rel_tol=1e-9)
 
 
 def test_a_truncated_copy_does_not_shadow_the_genuine_message() -> None:

@@ -1,0 +1,95 @@
+"""The aggregator's open requests: one per site, re-sent until answered, never amplified.
+
+Every request (``train``, ``evaluate``, ``stats-request``, ``finish``) not answered within
+``waits.retry_interval_s`` is published again with the *same* message id, at doubling intervals
+up to a ceiling: the site answers a request once, and re-sends its answer to a repeat.
+
+A site can make the aggregator ask again without waiting: a ``hello`` from a new agent
+process (incarnation) re-issues what that site was asked, since the old process took the
+request with it. A hostile holder of the site's certificate could send a thousand such hellos
+a second and have the whole model sent down a thousand times. So the same request (same kind,
+same round) goes out at most once per retry interval: a re-issue that comes sooner replaces the
+pending one and waits for its turn, which ``due`` then gives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from medsplit.channel import next_retry
+from medsplit.wire import Envelope
+
+
+@dataclass
+class OpenRequest:
+    """The open request to one site, re-sent until it is answered."""
+
+    envelope: Envelope
+    sent_at: float  # when this request (or the one it replaced) was last published
+    next_at: float
+    interval: float
+    deferred: bool = False  # not published yet: it goes out at next_at
+
+
+class OpenRequests:
+    def __init__(self, retry_interval_s: float, clock: Callable[[], float]) -> None:
+        self.retry_interval_s = retry_interval_s
+        self.clock = clock
+        self._open: dict[str, OpenRequest] = {}
+        self.deferred = 0  # re-issues held back to one per retry interval
+
+    def open(self, site: str, envelope: Envelope) -> bool:
+        """Make ``envelope`` the open request to ``site``; whether to publish it now.
+
+        False when the same request was published less than a retry interval ago: it goes
+        out when that interval is over (``due``)."""
+        now, retry = self.clock(), self.retry_interval_s
+        previous = self._open.get(site)
+        if (
+            previous is not None
+            and (previous.envelope.kind, previous.envelope.round) == (envelope.kind, envelope.round)
+            and now - previous.sent_at < retry
+        ):
+            self._open[site] = OpenRequest(
+                envelope, previous.sent_at, previous.sent_at + retry, retry, deferred=True
+            )
+            self.deferred += 1
+            return False
+        self._open[site] = OpenRequest(envelope, now, now + retry, retry)
+        return True
+
+    def get(self, site: str) -> OpenRequest | None:
+        return self._open.get(site)
+
+    def answered_by(self, site: str, envelope: Envelope) -> bool:
+        """Whether ``envelope`` answers the request open with ``site``."""
+        request = self._open.get(site)
+        return request is not None and envelope.reply_to == request.envelope.msg_id
+
+    def working(self, site: str) -> None:
+        """The site is visibly working on its request: no need to send it again yet."""
+        request = self._open.get(site)
+        if request is not None:
+            request.next_at = self.clock() + request.interval
+
+    def due(
+        self, waiting: Collection[str], reachable: Callable[[str], bool]
+    ) -> list[tuple[str, OpenRequest, bool]]:
+        """The requests to publish now, each with whether it is a repeat (no answer came) or a
+        deferred re-issue going out; requests nobody waits for any more are closed. A repeat
+        doubles the interval to the next one."""
+        now = self.clock()
+        out = []
+        for site in list(self._open):
+            request = self._open[site]
+            if site not in waiting:
+                del self._open[site]
+            elif now >= request.next_at and reachable(site):
+                repeat = not request.deferred
+                if repeat:
+                    request.interval = next_retry(request.interval, self.retry_interval_s)
+                request.sent_at, request.next_at = now, now + request.interval
+                request.deferred = False
+                out.append((site, request, repeat))
+        return out

@@ -1,0 +1,198 @@
+"""The metadata of every message kind, as strict schemas checked with the envelope.
+
+An envelope's ``meta`` is a small JSON object that a peer fills in. Its values decide things
+(how many samples an update weighs, which round a site's traffic belongs to) and end up in
+``/status``, ``/metrics`` and report.json, so a peer holding a valid certificate must not be
+able to put a string where a number goes, a NaN where a loss goes, or a field nobody reads:
+each kind has one pydantic model here (strict types, finite numbers, bounds, lengths, no extra
+fields), and a receiver checks a message's header against it before the message reaches any
+state (``check``). A violation is a ``BadMeta`` wire error: counted by reason, answered with a
+throttled error reply, never an exception in a state machine.
+
+``MessageRules`` adds what a receiver knows of its job: the kinds a site may send in the job's
+mode (activations in a federated job are refused as ``UnexpectedKind``, not counted as late).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+
+from medsplit.modes import Mode, traits
+from medsplit.protocol.kinds import Kind
+from medsplit.wire import Envelope, Header
+from medsplit.wire.errors import BadMeta, UnexpectedKind
+
+MAX_COUNT = 10**9  # samples a site may declare: more than any hospital holds
+MAX_BYTES = 2**62  # running traffic totals
+MAX_SECONDS = 10.0**7  # about four months
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Loss = float  # any finite number: a poisoned model can have an enormous loss
+Token = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+Text = Annotated[str, StringConstraints(max_length=1000)]
+
+
+class Meta(BaseModel):
+    """Strict: no coercion ("1" is not 1), no NaN or infinity, no field left unnamed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    epoch: Token | None = None  # every message from the aggregator carries its incarnation
+
+
+# -- site -> aggregator -----------------------------------------------------------------------
+
+
+class HelloMeta(Meta):
+    train_samples: Count
+    test_samples: Count
+    incarnation: Token
+
+
+class StatsMeta(Meta):
+    count: Annotated[int, Field(ge=1, le=MAX_COUNT)]
+
+
+class DoneMeta(Meta):
+    samples: Count
+    train_loss: Loss | None = None  # None: the loss was not a finite number
+    train_seconds: Seconds = 0.0
+    # Split modes: where the round's time went.
+    exchange_seconds: Seconds | None = None
+    codec_seconds: Seconds | None = None
+    steps: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = None
+
+
+class MetricsMeta(Meta):
+    loss: Loss | None = None
+    accuracy: Fraction | None = None
+    auroc: Fraction | None = None
+    samples: Count = 0
+    bytes_up: Annotated[int, Field(ge=0, le=MAX_BYTES)] = 0
+    bytes_down: Annotated[int, Field(ge=0, le=MAX_BYTES)] = 0
+
+
+class ErrorMeta(Meta):
+    error: Token
+    detail: Text = ""
+    topic: Text | None = None
+
+
+class NoMeta(Meta):
+    """Kinds whose meaning is all in their tensors and header."""
+
+
+# -- aggregator -> site -----------------------------------------------------------------------
+
+
+class SetupMeta(Meta):
+    spec: Annotated[str, StringConstraints(max_length=60_000)]
+
+
+class RefusedMeta(Meta):
+    detail: Text = ""
+
+
+class TrainMeta(Meta):
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 1
+    snapshot_every: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
+    from_step: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
+    normalization: Token | None = None
+
+
+class EvaluateMeta(Meta):
+    normalization: Token | None = None
+
+
+class GradientsMeta(Meta):
+    loss: Loss | None = None
+
+
+SCHEMAS: dict[str, type[Meta]] = {
+    Kind.HELLO: HelloMeta,
+    Kind.STATS: StatsMeta,
+    Kind.DONE: DoneMeta,
+    Kind.METRICS: MetricsMeta,
+    Kind.FINISHED: NoMeta,
+    Kind.ERROR: ErrorMeta,
+    Kind.ACTIVATIONS: NoMeta,
+    Kind.TRUNK_GRAD: NoMeta,
+    Kind.EVAL_ACTIVATIONS: NoMeta,
+    Kind.SETUP: SetupMeta,
+    Kind.REFUSED: RefusedMeta,
+    Kind.STATS_REQUEST: NoMeta,
+    Kind.NORMALIZATION: NoMeta,
+    Kind.TRAIN: TrainMeta,
+    Kind.EVALUATE: EvaluateMeta,
+    Kind.FINISH: NoMeta,
+    Kind.GRADIENTS: GradientsMeta,
+    Kind.TRUNK_OUT: NoMeta,
+    Kind.ACT_GRAD: NoMeta,
+    Kind.EVAL_OUT: NoMeta,
+}
+UPLINK: frozenset[str] = frozenset(
+    {Kind.HELLO, Kind.STATS, Kind.DONE, Kind.METRICS, Kind.FINISHED, Kind.ERROR}
+)
+CUT_LAYER_UPLINK: frozenset[str] = frozenset(
+    {Kind.ACTIVATIONS, Kind.TRUNK_GRAD, Kind.EVAL_ACTIVATIONS}
+)
+
+M = TypeVar("M", bound=Meta)
+
+
+def check(header: Header) -> Meta:
+    """The header's meta as its kind's schema reads it; ``BadMeta`` says which field is wrong."""
+    schema = SCHEMAS.get(header.kind)
+    if schema is None:
+        raise UnexpectedKind(f"{header.kind!r} is not a message kind of protocol v1")
+    return _validated(schema, header.meta, header.kind)
+
+
+def read_meta(schema: type[M], envelope: Envelope) -> M:
+    """``envelope``'s meta as ``schema`` (already checked on arrival: this cannot fail then)."""
+    return _validated(schema, envelope.meta, envelope.kind)
+
+
+def _validated(schema: type[M], meta: dict[str, Any] | Any, kind: str) -> M:
+    try:
+        return schema.model_validate(meta)
+    except ValidationError as exc:
+        raise BadMeta(f"{kind} meta: {_first_problem(exc)}") from None
+
+
+def _first_problem(exc: ValidationError) -> str:
+    """The first problem pydantic found, as 'field: what was expected' (more are counted)."""
+    errors = exc.errors(include_url=False, include_input=False)
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"]) or "meta"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+class MessageRules:
+    """What a receiver accepts beyond the wire's own checks: known kinds with valid meta and,
+    at the aggregator, only the kinds a site sends in the job's mode."""
+
+    def __init__(self, accepted: Iterable[str] | None = None) -> None:
+        self.accepted = None if accepted is None else frozenset(accepted)
+
+    @classmethod
+    def aggregator(cls, mode: Mode | str) -> MessageRules:
+        kinds = set(UPLINK)
+        if traits(mode).cut_layer:
+            kinds |= CUT_LAYER_UPLINK
+            if traits(mode).labels_travel:  # vanilla split: the aggregator computes the loss
+                kinds.discard(Kind.TRUNK_GRAD)
+        return cls(kinds)
+
+    def __call__(self, header: Header) -> None:
+        if self.accepted is not None and header.kind not in self.accepted:
+            raise UnexpectedKind(
+                f"{header.kind} is not a message this job takes from a site "
+                f"(it takes {', '.join(sorted(self.accepted))})"
+            )
+        check(header)
