@@ -31,6 +31,8 @@ bench: setup
 	$(PY) bench/chaos.py --write-docs
 	$(PY) bench/fuzz.py --write-docs
 	$(PY) bench/flood.py --write-docs
+	$(PY) bench/robust_aggregation.py --write-docs
+	$(PY) bench/reassembly_memory.py --write-docs
 	$(PY) bench/containers.py --write-docs
 	$(PY) bench/observability.py --write-docs
 

@@ -165,18 +165,20 @@ class SecuritySettings(BaseModel):
 
 
 class AggregationSettings(BaseModel):
-    """How replies are combined: updates clipped to the round's median norm, then averaged.
+    """How replies are combined: updates clipped to the round's median norm, then combined.
 
-    By default the average is the sample-weighted mean; a coordinate-wise median or trimmed
-    mean can replace it. They bound what one poisoned site can do in parallel rounds (a cyclic turn has one reply,
-    so they change nothing there)."""
+    By default they are combined by their geometric median; the sample-weighted mean (FedAvg's),
+    the coordinate-wise median or the trimmed mean can replace it. They bound what one poisoned
+    site can do in parallel rounds (a cyclic turn has one reply, so they change nothing there).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: Literal["mean", "median", "trimmed-mean"] = Field(
-        "mean",
-        description="mean: sample-weighted (FedAvg); median: coordinate-wise median; "
-        "trimmed-mean: coordinate-wise mean without the trim_fraction highest and lowest",
+    method: Literal["mean", "median", "trimmed-mean", "geometric-median"] = Field(
+        "geometric-median",
+        description="geometric-median: the point nearest to all updates (RFA), unweighted; "
+        "mean: sample-weighted (FedAvg); median: coordinate-wise median; trimmed-mean: "
+        "coordinate-wise mean without the trim_fraction highest and lowest",
     )
     trim_fraction: float = Field(
         0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end (at least one site)"

@@ -30,7 +30,6 @@ import logging
 import math
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any, ClassVar
 import torch
 
 from aggregator.checkpoint import CheckpointStore
+from aggregator.conduct import Conduct
 from aggregator.config import JobConfig
 from aggregator.observability import CUT_LAYER_KINDS, StepTimes
 from aggregator.requests import OpenRequests
@@ -70,7 +70,7 @@ from aggregator.state import (
 from aggregator.strategy import Aggregation, Cyclic, FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
 from aggregator.wire_tap import WireTap
-from medsplit.channel import LOG_BURST, LOG_INTERVAL_S, Endpoint, Received
+from medsplit.channel import Endpoint, Received
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, exchanged_keys, final_keys, topics
@@ -87,16 +87,16 @@ from medsplit.protocol.presence import Presence
 from medsplit.security.revocation import RevocationWatch
 from medsplit.snapshots import set_rng_state
 from medsplit.statistics import FeatureSums, normalization_digest
-from medsplit.throttle import Throttle, error_replies
+from medsplit.throttle import error_replies
 from medsplit.transport.inbox import branch
-from medsplit.wire import Envelope, WireError
+from medsplit.wire import Envelope, ReassemblyOverflow, ReassemblyTimeout, WireError
 from models import split_model
 
 log = logging.getLogger(__name__)
 EventSink = Callable[[dict[str, Any]], None]
 REFUSAL_INTERVAL_S = 10.0  # a stranger repeating hello is refused at most this often
 MAX_REMEMBERED_STRANGERS = 1024
-HELLO_BURST, HELLO_INTERVAL_S = 3, 10.0  # hellos taken from one site per interval
+LOST_IN_TRANSIT = (ReassemblyTimeout, ReassemblyOverflow)
 ANSWER_TO: dict[str, str] = {
     Kind.STATS_REQUEST: Kind.STATS,
     Kind.TRAIN: Kind.DONE,
@@ -186,6 +186,8 @@ class Coordinator:
         endpoint.set_expected(
             lambda header: specs.expected(header.kind), MessageRules.aggregator(config.mode)
         )
+        endpoint.set_reassembly_timeout(config.waits.reassembly_timeout_s)
+        endpoint.refuse_retained = True
         endpoint.on_reject = self._on_reject
         endpoint.on_presence = self._on_presence
         self._refused_at: dict[str, float] = {}
@@ -195,13 +197,7 @@ class Coordinator:
         self.step_times = StepTimes()  # split steps, for /metrics
         self.resent = 0  # requests published again because no answer came in time
         self.error_replies = error_replies(clock)  # a flood of bad frames gets a few answers
-        # Answers refused by the rules of the job (by reason, and by site), and events the
-        # state machine failed on (by event type): both in /metrics, /status and report.json.
-        self.refusals: Counter[str] = Counter()
-        self.refused_from: Counter[str] = Counter()
-        self.dropped_events: Counter[str] = Counter()
-        self._log_throttle = Throttle(LOG_BURST, LOG_INTERVAL_S, clock)
-        self._hellos = Throttle(HELLO_BURST, HELLO_INTERVAL_S, clock)
+        self.conduct = Conduct(clock)  # refusals, dropped events, hello rate: the sites'
         revocations = config.security.revocations_file
         self.revocations = (
             None
@@ -312,38 +308,18 @@ class Coordinator:
         try:
             self.state, out = self.machine.step(before, event, self.clock())
         except Exception as exc:
-            self._drop_event(event, exc)
+            self.conduct.dropped(event, getattr(event, "site", None) or "-", exc)
             return
         for message in out:
             self._execute(message)
         self._report_progress(before, self.state)
-
-    def _drop_event(self, event: Event, exc: Exception) -> None:
-        name = type(event).__name__
-        self.dropped_events[name] += 1
-        site = getattr(event, "site", None) or "-"
-        if self._log_throttle.allow(f"event {name}"):
-            log.error(
-                "dropped %s from %s: the job's state machine failed on it (%s: %s); the job "
-                "goes on without it",
-                name,
-                site,
-                type(exc).__name__,
-                exc,
-            )
-        log.debug("state machine failure on %s", event, exc_info=exc)
 
     def _execute(self, message: Out) -> None:
         if isinstance(message, Checkpoint):
             self._save_checkpoint(message)
             return
         if isinstance(message, Refusal):
-            self.refusals[message.reason] += 1
-            self.refused_from[message.site] += 1
-            if self._log_throttle.allow(f"refusal {message.site}"):
-                log.warning(
-                    "refused %s's answer (%s): %s", message.site, message.reason, message.detail
-                )
+            self.conduct.refused(message.site, message.reason, message.detail)
             return
         if isinstance(message, Forget | OpenTurn | CloseTurn):
             self._trunk_turns(message)
@@ -430,7 +406,7 @@ class Coordinator:
         if self.state.sites[site].revoked:
             self.endpoint.stats.rejected["Revoked"] += 1
             return
-        if env.kind == Kind.HELLO and not self._hellos.allow(site):
+        if env.kind == Kind.HELLO and not self.conduct.hello_taken(site):
             # Each hello is answered (setup, and a restarted agent's request again): answering
             # a flood of them would multiply what the site sends into what it gets.
             self.endpoint.stats.rejected["RateLimited"] += 1
@@ -457,7 +433,8 @@ class Coordinator:
     def _on_hello(self, site: str, env: Envelope) -> None:
         first = not self.state.sites[site].joined
         hello = read_meta(HelloMeta, env)
-        self._step(Hello(site, hello.incarnation, hello.train_samples, hello.test_samples))
+        incarnation = hello.incarnation or env.msg_id
+        self._step(Hello(site, incarnation, hello.train_samples, hello.test_samples))
         if first:
             entry = self.state.sites[site]
             log.info(
@@ -499,8 +476,7 @@ class Coordinator:
         self._step(FinishAcked(site))
 
     def _on_error(self, site: str, env: Envelope) -> None:
-        if self._log_throttle.allow(f"error {site}"):
-            log.warning("site %s reported an error: %s", site, dict(env.meta))
+        self.conduct.say(f"error {site}", "site %s reported an error: %s", site, dict(env.meta))
         request = self.requests.get(site)
         if request is not None and self.requests.answered_by(site, env):
             # The site cannot answer what it was asked (e.g. its model went non-finite): the
@@ -627,19 +603,23 @@ class Coordinator:
 
     def _on_reject(self, topic: str, error: WireError) -> None:
         try:
-            site = topics.parse(topic).site
+            route = topics.parse(topic)
         except ValueError:
             return
-        entry = self.state.sites.get(site or "")
+        entry = self.state.sites.get(route.site or "")
         if entry is None or entry.revoked:
             return
-        refusals = sum(self.refusals.values())
-        kind = topics.parse(topic).kind
-        if kind is not None:  # the answer a step waits for costs the site that step
-            self._step(ReplyRejected(entry.site_id, kind, type(error).__name__))
-        if sum(self.refusals.values()) == refusals and self.error_replies.allow(entry.site_id):
+        site = entry.site_id
+        if route.kind is not None and not isinstance(error, LOST_IN_TRANSIT):
+            # The answer a step waits for, refused, costs the site that step (and the refusal
+            # tells it why); one that merely did not arrive whole comes again with a repeat.
+            was_refused = site in self.state.refused
+            self._step(ReplyRejected(site, route.kind, type(error).__name__))
+            if site in self.state.refused and not was_refused:
+                return
+        if self.error_replies.allow(site):
             meta = {"error": type(error).__name__, "detail": str(error)[:500]}
-            self._send(entry.site_id, Kind.ERROR, meta=meta)
+            self._send(site, Kind.ERROR, meta=meta)
 
     # -- sending -------------------------------------------------------------------------------------------
 

@@ -155,8 +155,8 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
         ],
         "late_messages": state.late_messages,
         "rejected": dict(coordinator.endpoint.stats.rejected),
-        "refused": dict(coordinator.refusals),
-        "dropped_events": dict(coordinator.dropped_events),
+        "refused": dict(coordinator.conduct.refusals),
+        "dropped_events": dict(coordinator.conduct.dropped_events),
         "last_checkpoint": None
         if coordinator.last_checkpoint is None
         else str(coordinator.last_checkpoint),
@@ -237,13 +237,13 @@ class JobCollector(Scraped["Coordinator"]):
             "medsplit_replies_refused",
             "answers a site owed that were refused (the site lost its step), by reason",
             "reason",
-            coordinator.refusals,
+            coordinator.conduct.refusals,
         )
         yield counted_by(
             "medsplit_events_dropped",
             "events the job's state machine failed on, dropped so that the job goes on",
             "event",
-            coordinator.dropped_events,
+            coordinator.conduct.dropped_events,
         )
         yield CounterMetricFamily(
             "medsplit_late_messages",

@@ -49,10 +49,10 @@ def build_report(
         "throttled": dict(coordinator.endpoint.transport.throttled),
         "error_replies_suppressed": sum(coordinator.error_replies.suppressed.values()),
         # Answers refused by the job's rules (by reason, and by site): the site lost its step.
-        "refused": dict(coordinator.refusals),
-        "refused_from": dict(coordinator.refused_from),
+        "refused": dict(coordinator.conduct.refusals),
+        "refused_from": dict(coordinator.conduct.refused_from),
         # Events the state machine failed on, dropped so that the job could go on (a bug).
-        "dropped_events": dict(coordinator.dropped_events),
+        "dropped_events": dict(coordinator.conduct.dropped_events),
         "requests_deferred": coordinator.requests.deferred,
         "revoked": [s for s, e in state.sites.items() if e.revoked],
         "unconfirmed_finish": [
@@ -60,6 +60,7 @@ def build_report(
         ],
     }
     report["data_path"] = data_path(coordinator)
+    report["wire_bytes"] = wire_bytes(coordinator)
     report["last_checkpoint"] = (
         None if coordinator.last_checkpoint is None else str(coordinator.last_checkpoint)
     )
@@ -78,6 +79,15 @@ def data_path(coordinator: Coordinator) -> dict[str, Any]:
             key: round(total, 4) for key, total in coordinator.endpoint.stats.codec_seconds.items()
         },
     }
+
+
+def wire_bytes(coordinator: Coordinator) -> dict[str, dict[str, dict[str, int]]]:
+    """The bytes the aggregator itself sent and received, by site (``all``: broadcasts),
+    direction and message kind: what a site cost it, whatever the site reports."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for (site, direction, kind), count in sorted(coordinator.endpoint.stats.traffic.items()):
+        out.setdefault(site, {}).setdefault(direction, {})[kind] = count
+    return out
 
 
 def report_dict(

@@ -7,9 +7,11 @@ up to a ceiling: the site answers a request once, and re-sends its answer to a r
 A site can make the aggregator ask again without waiting: a ``hello`` from a new agent
 process (incarnation) re-issues what that site was asked, since the old process took the
 request with it. A hostile holder of the site's certificate could send a thousand such hellos
-a second and have the whole model sent down a thousand times. So the same request (same kind,
-same round) goes out at most once per retry interval: a re-issue that comes sooner replaces the
-pending one and waits for its turn, which ``due`` then gives it.
+a second and have the whole model sent down a thousand times. So a re-issue of the same request
+(same kind, same round) counts as a repeat of it: it replaces the pending one and goes out when
+the next repeat would have, with the same doubling. A site that keeps "restarting" gets its
+request no more often than one that never answers (``max_sends``); one that really restarted
+after a while gets it at once.
 """
 
 from __future__ import annotations
@@ -42,21 +44,26 @@ class OpenRequests:
     def open(self, site: str, envelope: Envelope) -> bool:
         """Make ``envelope`` the open request to ``site``; whether to publish it now.
 
-        False when the same request was published less than a retry interval ago: it goes
-        out when that interval is over (``due``)."""
+        A re-issue of the request already open (same kind and round) takes that request's
+        place in its schedule of repeats: it is published now only if a repeat is due, and
+        otherwise when the repeat would have been (``due``)."""
         now, retry = self.clock(), self.retry_interval_s
         previous = self._open.get(site)
-        if (
-            previous is not None
-            and (previous.envelope.kind, previous.envelope.round) == (envelope.kind, envelope.round)
-            and now - previous.sent_at < retry
-        ):
+        same = previous is not None and (previous.envelope.kind, previous.envelope.round) == (
+            envelope.kind,
+            envelope.round,
+        )
+        if previous is None or not same:
+            self._open[site] = OpenRequest(envelope, now, now + retry, retry)
+            return True
+        if now < previous.next_at:
             self._open[site] = OpenRequest(
-                envelope, previous.sent_at, previous.sent_at + retry, retry, deferred=True
+                envelope, previous.sent_at, previous.next_at, previous.interval, deferred=True
             )
             self.deferred += 1
             return False
-        self._open[site] = OpenRequest(envelope, now, now + retry, retry)
+        interval = next_retry(previous.interval, retry)  # it is the repeat that was due
+        self._open[site] = OpenRequest(envelope, now, now + interval, interval)
         return True
 
     def get(self, site: str) -> OpenRequest | None:
@@ -76,9 +83,9 @@ class OpenRequests:
     def due(
         self, waiting: Collection[str], reachable: Callable[[str], bool]
     ) -> list[tuple[str, OpenRequest, bool]]:
-        """The requests to publish now, each with whether it is a repeat (no answer came) or a
-        deferred re-issue going out; requests nobody waits for any more are closed. A repeat
-        doubles the interval to the next one."""
+        """The requests to publish now, each with whether it is a repeat of one that got no
+        answer (or a deferred re-issue going out); requests nobody waits for any more are
+        closed. Either way the interval to the next one doubles, up to its ceiling."""
         now = self.clock()
         out = []
         for site in list(self._open):
@@ -86,10 +93,19 @@ class OpenRequests:
             if site not in waiting:
                 del self._open[site]
             elif now >= request.next_at and reachable(site):
-                repeat = not request.deferred
-                if repeat:
-                    request.interval = next_retry(request.interval, self.retry_interval_s)
+                request.interval = next_retry(request.interval, self.retry_interval_s)
                 request.sent_at, request.next_at = now, now + request.interval
+                out.append((site, request, not request.deferred))
                 request.deferred = False
-                out.append((site, request, repeat))
         return out
+
+
+def max_sends(duration_s: float, retry_interval_s: float) -> int:
+    """How many times one request can go out within ``duration_s`` of its first send, however
+    often its site restarts: the first send and the repeats of the doubling schedule."""
+    sends, elapsed, interval = 1, 0.0, retry_interval_s
+    while elapsed + interval <= duration_s:
+        elapsed += interval
+        sends += 1
+        interval = next_retry(interval, retry_interval_s)
+    return sends

@@ -95,8 +95,8 @@ class EvaluateEverySite:
         return mean_metrics(metrics)
 
 
-# With two replies the median norm is their mean, which a hostile one sets as much as the
-# honest one: clipping to it would cost an honest pair accuracy and protect nothing.
+# With two replies the median is their mean, which a hostile one sets as much as the honest
+# one: clipping to it, or taking a median, would cost an honest pair accuracy, protect nothing.
 MEDIAN_CLIP_MIN_REPLIES = 3
 
 
@@ -106,12 +106,14 @@ class Aggregation:
 
     The default bounds what one site can do without costing an honest federation accuracy:
     each update is scaled down to at most ``median_norm_clip`` x the round's median update
-    norm, then the replies are averaged by sample count. An update scaled up, negated at
-    scale or replaced by noise then pulls no harder than a typical honest one, while honest
-    updates, whose norms are alike, pass nearly untouched (docs/security.md has the
+    norm, so that no update pulls harder than a typical one, then the updates' geometric median
+    is taken, so that an update pointing the wrong way at a typical norm is outweighed rather
+    than averaged in. The sample-weighted mean instead lets one hostile site cancel the honest
+    ones' progress under label skew; the coordinate-wise median and trimmed mean collapse
+    onto the majority's classes when sites hold different ones (docs/security.md has the
     measurements behind this choice)."""
 
-    method: str = "mean"  # mean | median | trimmed-mean
+    method: str = "geometric-median"  # mean | median | trimmed-mean | geometric-median
     trim_fraction: float = 0.2
     clip_norm: float | None = None
     median_norm_clip: float | None = 1.0
@@ -129,10 +131,14 @@ class Aggregation:
             states = [clip_update(current, state, limit) for state in states]
         if self.clip_norm is not None:
             states = [clip_update(current, state, self.clip_norm) for state in states]
-        if self.method == "mean":
+        if self.method == "mean" or len(states) < MEDIAN_CLIP_MIN_REPLIES:
+            # With one or two replies a trimmed mean cuts nothing and a median is their
+            # mean: FedAvg's weighted mean then, by sample count.
             return weighted_average(states, weights)
         if self.method == "median":
             return coordinate_wise(states, trim=None)
+        if self.method == "geometric-median":
+            return geometric_median(current, states)
         if self.method == "trimmed-mean":
             return coordinate_wise(states, trim=self.trim_fraction)
         raise ValueError(f"unknown aggregation method {self.method!r}")
@@ -317,4 +323,56 @@ def coordinate_wise(
             cut = min(max(1 if count >= 3 else 0, math.floor(trim * count)), (count - 1) // 2)
             middle = ordered[cut : count - cut]
         out[key] = middle.mean(0).to(first.dtype)
+    return out
+
+
+def geometric_median(
+    current: Mapping[str, torch.Tensor],
+    states: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    iterations: int = 200,
+    smoothing: float = 1e-8,
+    tolerance: float = 1e-7,
+) -> dict[str, torch.Tensor]:
+    """The geometric median of the updates (RFA, Pillutla et al., arXiv 1912.13445): the
+    point that minimises the sum of distances to them, by Weiszfeld's iterations.
+
+    Unlike a coordinate-wise median it moves the whole update at once: near the mean when the
+    updates agree (and, unlike the coordinate-wise median, it does not collapse onto the
+    majority's classes when sites hold different ones), and a minority far away (scaled,
+    negated, noise) pulls on it with its count, not its distance. Unweighted: a sample count is
+    what a hostile site would inflate (it declares its own at join). Integer tensors take the
+    maximum, as in the mean."""
+    floating = [k for k in current if current[k].is_floating_point()]
+    points = torch.stack(
+        [
+            torch.cat(
+                [
+                    (s[k].to(torch.float64) - current[k].to(torch.float64)).flatten()
+                    for k in floating
+                ]
+            )
+            for s in states
+        ]
+    )
+    alphas = torch.full((len(states),), 1.0 / len(states), dtype=torch.float64)
+    median = (alphas[:, None] * points).sum(0)  # not on a data point: Weiszfeld sticks there
+    for _ in range(iterations):
+        distances = (points - median).norm(dim=1).clamp_min(smoothing)
+        betas = alphas / distances
+        moved = (betas[:, None] * points).sum(0) / betas.sum()
+        done = float((moved - median).norm()) <= tolerance * (1.0 + float(median.norm()))
+        median = moved
+        if done:
+            break
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for key in current:
+        if key in floating:
+            size = current[key].numel()
+            delta = median[offset : offset + size].view(current[key].shape)
+            out[key] = (current[key].to(torch.float64) + delta).to(current[key].dtype)
+            offset += size
+        else:
+            out[key] = torch.stack([s[key] for s in states]).max(0).values
     return out

@@ -107,6 +107,7 @@ def _run(
     )
     party = open_site(config.job_id, config.site_id, connector, client_id=config.broker.client_id)
     parties.append(party)
+    party.endpoint.set_reassembly_timeout(config.waits.reassembly_timeout_s)
     agent = Agent(
         config.site_id,
         config.job_id,

@@ -21,6 +21,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from medsplit.brokers.embedded import LocalBroker
+from medsplit.ids import AGGREGATOR_ID
+
 MEDSPLIT = [sys.executable, "-m", "medsplit"]
 
 
@@ -62,15 +65,24 @@ class Federation:
         dataset: str = "breast-cancer",
         site_waits: dict[str, Any] | None = None,
         site_settings: dict[str, dict[str, Any]] | None = None,
+        kits: LocalBroker | None = None,
     ) -> None:
-        """``site_settings``: more of a site's site.yaml, by site (its ``http`` port)."""
+        """``site_settings``: more of a site's site.yaml, by site (its ``http`` port).
+        ``kits``: a provisioned broker; each process then connects with its own certificate
+        (mutual TLS) instead of in plaintext."""
         self.workdir = workdir
         self.job_id = str(job["job_id"])
         self.sites = list(job["sites"])
         self.run_dir = workdir / "run"
-        broker = {"url": broker_url, "insecure": True, "reconnect_min_s": 1, "reconnect_max_s": 2}
+        reconnect = {"reconnect_min_s": 1, "reconnect_max_s": 2}
+
+        def broker_of(identity: str) -> dict[str, Any]:
+            if kits is None:
+                return {"url": broker_url, "insecure": True, **reconnect}
+            return {**kits.broker_section(identity), **reconnect}
+
         job = {
-            "broker": broker,
+            "broker": broker_of(AGGREGATOR_ID),
             "state": {"run_dir": str(self.run_dir)},
             "waits": {"status_interval_s": 2, "retry_interval_s": 1},
             **job,
@@ -83,7 +95,7 @@ class Federation:
                 {
                     "site_id": site,
                     "job_id": self.job_id,
-                    "broker": broker,
+                    "broker": broker_of(site),
                     "device": "cpu",
                     "export_onnx": False,
                     "data": {

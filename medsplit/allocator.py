@@ -11,6 +11,12 @@ next message: building 4 MB of frames went from 3.9 ms to 0.2 ms (docs/benchmark
 
 ``tune()`` is called once per process by every ``Endpoint``; ``MEDSPLIT_MALLOC_TUNING=off``
 leaves the allocator alone. Elsewhere than glibc (musl, macOS) it does nothing.
+
+What a peer made the process buffer and then abandoned (incomplete messages that timed out or
+overflowed their bound) is not traffic that will come again: ``release()`` hands the freed
+heap back to the kernel then (``malloc_trim``), so that 480 MB of abandoned chunks leave the
+resident size where it was before them instead of 64 MB or more above it
+(docs/benchmarks.md, "reassembly memory"). It runs at most once per ``RELEASE_INTERVAL_S``.
 """
 
 from __future__ import annotations
@@ -21,12 +27,15 @@ import functools
 import logging
 import os
 import sys
+import time
 
 log = logging.getLogger(__name__)
 
 MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024  # allocations below come from the reused heap
 TRIM_BYTES = 256 * 1024 * 1024  # free heap kept before any is returned to the kernel
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+RELEASE_INTERVAL_S = 1.0
+_last_release = -RELEASE_INTERVAL_S
 
 
 @functools.cache
@@ -35,23 +44,43 @@ def tune() -> bool:
     return _apply()
 
 
+def release() -> bool:
+    """Return the free heap to the kernel, at most once per ``RELEASE_INTERVAL_S``; returns
+    whether anything was asked of the allocator."""
+    global _last_release  # noqa: PLW0603 - one process-wide rate limit, like the thresholds
+    now = time.monotonic()
+    if now - _last_release < RELEASE_INTERVAL_S:
+        return False
+    _last_release = now
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    libc.malloc_trim(0)
+    return True
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION") is not None
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except (OSError, ValueError):
+        return None
+    return libc if glibc and hasattr(libc, "malloc_trim") else None
+
+
 def _apply() -> bool:
     if os.environ.get("MEDSPLIT_MALLOC_TUNING", "on").lower() in {"off", "0", "false", "no"}:
         return False
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()  # musl has a mallopt that does nothing
+    if libc is None:
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = libc.mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    try:
-        glibc = os.confstr("CS_GNU_LIBC_VERSION") is not None
-    except (OSError, ValueError):
-        glibc = False
-    if not glibc:  # musl has a mallopt that does nothing
-        return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1)
     ok = bool(mallopt(_M_TRIM_THRESHOLD, TRIM_BYTES) == 1) and ok
     if not ok:

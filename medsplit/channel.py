@@ -40,6 +40,8 @@ from medsplit.wire import (
     Envelope,
     Header,
     MalformedHeader,
+    ReassemblyOverflow,
+    RetainedMessage,
     WireDtype,
     WireError,
     WireLimits,
@@ -152,6 +154,8 @@ class Endpoint:
         self.on_reject = on_reject
         self.on_presence = on_presence
         self.on_duplicate: DuplicateHandler | None = None
+        # The aggregator's: refuse (and delete) what peers publish with the retain flag.
+        self.refuse_retained = False
         self.kept_answers = kept_answers
         self.repeat_interval_s = repeat_interval_s
         # By the msg_id of the request, and per topic to bound them one peer at a time.
@@ -177,6 +181,10 @@ class Endpoint:
         self._decoder.expected_for = expected_for
         if check_header is not None:
             self._decoder.check_header = check_header
+
+    def set_reassembly_timeout(self, seconds: float) -> None:
+        """How long an incomplete message may wait for its next chunk before it is dropped."""
+        self._decoder.reassembler.timeout_s = seconds
 
     def send(
         self,
@@ -266,8 +274,11 @@ class Endpoint:
         """The next valid message, or None when ``timeout`` seconds pass without one."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            for error in self._decoder.expire():
-                self._reject("<reassembly>", error)
+            expired = self._decoder.expire()
+            for error in expired:
+                self._reject(error.topic or "<reassembly>", error)
+            if expired:  # abandoned buffers are not traffic to come: give their memory back
+                allocator.release()
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             # Wake at least once a second so stalled reassemblies time out without traffic.
             wait = self._decoder.reassembler.timeout_s if remaining is None else remaining
@@ -287,6 +298,9 @@ class Endpoint:
         if topics.is_presence(inbound.topic):
             self._presence(inbound)
             return None
+        if inbound.retained and self.refuse_retained:
+            self._clear_retained(inbound)
+            return None
         self.stats.count(inbound.topic, len(inbound.payload))
         started = time.perf_counter()
         try:
@@ -296,6 +310,8 @@ class Endpoint:
         except WireError as error:
             self.stats.codec_seconds["decode (rejected)"] += time.perf_counter() - started
             self._reject(inbound.topic, error)
+            if isinstance(error, ReassemblyOverflow):  # a message's chunks were dropped
+                allocator.release()
             return None
         self._decoding += time.perf_counter() - started
         if envelope is not None:
@@ -308,6 +324,18 @@ class Endpoint:
             return None
         self.stats.received_messages += 1
         return Received(inbound.topic, envelope)
+
+    def _clear_retained(self, inbound: Inbound) -> None:
+        """A message a peer left on the broker (retained) is refused, and deleted there: the
+        protocol retains nothing but presence, and the broker would keep and persist it."""
+        if not inbound.payload:
+            return  # the deletion itself, echoed back
+        self._reject(inbound.topic, RetainedMessage(f"a retained message on {inbound.topic}"))
+        try:
+            self.transport.publish(inbound.topic, b"", retain=True)
+        except TransportError as exc:  # e.g. an ACL from before this rule: it says so once
+            if self._log_throttle.allow("clear retained"):
+                log.warning("could not delete the retained message on %s: %s", inbound.topic, exc)
 
     def _presence(self, inbound: Inbound) -> None:
         if not inbound.payload:

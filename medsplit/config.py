@@ -184,6 +184,12 @@ class WaitSettings(BaseModel):
         "never applied twice), then at doubling intervals: what recovers a message lost in a "
         "broker restart",
     )
+    reassembly_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a chunked message whose next chunk does not come within this is dropped, "
+        "and the memory its chunks held is given back",
+    )
 
 
 class FileSettings(BaseSettings):

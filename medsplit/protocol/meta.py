@@ -48,9 +48,9 @@ class Meta(BaseModel):
 
 
 class HelloMeta(Meta):
-    train_samples: Count
-    test_samples: Count
-    incarnation: Token
+    train_samples: Count = 0  # what a site declares first bounds what it may claim later
+    test_samples: Count = 0
+    incarnation: Token | None = None  # None: each hello counts as its own agent process
 
 
 class StatsMeta(Meta):

@@ -4,11 +4,17 @@ The ACL grants each certificate identity (``use_identity_as_username``: the CN) 
 the protocol needs, one ``user`` block per identity, so that revoking a site removes its block
 and, after a reload, even its open connection can neither publish nor receive:
 
-* a site writes its own ``up/+`` and presence, reads its own ``down/+``, ``all/+`` and the
-  aggregator's presence;
-* the aggregator reads every site's ``up/+`` and presence, writes every ``down/+`` and
-  ``all/+``, and reads and writes its own presence (the liveness probe);
+* a site writes its own ``up/KIND`` for the protocol's uplink kinds only (so the topics it
+  could leave a retained message on are a handful, not ``up/+``'s unbounded number) and its
+  presence, and reads its own ``down/+``, ``all/+`` and the aggregator's presence;
+* the aggregator reads every site's ``up/+`` and presence and may write there too: it deletes
+  any message a site published with the retain flag (the protocol retains only presence), so
+  a site cannot park data on the broker; it writes every ``down/+`` and ``all/+``, and reads
+  and writes its own presence (the liveness probe);
 * nobody is granted ``#``, and an identity without a block is granted nothing.
+
+``max_packet_size`` bounds every message a client can make the broker hold to the federation's
+``max_packet_bytes`` (1 MiB by default: frames are at most 320 KiB).
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from typing import TYPE_CHECKING
 
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.protocol import topics
+from medsplit.protocol.meta import CUT_LAYER_UPLINK, UPLINK
+
+UPLINK_KINDS = UPLINK | CUT_LAYER_UPLINK
 
 if TYPE_CHECKING:
     from medsplit.security.provision import Federation
@@ -31,7 +40,7 @@ def acl(federation: Federation) -> str:
         "# Usernames are certificate CNs. What is not granted here is denied.",
         "",
         f"user {AGGREGATOR_ID}",
-        f"topic read {job}/+/up/+",
+        f"topic readwrite {job}/+/up/+",
         f"topic read {job}/+/presence",
         f"topic write {job}/+/down/+",
         f"topic write {job}/{topics.BROADCAST}/+",
@@ -41,7 +50,7 @@ def acl(federation: Federation) -> str:
         lines += [
             "",
             f"user {site}",
-            f"topic write {job}/{site}/up/+",
+            *(f"topic write {job}/{site}/up/{kind}" for kind in sorted(UPLINK_KINDS)),
             f"topic write {job}/{site}/presence",
             f"topic read {job}/{site}/down/+",
             f"topic read {job}/{topics.BROADCAST}/+",
@@ -75,6 +84,8 @@ def config(federation: Federation, folder: Path, data: Path | None = None) -> st
         "tls_version tlsv1.2",
         # Without it every small message waits for Nagle: rounds ran 15x slower.
         "set_tcp_nodelay true",
+        # No client makes the broker hold more than this per message (bigger: disconnected).
+        f"max_packet_size {federation.max_packet_bytes}",
         "",
         "persistence true",
         f"persistence_location {data or folder / 'data'}/",

@@ -42,6 +42,10 @@ KIT_FOLDERS = frozenset({"ca", "mosquitto"})  # DIR/<name> that are not an ident
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 
 
+# A frame's payload (256 KiB) and largest header (64 KiB), with room for the topic.
+MIN_PACKET_BYTES = 256 * 1024 + 64 * 1024 + 1024
+
+
 class Federation(BaseModel):
     """One federation: its job, its sites, where its broker is, how long certificates live."""
 
@@ -70,6 +74,13 @@ class Federation(BaseModel):
     )
     broker_user: str | None = Field(
         None, description="the OS user Mosquitto runs as (its 'user' option)"
+    )
+    max_packet_bytes: int = Field(
+        1024 * 1024,
+        ge=MIN_PACKET_BYTES,
+        description="the broker refuses (and disconnects) any larger MQTT packet: medsplit's "
+        "frames are at most 256 KiB of payload and 64 KiB of header, so this bounds what one "
+        "client can make the broker hold per message",
     )
     helm_namespace: str | None = Field(
         None,

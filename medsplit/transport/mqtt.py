@@ -31,6 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from medsplit.transport import reasons
 from medsplit.transport.acks import Ack, AckTracker, Delivery
@@ -177,7 +178,7 @@ class MqttTransport:
         for topic_filter, qos in subscriptions.items():
             # Sent ahead of the birth message. On the first connection connect() waits for
             # their SUBACKs; on reconnects they are fire and forget.
-            _, mid = client.subscribe(topic_filter, qos)
+            _, mid = self._subscribe(client, topic_filter, qos)
             if not self._started and mid is not None:
                 self._first_subscriptions.append((topic_filter, mid))
         if self._birth is not None:
@@ -370,12 +371,23 @@ class MqttTransport:
             self._subscriptions[topic_filter] = qos
         if not self._started:
             return  # before connect(): on_connect subscribes, ahead of the birth message
-        rc, mid = self._client.subscribe(topic_filter, qos)
+        rc, mid = self._subscribe(self._client, topic_filter, qos)
         if rc == MQTTErrorCode.MQTT_ERR_NO_CONN or mid is None:
             return  # on_connect subscribes when the connection is back
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise SubscribeFailed(f"subscribe to {topic_filter!r} failed: {paho.error_string(rc)}")
         self._await_suback(topic_filter, self._acks.expect(mid))
+
+    def _subscribe(
+        self, client: paho.Client, topic_filter: str, qos: int
+    ) -> tuple[MQTTErrorCode, int | None]:
+        """Subscribe; with MQTT 5, *retain as published*: a message a peer published with the
+        retain flag arrives with it, live or not, so that a receiver can refuse (and clear)
+        what a site tried to leave on the broker."""
+        if self.settings.protocol != "5":
+            return client.subscribe(topic_filter, qos)
+        options = SubscribeOptions(qos=qos, retainAsPublished=True)
+        return client.subscribe(topic_filter, options=options)
 
     def _await_suback(self, topic_filter: str, ack: Ack) -> None:
         if not ack.done.wait(self.settings.publish_timeout_s):

@@ -51,6 +51,8 @@ class NonFiniteTensor(WireError):
 class ReassemblyTimeout(WireError):
     """Some chunks of a message never arrived within the reassembly timeout."""
 
+    topic = ""  # the topic its chunks came on, when the receiver knows its sender
+
 
 class ReassemblyOverflow(WireError):
     """Buffering this message's chunks would exceed the reassembly memory bound."""
@@ -63,3 +65,7 @@ class BadMeta(WireError):
 
 class UnexpectedKind(WireError):
     """A kind the receiver does not take here (unknown, or not used in the job's mode)."""
+
+
+class RetainedMessage(WireError):
+    """A peer published with the retain flag: the protocol retains nothing but presence."""

@@ -180,12 +180,12 @@ class Reassembler:
         for msg_id in stale:
             partial = self._partials[msg_id]
             h = partial.header
-            errors.append(
-                ReassemblyTimeout(
-                    f"message {msg_id} ({h.kind} from {h.site}, round {h.round}) got "
-                    f"{len(partial.parts)} of {h.chunks} chunks, none for {self.timeout_s:g} s"
-                )
+            error = ReassemblyTimeout(
+                f"message {msg_id} ({h.kind} from {h.site}, round {h.round}) got "
+                f"{len(partial.parts)} of {h.chunks} chunks, none for {self.timeout_s:g} s"
             )
+            error.topic = f"{partial.sender}/{h.kind}" if partial.sender else ""
+            errors.append(error)
             self._drop(msg_id)
         return errors
 

@@ -55,8 +55,8 @@ def test_mistyped_metadata_is_refused_and_costs_only_that_sites_step() -> None:
     assert HOSTILE in result.history[1].missed  # and its update of round 1
     assert sorted(result.history[2].trained) == SITES
     assert coordinator.endpoint.stats.rejected["BadMeta"] == 2
-    assert coordinator.refusals["BadMeta"] == 2
-    assert coordinator.refused_from[HOSTILE] == 2
+    assert coordinator.conduct.refusals["BadMeta"] == 2
+    assert coordinator.conduct.refused_from[HOSTILE] == 2
     report = build_report(coordinator, 1.0)
     assert report["faults"]["refused"] == {"BadMeta": 2}
     _strict_json(result)
@@ -77,7 +77,7 @@ def test_an_exception_inside_a_transition_drops_the_event_and_the_job_goes_on(
     monkeypatch.setattr(job_state.JobMachine, "_evaluated", fails_once)
     config = _config(round_deadline_s=10)  # the dropped metrics are waited for until then
     result = run_job(config, _data(), memory_connector(MemoryBroker()))
-    assert result.coordinator.dropped_events == {"Evaluated": 1}
+    assert result.coordinator.conduct.dropped_events == {"Evaluated": 1}
     assert len(result.history) == 3
     assert set(result.history[0].metrics) == set(SITES) - {HOSTILE}
     assert set(result.history[1].metrics) == set(SITES)
@@ -102,7 +102,7 @@ def test_with_the_default_min_sites_a_refused_site_costs_its_turn_not_the_job() 
     assert len(result.history) == 3
     for record in result.history:
         assert record.missed == [HOSTILE] and HOSTILE not in record.trained
-    assert result.coordinator.refusals == {"ClaimsTooManySamples": 3}
+    assert result.coordinator.conduct.refusals == {"ClaimsTooManySamples": 3}
     assert build_report(result.coordinator, 1.0)["faults"]["refused_from"] == {HOSTILE: 3}
 
 

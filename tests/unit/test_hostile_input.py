@@ -60,7 +60,7 @@ def test_robust_fedavg_is_not_moved_by_one_poisoned_reply() -> None:
     current = {"w": torch.zeros(3)}
     honest = [Reply(f"s{i}", {"w": torch.full((3,), 1.0 + i / 10)}, 10) for i in range(4)]
     poisoned = Reply("evil", {"w": torch.full((3,), -1e6)}, 10)
-    plain = FedAvg(aggregation=Aggregation(median_norm_clip=None)).aggregate_train(
+    plain = FedAvg(aggregation=Aggregation("mean", median_norm_clip=None)).aggregate_train(
         current, [*honest, poisoned]
     )
     robust = FedAvg(aggregation=Aggregation("trimmed-mean", median_norm_clip=None)).aggregate_train(
@@ -73,7 +73,7 @@ def test_robust_fedavg_is_not_moved_by_one_poisoned_reply() -> None:
         FedAvg(aggregation=Aggregation("mode")).aggregate_train(current, honest)
 
 
-def test_the_default_clips_every_update_to_the_rounds_median_norm() -> None:
+def test_every_update_is_clipped_to_the_rounds_median_norm_first() -> None:
     current = {"w": torch.zeros(4), "n": torch.tensor(1)}
     norms = [1.0, 2.0, 3.0, 4000.0]  # the last site scaled its update a thousandfold
     replies = [
@@ -81,16 +81,51 @@ def test_the_default_clips_every_update_to_the_rounds_median_norm() -> None:
         for i, norm in enumerate(norms)
     ]
     median = 2.5  # of the four update norms
-    combined = FedAvg().aggregate_train(current, replies)
+    clipped_mean = FedAvg(aggregation=Aggregation("mean"))
+    combined = clipped_mean.aggregate_train(current, replies)
     # 1 and 2 pass untouched, 3 and 4000 are scaled down to 2.5: the mean of the norms.
     assert math.isclose(float(combined["w"].norm()), (1 + 2 + median + median) / 4, rel_tol=1e-6)
     assert combined["n"].item() == 3  # counters are not clipped
     negated = Reply("evil", {"w": torch.full((4,), -1e6), "n": torch.tensor(0)}, 10)
-    honest = replies[:3]
-    pulled = FedAvg().aggregate_train(current, [*honest, negated])
+    pulled = clipped_mean.aggregate_train(current, [*replies[:3], negated])
     # Clipped to the median norm, the hostile update pulls back no harder than a typical one.
     assert float(pulled["w"].sum()) > 0
-    assert math.isclose(float(update_norm(current, dict(negated.state))), 2e6, rel_tol=1e-9)
+    assert math.isclose(update_norm(current, dict(negated.state)), 2e6, rel_tol=1e-9)
+
+
+def test_by_default_a_negated_update_is_outvoted_not_averaged_in() -> None:
+    current = {"w": torch.zeros(4)}
+    honest = [Reply(f"s{i}", {"w": torch.full((4,), 1.0 + i / 10)}, 10) for i in range(2)]
+    negated = Reply("evil", {"w": torch.full((4,), -1.05)}, 1000)  # weighty, typical norm
+    robust = FedAvg().aggregate_train(current, [*honest, negated])
+    # The three updates lie on one line: 1.0, 1.1 (clipped to the median norm, 1.05) and
+    # -1.05 per coordinate. Their geometric median is the middle one, the lower honest value,
+    # whatever the hostile site's sample count; the weighted mean follows the hostile site.
+    assert torch.allclose(robust["w"], torch.full((4,), 1.0), atol=1e-5)
+    weighted = FedAvg(aggregation=Aggregation("mean")).aggregate_train(current, [*honest, negated])
+    assert float(weighted["w"].sum()) < 0
+
+
+def test_the_geometric_median_follows_the_agreeing_sites_not_the_far_one() -> None:
+    current = {"w": torch.zeros(2), "n": torch.tensor(0)}
+    replies = [
+        Reply("a", {"w": torch.tensor([1.0, 0.0]), "n": torch.tensor(1)}, 10),
+        Reply("b", {"w": torch.tensor([1.2, 0.0]), "n": torch.tensor(2)}, 10),
+        Reply("evil", {"w": torch.tensor([-1e6, 1e6]), "n": torch.tensor(0)}, 10),
+    ]
+    plain = Aggregation("geometric-median", median_norm_clip=None)
+    combined = FedAvg(aggregation=plain).aggregate_train(current, replies)
+    # The point nearest to all three is on the segment of the two that agree.
+    assert 0.99 < float(combined["w"][0]) < 1.21 and abs(float(combined["w"][1])) < 1e-3
+    assert combined["n"].item() == 2
+
+    def with_evil_at(distance: float) -> torch.Tensor:
+        far = Reply("evil", {"w": torch.tensor([-distance, distance])}, 10**6)
+        trio = [Reply(r.site, {"w": r.state["w"]}, r.samples) for r in replies[:2]] + [far]
+        return FedAvg(aggregation=plain).aggregate_train({"w": torch.zeros(2)}, trio)["w"]
+
+    # A far point pulls with its count, not its distance (nor its claimed sample count).
+    assert torch.allclose(with_evil_at(1e3), with_evil_at(1e6), atol=1e-4)
 
 
 def test_a_truncated_copy_does_not_shadow_the_genuine_message() -> None:

@@ -88,8 +88,10 @@ def test_the_acl_grants_each_identity_only_its_own_topics(kit: Provisioner) -> N
         if block.startswith("user ")
     }
     assert set(blocks) == {"aggregator", "a", "b"}
+    uplink = ["activations", "done", "error", "eval-activations", "finished", "hello"]
+    uplink += ["metrics", "stats", "trunk-grad"]
     assert blocks["a"] == [
-        "topic write medsplit/v1/job-s/a/up/+",
+        *(f"topic write medsplit/v1/job-s/a/up/{kind}" for kind in uplink),
         "topic write medsplit/v1/job-s/a/presence",
         "topic read medsplit/v1/job-s/a/down/+",
         "topic read medsplit/v1/job-s/all/+",
@@ -102,6 +104,7 @@ def test_the_acl_grants_each_identity_only_its_own_topics(kit: Provisioner) -> N
         "require_certificate true",
         "use_identity_as_username true",
         "set_tcp_nodelay true",
+        "max_packet_size 1048576",
         "allow_anonymous false",
         "persistence true",
         f"crlfile {kit.out / 'mosquitto' / 'crl.pem'}",
