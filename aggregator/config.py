@@ -9,7 +9,7 @@
 * ``state``: where the run's report and weights go;
 * ``checkpoint``: where the job is saved after every round, and how many saves are kept;
 * ``security``: revocations the aggregator enforces itself, bounds on what a site may claim;
-* ``aggregation``: the weighted mean, or a robust median / trimmed mean with clipping;
+* ``aggregation``: by default a geometric median of updates clipped to the median norm;
 * ``http``: the health endpoints a probe asks (``/healthz``, ``/readyz``).
 
 Validation runs twice: first with the plan unchecked, so that a typo anywhere is reported in a

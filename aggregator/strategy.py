@@ -12,9 +12,11 @@ holds everything, so a checkpointed job resumes with the same strategy object.
   SplitFed averages the sites' heads (and tails) with it.
 * ``Flop`` (Yang et al., arXiv 2102.05218): the same mean over the plan's *shared* tensors only.
   It refuses a reply that carries a private tensor: private layers must never reach the server.
-* ``Aggregation`` says how ``FedAvg`` and ``Flop`` combine replies: the weighted mean, or, to
-  bound what one poisoned site can do, the coordinate-wise median or trimmed mean (Yin et al.,
-  ICML 2018), after clipping each site's update to an L2 norm (Sun et al., arXiv 1911.07963).
+* ``Aggregation`` says how ``FedAvg`` and ``Flop`` combine replies. By default, to bound what
+  one poisoned site can do, each update is clipped to the round's median update norm (Sun et
+  al., arXiv 1911.07963, with the bound taken from the round itself) and the geometric median
+  of the updates is taken (RFA, Pillutla et al., arXiv 1912.13445); the weighted mean, the
+  coordinate-wise median or trimmed mean (Yin et al., ICML 2018) can replace it.
 * ``Cyclic`` (Poirot et al., arXiv 1912.12115; cyclic weight transfer): one turn per site, in
   the job's order; each site starts from the weights the previous one handed on. It wraps
   ``FedAvg`` or ``Flop`` for the checks of what a site may send.

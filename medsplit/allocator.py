@@ -16,7 +16,8 @@ What a peer made the process buffer and then abandoned (incomplete messages that
 overflowed their bound) is not traffic that will come again: ``release()`` hands the freed
 heap back to the kernel then (``malloc_trim``), so that 480 MB of abandoned chunks leave the
 resident size where it was before them instead of 64 MB or more above it
-(docs/benchmarks.md, "reassembly memory"). It runs at most once per ``RELEASE_INTERVAL_S``.
+(docs/benchmarks.md, "reassembly memory"). It runs at most once per ``RELEASE_INTERVAL_S``;
+``MEDSPLIT_MALLOC_RELEASE=off`` turns it off (to measure what it saves).
 """
 
 from __future__ import annotations
@@ -44,17 +45,18 @@ def tune() -> bool:
     return _apply()
 
 
-def release() -> bool:
-    """Return the free heap to the kernel, at most once per ``RELEASE_INTERVAL_S``; returns
-    whether anything was asked of the allocator."""
+def release(*, now: bool = False) -> bool:
+    """Return the free heap to the kernel. False when the last release was less than
+    ``RELEASE_INTERVAL_S`` ago (unless ``now``): nothing was done, ask again later; True
+    otherwise (done, or nothing to do on this platform or with ``MEDSPLIT_MALLOC_RELEASE=off``)."""
     global _last_release  # noqa: PLW0603 - one process-wide rate limit, like the thresholds
-    now = time.monotonic()
-    if now - _last_release < RELEASE_INTERVAL_S:
-        return False
-    _last_release = now
     libc = _glibc()
-    if libc is None:
+    if libc is None or _off("MEDSPLIT_MALLOC_RELEASE"):  # (off: to measure what it saves)
+        return True
+    at = time.monotonic()
+    if at - _last_release < RELEASE_INTERVAL_S and not now:
         return False
+    _last_release = at
     libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     libc.malloc_trim(0)
     return True
@@ -73,8 +75,12 @@ def _glibc() -> ctypes.CDLL | None:
     return libc if glibc and hasattr(libc, "malloc_trim") else None
 
 
+def _off(variable: str) -> bool:
+    return os.environ.get(variable, "on").lower() in {"off", "0", "false", "no"}
+
+
 def _apply() -> bool:
-    if os.environ.get("MEDSPLIT_MALLOC_TUNING", "on").lower() in {"off", "0", "false", "no"}:
+    if _off("MEDSPLIT_MALLOC_TUNING"):
         return False
     libc = _glibc()  # musl has a mallopt that does nothing
     if libc is None:

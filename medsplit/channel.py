@@ -156,6 +156,7 @@ class Endpoint:
         self.on_duplicate: DuplicateHandler | None = None
         # The aggregator's: refuse (and delete) what peers publish with the retain flag.
         self.refuse_retained = False
+        self._release_due = False  # dropped buffers whose memory is still to be given back
         self.kept_answers = kept_answers
         self.repeat_interval_s = repeat_interval_s
         # By the msg_id of the request, and per topic to bound them one peer at a time.
@@ -275,22 +276,28 @@ class Endpoint:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             expired = self._decoder.expire()
+            self._release_memory(due=bool(expired))
             for error in expired:
                 self._reject(error.topic or "<reassembly>", error)
-            if expired:  # abandoned buffers are not traffic to come: give their memory back
-                allocator.release()
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             # Wake at least once a second so stalled reassemblies time out without traffic.
             wait = self._decoder.reassembler.timeout_s if remaining is None else remaining
-            inbound = self.transport.receive(
-                min(wait, 1.0) if self._decoder.reassembler.pending else wait
-            )
+            soon = self._decoder.reassembler.pending or self._release_due
+            inbound = self.transport.receive(min(wait, 1.0) if soon else wait)
             if inbound is not None:
                 received = self._accept(inbound)
                 if received is not None:
                     return received
             elif deadline is not None and time.monotonic() >= deadline:
                 return None
+
+    def _release_memory(self, *, due: bool) -> None:
+        """Abandoned buffers are not traffic to come: their memory goes back to the kernel,
+        at once when no message is left half-built, else as the allocator's rate allows."""
+        self._release_due = self._release_due or due
+        if self._release_due:
+            idle = not self._decoder.reassembler.pending
+            self._release_due = not allocator.release(now=idle)
 
     def _accept(self, inbound: Inbound) -> Received | None:
         self.stats.received_frames += 1
@@ -311,7 +318,7 @@ class Endpoint:
             self.stats.codec_seconds["decode (rejected)"] += time.perf_counter() - started
             self._reject(inbound.topic, error)
             if isinstance(error, ReassemblyOverflow):  # a message's chunks were dropped
-                allocator.release()
+                self._release_due = True
             return None
         self._decoding += time.perf_counter() - started
         if envelope is not None:

@@ -227,3 +227,13 @@ def test_the_allocator_is_tuned_here_and_can_be_left_alone(monkeypatch: pytest.M
     assert allocator.tune()  # glibc on Linux, as in the images
     monkeypatch.setenv("MEDSPLIT_MALLOC_TUNING", "off")
     assert not allocator._apply()
+
+
+def test_freed_memory_is_given_back_at_most_once_a_second_unless_asked_now(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert allocator.release(now=True)  # glibc: malloc_trim ran
+    assert not allocator.release()  # within the interval: ask again later
+    assert allocator.release(now=True)  # nothing is left half-built: give it back at once
+    monkeypatch.setenv("MEDSPLIT_MALLOC_RELEASE", "off")
+    assert allocator.release()  # nothing to do: never "ask again"
