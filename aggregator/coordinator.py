@@ -97,11 +97,6 @@ EventSink = Callable[[dict[str, Any]], None]
 REFUSAL_INTERVAL_S = 10.0  # a stranger repeating hello is refused at most this often
 MAX_REMEMBERED_STRANGERS = 1024
 LOST_IN_TRANSIT = (ReassemblyTimeout, ReassemblyOverflow)
-ANSWER_TO: dict[str, str] = {
-    Kind.STATS_REQUEST: Kind.STATS,
-    Kind.TRAIN: Kind.DONE,
-    Kind.EVALUATE: Kind.METRICS,
-}
 REQUEST_KINDS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
 
 __all__ = ["Coordinator", "JobFailed", "JobInterrupted", "RoundRecord", "make_strategy"]
@@ -383,7 +378,7 @@ class Coordinator:
 
     def _answers_request(self, site: str, env: Envelope) -> bool:
         """Whether ``env`` answers the request this aggregator has open with ``site``."""
-        if self.requests.answered_by(site, env):
+        if self.requests.answered_by(site, env) is not None:
             return True
         log.info("dropped %s from %s: it answers no open request of this epoch", env.kind, site)
         self.state = replace(self.state, late_messages=self.state.late_messages + 1)
@@ -477,14 +472,11 @@ class Coordinator:
 
     def _on_error(self, site: str, env: Envelope) -> None:
         self.conduct.say(f"error {site}", "site %s reported an error: %s", site, dict(env.meta))
-        request = self.requests.get(site)
-        if request is not None and self.requests.answered_by(site, env):
+        if self.requests.answered_by(site, env) is not None:
             # The site cannot answer what it was asked (e.g. its model went non-finite): the
             # step goes on without it instead of waiting for the deadline.
-            answer = ANSWER_TO.get(request.envelope.kind)
             reason = read_meta(ErrorMeta, env).error
-            if answer is not None:
-                self._step(ReplyRejected(site, answer, f"SiteError:{reason}"))
+            self._step(ReplyRejected(site, None, f"SiteError:{reason}"))
 
     def _asked(self, site: str, phase: Phase, env: Envelope) -> bool:
         """Whether ``site`` is in the middle of what it was asked: cut-layer traffic from a site

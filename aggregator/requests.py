@@ -69,10 +69,12 @@ class OpenRequests:
     def get(self, site: str) -> OpenRequest | None:
         return self._open.get(site)
 
-    def answered_by(self, site: str, envelope: Envelope) -> bool:
-        """Whether ``envelope`` answers the request open with ``site``."""
+    def answered_by(self, site: str, envelope: Envelope) -> OpenRequest | None:
+        """The request open with ``site`` if ``envelope`` answers it, else None."""
         request = self._open.get(site)
-        return request is not None and envelope.reply_to == request.envelope.msg_id
+        if request is not None and envelope.reply_to == request.envelope.msg_id:
+            return request
+        return None
 
     def working(self, site: str) -> None:
         """The site is visibly working on its request: no need to send it again yet."""

@@ -174,7 +174,7 @@ class ReplyRejected:
     until the deadline (the aggregator's repeats of the request would only bring it again)."""
 
     site: str
-    kind: str
+    kind: str | None  # None: the site's answer to its current step (its own error reply)
     reason: str
 
 
@@ -514,9 +514,11 @@ class JobMachine:
         return replace(state, refused=(*state.refused, site))
 
     def _rejected(self, state: JobState, rejected: ReplyRejected, out: list[Out]) -> JobState:
-        if ANSWER_OF.get(rejected.kind) != state.phase or rejected.site not in state.waiting_for:
+        of_this_step = rejected.kind is None or ANSWER_OF.get(rejected.kind) == state.phase
+        if not of_this_step or rejected.site not in state.waiting_for:
             return state  # not what the step waits for: counted by the receiver, nothing more
-        why = f"your {rejected.kind} was rejected ({rejected.reason}); this step goes on without it"
+        what = rejected.kind or "answer"
+        why = f"your {what} was rejected ({rejected.reason}); this step goes on without it"
         return self._refuse(state, rejected.site, rejected.reason, why, out)
 
     def _train_done(self, state: JobState, done: TrainDone, out: list[Out]) -> JobState:

@@ -347,15 +347,7 @@ def geometric_median(
     maximum, as in the mean."""
     floating = [k for k in current if current[k].is_floating_point()]
     points = torch.stack(
-        [
-            torch.cat(
-                [
-                    (s[k].to(torch.float64) - current[k].to(torch.float64)).flatten()
-                    for k in floating
-                ]
-            )
-            for s in states
-        ]
+        [torch.cat([d.flatten() for d in _deltas(current, s).values()]) for s in states]
     )
     alphas = torch.full((len(states),), 1.0 / len(states), dtype=torch.float64)
     median = (alphas[:, None] * points).sum(0)  # not on a data point: Weiszfeld sticks there
