@@ -184,3 +184,23 @@ def test_a_flood_of_new_incarnations_is_not_amplified() -> None:
     assert flooded["train"][0] <= clean["train"][0] + 1, (clean, flooded)
     extra = sum(size for _, size in flooded.values()) - sum(size for _, size in clean.values())
     assert extra < sent[0] / 10, (extra, sent[0])
+
+
+class DivergingAgent(Agent):
+    """Site e's model goes non-finite in round 0: its weights cannot be sent."""
+
+    def _publish(
+        self, envelope: Envelope, cast: set[str] | None = None, *, wait: bool = True
+    ) -> None:
+        if self.site_id == HOSTILE and (envelope.kind, envelope.round) == (Kind.DONE, 0):
+            nan = {k: v * float("nan") for k, v in envelope.tensors.items()}
+            envelope = replace(envelope, tensors=nan)
+        super()._publish(envelope, cast, wait=wait)
+
+
+def test_a_site_that_cannot_answer_says_so_and_the_step_goes_on_without_it() -> None:
+    config = _config(round_deadline_s=600)  # the job would wait this out without the error
+    result = run_job(config, _data(), memory_connector(MemoryBroker()), agent_type=DivergingAgent)
+    assert result.history[0].missed == [HOSTILE]
+    assert result.coordinator.conduct.refusals == {"SiteError:NonFiniteTensor": 1}
+    assert sorted(result.history[1].trained) == SITES
