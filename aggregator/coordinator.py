@@ -67,9 +67,10 @@ from aggregator.state import (
     initial_state,
     resumed_state,
 )
-from aggregator.strategy import Aggregation, Cyclic, FedAvg, Flop, Reply, Strategy
+from aggregator.strategy import Cyclic, FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
 from aggregator.wire_tap import WireTap
+from medsplit.aggregation import Aggregation
 from medsplit.channel import Endpoint, Received
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from aggregator.strategy import weighted_average
+from medsplit.aggregation import weighted_average
 from medsplit.config import OptimizerConfig
 from medsplit.snapshots import load_optimizer, optimizer_tensors
 from medsplit.training import loss_fn, make_optimizer

@@ -34,27 +34,18 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from edge_agent.data.datasets import SiteData
+from edge_agent.learners import FederatedLearner, Learner, Progress, SplitLearner
 from edge_agent.lifecycle import Action, AgentPhase, Lifecycle, SayHello
 from edge_agent.local_model import LocalModel
 from edge_agent.normalization import normalise, site_sums
-from edge_agent.recovery import Recovery, Snapshot
+from edge_agent.recovery import Recovery
 from edge_agent.segments import EdgeSegments
-from edge_agent.site_model import (
-    ONNX_FILE,
-    SiteModelError,
-    assemble,
-    export_site_model,
-    save_site_model,
-    site_card,
-)
+from edge_agent.site_store import SiteStore
 from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.config import DefenseSettings
 from medsplit.privacy.defenses import SiteDefenses
@@ -62,28 +53,14 @@ from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
 from medsplit.protocol.meta import MessageRules
 from medsplit.protocol.presence import Presence, new_incarnation
 from medsplit.statistics import normalization_digest
-from medsplit.storage import atomic_write
 from medsplit.throttle import error_replies
-from medsplit.training import batch_order, evaluate_logits, loss_fn, train_epochs
+from medsplit.training import evaluate_logits
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
 from medsplit.wire.frame import MetaValue
-from models.onnx_export import ExportError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Progress:
-    """What this agent has done, for its round log line and its /metrics."""
-
-    rounds_trained: int = 0
-    steps: int = 0  # training batches (split: cut-layer round trips)
-    compute_seconds: float = 0.0  # local training time, waiting for the aggregator included
-    last_train_loss: float | None = None
-    exchange_seconds: float = 0.0  # split: in cut-layer exchanges (send, wait, receive)
-
-
-STATE_FILE = "edge.safetensors"
 KEPT_REQUESTS = 4
 REQUESTS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
 # Arriving during a step, these are kept for the main loop; anything else then is stale.
@@ -133,12 +110,11 @@ class Agent:
         self.retry_interval_s = retry_interval_s
         self.state_dir = state_dir
         self.export_onnx = export_onnx
-        self.site_model: Path | None = None  # written at finish
-        self.onnx_model: Path | None = None
+        self.store = SiteStore(site_id, state_dir, export_onnx=export_onnx)
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
         self.defenses = SiteDefenses(DefenseSettings())  # the job's, from its setup message
-        self.segments: EdgeSegments | LocalModel | None = None
+        self.learner: Learner | None = None
         self.incarnation = incarnation or new_incarnation()
         self.lifecycle = Lifecycle(
             site_id, job_id, hello_interval_s=hello_interval_s, status_interval_s=status_interval_s
@@ -158,6 +134,11 @@ class Agent:
             retry_interval_s  # repeats queued in a long training: one answer
         )
         endpoint.set_expected(self._expected, MessageRules())
+
+    @property
+    def segments(self) -> EdgeSegments | LocalModel | None:
+        """The layers this site trains (None before setup)."""
+        return None if self.learner is None else self.learner.segments
 
     @property
     def phase(self) -> AgentPhase:
@@ -471,15 +452,24 @@ class Agent:
         self.specs = TensorSpecs(
             self.spec.plan, self.spec.mode, release_trunk=self.spec.release_trunk
         )
-        self.segments = (
-            LocalModel(self.spec, self.device)
-            if self.spec.federated
-            else EdgeSegments(self.spec, self.device)
-        )
         self.recovery = Recovery(self.site_id, self.job_id, self.state_dir)
-        self.recovery.load(self.segments)
-        if isinstance(self.segments, LocalModel):
-            self._restore_private(self.segments)  # the newest private layers, if any
+        self.learner = (
+            FederatedLearner(spec, self.device, self.progress)
+            if spec.federated
+            else SplitLearner(
+                spec,
+                self.device,
+                defenses=self.defenses,
+                channel=self,
+                recovery=self.recovery,
+                progress=self.progress,
+            )
+        )
+        self.recovery.load(self.learner.segments)
+        if isinstance(self.learner, FederatedLearner):
+            self.store.restore_private(
+                spec, self.learner.segments
+            )  # the newest private layers, if any
         self.lifecycle = self.lifecycle.set_up()
         log.info(
             "%s: joined job %s (%s, %s)",
@@ -493,8 +483,8 @@ class Agent:
 
     def _train(self, env: Envelope) -> None:
         assert self.spec is not None
-        assert self.segments is not None
-        segments = self.segments
+        assert self.learner is not None
+        learner, segments = self.learner, self.learner.segments
         self.recovery.before_round(segments, env.round)
         resumed = self.recovery.go_on_from(segments, env.round, int(env.meta.get("from_step") or 0))
         if resumed is None:
@@ -503,36 +493,24 @@ class Agent:
         segments.train()
         started = time.perf_counter()
         exchange, codec = self.progress.exchange_seconds, self.endpoint.stats.codec_total
-        steps = self.progress.steps
         epochs = int(env.meta.get("epochs", self.spec.local_epochs) or 1)
-        if isinstance(segments, LocalModel):  # federated: nothing leaves the site until done
-            losses = train_epochs(
-                segments.model,
-                segments.optimizer,
-                self.data.x_train.to(self.device),
-                self.data.y_train.to(self.device),
-                epochs=epochs,
-                batch_size=self.spec.batch_size,
-                seed=self.spec.seed,
-                first_epoch=env.round * epochs,
-            )
-            train_loss = sum(losses) / len(losses)
-            batches = -(-self.data.train_samples // self.spec.batch_size)
-            self.progress.steps += batches * epochs
+        if isinstance(learner, FederatedLearner):  # nothing leaves the site until done
+            result = learner.train_round(self.data, env.round, epochs)
         else:
             every = int(env.meta.get("snapshot_every") or 0)
-            train_loss = self._train_split(env.round, epochs, every=every, resumed=resumed)
+            result = learner.train_round(self.data, env.round, epochs, every=every, resumed=resumed)
+        train_loss = result.loss
         seconds = time.perf_counter() - started
         meta: dict[str, MetaValue] = {
             "samples": self.data.train_samples,
             "train_loss": train_loss if math.isfinite(train_loss) else None,
             "train_seconds": seconds,
         }
-        if not isinstance(segments, LocalModel):  # where a split round's time went
+        if isinstance(learner, SplitLearner):  # where a split round's time went
             meta |= {
                 "exchange_seconds": self.progress.exchange_seconds - exchange,
                 "codec_seconds": self.endpoint.stats.codec_total - codec,
-                "steps": self.progress.steps - steps,
+                "steps": result.steps,
             }
         self.progress.rounds_trained += 1
         self.progress.compute_seconds += seconds
@@ -541,154 +519,51 @@ class Agent:
         self.recovery.after_round(segments, env.round)
         self._save()
 
-    def _train_split(
-        self, round: int, epochs: int, *, every: int = 0, resumed: Snapshot | None = None
-    ) -> float:
-        """Local epochs of split learning, in the same batch order as centralized training.
-
-        With ``every``, the site's state is kept before every ``every``-th step (the aggregator
-        checkpoints at the same steps); from ``resumed`` it goes on at that step.
-        """
-        assert self.spec is not None
-        x, y = self.data.x_train, self.data.y_train
-        step, total_loss, seen = 0, 0.0, 0
-        first = 0
-        if resumed is not None:
-            first, total_loss, seen = resumed.step, resumed.loss_sum, resumed.seen
-        for local_epoch in range(epochs):
-            epoch = round * epochs + local_epoch
-            for idx in batch_order(len(y), self.spec.batch_size, seed=self.spec.seed, epoch=epoch):
-                if step < first:
-                    step += 1
-                    continue
-                if every and step and step % every == 0 and step != first:
-                    assert self.segments is not None
-                    self.recovery.keep_step(self.segments, round, step, total_loss, seen)
-                xb, yb = x[idx].to(self.device), y[idx].to(self.device)
-                total_loss += self._step(round, step, xb, yb) * len(idx)
-                seen += len(idx)
-                step += 1
-                self.progress.steps += 1
-        return total_loss / max(seen, 1)
-
-    def _step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
-        """One split-learning step: the cut-layer tensors make a round trip per batch."""
-        assert isinstance(self.segments, EdgeSegments)
-        assert self.spec is not None
-        seg = self.segments
-        seg.optimizer.zero_grad()
-        defenses = self.defenses
-        h = seg.head(xb)
-        if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
-            tensors = {"h": defenses.activations(h), "y": yb}
-            reply = self._exchange(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step)
-            defenses.backward_head(xb, h, reply.tensors["g"].to(self.device))
-            seg.optimizer.step()
-            return float(reply.meta.get("loss") or 0.0)
-        sent = {"h": defenses.activations(h)}
-        t = self._exchange(Kind.ACTIVATIONS, sent, Kind.TRUNK_OUT, round, step).tensors["t"]
-        t = t.to(self.device).requires_grad_()
-        loss = loss_fn(seg.tail(t), yb)
-        loss.backward()
-        assert t.grad is not None
-        returned = {"g": defenses.gradient(t.grad)}
-        g = self._exchange(Kind.TRUNK_GRAD, returned, Kind.ACT_GRAD, round, step).tensors["g"]
-        defenses.backward_head(xb, h, g.to(self.device))
-        seg.optimizer.step()
-        return float(loss.detach())
-
-    def _exchange(
-        self, kind: str, tensors: dict[str, torch.Tensor], answer: str, round: int, step: int
+    def exchange(
+        self,
+        kind: str,
+        tensors: dict[str, torch.Tensor],
+        answer: str,
+        *,
+        round: int,
+        step: int,
+        cast: set[str],
+        wait: bool = False,
     ) -> Envelope:
-        """One cut-layer round trip: ``tensors`` up, the ``answer`` back. Only the cut-layer
-        tensor (``h`` or ``g``) may travel in the job's wire dtype; labels never do."""
-        started = time.perf_counter()
-        cast = {"h"} if "h" in tensors else {"g"}
-        request = self._send(kind, round=round, step=step, tensors=tensors, cast=cast, wait=False)
-        reply = self._await(answer, request, cast)
-        self.progress.exchange_seconds += time.perf_counter() - started
-        return reply
+        """The ``StepChannel`` of this site's split learner: ``tensors`` up as ``kind``, and
+        the aggregator's ``answer``. A step's request is not waited on (``wait=False``): its
+        answer acknowledges it, and it is repeated while none comes."""
+        request = self._send(kind, round=round, step=step, tensors=tensors, cast=cast, wait=wait)
+        return self._await(answer, request, cast)
 
     def _save(self) -> None:
-        """Keep this site's layers in its state directory (atomically), e.g. for export.
-
-        The file names the job it belongs to, so a restarted agent restores its private layers
-        only into the same job.
-        """
-        if self.state_dir is None or self.segments is None or self.spec is None:
-            return
-        metadata = {"job_id": self.spec.job_id, "mode": self.spec.mode, "site_id": self.site_id}
-        data = save(self.segments.full_state(), metadata=metadata)
-        atomic_write(self.state_dir / STATE_FILE, data)
-
-    def _restore_private(self, model: LocalModel) -> None:
-        """After a restart, take back the private layers this site trained in this job."""
-        path = None if self.state_dir is None else self.state_dir / STATE_FILE
-        if path is None or not path.is_file() or self.spec is None or not model.private_keys:
-            return
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                if (handle.metadata() or {}).get("job_id") != self.spec.job_id:
-                    return  # another job's layers: start from the job's initial weights
-                state = {k: handle.get_tensor(k) for k in model.private_keys}
-            model.load_private(state)
-            log.info("%s: private layers restored from %s", self.site_id, path)
-        except (SafetensorError, OSError, KeyError, RuntimeError) as exc:
-            log.warning("%s: cannot restore private layers from %s: %s", self.site_id, path, exc)
+        if self.spec is not None and self.segments is not None:
+            self.store.save(self.spec, self.segments)
 
     # -- the end of the job ----------------------------------------------------------------------
 
     def _finish(self, env: Envelope) -> None:
         """Assemble this site's own model from the final weights; keep it, and export it."""
-        if self.segments is None or self.spec is None or self.state_dir is None:
+        if self.segments is None or self.spec is None:
             return
-        state = assemble(self.segments, env.tensors, self.spec)
-        card = site_card(self.spec, self.site_id, self.data.card)
-        if state is None or card is None:
-            why = "the job keeps the trunk (release_trunk: false)" if card else "no data card"
-            log.info("%s: no site model assembled: %s", self.site_id, why)
-            return
-        try:
-            self.site_model = save_site_model(self.state_dir, state, card)
-        except OSError as exc:  # e.g. a full disk: the job is over, the agent still exits cleanly
-            log.error("%s: cannot write the site model: %s", self.site_id, exc)
-            return
-        log.info("%s: site model written to %s", self.site_id, self.site_model)
-        if self.export_onnx:
-            self._export()
+        self.store.finish(self.spec, self.segments, env.tensors, self.data)
 
-    def _export(self) -> None:
-        """Export to ONNX with parity checked on this site's own held-out samples."""
-        if self.state_dir is None or self.site_model is None:
-            return
-        target = self.state_dir / ONNX_FILE
-        sample = self.data.x_test[:32] if len(self.data.y_test) else None
-        try:
-            result = export_site_model(self.site_model, target, sample=sample)
-        except (ExportError, SiteModelError) as exc:  # the weights stay; export can be redone
-            log.error("%s: ONNX export failed: %s", self.site_id, exc)
-            return
-        self.onnx_model = result.path
-        log.info(
-            "%s: exported %s (opset %d, parity %.2g)",
-            self.site_id,
-            result.path,
-            result.opset,
-            result.max_abs_diff,
-        )
+    @property
+    def site_model(self) -> Path | None:
+        """Written at finish."""
+        return self.store.site_model
+
+    @property
+    def onnx_model(self) -> Path | None:
+        return self.store.onnx_model
 
     # -- evaluation -------------------------------------------------------------------------------
 
     def _evaluate(self, env: Envelope) -> None:
-        assert self.segments is not None
-        seg = self.segments
-        seg.load(env.tensors)
-        seg.train(False)
-        x = self.data.x_test.to(self.device)
-        if isinstance(seg, LocalModel):
-            logits = seg.predict(x)
-        else:
-            logits = self._split_logits(seg, env.round, x)
+        assert self.learner is not None
+        self.learner.segments.load(env.tensors)
+        self.learner.segments.train(False)
+        logits = self.learner.logits(env.round, self.data.x_test.to(self.device))
         self._save()
         metrics = evaluate_logits(logits.cpu(), self.data.y_test)
         stats = self.endpoint.stats
@@ -713,17 +588,3 @@ class Agent:
             stats.sent_bytes / 1e6,
             stats.received_bytes / 1e6,
         )
-
-    def _split_logits(self, seg: EdgeSegments, round: int, x: torch.Tensor) -> torch.Tensor:
-        """Held-out logits through the aggregator's trunk; labels never travel."""
-        assert self.spec is not None
-        outputs = []
-        with torch.no_grad():
-            for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
-                h = self.defenses.activations(seg.head(x[idx]))
-                request = self._send(
-                    Kind.EVAL_ACTIVATIONS, round=round, step=step, tensors={"h": h}, cast={"h"}
-                )
-                t = self._await(Kind.EVAL_OUT, request, {"h"}).tensors["t"].to(self.device)
-                outputs.append(seg.tail(t) if seg.tail is not None else t)
-        return torch.cat(outputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from edge_agent.agent import Agent
 from edge_agent.data import datasets
 from experiments.inprocess import run_job
 from medsplit.channel import Endpoint
-from medsplit.protocol import topics
+from medsplit.protocol import Kind, topics
 from medsplit.transport import MemoryBroker, MemoryTransport
 from medsplit.wire import Envelope
 from medsplit.wiring import memory_connector
@@ -116,10 +117,12 @@ def test_aggregator_ignores_strangers_and_rejects_malformed_activations(tmp_path
 class _CrashingAgent(Agent):
     """Dies in the middle of its first round, as a process killed mid-epoch would."""
 
-    def _step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
-        if step == 3:
+    def exchange(
+        self, kind: str, tensors: dict[str, torch.Tensor], answer: str, **how: Any
+    ) -> Envelope:
+        if kind == Kind.ACTIVATIONS and how["step"] == 3:
             raise SystemExit("site process killed")
-        return super()._step(round, step, xb, yb)
+        return super().exchange(kind, tensors, answer, **how)
 
 
 def test_a_restarted_site_says_hello_and_finishes_the_round() -> None:

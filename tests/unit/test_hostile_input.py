@@ -7,14 +7,8 @@ import math
 import pytest
 import torch
 
-from aggregator.strategy import (
-    Aggregation,
-    FedAvg,
-    Reply,
-    clip_update,
-    coordinate_wise,
-    update_norm,
-)
+from aggregator.strategy import FedAvg, Reply
+from medsplit.aggregation import Aggregation, clip_update, coordinate_wise, update_norm
 from medsplit.throttle import Throttle
 from medsplit.transport.inbox import ByteBoundedQueue, branch
 from medsplit.wire import (

@@ -1,0 +1,210 @@
+"""Learners: what a site computes in a round, one per family of modes.
+
+The agent (``edge_agent.agent``) keeps the lifecycle and the channel; a learner owns a mode
+family's layers, its training step, its exchanges and its state:
+
+* ``FederatedLearner`` (``fedavg``, ``flop``): the whole model, trained locally; nothing
+  leaves the site until the round is done.
+* ``SplitLearner`` (``split``, ``split-u``): the head (and tail), trained step by step with the
+  aggregator's trunk, each step a round trip of cut-layer tensors through a ``StepChannel``.
+
+Both load the weights a request carries (``load``), train a round (``train_round``), say what
+goes back (``state``) and compute held-out logits (``logits``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from edge_agent.data.datasets import SiteData
+from edge_agent.local_model import LocalModel
+from edge_agent.recovery import Recovery, Snapshot
+from edge_agent.segments import EdgeSegments
+from medsplit.privacy.defenses import SiteDefenses
+from medsplit.protocol import JobSpec, Kind
+from medsplit.training import batch_order, loss_fn, train_epochs
+from medsplit.wire import Envelope
+from medsplit.wire.frame import MetaValue
+
+
+class StepChannel(Protocol):
+    """How a split learner reaches the trunk: one request, its answer (the agent repeats the
+    request while none comes, and gives up when the aggregator goes away)."""
+
+    def exchange(
+        self,
+        kind: str,
+        tensors: dict[str, torch.Tensor],
+        answer: str,
+        *,
+        round: int,
+        step: int,
+        cast: set[str],
+        wait: bool = False,
+    ) -> Envelope: ...
+
+
+@dataclass
+class Progress:
+    """What this agent has done, for its round log line and its /metrics."""
+
+    rounds_trained: int = 0
+    steps: int = 0  # training batches (split: cut-layer round trips)
+    compute_seconds: float = 0.0  # local training time, waiting for the aggregator included
+    last_train_loss: float | None = None
+    exchange_seconds: float = 0.0  # split: in cut-layer exchanges (send, wait, receive)
+
+
+@dataclass
+class RoundResult:
+    """A trained round: its mean loss, the steps it took and what its ``done`` reports."""
+
+    loss: float
+    steps: int
+    meta: dict[str, MetaValue] = field(default_factory=dict)
+
+
+class FederatedLearner:
+    """The whole model on the site; a round is local epochs with a fresh optimizer."""
+
+    def __init__(self, spec: JobSpec, device: torch.device, progress: Progress) -> None:
+        self.spec, self.device = spec, device
+        self.progress = progress
+        self.segments = LocalModel(spec, device)
+
+    def train_round(self, data: SiteData, round: int, epochs: int) -> RoundResult:
+        model = self.segments
+        losses = train_epochs(
+            model.model,
+            model.optimizer,
+            data.x_train.to(self.device),
+            data.y_train.to(self.device),
+            epochs=epochs,
+            batch_size=self.spec.batch_size,
+            seed=self.spec.seed,
+            first_epoch=round * epochs,
+        )
+        steps = -(-data.train_samples // self.spec.batch_size) * epochs
+        self.progress.steps += steps
+        return RoundResult(sum(losses) / len(losses), steps)
+
+    def logits(self, round: int, x: torch.Tensor) -> torch.Tensor:
+        return self.segments.predict(x)
+
+
+class SplitLearner:
+    """The site's head (and tail); each batch a round trip through the aggregator's trunk."""
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        device: torch.device,
+        *,
+        defenses: SiteDefenses,
+        channel: StepChannel,
+        recovery: Recovery,
+        progress: Progress,
+    ) -> None:
+        self.spec, self.device = spec, device
+        self.defenses = defenses
+        self.channel = channel
+        self.recovery = recovery
+        self.progress = progress  # counted as it goes: /metrics shows a round in progress
+        self.segments = EdgeSegments(spec, device)
+
+    def train_round(
+        self,
+        data: SiteData,
+        round: int,
+        epochs: int,
+        *,
+        every: int = 0,
+        resumed: Snapshot | None = None,
+    ) -> RoundResult:
+        """Local epochs of split learning, in the same batch order as centralized training.
+
+        With ``every``, the site's state is kept before every ``every``-th step (the aggregator
+        checkpoints at the same steps); from ``resumed`` it goes on at that step.
+        """
+        x, y = data.x_train, data.y_train
+        step, total_loss, seen, taken = 0, 0.0, 0, 0
+        first = 0
+        if resumed is not None:
+            first, total_loss, seen = resumed.step, resumed.loss_sum, resumed.seen
+        for local_epoch in range(epochs):
+            epoch = round * epochs + local_epoch
+            for idx in batch_order(len(y), self.spec.batch_size, seed=self.spec.seed, epoch=epoch):
+                if step < first:
+                    step += 1
+                    continue
+                if every and step and step % every == 0 and step != first:
+                    self.recovery.keep_step(self.segments, round, step, total_loss, seen)
+                xb, yb = x[idx].to(self.device), y[idx].to(self.device)
+                total_loss += self.step(round, step, xb, yb) * len(idx)
+                seen += len(idx)
+                step += 1
+                taken += 1
+                self.progress.steps += 1
+        return RoundResult(total_loss / max(seen, 1), taken)
+
+    def step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
+        """One split-learning step: the cut-layer tensors make a round trip per batch."""
+        seg = self.segments
+        seg.optimizer.zero_grad()
+        defenses = self.defenses
+        h = seg.head(xb)
+        if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
+            tensors = {"h": defenses.activations(h), "y": yb}
+            reply = self._exchange(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step)
+            defenses.backward_head(xb, h, reply.tensors["g"].to(self.device))
+            seg.optimizer.step()
+            return float(reply.meta.get("loss") or 0.0)
+        sent = {"h": defenses.activations(h)}
+        t = self._exchange(Kind.ACTIVATIONS, sent, Kind.TRUNK_OUT, round, step).tensors["t"]
+        t = t.to(self.device).requires_grad_()
+        loss = loss_fn(seg.tail(t), yb)
+        loss.backward()
+        assert t.grad is not None
+        returned = {"g": defenses.gradient(t.grad)}
+        g = self._exchange(Kind.TRUNK_GRAD, returned, Kind.ACT_GRAD, round, step).tensors["g"]
+        defenses.backward_head(xb, h, g.to(self.device))
+        seg.optimizer.step()
+        return float(loss.detach())
+
+    def _exchange(
+        self, kind: str, tensors: dict[str, torch.Tensor], answer: str, round: int, step: int
+    ) -> Envelope:
+        """One cut-layer round trip: ``tensors`` up, the ``answer`` back. Only the cut-layer
+        tensor (``h`` or ``g``) may travel in the job's wire dtype; labels never do."""
+        started = time.perf_counter()
+        cast = {"h"} if "h" in tensors else {"g"}
+        reply = self.channel.exchange(kind, tensors, answer, round=round, step=step, cast=cast)
+        self.progress.exchange_seconds += time.perf_counter() - started
+        return reply
+
+    def logits(self, round: int, x: torch.Tensor) -> torch.Tensor:
+        """Held-out logits through the aggregator's trunk; labels never travel."""
+        seg = self.segments
+        outputs = []
+        with torch.no_grad():
+            for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
+                h = self.defenses.activations(seg.head(x[idx]))
+                reply = self.channel.exchange(
+                    Kind.EVAL_ACTIVATIONS,
+                    {"h": h},
+                    Kind.EVAL_OUT,
+                    round=round,
+                    step=step,
+                    cast={"h"},
+                    wait=True,
+                )
+                t = reply.tensors["t"].to(self.device)
+                outputs.append(seg.tail(t) if seg.tail is not None else t)
+        return torch.cat(outputs)
+
+
+Learner = FederatedLearner | SplitLearner
