@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from medsplit.config import (
+    AggregationSettings,
     BrokerConfig,
     DefenseSettings,
     FileSettings,
@@ -156,45 +157,16 @@ class SecuritySettings(BaseModel):
     check_interval_s: float = Field(
         2.0, gt=0, description="how often the revocations file is checked for a change"
     )
+    roster_file: Path | None = Field(
+        None,
+        description="roster.json of `medsplit provision` (the aggregator's kit): every site's "
+        "public sealing keys, signed by the CA; relayed to the sites in setup (seal_segments)",
+    )
     sample_slack: float = Field(
         1.0,
         ge=1.0,
         description="an update may claim at most this many times the training samples the "
         "site declared when it joined; more is refused (a site cannot inflate its weight)",
-    )
-
-
-class AggregationSettings(BaseModel):
-    """How replies are combined: updates clipped to the round's median norm, then combined.
-
-    By default they are combined by their geometric median; the sample-weighted mean (FedAvg's),
-    the coordinate-wise median or the trimmed mean can replace it. They bound what one poisoned
-    site can do in parallel rounds (a cyclic turn has one reply, so they change nothing there).
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    method: Literal["mean", "median", "trimmed-mean", "geometric-median"] = Field(
-        "geometric-median",
-        description="geometric-median: the point nearest to all updates (RFA), unweighted; "
-        "mean: sample-weighted (FedAvg); median: coordinate-wise median; trimmed-mean: "
-        "coordinate-wise mean without the trim_fraction highest and lowest",
-    )
-    trim_fraction: float = Field(
-        0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end (at least one site)"
-    )
-    clip_norm: float | None = Field(
-        None,
-        gt=0,
-        description="scale each site's update (its weights minus the round's) down to at most "
-        "this L2 norm before combining; default: no clipping",
-    )
-    median_norm_clip: float | None = Field(
-        1.0,
-        gt=0,
-        description="scale each site's update down to at most this multiple of the round's "
-        "median update norm before combining, so that one site cannot pull harder than a "
-        "typical one (docs/security.md); null: off, the plain FedAvg mean",
     )
 
 
@@ -223,6 +195,12 @@ class JobConfig(FileSettings):
     )
     sites: list[Id] = Field(min_length=1, description="site ids expected to take part")
     seed: int = Field(0, description="initial weights, batch order and sampling derive from it")
+    seal_segments: bool = Field(
+        True,
+        description="split modes: every site's head and tail travel sealed to the other sites "
+        "(HPKE), so the aggregator relays them but cannot read them (docs/security.md); needs "
+        "security.roster_file",
+    )
     release_trunk: bool = Field(
         True,
         description="split modes: send each site the final trunk, so it can export its model",
@@ -258,6 +236,7 @@ class JobConfig(FileSettings):
     file_fields: ClassVar[tuple[str, ...]] = (
         *FileSettings.file_fields,
         "security.revocations_file",
+        "security.roster_file",
     )
 
     @classmethod
@@ -332,6 +311,10 @@ class JobConfig(FileSettings):
                 "steps run one site at a time; other rounds are checkpointed when they close"
             )
         _check_defenses(self.defenses, self.mode)
+        traits = MODES[self.mode]
+        if traits.cut_layer:  # the mode's default label protection, said in the job's spec
+            resolved = self.defenses.for_mode(traits.labels_travel, traits.u_shaped is True)
+            object.__setattr__(self, "defenses", resolved)  # frozen: set once, while validating
         if _SHAPE_ONLY.get():
             return self
         inputs = self.plan.model.input_shape[0]
@@ -392,5 +375,11 @@ def _check_defenses(defenses: DefenseSettings, mode: Mode) -> None:
     if defenses.gradient_noise and MODES[mode].labels_travel:
         raise ValueError(
             f"defenses.gradient_noise: in mode {mode} the labels themselves travel, so noise "
-            "on gradients hides nothing; use split-u to keep labels on the site"
+            "on gradients hides nothing; use split-u to keep labels on the site (or "
+            "label_epsilon: randomised response on the labels sent)"
+        )
+    if defenses.label_epsilon is not None and not MODES[mode].labels_travel:
+        raise ValueError(
+            f"defenses.label_epsilon: in mode {mode} no label travels; randomised response "
+            "applies to split, whose labels are sent"
         )

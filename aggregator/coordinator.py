@@ -42,6 +42,7 @@ from aggregator.conduct import Conduct
 from aggregator.config import JobConfig
 from aggregator.observability import CUT_LAYER_KINDS, StepTimes
 from aggregator.requests import OpenRequests
+from aggregator.sealed_relay import SealedRelay, check_seal, no_seals
 from aggregator.state import (
     Checkpoint,
     CloseTurn,
@@ -74,7 +75,15 @@ from medsplit.aggregation import Aggregation
 from medsplit.channel import Endpoint, Received
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
-from medsplit.protocol import JobSpec, Kind, TensorSpecs, exchanged_keys, final_keys, topics
+from medsplit.protocol import (
+    JobSpec,
+    Kind,
+    TensorSpecs,
+    edge_keys,
+    exchanged_keys,
+    final_keys,
+    topics,
+)
 from medsplit.protocol.meta import (
     DoneMeta,
     ErrorMeta,
@@ -85,7 +94,9 @@ from medsplit.protocol.meta import (
     read_meta,
 )
 from medsplit.protocol.presence import Presence
+from medsplit.protocol.spec import SEAL, SEALS, segments_sealed
 from medsplit.security.revocation import RevocationWatch
+from medsplit.security.seal import Roster, SealError
 from medsplit.snapshots import set_rng_state
 from medsplit.statistics import FeatureSums, normalization_digest
 from medsplit.throttle import error_replies
@@ -124,9 +135,17 @@ class Coordinator:
         checkpoints: CheckpointStore | None = None,
         fresh: bool = False,
         tap: WireTap | None = None,
+        roster: Roster | None = None,
     ) -> None:
-        """``tap`` keeps what sites send, for the privacy sweep's attacks (never in a deployment)."""
+        """``tap`` keeps what sites send, for the privacy sweep's attacks (never in a deployment).
+        ``roster``: the sites' public sealing keys, needed when the job seals segments."""
         self.config = config
+        self.sealed = segments_sealed(config.mode, config.seal_segments)
+        if self.sealed and roster is None:
+            raise ValueError(
+                f"job {config.job_id} seals segments (seal_segments) but no roster was given"
+            )
+        self.roster = roster if self.sealed else None
         self.tap = tap
         self.endpoint = endpoint
         self.on_event = on_event or (lambda event: None)
@@ -145,8 +164,11 @@ class Coordinator:
             )
         full_state = model.state_dict()
         weights = {k: full_state[k].detach().clone() for k in exchanged_keys(plan, config.mode)}
+        strategy = make_strategy(config)
+        if self.sealed:  # the sites' segments never reach this process: it relays their seals
+            weights, strategy = no_seals(), SealedRelay(strategy)
         self.machine = JobMachine(
-            make_strategy(config),
+            strategy,
             rounds=config.rounds.count,
             quorum=config.quorum,
             round_deadline_s=config.rounds.deadline_s,
@@ -155,6 +177,7 @@ class Coordinator:
             finish_linger_s=config.rounds.finish_deadline_s,
             snapshot_every=config.checkpoint.every_steps,
             sample_slack=config.security.sample_slack,
+            recipients=tuple(config.sites) if self.sealed else (),
         )
         self.checkpoints = checkpoints
         self.last_checkpoint: Path | None = None
@@ -177,8 +200,12 @@ class Coordinator:
             wire_dtype=config.training.wire_dtype,
             release_trunk=config.release_trunk,
             defenses=config.defenses,
+            sealed=self.sealed,
+            aggregation=config.aggregation,
         )
-        specs = TensorSpecs(plan, config.mode, release_trunk=config.release_trunk)
+        specs = TensorSpecs(
+            plan, config.mode, release_trunk=config.release_trunk, sealed=self.sealed
+        )
         endpoint.set_expected(
             lambda header: specs.expected(header.kind), MessageRules.aggregator(config.mode)
         )
@@ -324,6 +351,8 @@ class Coordinator:
         tensors = dict(message.tensors)
         if message.kind == Kind.SETUP:
             meta["spec"] = self.spec.to_meta()
+            if self.roster is not None:
+                meta["roster"] = self.roster.text
         elif message.kind == Kind.FINISH:
             tensors = self.final_tensors()
         elif message.kind in (Kind.TRAIN, Kind.EVALUATE) and self.state.normalization:
@@ -454,6 +483,20 @@ class Coordinator:
         if not self._answers_request(site, env):
             return
         done = read_meta(DoneMeta, env)
+        if self.roster is not None:
+            try:
+                check_seal(
+                    env.tensors[SEAL],
+                    self.roster,
+                    site=site,
+                    job_id=self.config.job_id,
+                    round=self.state.round,
+                    turn=self.state.turn,
+                    samples=done.samples,
+                )
+            except SealError as exc:
+                self._step(ReplyRejected(site, Kind.DONE, "BadSeal", str(exc)))
+                return
         reply = Reply(site, env.tensors, done.samples)
         self._step(
             TrainDone(site, env.round, reply, done.train_loss, done.train_seconds, _timings(done))
@@ -715,12 +758,15 @@ class Coordinator:
         """What ``finish`` carries: the final global state, and the trunk if the job releases it."""
         keys = final_keys(self.config.plan, self.config.mode, self.config.release_trunk)
         state = self.final_state()
+        if self.sealed:
+            keys = [SEALS, *(k for k in keys if k not in edge_keys(self.config.plan))]
         return {k: state[k] for k in keys}
 
     def final_state(self) -> dict[str, torch.Tensor]:
         """The weights the aggregator holds at the end.
 
-        Split modes: the whole model (trunk from here, head/tail as last trained or averaged).
+        Split modes: the whole model (trunk from here, head/tail as last trained or averaged);
+        sealed: the trunk and the last turn's seals, which only the sites can open.
         ``fedavg``: the whole averaged model. ``flop``: only the shared tensors -- each site's
         private layers exist only in that site's state directory.
         """

@@ -25,6 +25,9 @@ from aggregator.observability import status as job_status
 from aggregator.report import build_report, write_report, write_run
 from medsplit.health import Check, certificate_valid, connected, start_health, writable
 from medsplit.ids import AGGREGATOR_ID
+from medsplit.protocol.spec import segments_sealed
+from medsplit.security.seal import Roster, SealError, ca_public_key
+from medsplit.security.seal_kit import load_roster
 from medsplit.wiring import (
     Connector,
     JobAlreadyCoordinated,
@@ -32,6 +35,7 @@ from medsplit.wiring import (
     mqtt_connector,
     open_aggregator,
 )
+from models import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,37 @@ def _readiness(config: JobConfig, parties: list[Party]) -> dict[str, Check]:
     return checks
 
 
+def job_roster(config: JobConfig) -> Roster | None:
+    """The sites' public sealing keys, when the job seals segments; ConfigError otherwise."""
+    if not segments_sealed(config.mode, config.seal_segments):
+        return None
+    path = config.security.roster_file
+    field = "security.roster_file"
+    if path is None:
+        raise ConfigError(
+            "job.yaml",
+            [
+                (
+                    field,
+                    "required: this split job seals the sites' segments (seal_segments: true); "
+                    "give the roster.json `medsplit provision` wrote into the aggregator's kit",
+                )
+            ],
+        )
+    try:
+        ca = ca_public_key(config.broker.tls.ca_file) if config.broker.tls else None
+        roster = load_roster(path, config.job_id, ca)
+    except SealError as exc:
+        raise ConfigError("job.yaml", [(field, str(exc))]) from None
+    missing = [site for site in config.sites if site not in roster.sites]
+    if missing:
+        raise ConfigError(
+            "job.yaml",
+            [(field, f"no sealing keys for {', '.join(missing)} (medsplit provision --add-site)")],
+        )
+    return roster
+
+
 def _run(
     config: JobConfig,
     connector: Connector,
@@ -118,6 +153,7 @@ def _run(
     *,
     events: bool,
 ) -> int:
+    roster = job_roster(config)  # a missing or foreign roster: one clear line, before any work
     store = None
     if config.checkpoint.enabled:
         store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint.keep)
@@ -165,6 +201,7 @@ def _run(
             on_event=emit,
             presence=party.presence,
             checkpoints=store,
+            roster=roster,
         )
     except CheckpointMismatch as exc:
         party.close()

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from aggregator.state import JobState, Phase, SiteEntry
 from medsplit.metric_families import Durations, Scraped, counted_by, one_hot
+from medsplit.modes import MODES
 from medsplit.protocol import Kind
 
 if TYPE_CHECKING:
@@ -120,6 +121,8 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
         "job_id": config.job_id,
         "mode": str(config.mode),
         "orchestration": str(config.orchestration),
+        # Split modes: whether the sites' head and tail travel sealed (None: federated modes).
+        "sealed_segments": coordinator.sealed if MODES[config.mode].cut_layer else None,
         "phase": str(state.phase),
         "round": state.round,
         "rounds": config.rounds.count,
@@ -161,6 +164,16 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
         if coordinator.last_checkpoint is None
         else str(coordinator.last_checkpoint),
     }
+
+
+def latest_epsilon(state: JobState) -> dict[str, float]:
+    """Each site's epsilon in the newest round it reported one."""
+    out: dict[str, float] = {}
+    for record in state.history:
+        for site, metrics in record.metrics.items():
+            if isinstance(metrics.get("epsilon"), int | float):
+                out[site] = float(metrics["epsilon"])
+    return out
 
 
 class JobCollector(Scraped["Coordinator"]):
@@ -250,6 +263,15 @@ class JobCollector(Scraped["Coordinator"]):
             "replies for a closed step, dropped",
             value=state.late_messages,
         )
+        epsilon = GaugeMetricFamily(
+            "medsplit_site_epsilon",
+            "each site's epsilon so far, as it last reported it (its noise defenses' (epsilon, "
+            "delta) from Opacus's accountant; absent when nothing it sends is accounted)",
+            labels=["site"],
+        )
+        for site, value in latest_epsilon(state).items():
+            epsilon.add_metric([site], value)
+        yield epsilon
         sites = GaugeMetricFamily("medsplit_sites", "sites by registry state", labels=["state"])
         sites.add_metric(["joined"], len(state.joined))
         sites.add_metric(["connected"], len(state.live))

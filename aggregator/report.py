@@ -19,6 +19,7 @@ from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
 from aggregator.report_page import write_pages
 from aggregator.state import RoundRecord
+from medsplit.modes import MODES
 from medsplit.storage import atomic_write
 
 
@@ -59,6 +60,10 @@ def build_report(
             s for s, e in state.sites.items() if e.taking_part and not e.finished
         ],
     }
+    # Split modes: whether the sites' head and tail travelled sealed (None: federated modes).
+    report["sealed_segments"] = (
+        coordinator.sealed if MODES[coordinator.config.mode].cut_layer else None
+    )
     report["data_path"] = data_path(coordinator)
     report["wire_bytes"] = wire_bytes(coordinator)
     report["last_checkpoint"] = (
@@ -124,7 +129,7 @@ def report_dict(
 
 
 def _round(record: RoundRecord) -> dict[str, Any]:
-    keep = ("loss", "accuracy", "auroc", "samples")
+    keep = ("loss", "accuracy", "auroc", "samples", "epsilon")
     return {
         "round": record.round,
         "seconds": round(record.seconds, 3),

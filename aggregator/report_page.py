@@ -196,7 +196,7 @@ def _cell(value: object) -> str:
 def _setup_rows(report: Mapping[str, Any]) -> list[tuple[str, object]]:
     keys = (
         *("mode", "orchestration", "dataset", "model", "partition", "rounds", "local_epochs"),
-        *("batch_size", "wire_dtype", "seed", "last_checkpoint"),
+        *("batch_size", "wire_dtype", "seed", "sealed_segments", "last_checkpoint"),
     )
     rows: list[tuple[str, object]] = [(k.replace("_", " "), report[k]) for k in keys if k in report]
     return [*rows, ("sites", list(report["sites"]))]
@@ -206,14 +206,22 @@ def _final_table(report: Mapping[str, Any]) -> str:
     final = report.get("final")
     if not final:
         return "<p class='none'>no round closed</p>"
-    rows = [
-        (site, m.get("samples"), m.get("accuracy"), m.get("auroc"), m.get("loss"))
+    rows: list[tuple[object, ...]] = [
+        (
+            site,
+            m.get("samples"),
+            m.get("accuracy"),
+            m.get("auroc"),
+            m.get("loss"),
+            "-" if m.get("epsilon") is None else f"{m['epsilon']:.3g}",
+        )
         for site, m in final["sites"].items()
     ]
     mean = final["mean"]
-    rows.append(("mean", None, mean.get("accuracy"), mean.get("auroc"), mean.get("loss")))
+    rows.append(("mean", None, mean.get("accuracy"), mean.get("auroc"), mean.get("loss"), None))
     title = f"<p>round {final['round']}</p>"
-    return title + _table(("site", "held-out samples", "accuracy", "AUROC", "loss"), rows)
+    columns = ("site", "held-out samples", "accuracy", "AUROC", "loss", "epsilon")
+    return title + _table(columns, rows)
 
 
 def _round_rows(history: Sequence[Mapping[str, Any]]) -> list[tuple[object, ...]]:

@@ -175,7 +175,8 @@ class ReplyRejected:
 
     site: str
     kind: str | None  # None: the site's answer to its current step (its own error reply)
-    reason: str
+    reason: str  # a short name, counted by (e.g. BadSeal)
+    detail: str = ""  # what exactly was wrong, for the site and the log
 
 
 @dataclass(frozen=True)
@@ -418,6 +419,8 @@ class JobMachine:
     finish_linger_s: float = 0.0  # how long to wait for every site to acknowledge finish
     snapshot_every: int = 0  # sequential split: sites keep their state every this many steps
     sample_slack: float = 1.0  # a reply may claim this many times the samples declared at join
+    # Sealed jobs: the sites a seal goes to (the job's, less the revoked); empty when unsealed.
+    recipients: tuple[str, ...] = ()
 
     def step(self, state: JobState, event: Event, now: float) -> tuple[JobState, list[Out]]:
         if state.done:
@@ -518,7 +521,8 @@ class JobMachine:
         if not of_this_step or rejected.site not in state.waiting_for:
             return state  # not what the step waits for: counted by the receiver, nothing more
         what = rejected.kind or "answer"
-        why = f"your {what} was rejected ({rejected.reason}); this step goes on without it"
+        reason = f"{rejected.reason}: {rejected.detail}" if rejected.detail else rejected.reason
+        why = f"your {what} was rejected ({reason}); this step goes on without it"
         return self._refuse(state, rejected.site, rejected.reason, why, out)
 
     def _train_done(self, state: JobState, done: TrainDone, out: list[Out]) -> JobState:
@@ -787,6 +791,11 @@ class JobMachine:
             meta["snapshot_every"] = self.snapshot_every
         if state.from_step:
             meta["from_step"] = state.from_step
+        if self.recipients:  # a sealed job: the site seals its turn to these sites
+            meta["turn"] = state.turn
+            meta["recipients"] = ",".join(
+                s for s in self.recipients if s not in state.sites or not state.sites[s].revoked
+            )
         return Send(site, Kind.TRAIN, state.round, state.weights, meta)
 
 

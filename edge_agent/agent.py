@@ -44,14 +44,18 @@ from edge_agent.lifecycle import Action, AgentPhase, Lifecycle, SayHello
 from edge_agent.local_model import LocalModel
 from edge_agent.normalization import normalise, site_sums
 from edge_agent.recovery import Recovery
+from edge_agent.sealing import SiteSealing
 from edge_agent.segments import EdgeSegments
 from edge_agent.site_store import SiteStore
 from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.config import DefenseSettings
+from medsplit.privacy.accounting import PrivacyLedger, finite_or_none
 from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
 from medsplit.protocol.meta import MessageRules
 from medsplit.protocol.presence import Presence, new_incarnation
+from medsplit.protocol.spec import SEAL, SEALS
+from medsplit.security.seal import SealError
 from medsplit.statistics import normalization_digest
 from medsplit.throttle import error_replies
 from medsplit.training import evaluate_logits
@@ -99,7 +103,10 @@ class Agent:
         status_interval_s: float = 10.0,
         retry_interval_s: float = 5.0,
         incarnation: str | None = None,
+        sealing: SiteSealing | None = None,
     ) -> None:
+        """``sealing``: this site's sealing keys and the CA its roster must be signed by; a job
+        that seals segments (every split job by default) cannot be joined without them."""
         self.site_id, self.job_id = site_id, job_id
         self.endpoint = endpoint
         self.loaded = data  # as the data source made it
@@ -111,6 +118,8 @@ class Agent:
         self.state_dir = state_dir
         self.export_onnx = export_onnx
         self.store = SiteStore(site_id, state_dir, export_onnx=export_onnx)
+        self.sealing = sealing
+        self.ledger = PrivacyLedger(DefenseSettings())  # the job's, from its setup message
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
         self.defenses = SiteDefenses(DefenseSettings())  # the job's, from its setup message
@@ -447,10 +456,13 @@ class Agent:
         if spec == self.spec:
             self.lifecycle = self.lifecycle.set_up()
             return  # a repeated setup (we said hello more than once): nothing to rebuild
-        self.spec = spec
         self.defenses = SiteDefenses(spec.defenses)
+        self.ledger = PrivacyLedger(spec.defenses, self.store.releases(spec))
+        if spec.sealed:
+            self._accept_roster(spec, env)
+        self.spec = spec
         self.specs = TensorSpecs(
-            self.spec.plan, self.spec.mode, release_trunk=self.spec.release_trunk
+            spec.plan, spec.mode, release_trunk=spec.release_trunk, sealed=spec.sealed
         )
         self.recovery = Recovery(self.site_id, self.job_id, self.state_dir)
         self.learner = (
@@ -488,12 +500,15 @@ class Agent:
         self.recovery.before_round(segments, env.round)
         resumed = self.recovery.go_on_from(segments, env.round, int(env.meta.get("from_step") or 0))
         if resumed is None:
-            segments.load(env.tensors)
+            segments.load(self._incoming(env, before=(env.round, self._turn(env))))
+        if self.sealing is not None and self.spec.sealed:
+            self.sealing.remember_start(segments.state())  # a parallel seal carries it
         segments.start_round()
         segments.train()
         started = time.perf_counter()
         exchange, codec = self.progress.exchange_seconds, self.endpoint.stats.codec_total
         epochs = int(env.meta.get("epochs", self.spec.local_epochs) or 1)
+        self.ledger.before_training(epochs)  # a site past its epsilon budget trains no more
         if isinstance(learner, FederatedLearner):  # nothing leaves the site until done
             result = learner.train_round(self.data, env.round, epochs)
         else:
@@ -501,10 +516,13 @@ class Agent:
             result = learner.train_round(self.data, env.round, epochs, every=every, resumed=resumed)
         train_loss = result.loss
         seconds = time.perf_counter() - started
+        if isinstance(learner, SplitLearner):
+            self.ledger.trained(epochs)
         meta: dict[str, MetaValue] = {
             "samples": self.data.train_samples,
             "train_loss": train_loss if math.isfinite(train_loss) else None,
             "train_seconds": seconds,
+            "epsilon": finite_or_none(self.ledger.epsilon()),
         }
         if isinstance(learner, SplitLearner):  # where a split round's time went
             meta |= {
@@ -515,7 +533,7 @@ class Agent:
         self.progress.rounds_trained += 1
         self.progress.compute_seconds += seconds
         self.progress.last_train_loss = train_loss
-        self._publish(env.reply(self.site_id, Kind.DONE, tensors=segments.state(), meta=meta))
+        self._publish(env.reply(self.site_id, Kind.DONE, tensors=self._outgoing(env), meta=meta))
         self.recovery.after_round(segments, env.round)
         self._save()
 
@@ -538,7 +556,63 @@ class Agent:
 
     def _save(self) -> None:
         if self.spec is not None and self.segments is not None:
-            self.store.save(self.spec, self.segments)
+            self.store.save(self.spec, self.segments, releases=self.ledger.releases)
+
+    # -- sealed segments ---------------------------------------------------------------------------
+
+    def _accept_roster(self, spec: JobSpec, env: Envelope) -> None:
+        if self.sealing is None:
+            raise SealError(
+                f"job {spec.job_id} seals the sites' segments, but {self.site_id} has no sealing "
+                "keys (site.yaml sealing.key_file: the seal.key `medsplit provision` wrote)"
+            )
+        self.sealing.accept_roster(env.meta.get("roster"), spec.job_id)
+
+    @staticmethod
+    def _turn(env: Envelope) -> int:
+        return int(env.meta.get("turn") or 0)
+
+    def _incoming(self, env: Envelope, *, before: tuple[int, int]) -> Mapping[str, torch.Tensor]:
+        """The head (and tail) weights ``env`` stands for: its tensors, or in a sealed job what
+        its seals open to (``edge_agent.sealing``)."""
+        assert self.spec is not None
+        assert self.learner is not None
+        if not self.spec.sealed:
+            return env.tensors
+        assert self.sealing is not None
+        assert isinstance(self.learner, SplitLearner)
+        opened = self.sealing.open_relay(env.tensors[SEALS], self.spec, before=before)
+        if opened is None:
+            if env.round > 0:
+                raise SealError(
+                    f"{env.kind} of round {env.round} carries no seals: refusing to start from "
+                    "the job's initial weights"
+                )
+            return self.learner.initial
+        log.debug(
+            "%s: %s opened the seals of %s", self.site_id, env.kind, ", ".join(opened.senders)
+        )
+        return opened.weights
+
+    def _outgoing(self, env: Envelope) -> dict[str, torch.Tensor]:
+        """What ``done`` carries: the trained weights, or in a sealed job their seal, to the
+        job's sites the aggregator names (a revoked one is left out)."""
+        assert self.spec is not None
+        assert self.learner is not None
+        state = self.learner.segments.state()
+        if not self.spec.sealed:
+            return state
+        assert self.sealing is not None
+        recipients = env.meta.get("recipients")
+        seal = self.sealing.seal_state(
+            state,
+            self.spec,
+            round=env.round,
+            turn=self._turn(env),
+            samples=self.data.train_samples,
+            recipients=recipients.split(",") if isinstance(recipients, str) and recipients else [],
+        )
+        return {SEAL: seal}
 
     # -- the end of the job ----------------------------------------------------------------------
 
@@ -546,7 +620,10 @@ class Agent:
         """Assemble this site's own model from the final weights; keep it, and export it."""
         if self.segments is None or self.spec is None:
             return
-        self.store.finish(self.spec, self.segments, env.tensors, self.data)
+        final = dict(env.tensors)
+        if self.spec.sealed:
+            final |= self._incoming(env, before=(env.round + 1, 0))
+        self.store.finish(self.spec, self.segments, final, self.data)
 
     @property
     def site_model(self) -> Path | None:
@@ -561,7 +638,7 @@ class Agent:
 
     def _evaluate(self, env: Envelope) -> None:
         assert self.learner is not None
-        self.learner.segments.load(env.tensors)
+        self.learner.segments.load(self._incoming(env, before=(env.round + 1, 0)))
         self.learner.segments.train(False)
         logits = self.learner.logits(env.round, self.data.x_test.to(self.device))
         self._save()
@@ -571,6 +648,7 @@ class Agent:
             **metrics.as_meta(),
             "bytes_up": stats.sent_bytes,
             "bytes_down": stats.received_bytes,
+            "epsilon": finite_or_none(self.ledger.epsilon()),
         }
         self._publish(env.reply(self.site_id, Kind.METRICS, meta=meta))
         loss = self.progress.last_train_loss

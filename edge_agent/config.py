@@ -67,6 +67,23 @@ class SiteState(BaseModel):
     )
 
 
+class SiteSealingSettings(BaseModel):
+    """The site's keys for sealed segments (docs/security.md), apart from its TLS key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_file: Path | None = Field(
+        None,
+        description="seal.key of `medsplit provision`: this site's X25519 and Ed25519 private "
+        "keys; without it the site cannot join a job that seals segments",
+    )
+    ca_file: Path | None = Field(
+        None,
+        description="the CA whose signature the job's roster of sealing keys must carry; "
+        "default: broker.tls.ca_file",
+    )
+
+
 class SiteConfig(FileSettings):
     """What one edge agent runs: its identity, its data, and one group per concern."""
 
@@ -92,9 +109,25 @@ class SiteConfig(FileSettings):
     )
     waits: SiteWaits = SiteWaits()
     state: SiteState = SiteState()
+    sealing: SiteSealingSettings = Field(
+        SiteSealingSettings(), description="keys for sealed segments (docs/security.md)"
+    )
     http: HttpSettings = Field(
         HttpSettings(), description="/healthz and /readyz for probes (docs/deployment.md)"
     )
+
+    file_fields: ClassVar[tuple[str, ...]] = (
+        *FileSettings.file_fields,
+        "sealing.key_file",
+        "sealing.ca_file",
+    )
+
+    @property
+    def sealing_ca(self) -> Path | None:
+        """The roster's trust anchor: ``sealing.ca_file``, else the broker's CA."""
+        if self.sealing.ca_file is not None:
+            return self.sealing.ca_file
+        return self.broker.tls.ca_file if self.broker.tls is not None else None
 
     @field_validator("site_id")
     @classmethod

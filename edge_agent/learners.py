@@ -29,6 +29,7 @@ from medsplit.protocol import JobSpec, Kind
 from medsplit.training import batch_order, loss_fn, train_epochs
 from medsplit.wire import Envelope
 from medsplit.wire.frame import MetaValue
+from models import cut_shapes
 
 
 class StepChannel(Protocol):
@@ -115,6 +116,8 @@ class SplitLearner:
         self.recovery = recovery
         self.progress = progress  # counted as it goes: /metrics shows a round in progress
         self.segments = EdgeSegments(spec, device)
+        self.initial = self.segments.state()  # the job's first turn starts from these
+        self._sent_labels: torch.Tensor | None = None
 
     def train_round(
         self,
@@ -131,6 +134,7 @@ class SplitLearner:
         checkpoints at the same steps); from ``resumed`` it goes on at that step.
         """
         x, y = data.x_train, data.y_train
+        sent_labels = self._labels_to_send(y)
         step, total_loss, seen, taken = 0, 0.0, 0, 0
         first = 0
         if resumed is not None:
@@ -144,21 +148,38 @@ class SplitLearner:
                 if every and step and step % every == 0 and step != first:
                     self.recovery.keep_step(self.segments, round, step, total_loss, seen)
                 xb, yb = x[idx].to(self.device), y[idx].to(self.device)
-                total_loss += self.step(round, step, xb, yb) * len(idx)
+                total_loss += self.step(round, step, xb, yb, sent_labels[idx]) * len(idx)
                 seen += len(idx)
                 step += 1
                 taken += 1
                 self.progress.steps += 1
         return RoundResult(total_loss / max(seen, 1), taken)
 
-    def step(self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor) -> float:
-        """One split-learning step: the cut-layer tensors make a round trip per batch."""
+    def _labels_to_send(self, y: torch.Tensor) -> torch.Tensor:
+        """Vanilla split sends labels: as they are, or drawn once per job by randomised
+        response (``label_epsilon``), so that repeating them across epochs spends nothing."""
+        if self._sent_labels is None or len(self._sent_labels) != len(y):
+            classes = cut_shapes(self.spec.plan, 1)["logits"][-1]
+            self._sent_labels = self.defenses.labels(y, classes)
+        return self._sent_labels
+
+    def step(
+        self,
+        round: int,
+        step: int,
+        xb: torch.Tensor,
+        yb: torch.Tensor,
+        sent_labels: torch.Tensor | None = None,
+    ) -> float:
+        """One split-learning step: the cut-layer tensors make a round trip per batch.
+        ``sent_labels``: what vanilla split sends for ``yb`` (default: ``yb`` itself)."""
         seg = self.segments
         seg.optimizer.zero_grad()
         defenses = self.defenses
         h = seg.head(xb)
         if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
-            tensors = {"h": defenses.activations(h), "y": yb}
+            labels = yb if sent_labels is None else sent_labels.to(self.device)
+            tensors = {"h": defenses.activations(h), "y": labels}
             reply = self._exchange(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step)
             defenses.backward_head(xb, h, reply.tensors["g"].to(self.device))
             seg.optimizer.step()

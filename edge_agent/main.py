@@ -19,8 +19,11 @@ from edge_agent.data.datasets import SiteData
 from edge_agent.data.dicom_source import load_dicom_site
 from edge_agent.data.settings import CsvData, DicomData
 from edge_agent.observability import AgentCollector
+from edge_agent.sealing import SiteSealing
 from medsplit.health import Check, certificate_valid, connected, start_health
+from medsplit.security.seal import SealError
 from medsplit.wiring import Connector, Party, mqtt_connector, open_site
+from models import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,22 @@ def run(config: SiteConfig, *, linger: bool = False) -> int:
             health.stop()
 
 
+def site_sealing(config: SiteConfig) -> SiteSealing | None:
+    """The site's sealing keys, or None when it has none (it then joins only unsealed jobs)."""
+    key_file, ca = config.sealing.key_file, config.sealing_ca
+    if key_file is None:
+        return None
+    if ca is None:
+        raise ConfigError(
+            "site.yaml",
+            [("sealing.ca_file", "needed to check the roster when the broker has no TLS CA")],
+        )
+    try:
+        return SiteSealing.from_files(config.site_id, key_file, ca)
+    except SealError as exc:
+        raise ConfigError("site.yaml", [("sealing.key_file", str(exc))]) from None
+
+
 def _run(
     config: SiteConfig,
     connector: Connector,
@@ -95,6 +114,7 @@ def _run(
     agents: list[Agent],
 ) -> tuple[int, bool]:
     """The exit status, and whether the job finished (rather than this agent being stopped)."""
+    sealing = site_sealing(config)  # before anything connects: a bad key is one clear line
     data = load_data(config)
     loaded.append(data)
     device = pick_device(config.device)
@@ -121,6 +141,7 @@ def _run(
         state_dir=config.state.dir,
         export_onnx=config.export_onnx,
         incarnation=party.incarnation,
+        sealing=sealing,
     )
     agents.append(agent)
 

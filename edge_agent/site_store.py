@@ -46,13 +46,39 @@ class SiteStore:
         self.site_model: Path | None = None  # written at finish
         self.onnx_model: Path | None = None
 
-    def save(self, spec: JobSpec, segments: EdgeSegments | LocalModel) -> None:
-        """Keep this site's layers in its state directory (atomically), e.g. for export."""
+    def save(
+        self, spec: JobSpec, segments: EdgeSegments | LocalModel, *, releases: int = 0
+    ) -> None:
+        """Keep this site's layers in its state directory (atomically), e.g. for export, with
+        how often its records were released (its privacy ledger)."""
         if self.state_dir is None:
             return
-        metadata = {"job_id": spec.job_id, "mode": spec.mode, "site_id": self.site_id}
+        metadata = {
+            "job_id": spec.job_id,
+            "mode": spec.mode,
+            "site_id": self.site_id,
+            "releases": str(releases),
+        }
         data = save(segments.full_state(), metadata=metadata)
         atomic_write(self.state_dir / STATE_FILE, data)
+
+    def releases(self, spec: JobSpec) -> int:
+        """How often this site's records were released in this job before a restart: a
+        restarted agent goes on counting, it does not start its epsilon again from zero."""
+        path = None if self.state_dir is None else self.state_dir / STATE_FILE
+        if path is None or not path.is_file():
+            return 0
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (SafetensorError, OSError):
+            return 0
+        if metadata.get("job_id") != spec.job_id:
+            return 0
+        try:
+            return max(0, int(metadata.get("releases", "0")))
+        except ValueError:
+            return 0
 
     def restore_private(self, spec: JobSpec, model: LocalModel) -> None:
         """After a restart, take back the private layers this site trained in this job."""

@@ -67,7 +67,8 @@ class PrivacySettings(BaseModel):
         default_factory=lambda: [DefenseSettings()],
         min_length=1,
         description="one row per setting, for split and split-u (gradient_noise for split-u "
-        "only); the undefended run is always added first",
+        "only; a row that does not set it has none); the undefended run and the defaults "
+        "are always added first",
     )
     attack_epochs: int = Field(
         60, ge=1, le=10_000, description="epochs the attacker trains its inversion decoder"
@@ -77,11 +78,18 @@ class PrivacySettings(BaseModel):
     )
 
     def settings(self) -> list[DefenseSettings]:
-        """The defense rows, undefended first, each once."""
-        rows = [DefenseSettings()]
+        """The defense rows, each once: undefended first, then the job defaults (in split-u:
+        noise on the returned gradients), then the configured ones -- each exactly as written:
+        a row that leaves ``gradient_noise`` out has none."""
+        rows = [DefenseSettings(gradient_noise=0.0), DefenseSettings()]
         for defense in self.defenses:
-            if defense not in rows:
-                rows.append(defense)
+            explicit = (
+                defense
+                if defense.gradient_noise is not None
+                else defense.model_copy(update={"gradient_noise": 0.0})
+            )
+            if explicit not in rows:
+                rows.append(explicit)
         return rows
 
 
@@ -230,8 +238,8 @@ class ExperimentConfig(BaseModel):
             "broker": {"url": broker_url, "protocol": protocol, "insecure": True},
             "state": {"run_dir": str(self.output_dir / "runs" / cell.job_id(self.name))},
         }
-        if cell.defense.active:
-            job["defenses"] = cell.defense.model_dump()
+        if cell.defense != DefenseSettings():  # as written: "none" turns the defaults off too
+            job["defenses"] = cell.defense.model_dump(exclude_none=True)
         if cell.orchestration != "none":
             job["orchestration"] = cell.orchestration
         config: JobConfig = JobConfig.from_mapping(job, f"<experiment {self.name}>")
@@ -256,7 +264,7 @@ class Cell:
     defense: DefenseSettings = field(default_factory=DefenseSettings)  # the privacy axis
 
     def label(self) -> str:
-        defense = f", defense {self.defense.label()}" if self.defense.active else ""
+        defense = f", defense {self.defense.label()}" if self.defense != DefenseSettings() else ""
         return f"{self.method}, {self.partition}, {self.sites} sites, seed {self.seed}{defense}"
 
     @property
@@ -270,7 +278,8 @@ class Cell:
 
     def job_id(self, experiment: str) -> str:
         wire = "" if self.wire_dtype == "float32" else f"-{self.wire_dtype}"
-        defense = f"-{self.defense.label()}" if self.defense.active else ""
+        label = self.defense.label()
+        defense = "" if label == "none" else f"-{label}"
         text = (
             f"{experiment}-{self.mode}-{self.orchestration}{wire}{defense}-{self.partition}-"
             f"{self.sites}s-{self.seed}"

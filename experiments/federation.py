@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from safetensors.torch import load_file
 
 from medsplit.brokers.embedded import LocalBroker
 from medsplit.ids import AGGREGATOR_ID
+from medsplit.modes import SPLIT_MODES
+from medsplit.security.seal_kit import ROSTER_FILE, SEAL_KEY_FILE, write_throwaway
 
 MEDSPLIT = [sys.executable, "-m", "medsplit"]
 
@@ -87,6 +90,7 @@ class Federation:
             "waits": {"status_interval_s": 2, "retry_interval_s": 1},
             **job,
         }
+        sealing = self._sealing(job, kits)
         self.job_yaml = self._write("job.yaml", job)
         self.site_yaml: dict[str, Path] = {}
         for index, site in enumerate(self.sites):
@@ -106,11 +110,36 @@ class Federation:
                     },
                     "waits": {"status_interval_s": 2, "retry_interval_s": 1, **(site_waits or {})},
                     "state": {"dir": str(self.state_dir(site))},
+                    **({"sealing": sealing(site)} if sealing else {}),
                     **(site_settings or {}).get(site, {}),
                 },
             )
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.starts: dict[str, int] = {}
+
+    def _sealing(
+        self, job: dict[str, Any], kits: LocalBroker | None
+    ) -> Callable[[str], dict[str, str]] | None:
+        """A split job seals its segments by default: the aggregator's roster goes into
+        ``job`` and each site's keys into its site.yaml -- from the provisioned kits, or from a
+        kit made for this run when the broker is plaintext."""
+        mode = str(job.get("mode", "split-u"))
+        if not job.get("seal_segments", True) or mode not in SPLIT_MODES:
+            return None
+        if kits is not None and kits.kits is not None:
+            folder, ca = kits.kits, None  # the sites check the roster with their TLS CA
+            roster = folder / AGGREGATOR_ID / ROSTER_FILE
+        else:
+            folder = self.workdir / "sealing"
+            ca = write_throwaway(folder, self.job_id, self.sites)
+            roster = folder / ROSTER_FILE
+        job["security"] = {"roster_file": str(roster), **job.get("security", {})}
+
+        def site_section(site: str) -> dict[str, str]:
+            section = {"key_file": str(folder / site / SEAL_KEY_FILE)}
+            return section if ca is None else {**section, "ca_file": str(ca)}
+
+        return site_section
 
     def _write(self, name: str, data: dict[str, Any]) -> Path:
         path = self.workdir / name

@@ -14,12 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
 from aggregator.state import RoundRecord
 from aggregator.wire_tap import WireTap
 from edge_agent.agent import Agent
 from edge_agent.data.datasets import SiteData
+from edge_agent.sealing import SiteSealing
+from medsplit.protocol.spec import SEALS, segments_sealed
+from medsplit.security.seal_kit import SealKit, throwaway_kit
 from medsplit.wiring import Connector, Party, open_aggregator, open_site
 
 
@@ -28,6 +33,16 @@ class JobResult:
     history: list[RoundRecord]
     coordinator: Coordinator
     agents: dict[str, Agent]
+
+    def final_model(self, site: str | None = None) -> dict[str, torch.Tensor]:
+        """The whole model at the end of the job as ``site`` (default: the first) holds it:
+        what the aggregator holds, with the head and tail of the site's segments (in a sealed
+        job the aggregator holds only their seals)."""
+        agent = self.agents[site or next(iter(self.agents))]
+        state = {k: v for k, v in self.coordinator.final_state().items() if k != SEALS}
+        if agent.segments is not None:
+            state |= agent.segments.state()
+        return state
 
 
 @dataclass
@@ -50,6 +65,7 @@ class _Sites:
         timeout: float,
         state_root: Path | None,
         agent_kw: dict[str, Any],
+        kit: SealKit | None,
     ) -> _Sites:
         sites = cls([], {}, [], [])
         for site, site_data in data.items():
@@ -57,6 +73,8 @@ class _Sites:
             sites.parties.append(party)
             if state_root is not None:
                 agent_kw["state_dir"] = state_root / site
+            if kit is not None and site in kit.keys:
+                agent_kw["sealing"] = SiteSealing(kit.keys[site], trust=kit.trust)
             agent = agent_type(
                 site,
                 job_id,
@@ -116,8 +134,11 @@ def run_job(
     ``state_root`` each site keeps its state in ``state_root/SITE``, as the demo lays it out.
     With ``agents_first`` the agents start first and the aggregator only once every one of
     them has said hello twice, as when a deployment's sites come up before its server.
-    ``tap`` keeps what the aggregator receives (the privacy sweep).
+    ``tap`` keeps what the aggregator receives (the privacy sweep). A job that seals segments
+    gets sealing keys for every site and a roster made for this run.
     """
+    sealed = segments_sealed(config.mode, config.seal_segments)
+    kit = throwaway_kit(config.job_id, list(config.sites)) if sealed else None
     sites = _Sites.start(
         config.job_id,
         data,
@@ -126,6 +147,7 @@ def run_job(
         timeout=timeout,
         state_root=state_root,
         agent_kw=agent_kw,
+        kit=kit,
     )
     parties, agents, threads, errors = sites.parties, sites.agents, sites.threads, sites.errors
     if agents_first:
@@ -139,7 +161,13 @@ def run_job(
     if not agents_first:
         for thread in threads:
             thread.start()
-    coordinator = Coordinator(config, aggregator.endpoint, presence=aggregator.presence, tap=tap)
+    coordinator = Coordinator(
+        config,
+        aggregator.endpoint,
+        presence=aggregator.presence,
+        tap=tap,
+        roster=None if kit is None else kit.roster,
+    )
     try:
         history = coordinator.run()
         _stop_revoked(coordinator, agents)

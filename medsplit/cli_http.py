@@ -86,7 +86,10 @@ def render_status(status: dict[str, Any]) -> list[Any]:
         if status.get("late"):
             heading += f" [red](late: {status['late']})[/red]"
     sites = Table(title="sites")
-    columns = ("site", "state", "samples", "last seen", "MB up", "MB down", "accuracy", "loss")
+    columns = (
+        *("site", "state", "samples", "last seen", "MB up", "MB down", "accuracy", "loss"),
+        "epsilon",
+    )
     for column in (*columns, "why"):
         sites.add_column(column, justify="right" if column in columns[2:] else "left")
     for site, entry in status.get("sites", {}).items():
@@ -101,6 +104,7 @@ def render_status(status: dict[str, Any]) -> list[Any]:
             f"{entry.get('bytes', {}).get('down', 0) / 1e6:.2f}",
             _fmt(metrics.get("accuracy")),
             _fmt(metrics.get("loss")),
+            _fmt(metrics.get("epsilon")),
             entry.get("note", ""),
         )
     history = Table(title="rounds (from 0, as in report.json)")

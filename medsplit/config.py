@@ -119,11 +119,52 @@ class OptimizerConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="L2 penalty")
 
 
+class AggregationSettings(BaseModel):
+    """How replies are combined: updates clipped to the round's median norm, then combined.
+
+    By default they are combined by their geometric median; the sample-weighted mean (FedAvg's),
+    the coordinate-wise median or the trimmed mean can replace it. They bound what one poisoned
+    site can do in parallel rounds (a cyclic turn has one reply, so they change nothing there).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["mean", "median", "trimmed-mean", "geometric-median"] = Field(
+        "geometric-median",
+        description="geometric-median: the point nearest to all updates (RFA), unweighted; "
+        "mean: sample-weighted (FedAvg); median: coordinate-wise median; trimmed-mean: "
+        "coordinate-wise mean without the trim_fraction highest and lowest",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed-mean: share cut at each end (at least one site)"
+    )
+    clip_norm: float | None = Field(
+        None,
+        gt=0,
+        description="scale each site's update (its weights minus the round's) down to at most "
+        "this L2 norm before combining; default: no clipping",
+    )
+    median_norm_clip: float | None = Field(
+        1.0,
+        gt=0,
+        description="scale each site's update down to at most this multiple of the round's "
+        "median update norm before combining, so that one site cannot pull harder than a "
+        "typical one (docs/security.md); null: off, the plain FedAvg mean",
+    )
+
+
+# split-u: noise on the returned gradients, as a multiple of the batch's mean gradient norm,
+# unless the job says otherwise (docs/privacy.md has the measurements behind the choice).
+DEFAULT_LABEL_NOISE = 0.5
+
+
 class DefenseSettings(BaseModel):
     """What every site does to the cut-layer tensors it sends, against a curious aggregator.
 
-    All off by default; docs/privacy.md measures what each setting buys and costs. They apply
-    to split and split-u only: federated modes send weights, not activations.
+    In ``split-u`` the gradients a site returns carry noise by default (``gradient_noise``:
+    ``DEFAULT_LABEL_NOISE``), which blurs the labels they reveal; everything else is off by
+    default. docs/privacy.md measures what each setting buys and costs. They apply to split
+    and split-u only: federated modes send weights, not activations.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -139,21 +180,82 @@ class DefenseSettings(BaseModel):
         0.0,
         ge=0,
         le=100,
-        description="standard deviation of Gaussian noise added to every activation a site "
-        "sends, in training and evaluation",
+        description="Gaussian mechanism on every activation a site sends: each sample's "
+        "activation is clipped to L2 norm activation_clip and noised with this multiple of "
+        "it (sigma); the site's (epsilon, delta) is accounted (Opacus RDP)",
     )
-    gradient_noise: float = Field(
-        0.0,
+    activation_clip: float | None = Field(
+        None,
+        gt=0,
+        le=1e6,
+        description="the L2 norm each sample's activation is clipped to (the mechanism's "
+        "sensitivity); required with activation_noise",
+    )
+    gradient_noise: float | None = Field(
+        None,
         ge=0,
         le=100,
         description="split-u: Gaussian noise added to the gradients a site returns, as a "
         "multiple of the batch's mean gradient norm; hides labels from the norm and cosine "
-        "attacks",
+        f"attacks; default {DEFAULT_LABEL_NOISE} in split-u, 0 elsewhere",
     )
+    label_epsilon: float | None = Field(
+        None,
+        gt=0,
+        le=50,
+        description="split (labels travel): randomised response, each training label sent "
+        "replaced once per job with this epsilon of label differential privacy",
+    )
+    delta: float = Field(
+        1e-5, gt=0, lt=1, description="the delta of the (epsilon, delta) a site reports"
+    )
+    epsilon_budget: float | None = Field(
+        None,
+        gt=0,
+        description="a site trains no round that would take its epsilon past this budget",
+    )
+
+    @model_validator(mode="after")
+    def _mechanism_complete(self) -> DefenseSettings:
+        if self.activation_noise and self.activation_clip is None:
+            raise ValueError(
+                "activation_clip: required with activation_noise (the Gaussian mechanism "
+                "clips each sample's activation to this norm, then adds noise of "
+                "activation_noise x this norm)"
+            )
+        if self.epsilon_budget is not None and not self.accounted:
+            raise ValueError(
+                "epsilon_budget: nothing is accounted; it needs activation_noise (with "
+                "activation_clip) or label_epsilon"
+            )
+        return self
+
+    @property
+    def accounted(self) -> bool:
+        """Whether the site has an epsilon to report (a clipped Gaussian mechanism or
+        randomised response)."""
+        return bool(self.activation_noise) or self.label_epsilon is not None
+
+    @property
+    def label_noise(self) -> float:
+        return self.gradient_noise or 0.0
 
     @property
     def active(self) -> bool:
-        return bool(self.nopeek_alpha or self.activation_noise or self.gradient_noise)
+        return bool(
+            self.nopeek_alpha
+            or self.activation_noise
+            or self.label_noise
+            or self.label_epsilon is not None
+        )
+
+    def for_mode(self, labels_travel: bool, u_shaped: bool) -> DefenseSettings:
+        """These settings with the mode's default filled in: noise on returned gradients in
+        ``split-u``, none where labels travel or no gradient returns."""
+        if self.gradient_noise is not None:
+            return self
+        default = DEFAULT_LABEL_NOISE if u_shaped and not labels_travel else 0.0
+        return self.model_copy(update={"gradient_noise": default})
 
     def label(self) -> str:
         """A short name for tables: ``none``, ``nopeek 0.5``, ``noise 0.3 + grad-noise 1``."""
@@ -162,10 +264,14 @@ class DefenseSettings(BaseModel):
             for name, value in (
                 ("nopeek", self.nopeek_alpha),
                 ("noise", self.activation_noise),
-                ("grad-noise", self.gradient_noise),
+                ("clip", self.activation_clip or 0.0),
+                ("grad-noise", self.label_noise),
+                ("label-eps", self.label_epsilon or 0.0),
             )
             if value
         ]
+        if self.gradient_noise is None:  # the mode's default protection, on top
+            parts.insert(0, "default")
         return " + ".join(parts) or "none"
 
 

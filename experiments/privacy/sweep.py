@@ -36,7 +36,7 @@ from experiments.runner import CELL_FAILURES, connector_for, run_grid
 from medsplit.modes import MODES, Mode
 from medsplit.privacy import measures
 from medsplit.protocol import Kind
-from medsplit.protocol.spec import exchanged_keys
+from medsplit.protocol.spec import SEAL, exchanged_keys
 from medsplit.training import batch_order
 from models import split_model
 
@@ -73,8 +73,10 @@ def privacy_cells(config: ExperimentConfig) -> list[Cell]:
             continue
         traits = MODES[Mode(cell.mode)]
         for defense in config.privacy_settings.settings():
-            if defense.active and not traits.cut_layer:
+            if (defense.active or defense.gradient_noise is None) and not traits.cut_layer:
                 continue  # federated modes send weights: there is nothing to defend this way
+            if defense.gradient_noise is None and traits.labels_travel:
+                continue  # split's defaults are no defense: its row is the undefended one
             if defense.gradient_noise and traits.labels_travel:
                 continue
             cells.append(replace(cell, defense=defense))
@@ -189,7 +191,7 @@ def _attack_split(result: Measured, target: _Target) -> None:
     job, settings, tap, site = target.job, target.settings, target.tap, target.site
     last = job.rounds.count - 1
     sent = tap.messages(TARGET, Kind.ACTIVATIONS, last)
-    weights = tap.weights(TARGET, last)
+    weights = _plaintext_segments(target, last)
     if not sent or weights is None:
         result.note = "the tap holds no activations of the last round"
         return
@@ -221,6 +223,18 @@ def _attack_split(result: Measured, target: _Target) -> None:
         return
     tail = _segment(job, weights, "tail") if job.plan.u_shaped else None
     result.label_leak = _label_attacks(target, h, site.y_train[rows], batches, tail)
+
+
+def _plaintext_segments(target: _Target, round: int) -> dict[str, torch.Tensor] | None:
+    """The head (and tail) the white-box attacks use: what the aggregator received when the
+    segments travel in plaintext; with sealed segments (the default) the aggregator cannot read
+    them, and the white-box row answers "what if they travelled in plaintext", from the site's
+    own final layers."""
+    weights = target.tap.weights(TARGET, round)
+    if weights is not None and SEAL not in weights:
+        return weights
+    segments = target.outcome.agents[TARGET].segments
+    return None if segments is None else segments.state()
 
 
 def _label_attacks(

@@ -65,6 +65,7 @@ class DoneMeta(Meta):
     exchange_seconds: Seconds | None = None
     codec_seconds: Seconds | None = None
     steps: Annotated[int, Field(ge=0, le=MAX_COUNT)] | None = None
+    epsilon: Annotated[float, Field(ge=0, le=1e9)] | None = None  # the site's, so far
 
 
 class MetricsMeta(Meta):
@@ -74,6 +75,7 @@ class MetricsMeta(Meta):
     samples: Count = 0
     bytes_up: Annotated[int, Field(ge=0, le=MAX_BYTES)] = 0
     bytes_down: Annotated[int, Field(ge=0, le=MAX_BYTES)] = 0
+    epsilon: Annotated[float, Field(ge=0, le=1e9)] | None = None  # the site's, so far
 
 
 class ErrorMeta(Meta):
@@ -91,6 +93,7 @@ class NoMeta(Meta):
 
 class SetupMeta(Meta):
     spec: Annotated[str, StringConstraints(max_length=60_000)]
+    roster: Annotated[str, StringConstraints(max_length=2_000_000)] | None = None  # sealed jobs
 
 
 class RefusedMeta(Meta):
@@ -102,6 +105,12 @@ class TrainMeta(Meta):
     snapshot_every: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
     from_step: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0
     normalization: Token | None = None
+    turn: Annotated[int, Field(ge=0, le=MAX_COUNT)] = 0  # sealed jobs: the seal's place
+    # Sealed jobs: the site ids a seal goes to, comma-separated (meta values are scalars).
+    recipients: (
+        Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._,-]*$", max_length=1_000_000)]
+        | None
+    ) = None
 
 
 class EvaluateMeta(Meta):

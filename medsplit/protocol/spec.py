@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from medsplit.config import DefenseSettings, OptimizerConfig
+from medsplit.config import AggregationSettings, DefenseSettings, OptimizerConfig
 from medsplit.modes import MODES, Mode, Orchestration, traits
 from medsplit.protocol.kinds import Kind
 from medsplit.wire import TensorSpec, WireDtype
@@ -54,14 +54,21 @@ class JobSpec(BaseModel):
     wire_dtype: WireDtype
     release_trunk: bool = True
     defenses: DefenseSettings = DefenseSettings()
+    # Split modes: the sites' head and tail travel sealed to the other sites (edge_agent.sealing);
+    # in parallel rounds the sites combine them themselves, with the job's aggregation rule.
+    sealed: bool = False
+    aggregation: AggregationSettings = AggregationSettings()
 
     def to_meta(self) -> str:
-        """The spec as JSON. Defenses that are all off are left out, so an agent from before
-        defenses existed still joins such a job; one asked to defend refuses the spec (an
-        unknown field) instead of silently sending undefended tensors."""
-        if self.defenses.active:
-            return self.model_dump_json()
-        return self.model_dump_json(exclude={"defenses"})
+        """The spec as JSON. Settings at their "off" value are left out, so an agent from
+        before they existed still joins such a job; one asked to defend or to seal refuses the
+        spec (an unknown field) instead of silently sending undefended or plaintext tensors."""
+        exclude = set()
+        if not self.defenses.active:
+            exclude.add("defenses")
+        if not self.sealed:
+            exclude |= {"sealed", "aggregation"}
+        return self.model_dump_json(exclude=exclude)
 
     @classmethod
     def from_meta(cls, text: Any) -> JobSpec:
@@ -121,16 +128,44 @@ def _state_specs(plan: SplitPlan, keys: list[str]) -> dict[str, TensorSpec]:
     return {k: TensorSpec(state[k].dtype, tuple(state[k].shape)) for k in keys}
 
 
-class TensorSpecs:
-    """Every message's expected tensors for one plan and mode (batch dimension free)."""
+SEALS = "seals"  # train/evaluate/finish of a sealed job: the bundle of the last turn's seals
+SEAL = "seal"  # done of a sealed job: the site's own seal
+SEALED_BYTES = TensorSpec(torch.uint8, (None,))
 
-    def __init__(self, plan: SplitPlan, mode: Mode | str, *, release_trunk: bool = True) -> None:
+
+def segments_sealed(mode: Mode | str, sealed: bool) -> bool:
+    """Whether the site's segments travel sealed: asked for, and a split mode (federated
+    weights are the aggregator's to combine)."""
+    return sealed and traits(mode).weights == "edge"
+
+
+class TensorSpecs:
+    """Every message's expected tensors for one plan and mode (batch dimension free).
+
+    In a sealed job the site's own segments never appear as tensors: ``train``, ``evaluate``
+    and ``finish`` carry the ``seals`` bundle (``finish`` also the released trunk) and ``done``
+    one ``seal``, as opaque bytes."""
+
+    def __init__(
+        self,
+        plan: SplitPlan,
+        mode: Mode | str,
+        *,
+        release_trunk: bool = True,
+        sealed: bool = False,
+    ) -> None:
         weights = _state_specs(plan, exchanged_keys(plan, mode))
+        final = _state_specs(plan, final_keys(plan, mode, release_trunk))
+        if segments_sealed(mode, sealed):
+            weights = {SEALS: SEALED_BYTES}
+            final = {SEALS: SEALED_BYTES} | {
+                k: v for k, v in final.items() if k not in edge_keys(plan)
+            }
         self.by_kind: dict[str, dict[str, TensorSpec]] = {
             K.TRAIN: weights,
             K.EVALUATE: weights,
-            K.DONE: weights,
-            K.FINISH: _state_specs(plan, final_keys(plan, mode, release_trunk)),
+            K.DONE: {SEAL: SEALED_BYTES} if SEALS in weights else weights,
+            K.FINISH: final,
         }
         # The statistics round: one value per input feature (tables) or channel (images).
         channels = (plan.model.input_shape[0],)

@@ -6,8 +6,9 @@ As NVIDIA FLARE's provisioner builds startup kits from one project file, this bu
     DIR/federation.yaml           the description itself: what add/renew/revoke start from
     DIR/ca/                       ca.key (0600; keep it offline), ca.pem, inventory.json, crl.pem
     DIR/mosquitto/                mosquitto.conf, ca.pem, server.pem, server.key, acl, crl.pem
-    DIR/aggregator/               ca.pem, cert.pem, key.pem, job.yaml, revocations.json
-    DIR/<site>/                   ca.pem, cert.pem, key.pem, site.yaml
+    DIR/aggregator/               ca.pem, cert.pem, key.pem, job.yaml, revocations.json,
+                                  roster.json (every site's public sealing keys, CA-signed)
+    DIR/<site>/                   ca.pem, cert.pem, key.pem, seal.key (0600), site.yaml
 
 Unlike FLARE it also adds a site without reissuing the others, renews one certificate, and
 revokes one: the CRL and the ACL are rewritten (the broker picks both up on SIGHUP), and the
@@ -34,6 +35,7 @@ from medsplit.security.pki import (
     now,
     write_private,
 )
+from medsplit.security.seal_kit import ROSTER_FILE, SEAL_KEY_FILE, roster_text, site_keys
 from medsplit.storage import atomic_write
 from models.config_errors import load_yaml_mapping, validate
 
@@ -208,6 +210,7 @@ class Provisioner:
         write_private(folder / f"{name}.key" if role == "broker" else folder / "key.pem", key)
         atomic_write(folder / f"{name}.pem", cert)
         if role == "site":
+            site_keys(folder, identity)  # kept when the TLS certificate is renewed
             _write_yaml(folder / "site.yaml", site_fragment(fed, identity))
         return self.ca.inventory[-1]
 
@@ -231,6 +234,10 @@ class Provisioner:
             self.out / AGGREGATOR_ID / "revocations.json",
             (json.dumps(revocations, indent=1) + "\n").encode(),
         )
+        # Only current sites are on the roster: a revoked one is left out of new seals.
+        peers = {site: site_keys(self.out / site, site).public() for site in fed.sites}
+        roster = roster_text(fed.job_id, peers, self.ca.key)
+        atomic_write(self.out / AGGREGATOR_ID / ROSTER_FILE, roster.encode())
         if fed.helm_namespace:
             helm_files.write(self.out, fed)
 
@@ -250,6 +257,7 @@ def site_fragment(fed: Federation, site: str) -> dict[str, Any]:
         "site_id": site,
         "job_id": fed.job_id,
         "broker": {"url": fed.broker_url, "tls": _tls_files()},
+        "sealing": {"key_file": SEAL_KEY_FILE, "ca_file": "ca.pem"},
     }
 
 
@@ -258,7 +266,7 @@ def job_fragment(fed: Federation) -> dict[str, Any]:
         "job_id": fed.job_id,
         "sites": list(fed.sites),
         "broker": {"url": fed.broker_url, "tls": _tls_files()},
-        "security": {"revocations_file": "revocations.json"},
+        "security": {"revocations_file": "revocations.json", "roster_file": ROSTER_FILE},
     }
 
 

@@ -36,6 +36,8 @@ def _config(**overrides: object) -> JobConfig:
         "sites": ["site-a"],
         "round_deadline_s": 60,
         "join_deadline_s": 60,
+        # Sites scripted message by message here; sealed segments: test_sealed_segments.py.
+        "seal_segments": False,
     }
     return job_config({**base, **overrides})
 

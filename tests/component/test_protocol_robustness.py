@@ -85,7 +85,7 @@ def test_agent_answers_bad_messages_with_an_error_and_keeps_serving(
 
 
 def test_aggregator_ignores_strangers_and_rejects_malformed_activations(tmp_path: Path) -> None:
-    config = _config(rounds=1)
+    config = _config(rounds=1, seal_segments=False)  # a scripted stranger beside one site
     broker = MemoryBroker()
     # A stranger (not in the job's site list) and a garbage uplink before the real site joins.
     stranger = _connect(broker, "stranger", *topics.site_subscriptions(JOB, "mallory"))
@@ -128,7 +128,7 @@ class _CrashingAgent(Agent):
 def test_a_restarted_site_says_hello_and_finishes_the_round() -> None:
     from aggregator.coordinator import Coordinator  # noqa: PLC0415
 
-    config = _config(rounds=2, round_deadline_s=60)
+    config = _config(rounds=2, round_deadline_s=60, seal_segments=False)
     data = _sites(["site-a"])["site-a"]
     broker = MemoryBroker()
     aggregator_transport = _connect(broker, "aggregator", *topics.aggregator_subscriptions(JOB))

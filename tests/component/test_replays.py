@@ -63,7 +63,7 @@ def job() -> Iterator[tuple[Coordinator, HandSite, Envelope, MemoryBroker]]:
     transport.connect()
     for topic_filter in topics.aggregator_subscriptions(JOB):
         transport.subscribe(topic_filter)
-    config = _config(rounds=1, normalization="none")
+    config = _config(rounds=1, normalization="none", seal_segments=False)  # scripted site
     coordinator = Coordinator(config, Endpoint(transport))
 
     def drive() -> None:
@@ -187,6 +187,6 @@ def _coordinator_spec() -> str:
     broker = MemoryBroker()
     transport = MemoryTransport(broker, "x")
     transport.connect()
-    spec = Coordinator(_config(rounds=1), Endpoint(transport)).spec.to_meta()
+    spec = Coordinator(_config(rounds=1, seal_segments=False), Endpoint(transport)).spec.to_meta()
     assert isinstance(spec, str)
     return spec

@@ -45,7 +45,8 @@ def _sites(names: list[str], partition: str = "iid") -> dict[str, datasets.SiteD
 
 @pytest.mark.parametrize(("mode", "plan"), [("split", "mlp-ehr"), ("split-u", "mlp-ehr-u")])
 def test_one_site_split_training_equals_centralized_training(mode: str, plan: str) -> None:
-    config = _config(mode=mode, plan=plan, rounds=3)
+    # Exactness holds without defenses: split-u's default noise on returned gradients is off.
+    config = _config(mode=mode, plan=plan, rounds=3, defenses={"gradient_noise": 0})
     data = _sites(["site-a"])
     broker = MemoryBroker()
     result = run_job(config, data, memory_connector(broker))
@@ -61,7 +62,7 @@ def test_one_site_split_training_equals_centralized_training(mode: str, plan: st
         optimizer=OptimizerConfig(name="adam", lr=0.01),
         seed=config.seed,
     )
-    split_state = result.coordinator.final_state()
+    split_state = result.final_model()
     for key, expected in reference.state_dict().items():
         torch.testing.assert_close(split_state[key], expected, atol=1e-5, rtol=0), key
 
@@ -88,7 +89,10 @@ def test_labels_never_leave_the_site_in_u_shaped_mode() -> None:
             continue
         names_seen |= set(envelope.tensors)
         for name, tensor in envelope.tensors.items():
-            assert tensor.is_floating_point(), f"{site} sent an integer tensor {name!r}"
+            # Only the sealed segments travel as bytes (opaque to the aggregator).
+            assert tensor.is_floating_point() or name == "seal", (
+                f"{site} sent an integer tensor {name!r}"
+            )
             flat = tensor.flatten()
             for y in labels.values():
                 assert not (flat.numel() == y.numel() and torch.equal(flat.to(y.dtype), y)), (
@@ -116,8 +120,10 @@ def test_every_mode_and_orchestration_learns(mode: str, plan: str, orchestration
 
 
 def test_parallel_rounds_average_edge_weights_by_sample_count() -> None:
+    """Unsealed, so that the uploads can be read off the broker; sealed parallel rounds end with
+    the same weights (test_sealed_segments.py)."""
     names = ["site-a", "site-b"]
-    config = _config(orchestration="parallel", sites=names, rounds=1)
+    config = _config(orchestration="parallel", sites=names, rounds=1, seal_segments=False)
     data = _sites(names, partition="dirichlet:0.5")
     broker = MemoryBroker()
     result = run_job(config, data, memory_connector(broker))

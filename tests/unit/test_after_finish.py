@@ -26,6 +26,7 @@ def _config(tmp_path: Path) -> JobConfig:
             "job_id": "job-done",
             "plan": "mlp-ehr-u",
             "sites": ["a"],
+            "seal_segments": False,  # no roster here: the job must get as far as connecting
             "checkpoint": {"dir": str(tmp_path / "checkpoints")},
             "state": {"run_dir": str(tmp_path / "run")},
             "broker": {  # a closed port: connecting fails within a second

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import pytest
@@ -35,12 +36,39 @@ def test_with_every_defense_off_nothing_is_touched() -> None:
 
 def test_activation_noise_has_the_configured_spread_and_cannot_be_replayed() -> None:
     h = torch.zeros(200, 500)
-    sent = SiteDefenses(DefenseSettings(activation_noise=0.3)).activations(h)
-    assert float(sent.std()) == pytest.approx(0.3, rel=0.02)
-    again = SiteDefenses(DefenseSettings(activation_noise=0.3)).activations(h)
+    mechanism = DefenseSettings(activation_noise=0.3, activation_clip=2.0)
+    sent = SiteDefenses(mechanism).activations(h)
+    assert float(sent.std()) == pytest.approx(0.3 * 2.0, rel=0.02)  # sigma times the bound
+    again = SiteDefenses(mechanism).activations(h)
     assert not torch.equal(sent, again)  # seeded by the OS, not by the job's (known) seed
-    seeded = [SiteDefenses(DefenseSettings(activation_noise=0.3), seed=5) for _ in range(2)]
+    seeded = [SiteDefenses(mechanism, seed=5) for _ in range(2)]
     assert torch.equal(seeded[0].activations(h), seeded[1].activations(h))
+
+
+def test_each_activation_is_clipped_to_the_bound_before_noise() -> None:
+    h = torch.randn(64, 30, generator=_gen(1)) * torch.linspace(0.01, 10, 64)[:, None]
+    sent = SiteDefenses(DefenseSettings(activation_clip=1.5)).activations(h)
+    norms = sent.norm(dim=1)
+    assert float(norms.max()) <= 1.5 + 1e-5
+    small = h.norm(dim=1) < 1.5
+    torch.testing.assert_close(sent[small], h[small])  # below the bound: untouched
+    # The head is trained through the clipping: a clipped row's gradient loses its radial part.
+    x = torch.randn(4, 3, generator=_gen(2))
+    weight = torch.randn(3, 5, generator=_gen(3), requires_grad=True)
+    out = x @ weight * 100  # far above the bound
+    grad = out.detach() / out.detach().norm(dim=1, keepdim=True)  # along each row
+    SiteDefenses(DefenseSettings(activation_clip=1.0)).backward_head(x, out, grad)
+    assert weight.grad is not None and float(weight.grad.abs().max()) < 1e-4
+
+
+def test_randomised_response_keeps_each_label_at_its_rate_once_per_job() -> None:
+    y = torch.randint(0, 2, (20_000,), generator=_gen(4))
+    defenses = SiteDefenses(DefenseSettings(label_epsilon=1.0), seed=3)
+    sent = defenses.labels(y, classes=2)
+    kept = float((sent == y).float().mean())
+    assert kept == pytest.approx(math.e / (math.e + 1), abs=0.01)
+    assert torch.equal(defenses.labels(y, classes=2), sent)  # drawn once: repeats spend nothing
+    assert SiteDefenses(DefenseSettings()).labels(y, classes=2) is y
 
 
 def test_gradient_noise_is_scaled_to_the_batch_gradient_norm() -> None:
@@ -89,8 +117,10 @@ def _job(**overrides: Any) -> dict[str, Any]:
 
 
 def test_defenses_reach_the_sites_in_the_job_spec() -> None:
-    config = job_config(_job(defenses={"activation_noise": 0.5, "gradient_noise": 1.0}))
-    assert config.defenses.label() == "noise 0.5 + grad-noise 1"
+    config = job_config(
+        _job(defenses={"activation_noise": 0.5, "activation_clip": 4, "gradient_noise": 1.0})
+    )
+    assert config.defenses.label() == "noise 0.5 + clip 4 + grad-noise 1"
     spec = JobSpec(
         job_id="job-d",
         mode=config.mode,
@@ -117,6 +147,9 @@ def test_defenses_reach_the_sites_in_the_job_spec() -> None:
         ({"mode": "fedavg", "plan": "mlp-ehr", "defenses": {"activation_noise": 1}}, "defenses"),
         ({"mode": "split", "plan": "mlp-ehr", "defenses": {"gradient_noise": 1}}, "split-u"),
         ({"defenses": {"activation_noise": -1}}, "activation_noise"),
+        ({"defenses": {"activation_noise": 1}}, "activation_clip"),
+        ({"defenses": {"epsilon_budget": 3}}, "nothing is accounted"),
+        ({"defenses": {"label_epsilon": 1}}, "no label travels"),
         ({"defenses": {"nopeek": 1}}, "nopeek"),
     ],
 )

@@ -24,14 +24,17 @@ def _config(**privacy: object) -> ExperimentConfig:
 
 
 def test_each_defense_runs_only_where_it_can_act() -> None:
-    config = _config(defenses=[{"activation_noise": 1.0}, {"gradient_noise": 1.0}])
+    config = _config(
+        defenses=[{"activation_noise": 1.0, "activation_clip": 2.0}, {"gradient_noise": 1.0}]
+    )
     cells = {(c.mode, c.defense.label()) for c in privacy_cells(config)}
     assert cells == {
         ("fedavg", "none"),  # weights travel, not activations: undefended only
         ("split", "none"),
-        ("split", "noise 1"),  # labels travel in split: gradient noise would hide nothing
+        ("split", "noise 1 + clip 2"),  # labels travel in split: gradient noise hides nothing
         ("split-u", "none"),
-        ("split-u", "noise 1"),
+        ("split-u", "default"),  # the job's defaults: noise on the returned gradients
+        ("split-u", "noise 1 + clip 2"),
         ("split-u", "grad-noise 1"),
     }  # and the centralized baseline sends nothing at all
     jobs = {c.job_id("pv") for c in privacy_cells(config)}
@@ -41,7 +44,7 @@ def test_each_defense_runs_only_where_it_can_act() -> None:
 def test_the_undefended_row_comes_first_and_once() -> None:
     settings = _config(defenses=[{}, {"nopeek_alpha": 2.0}, {"nopeek_alpha": 2.0}]).privacy
     assert settings is not None
-    assert [d.label() for d in settings.settings()] == ["none", "nopeek 2"]
+    assert [d.label() for d in settings.settings()] == ["none", "default", "nopeek 2"]
 
 
 def test_a_bad_privacy_section_is_one_line_naming_the_field(
