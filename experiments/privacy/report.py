@@ -28,7 +28,13 @@ import matplotlib.pyplot as plt
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "privacy.md"
 IMAGES = DOC.parent / "img"
-LABEL_ATTACKS = ("norm", "cosine", "completion")
+LABEL_ATTACKS = (
+    "norm",
+    "cosine",
+    "completion, 10 known",
+    "completion, 40 known",
+    "completion (plaintext tail)",
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +46,10 @@ class PrivacyRow:
     accuracy: Spread
     change: float | None  # accuracy points against the same method undefended
     dcor: Spread
-    gain: Spread
+    gain: Spread  # white-box: as if the head travelled in plaintext
+    surrogate: Spread  # black-box: a shadow head from the auxiliary slice
+    unsplit: Spread  # black-box: UnSplit
+    sealed: bool | None
     mse: Spread
     baseline_mse: Spread
     ssim: Spread
@@ -48,6 +57,7 @@ class PrivacyRow:
     leaks: dict[str, Spread]
     update_gain: Spread
     update_baseline: Spread
+    geiping: Spread
     exposed: float | None
     note: str
 
@@ -82,6 +92,9 @@ def summarize(results: list[Measured]) -> list[PrivacyRow]:
                 change,
                 _spread([r.input_dcor for r in done]),
                 _spread([r.reconstruction_gain for r in done]),
+                _spread([r.surrogate_gain for r in done]),
+                _spread([r.unsplit_gain for r in done]),
+                done[0].sealed if done else None,
                 _spread([r.reconstruction_mse for r in done]),
                 _spread([r.baseline_mse for r in done]),
                 _spread([r.ssim for r in done]),
@@ -89,6 +102,7 @@ def summarize(results: list[Measured]) -> list[PrivacyRow]:
                 {n: _spread([r.label_leak.get(n) for r in done]) for n in names},
                 _spread([r.update_gain for r in done]),
                 _spread([r.update_baseline for r in done]),
+                _spread([r.geiping_gain for r in done]),
                 done[0].exposed_weights if done else None,
                 next((r.note for r in done if r.note), ""),
             )
@@ -110,15 +124,23 @@ def _leak_text(row: PrivacyRow) -> str:
     return "<br>".join(parts) or "not measured"
 
 
+def _black_box_text(row: PrivacyRow) -> str:
+    if row.surrogate.mean is None and row.unsplit.mean is None:
+        return "-"
+    return f"{_text(row.surrogate, 2)} / {_text(row.unsplit, 2)}"
+
+
 def _reconstruction_text(row: PrivacyRow) -> str:
     if row.gain.mean is not None:
         return _text(row.gain, 2)
+    parts = []
+    if row.geiping.mean is not None:
+        parts.append(f"gradient matching {row.geiping.mean:.2f}")
     if row.update_gain.mean is not None:
-        return (
-            f"update inversion {row.update_gain.mean:.2f} (public records "
-            f"{row.update_baseline.mean:.2f})"
-        )
-    return row.note or "-"
+        parts.append(f"first layer {row.update_gain.mean:.2f}")
+    if row.update_baseline.mean is not None:
+        parts.append(f"(public records {row.update_baseline.mean:.2f})")
+    return " ".join(parts) or row.note or "-"
 
 
 def markdown(config: ExperimentConfig, rows: list[PrivacyRow]) -> str:
@@ -130,9 +152,11 @@ def markdown(config: ExperimentConfig, rows: list[PrivacyRow]) -> str:
         f"auxiliary data is a held-out {settings.auxiliary_fraction:.0%} of the dataset that no "
         f"site holds; inversion decoder trained {settings.attack_epochs} epochs.",
         "",
-        "| method | defense | accuracy | vs none (points) | input dCor² | reconstruction gain "
-        "| MSE attack / mean guess | SSIM attack / mean guess | label leak AUC | weights sent |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| method | defense | accuracy | vs none (points) | input dCor² | reconstruction gain, "
+        "black-box: shadow head / UnSplit | reconstruction gain, white-box (segments in "
+        "plaintext) | MSE attack / mean guess | SSIM attack / mean guess | label leak AUC "
+        "| weights the aggregator can read |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in rows:
         ssim = (
@@ -148,10 +172,12 @@ def markdown(config: ExperimentConfig, rows: list[PrivacyRow]) -> str:
         change = "-" if row.change is None or row.defense == "none" else f"{row.change:+.2f}"
         failed = f" ({row.failed} failed)" if row.failed else ""
         exposed = "-" if row.exposed is None else f"{100 * row.exposed:.3g}%"
+        if row.sealed:
+            exposed = "none (sealed)"
         lines.append(
             f"| {row.method}{failed} | {row.defense} | {_text(row.accuracy, 3)} | {change} | "
-            f"{_text(row.dcor, 2)} | {_reconstruction_text(row)} | {mse} | {ssim} | "
-            f"{_leak_text(row)} | {exposed} |"
+            f"{_text(row.dcor, 2)} | {_black_box_text(row)} | {_reconstruction_text(row)} | "
+            f"{mse} | {ssim} | {_leak_text(row)} | {exposed} |"
         )
     return "\n".join(lines) + "\n"
 

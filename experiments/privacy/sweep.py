@@ -13,6 +13,7 @@ its batch, and the batch order is a function of the job's seed and the round.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -41,6 +42,10 @@ from medsplit.training import batch_order
 from models import split_model
 
 TARGET = "site-01"
+KNOWN_LABELS = (10, 40)  # model completion with this many labels known (Fu et al.)
+UNSPLIT_RECORDS, UNSPLIT_STEPS = 256, 600
+UNSPLIT_IMAGES, UNSPLIT_STEPS_IMAGES = 64, 300  # a CNN head on CPU: fewer, shorter
+GEIPING_STEPS, GEIPING_STEPS_IMAGES = 300, 60  # attacker's iterations (images: costly)
 
 
 @dataclass
@@ -53,14 +58,18 @@ class Measured:
     accuracy: float | None = None
     exposed_weights: float | None = None  # share of the model's parameters a site sends
     input_dcor: float | None = None
-    reconstruction_gain: float | None = None  # 1 - MSE(attack) / MSE(mean guess)
+    sealed: bool | None = None  # split modes: the head and tail travelled sealed
+    reconstruction_gain: float | None = None  # white-box: 1 - MSE(attack) / MSE(mean guess)
     reconstruction_mse: float | None = None
     baseline_mse: float | None = None
     ssim: float | None = None
     baseline_ssim: float | None = None
+    surrogate_gain: float | None = None  # black-box: a shadow head from the auxiliary slice
+    unsplit_gain: float | None = None  # black-box: surrogate head and inputs optimised together
     label_leak: dict[str, float] = field(default_factory=dict)  # attack -> leak AUC
     update_gain: float | None = None  # federated: first-layer inversion of one update (median)
     update_baseline: float | None = None  # the same score for public records as "candidates"
+    geiping_gain: float | None = None  # federated: inverting gradients over the whole round
     note: str = ""
     seconds: float = 0.0
 
@@ -140,7 +149,7 @@ def measure_cell(config: ExperimentConfig, cell: Cell, broker_url: str, protocol
         return result
     result.accuracy = outcome.history[-1].mean()["accuracy"] if outcome.history else None
     result.exposed_weights = _exposed_share(job)
-    target = _Target(job, settings, tap, outcome, sites[TARGET], aux)
+    target = _Target(job, settings, tap, outcome, sites[TARGET], aux, public.y)
     if MODES[job.mode].cut_layer:
         _attack_split(result, target)
     else:
@@ -185,6 +194,7 @@ class _Target:
     outcome: JobResult
     site: SiteData
     aux: torch.Tensor
+    aux_y: torch.Tensor
 
 
 def _attack_split(result: Measured, target: _Target) -> None:
@@ -205,7 +215,7 @@ def _attack_split(result: Measured, target: _Target) -> None:
     decoder = attacks.train_inversion(
         head,
         target.aux,
-        noise=job.defenses.activation_noise,
+        noise=_noise_std(job),
         epochs=settings.attack_epochs,
         seed=job.seed,
     )
@@ -218,11 +228,50 @@ def _attack_split(result: Measured, target: _Target) -> None:
         span = float(x.max() - x.min())
         result.ssim = measures.ssim(reconstruction, x, span)
         result.baseline_ssim = measures.ssim(guess, x, span)
+    result.sealed = bool(target.outcome.coordinator.sealed)
+    _black_box_inversion(result, target, x, h, guess)
     if MODES[job.mode].labels_travel:
         result.label_leak = {"labels sent": 1.0}
         return
     tail = _segment(job, weights, "tail") if job.plan.u_shaped else None
     result.label_leak = _label_attacks(target, h, site.y_train[rows], batches, tail)
+
+
+def _black_box_inversion(
+    result: Measured, target: _Target, x: torch.Tensor, h: torch.Tensor, guess: torch.Tensor
+) -> None:
+    """What the aggregator inverts without the head: a shadow head trained on the auxiliary
+    slice, and UnSplit's joint optimisation, both from the job's initial weights."""
+    job, settings = target.job, target.settings
+    trunk = target.outcome.coordinator.trunk
+    if trunk is None:
+        return
+    initial = split_model(job.plan.model.build(seed=job.seed), job.plan)
+    shadow = attacks.train_surrogate_head(
+        initial.head,
+        copy.deepcopy(trunk.module),
+        initial.tail,
+        target.aux,
+        target.aux_y,
+        epochs=settings.attack_epochs,
+        seed=job.seed,
+    )
+    decoder = attacks.train_inversion(
+        shadow, target.aux, noise=_noise_std(job), epochs=settings.attack_epochs, seed=job.seed
+    )
+    result.surrogate_gain = measures.reconstruction_gain(attacks.invert(decoder, h), x, guess)
+    images = x.dim() == 4
+    few = min(len(h), UNSPLIT_IMAGES if images else UNSPLIT_RECORDS)
+    steps = UNSPLIT_STEPS_IMAGES if images else UNSPLIT_STEPS
+    fresh = split_model(job.plan.model.build(seed=job.seed), job.plan).head
+    guessed = attacks.unsplit(fresh, h[:few], guess, steps=steps, seed=job.seed)
+    result.unsplit_gain = measures.reconstruction_gain(guessed, x[:few], guess)
+
+
+def _noise_std(job: JobConfig) -> float:
+    """The standard deviation of the job's activation noise (sigma x the clip bound)."""
+    defenses = job.defenses
+    return defenses.activation_noise * (defenses.activation_clip or 1.0)
 
 
 def _plaintext_segments(target: _Target, round: int) -> dict[str, torch.Tensor] | None:
@@ -259,14 +308,25 @@ def _label_attacks(
         cosine.append(measures.auc(attacks.cosine_scores(g, reference)[others], y[others]))
     leak = {"norm": measures.mean_leak(norm), "cosine": measures.mean_leak(cosine)}
     trunk = target.outcome.coordinator.trunk
-    if tail is not None and trunk is not None:
+    if trunk is None:
+        return leak
+    if tail is not None:  # white-box: only if the tail travelled in plaintext
         scores = attacks.completion_scores(trunk.module, tail, h)
-        leak["completion"] = measures.leak_auc(scores.numpy(), labels.numpy())
+        leak["completion (plaintext tail)"] = measures.leak_auc(scores.numpy(), labels.numpy())
+    with torch.no_grad():  # what the aggregator computes for every batch: the trunk's output
+        outputs = trunk.module.eval()(h)
+    for known in KNOWN_LABELS:
+        found = attacks.known_label_completion(outputs, labels, known, target.job.seed)
+        if found is not None:
+            scored, truth = found
+            leak[f"completion, {known} known"] = measures.leak_auc(scored.numpy(), truth.numpy())
     return leak
 
 
 def _attack_update(result: Measured, target: _Target) -> None:
-    """Federated: invert the first layer of the site's first update, if it is fully connected."""
+    """Federated: invert the site's first update by gradient matching over its whole round,
+    and the first layer alone when it is fully connected."""
+    _gradient_matching(result, target)
     job, site, aux = target.job, target.site, target.aux
     after = target.tap.weights(TARGET, 0)
     model = job.plan.model.build(seed=job.seed)  # the weights the aggregator sent in round 0
@@ -291,6 +351,45 @@ def _attack_update(result: Measured, target: _Target) -> None:
     result.update_gain = _closest_record_gain(candidates, site.x_train, guess)
     decoys = aux[torch.randperm(len(aux), generator=torch.Generator().manual_seed(job.seed))]
     result.update_baseline = _closest_record_gain(decoys[: len(candidates)], site.x_train, guess)
+
+
+def _gradient_matching(result: Measured, target: _Target) -> None:
+    """Geiping et al.'s inversion of the first-round update: the aggregator knows the weights
+    it sent, the optimizer, the batch order (seed) and the sample count the site declared."""
+    job, site, aux = target.job, target.site, target.aux
+    after = target.tap.weights(TARGET, 0)
+    if after is None:
+        return
+    model = job.plan.model.build(seed=job.seed)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    samples = site.train_samples  # as declared in its hello
+    epochs = job.training.local_epochs
+    batches = [
+        batch
+        for epoch in range(epochs)
+        for batch in batch_order(samples, job.training.batch_size, seed=job.seed, epoch=epoch)
+    ]
+    classes = int(model(aux[:1]).shape[-1])
+    steps = GEIPING_STEPS if aux.dim() == 2 else GEIPING_STEPS_IMAGES
+    guess = attacks.geiping_inversion(
+        model,
+        before,
+        dict(after),
+        samples=samples,
+        batches=batches,
+        optimizer=job.training.optimizer,
+        classes=classes,
+        start=aux.mean(0, keepdim=True),
+        iterations=steps,
+        seed=job.seed,
+    )
+    result.geiping_gain = _closest_record_gain(
+        guess.flatten(1), site.x_train.flatten(1), aux.mean(0).flatten()
+    )
+    decoys = aux[torch.randperm(len(aux), generator=torch.Generator().manual_seed(job.seed))]
+    result.update_baseline = _closest_record_gain(
+        decoys[:samples].flatten(1), site.x_train.flatten(1), aux.mean(0).flatten()
+    )
 
 
 def _closest_record_gain(

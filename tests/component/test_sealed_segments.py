@@ -13,11 +13,13 @@ import pytest
 import torch
 
 from aggregator.config import JobConfig
+from aggregator.coordinator import JobFailed
 from aggregator.sealed_relay import as_bytes, relayed_senders
 from edge_agent.agent import Agent
 from edge_agent.data import datasets
 from edge_agent.sealing import to_tensor
 from experiments.inprocess import JobResult, run_job
+from medsplit.privacy.accounting import gaussian_epsilon
 from medsplit.protocol import Kind
 from medsplit.protocol.spec import SEAL, SEALS
 from medsplit.security.seal import read_header, unbundle
@@ -198,3 +200,42 @@ def test_a_revoked_site_is_left_out_of_every_later_seal(tmp_path: Path) -> None:
     headers = [read_header(blob) for blob in seals]
     assert headers and all("site-c" not in h.recipients for h in headers)
     assert all(h.round == 2 for h in headers)
+
+
+def _private(budget: float, rounds: int) -> JobConfig:
+    return _config(
+        sites=SITES[:2],
+        rounds=rounds,
+        defenses={"activation_noise": 2.0, "activation_clip": 3.0, "epsilon_budget": budget},
+    )
+
+
+def test_each_site_reports_its_epsilon_every_round() -> None:
+    budget = gaussian_epsilon(2.0, 2, 1e-5) + 1e-6  # exactly two rounds of one epoch
+    result = run_job(
+        _private(budget, 2), dict(list(_data().items())[:2]), memory_connector(MemoryBroker())
+    )
+    for record, epochs in zip(result.history, (1, 2), strict=True):
+        for site in SITES[:2]:
+            assert record.metrics[site]["epsilon"] == pytest.approx(
+                gaussian_epsilon(2.0, epochs, 1e-5)
+            )
+
+
+def test_a_site_at_its_budget_trains_no_more_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    budget = gaussian_epsilon(2.0, 1, 1e-5) + 1e-6  # one round's worth
+    with (
+        caplog.at_level(logging.WARNING, logger="edge_agent.agent"),
+        pytest.raises(JobFailed, match="round 1: only 0 sites trained"),
+    ):
+        run_job(
+            _private(budget, 3), dict(list(_data().items())[:2]), memory_connector(MemoryBroker())
+        )
+    lines = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "edge_agent.agent" and "epsilon budget reached" in r.getMessage()
+    ]
+    assert {line.split(":")[0] for line in lines} == set(SITES[:2])

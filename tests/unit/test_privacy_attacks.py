@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from experiments.privacy import attacks
+from medsplit.config import OptimizerConfig
 from medsplit.privacy import measures
 
 
@@ -82,3 +83,73 @@ def test_completion_reads_the_models_own_prediction() -> None:
     assert scores[1] > 0.5 > scores[0]
     assert scores.shape == (2,)
     assert float(scores.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def _identity_head(width: int) -> nn.Sequential:
+    layer = nn.Linear(width, width)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(width))
+        layer.bias.zero_()
+    return nn.Sequential(layer)
+
+
+def test_unsplit_recovers_the_inputs_of_an_identity_head() -> None:
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    start = torch.zeros(1, 8)
+    guess = attacks.unsplit(_identity_head(8), x, start, steps=600, seed=0, prior=0.0)
+    # Not 1: the surrogate head moves with the guess (UnSplit solves for both, and any pair
+    # that maps onto the activations fits), yet most of each input comes back.
+    assert measures.reconstruction_gain(guess, x, start) > 0.8
+
+
+def test_unsplit_learns_nothing_from_a_head_that_keeps_nothing() -> None:
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    head = nn.Sequential(nn.Linear(8, 8))
+    with torch.no_grad():
+        head[0].weight.zero_()
+        head[0].bias.zero_()
+    start = torch.zeros(1, 8)
+    activations = torch.zeros(64, 8)  # what such a head sends, whatever the inputs
+    guess = attacks.unsplit(head, activations, start, steps=200, seed=0)
+    assert abs(measures.reconstruction_gain(guess, x, start)) < 0.05
+
+
+def test_known_label_completion_reads_perfectly_separable_outputs() -> None:
+    labels = torch.randint(0, 2, (300,), generator=torch.Generator().manual_seed(2))
+    outputs = torch.stack([labels.float() * 4 - 2, torch.randn(300)], dim=1)
+    found = attacks.known_label_completion(outputs, labels, known=10, seed=0)
+    assert found is not None
+    scores, truth = found
+    assert len(truth) == 290
+    assert measures.auc(scores, truth) == 1.0
+    noise = torch.randn(300, 2, generator=torch.Generator().manual_seed(3))
+    blind = attacks.known_label_completion(noise, labels, known=40, seed=0)
+    assert blind is not None
+    assert measures.leak_auc(blind[0].numpy(), blind[1].numpy()) < 0.65
+
+
+def test_inverting_gradients_recovers_the_records_of_an_sgd_round() -> None:
+    """Geiping et al.'s attack, on the update of a round of plain SGD over two records: the
+    records come back (up to their order), to within rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(2, 6), torch.tensor([1, 0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    after = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(before)
+    guess = attacks.geiping_inversion(
+        model,
+        before,
+        after,
+        samples=2,
+        batches=[torch.tensor([0, 1])],
+        optimizer=OptimizerConfig(name="sgd", lr=0.1),
+        classes=2,
+        start=torch.zeros(1, 6),
+        iterations=500,
+        seed=0,
+    )
+    assert float(torch.cdist(guess, x).min(dim=1).values.max()) < 1e-3
