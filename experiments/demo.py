@@ -29,6 +29,8 @@ from experiments.progress import progress_bar
 from medsplit.brokers.embedded import LocalBroker, start_local_broker
 from medsplit.brokers.mosquitto import free_port
 from medsplit.ids import AGGREGATOR_ID
+from medsplit.modes import SPLIT_MODES
+from medsplit.security.seal_kit import sealing_files
 from medsplit.storage import atomic_write
 
 PLANS = {
@@ -66,6 +68,14 @@ def write_configs(
         "state": {"run_dir": str(options.out.resolve())},
         "http": {"port": options.http_port or free_port()},
     }
+    # Split modes seal the sites' segments: the provisioned keys, or a kit made for this run.
+    sealing = (
+        sealing_files(broker.kits, options.out.resolve(), job_id, site_ids)
+        if options.mode in SPLIT_MODES
+        else None
+    )
+    if sealing is not None:
+        job["security"] = {"roster_file": str(sealing.roster_file)}
     job_path = options.out / "job.yaml"
     atomic_write(job_path, yaml.safe_dump(job, sort_keys=False).encode())
     site_paths = []
@@ -85,6 +95,8 @@ def write_configs(
             "device": "cpu",
             "state": {"dir": str((options.out / "state" / site).resolve())},
         }
+        if sealing is not None:
+            site_cfg["sealing"] = sealing.site_section(site)
         path = options.out / f"{site}.yaml"
         atomic_write(path, yaml.safe_dump(site_cfg, sort_keys=False).encode())
         site_paths.append(path)

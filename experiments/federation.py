@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from medsplit.brokers.embedded import LocalBroker
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import SPLIT_MODES
-from medsplit.security.seal_kit import ROSTER_FILE, SEAL_KEY_FILE, write_throwaway
+from medsplit.security.seal_kit import sealing_files
 
 MEDSPLIT = [sys.executable, "-m", "medsplit"]
 
@@ -126,20 +126,9 @@ class Federation:
         mode = str(job.get("mode", "split-u"))
         if not job.get("seal_segments", True) or mode not in SPLIT_MODES:
             return None
-        if kits is not None and kits.kits is not None:
-            folder, ca = kits.kits, None  # the sites check the roster with their TLS CA
-            roster = folder / AGGREGATOR_ID / ROSTER_FILE
-        else:
-            folder = self.workdir / "sealing"
-            ca = write_throwaway(folder, self.job_id, self.sites)
-            roster = folder / ROSTER_FILE
-        job["security"] = {"roster_file": str(roster), **job.get("security", {})}
-
-        def site_section(site: str) -> dict[str, str]:
-            section = {"key_file": str(folder / site / SEAL_KEY_FILE)}
-            return section if ca is None else {**section, "ca_file": str(ca)}
-
-        return site_section
+        files = sealing_files(kits.kits if kits else None, self.workdir, self.job_id, self.sites)
+        job["security"] = {"roster_file": str(files.roster_file), **job.get("security", {})}
+        return files.site_section
 
     def _write(self, name: str, data: dict[str, Any]) -> Path:
         path = self.workdir / name

@@ -76,7 +76,8 @@ def write(out: Path, federation: Federation) -> list[Path]:
         _write_values(helm / "aggregator-values.yaml", aggregator_values(out, federation, aggregator, broker)),
     ]  # fmt: skip
     for site in federation.sites:
-        secret = _secret(federation, site, out / site, ("ca.pem", "cert.pem", "key.pem"))
+        files = ("ca.pem", "cert.pem", "key.pem", "seal.key")
+        secret = _secret(federation, site, out / site, files)
         written.append(_write_secrets(helm / f"{site}-secret.yaml", [secret]))
         written.append(
             _write_values(helm / f"{site}-values.yaml", site_values(federation, site, secret))
@@ -98,6 +99,7 @@ def aggregator_values(
             "jobId": federation.job_id,
             "sites": list(federation.sites),
             "revocations": (out / AGGREGATOR_ID / "revocations.json").read_text(),
+            "roster": (out / AGGREGATOR_ID / "roster.json").read_text(),
         },
         "aggregator": {
             "existingSecret": aggregator["metadata"]["name"],

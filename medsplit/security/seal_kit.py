@@ -89,3 +89,30 @@ def write_throwaway(folder: Path, job_id: str, sites: Sequence[str]) -> Path:
         peers[site] = site_keys(folder / site, site).public()
     (folder / ROSTER_FILE).write_text(roster_text(job_id, peers, ca.key))
     return ca.cert_path
+
+
+@dataclass(frozen=True)
+class SealingFiles:
+    """Where a run's configs find the sealing material: the aggregator's roster, each site's
+    keys, and the CA the sites check the roster with (None: their broker TLS CA)."""
+
+    roster_file: Path
+    folder: Path
+    ca_file: Path | None
+
+    def site_section(self, site: str) -> dict[str, str]:
+        """The ``sealing`` group of ``site``'s site.yaml."""
+        section = {"key_file": str(self.folder / site / SEAL_KEY_FILE)}
+        return section if self.ca_file is None else {**section, "ca_file": str(self.ca_file)}
+
+
+def sealing_files(
+    kits: Path | None, workdir: Path, job_id: str, sites: Sequence[str]
+) -> SealingFiles:
+    """The provisioned kits' sealing material, or (a plaintext broker, no kits) a kit made
+    for this run in ``workdir/sealing``."""
+    if kits is not None:
+        return SealingFiles(kits / "aggregator" / ROSTER_FILE, kits, None)
+    folder = workdir / "sealing"
+    ca = write_throwaway(folder, job_id, sites)
+    return SealingFiles(folder / ROSTER_FILE, folder, ca)

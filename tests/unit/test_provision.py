@@ -22,6 +22,7 @@ from medsplit.security.pki import (
 )
 from medsplit.security.provision import Federation, Provisioner
 from medsplit.security.revocation import RevocationWatch, read_revocations
+from medsplit.security.seal import Roster, SealKeys, ca_public_key, verify_roster
 from medsplit.wiring import mqtt_connector
 from models.config_errors import ConfigError
 
@@ -228,3 +229,39 @@ def test_a_process_refuses_another_identitys_or_an_expired_certificate(
         else:
             with pytest.raises(PkiError, match=expected):
                 describe_client_certificate(path, "a")
+
+
+def _roster(kit: Provisioner) -> Roster:
+    ca = ca_public_key(kit.out / "ca" / "ca.pem")
+    return verify_roster((kit.out / "aggregator" / "roster.json").read_text(), ca, "job-s")
+
+
+def test_each_site_gets_sealing_keys_apart_from_tls_and_the_roster_lists_them(
+    kit: Provisioner,
+) -> None:
+    roster = _roster(kit)
+    assert set(roster.sites) == {"a", "b"}
+    for site in ("a", "b"):
+        path = kit.out / site / "seal.key"
+        assert _mode(path) == 0o600
+        keys = SealKeys.load(site, path)
+        assert roster.keys_of(site).same_as(keys.public())
+        assert b"BEGIN" in (kit.out / site / "key.pem").read_bytes()  # the TLS key is another
+        assert path.read_bytes() != (kit.out / site / "key.pem").read_bytes()
+    from edge_agent.config import SiteConfig  # noqa: PLC0415
+
+    site = SiteConfig.from_yaml(kit.out / "a" / "site.yaml")
+    assert site.sealing.key_file == kit.out / "a" / "seal.key"
+    assert site.sealing_ca == kit.out / "a" / "ca.pem"
+
+
+def test_renewing_keeps_the_seal_keys_and_revoking_takes_the_site_off_the_roster(
+    kit: Provisioner,
+) -> None:
+    before = (kit.out / "a" / "seal.key").read_bytes()
+    kit.renew("a")
+    kit.add_site("c")
+    assert (kit.out / "a" / "seal.key").read_bytes() == before
+    assert set(_roster(kit).sites) == {"a", "b", "c"}
+    kit.revoke("b")
+    assert set(_roster(kit).sites) == {"a", "c"}

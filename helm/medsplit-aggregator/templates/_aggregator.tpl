@@ -16,7 +16,11 @@
 {{- $_ := set $job "broker" (merge (dict "url" (include "medsplit.brokerUrl" .) "tls" $tls) (default dict $job.broker)) -}}
 {{- $_ := set $job "state" (dict "run_dir" "/var/lib/medsplit/run") -}}
 {{- $_ := set $job "checkpoint" (merge (dict "dir" "/var/lib/medsplit/checkpoints") (default dict $job.checkpoint)) -}}
-{{- $_ := set $job "security" (merge (dict "revocations_file" "/etc/medsplit/revocations/revocations.json") (default dict $job.security)) -}}
+{{- $security := dict "revocations_file" "/etc/medsplit/revocations/revocations.json" -}}
+{{- if .Values.job.roster -}}
+{{- $_ := set $security "roster_file" "/etc/medsplit/revocations/roster.json" -}}
+{{- end -}}
+{{- $_ := set $job "security" (merge $security (default dict $job.security)) -}}
 {{- $_ := set $job "http" (dict "host" "0.0.0.0" "port" .Values.aggregator.httpPort "ready_cert_days" .Values.aggregator.readyCertDays) -}}
 {{- toYaml $job -}}
 {{- end -}}

@@ -8,6 +8,9 @@
 {{- $tls := dict "ca_file" "/etc/medsplit/tls/ca.pem" "cert_file" "/etc/medsplit/tls/cert.pem" "key_file" "/etc/medsplit/tls/key.pem" -}}
 {{- $url := required "site.brokerUrl is required: mqtts://HOST:PORT as this hospital reaches the broker" .Values.site.brokerUrl -}}
 {{- $_ := set $site "broker" (merge (dict "url" $url "tls" $tls) (default dict $site.broker)) -}}
+{{- if .Values.site.sealing -}}
+{{- $_ := set $site "sealing" (dict "key_file" "/etc/medsplit/tls/seal.key" "ca_file" "/etc/medsplit/tls/ca.pem") -}}
+{{- end -}}
 {{- $data := deepCopy .Values.data.config -}}
 {{- if eq (default "dicom" $data.source) "dicom" -}}
 {{- $_ := set $data "folder" "/data" -}}
