@@ -32,6 +32,7 @@ bench: setup
 	$(PY) bench/fuzz.py --write-docs
 	$(PY) bench/flood.py --write-docs
 	$(PY) bench/robust_aggregation.py --write-docs
+	$(PY) bench/site_cost.py --write-docs
 	$(PY) bench/reassembly_memory.py --write-docs
 	$(PY) bench/containers.py --write-docs
 	$(PY) bench/observability.py --write-docs
@@ -41,6 +42,8 @@ bench: setup
 privacy: setup
 	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-breast-cancer.yaml --write-docs
 	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-cxr.yaml --write-docs
+	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-tail-1.yaml
+	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-tail-2.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis build *.egg-info

@@ -27,7 +27,6 @@ What keeps a job going through faults lives here too, since it is about messages
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +41,7 @@ from aggregator.conduct import Conduct
 from aggregator.config import JobConfig
 from aggregator.observability import CUT_LAYER_KINDS, StepTimes
 from aggregator.requests import OpenRequests
-from aggregator.sealed_relay import SealedRelay, check_seal, no_seals
+from aggregator.sealed_relay import SealedRelay, no_seals, seal_refusal
 from aggregator.state import (
     Checkpoint,
     CloseTurn,
@@ -70,6 +69,7 @@ from aggregator.state import (
 )
 from aggregator.strategy import Cyclic, FedAvg, Flop, Reply, Strategy
 from aggregator.trunk import Trunk
+from aggregator.trunk_service import Answer, TrunkService
 from aggregator.wire_tap import WireTap
 from medsplit.aggregation import Aggregation
 from medsplit.channel import Endpoint, Received
@@ -94,9 +94,9 @@ from medsplit.protocol.meta import (
     read_meta,
 )
 from medsplit.protocol.presence import Presence
-from medsplit.protocol.spec import SEAL, SEALS, segments_sealed
+from medsplit.protocol.spec import SEALS, segments_sealed
 from medsplit.security.revocation import RevocationWatch
-from medsplit.security.seal import Roster, SealError
+from medsplit.security.seal import Roster
 from medsplit.snapshots import set_rng_state
 from medsplit.statistics import FeatureSums, normalization_digest
 from medsplit.throttle import error_replies
@@ -162,6 +162,11 @@ class Coordinator:
                 device or torch.device("cpu"),
                 parallel=config.orchestration == Orchestration.PARALLEL,
             )
+        self.trunk_service = (
+            None
+            if self.trunk is None
+            else TrunkService(self.trunk, labels_travel=MODES[config.mode].labels_travel)
+        )
         full_state = model.state_dict()
         weights = {k: full_state[k].detach().clone() for k in exchanged_keys(plan, config.mode)}
         strategy = make_strategy(config)
@@ -483,20 +488,15 @@ class Coordinator:
         if not self._answers_request(site, env):
             return
         done = read_meta(DoneMeta, env)
+        refused = None
         if self.roster is not None:
-            try:
-                check_seal(
-                    env.tensors[SEAL],
-                    self.roster,
-                    site=site,
-                    job_id=self.config.job_id,
-                    round=self.state.round,
-                    turn=self.state.turn,
-                    samples=done.samples,
-                )
-            except SealError as exc:
-                self._step(ReplyRejected(site, Kind.DONE, "BadSeal", str(exc)))
-                return
+            place = {"round": self.state.round, "turn": self.state.turn, "samples": done.samples}
+            refused = seal_refusal(
+                env.tensors, self.roster, site=site, job_id=self.config.job_id, **place
+            )
+        if refused is not None:
+            self._step(ReplyRejected(site, Kind.DONE, "BadSeal", refused))
+            return
         reply = Reply(site, env.tensors, done.samples)
         self._step(
             TrainDone(site, env.round, reply, done.train_loss, done.train_seconds, _timings(done))
@@ -540,37 +540,23 @@ class Coordinator:
         if every and env.step and env.step % every == 0 and env.step != self.state.from_step:
             # Steps before this one are done on both sides, and the site kept its state here.
             self._save_checkpoint(Checkpoint(self.state.step_point(env.step)))
-        trunk = self._cut_layer_trunk()
-        if MODES[self.config.mode].labels_travel:
-            grad, loss = trunk.split_step(site, env.tensors["h"], env.tensors["y"])
-            answer = env.reply(
-                AGGREGATOR_ID,
-                Kind.GRADIENTS,
-                tensors={"g": grad},
-                meta={"loss": loss if math.isfinite(loss) else None},
-            )
-            self._reply(site, answer, cast={"g"}, wait=False)
-        else:
-            out = trunk.forward(site, env.round, env.step, env.tensors["h"])
-            answer = env.reply(AGGREGATOR_ID, Kind.TRUNK_OUT, tensors={"t": out})
-            self._reply(site, answer, cast={"t"}, wait=False)
+        self._answer(site, self._trunk_service().activations(site, env))
 
     def _on_trunk_grad(self, site: str, env: Envelope) -> None:
         if not self._asked(site, Phase.TRAINING, env):
             return
-        grad = self._cut_layer_trunk().backward(site, env.round, env.step, env.tensors["g"])
-        if grad is None:  # not the site's open step (forgotten after a restart, or a replay)
+        answer = self._trunk_service().trunk_grad(site, env)
+        if answer is None:  # not the site's open step (forgotten after a restart, or a replay)
             self.state = replace(self.state, late_messages=self.state.late_messages + 1)
             return
-        answer = env.reply(AGGREGATOR_ID, Kind.ACT_GRAD, tensors={"g": grad})
-        self._reply(site, answer, cast={"g"}, wait=False)
+        self._answer(site, answer)
 
     def _on_eval_activations(self, site: str, env: Envelope) -> None:
-        if not self._asked(site, Phase.EVALUATING, env):
-            return
-        out = self._cut_layer_trunk().evaluate(env.tensors["h"])
-        answer = env.reply(AGGREGATOR_ID, Kind.EVAL_OUT, tensors={"t": out})
-        self._reply(site, answer, cast={"t"}, wait=False)
+        if self._asked(site, Phase.EVALUATING, env):
+            self._answer(site, self._trunk_service().evaluation(env))
+
+    def _answer(self, site: str, answer: Answer) -> None:
+        self._reply(site, answer.envelope, cast=set(answer.cast), wait=False)
 
     _handlers: ClassVar[dict[str, Callable[[Coordinator, str, Envelope], None]]] = {
         Kind.HELLO: _on_hello,
@@ -584,10 +570,10 @@ class Coordinator:
         Kind.ERROR: _on_error,
     }
 
-    def _cut_layer_trunk(self) -> Trunk:
-        if self.trunk is None:
+    def _trunk_service(self) -> TrunkService:
+        if self.trunk_service is None:
             raise ValueError(f"mode {self.config.mode} exchanges no cut-layer tensors")
-        return self.trunk
+        return self.trunk_service
 
     def _on_presence(self, topic: str, presence: Presence) -> None:
         party = topics.parse(topic).site

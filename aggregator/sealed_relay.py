@@ -61,6 +61,17 @@ def check_seal(
         )
 
 
+def seal_refusal(
+    done: Mapping[str, torch.Tensor], roster: Roster, *, site: str, job_id: str, **place: int
+) -> str | None:
+    """Why the seal a ``done`` carries is refused (``check_seal``), or None if it is good."""
+    try:
+        check_seal(done[SEAL], roster, site=site, job_id=job_id, **place)
+    except SealError as exc:
+        return str(exc)
+    return None
+
+
 def relayed_senders(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Whose seals a job state holds (for logs and tests); never opens them."""
     from medsplit.security.seal import read_header  # noqa: PLC0415

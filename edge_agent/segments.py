@@ -35,9 +35,11 @@ class EdgeSegments:
             module.load_state_dict(own)
 
     def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the head (and tail) weights: never the live parameters, which go on
+        training while what was sent (or kept to be sent again) must not change."""
         out: dict[str, torch.Tensor] = {}
         for module in self.modules():
-            out.update({k: v.detach().cpu() for k, v in module.state_dict().items()})
+            out.update({k: v.detach().cpu().clone() for k, v in module.state_dict().items()})
         return out
 
     def full_state(self) -> dict[str, torch.Tensor]:

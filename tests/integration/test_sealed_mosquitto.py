@@ -7,7 +7,6 @@ aggregator wrote to disk -- holds a byte of the sites' heads and tails."""
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,9 +19,9 @@ from experiments.federation import Federation, small_job
 from medsplit.brokers.embedded import LocalBroker, start_local_broker
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.protocol import edge_keys, topics
-from medsplit.transport import MqttSettings, MqttTransport, TlsSettings
 from medsplit.wire import Decoder
 from tests.support.configs import job_config
+from tests.support.twin import kit_client
 
 pytestmark = pytest.mark.integration
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
@@ -32,18 +31,7 @@ class Listener:
     """Every frame one identity may read, kept as it arrived."""
 
     def __init__(self, kits: Path, port: int, identity: str, filters: list[str]) -> None:
-        kit = kits / identity
-        settings = MqttSettings(
-            host="127.0.0.1",
-            port=port,
-            client_id=f"listener-{uuid.uuid4().hex[:8]}",
-            tls=TlsSettings(
-                ca_file=kit / "ca.pem", cert_file=kit / "cert.pem", key_file=kit / "key.pem"
-            ),
-            connect_timeout_s=10,
-            retry_for_s=10,
-        )
-        self.transport = MqttTransport(settings)
+        self.transport = kit_client(kits, port, identity, "listener")
         for topic_filter in filters:
             self.transport.subscribe(topic_filter)
         self.transport.connect()

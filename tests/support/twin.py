@@ -23,22 +23,28 @@ from medsplit.wire import Decoder, Envelope, encode
 Answer = Callable[[Envelope], Envelope | None]
 
 
+def kit_client(kits: Path, port: int, identity: str, name: str) -> MqttTransport:
+    """A client of the provisioned broker on loopback ``port``, holding ``identity``'s own
+    certificate from its kit (so the broker's ACL for that identity applies)."""
+    kit = kits / identity
+    settings = MqttSettings(
+        host="127.0.0.1",
+        port=port,
+        client_id=f"{name}-{uuid.uuid4().hex[:8]}",
+        tls=TlsSettings(
+            ca_file=kit / "ca.pem", cert_file=kit / "cert.pem", key_file=kit / "key.pem"
+        ),
+        connect_timeout_s=10,
+        retry_for_s=10,
+        publish_timeout_s=5,
+    )
+    return MqttTransport(settings)
+
+
 class Twin:
     def __init__(self, kits: Path, port: int, job: str, site: str) -> None:
-        kit = kits / site
-        settings = MqttSettings(
-            host="127.0.0.1",
-            port=port,
-            client_id=f"twin-{uuid.uuid4().hex[:8]}",
-            tls=TlsSettings(
-                ca_file=kit / "ca.pem", cert_file=kit / "cert.pem", key_file=kit / "key.pem"
-            ),
-            connect_timeout_s=10,
-            retry_for_s=10,
-            publish_timeout_s=5,
-        )
         self.job, self.site = job, site
-        self.transport = MqttTransport(settings)
+        self.transport = kit_client(kits, port, site, "twin")
         for topic_filter in topics.site_subscriptions(job, site):
             self.transport.subscribe(topic_filter)
         self.transport.connect()
