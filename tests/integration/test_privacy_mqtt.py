@@ -40,11 +40,13 @@ def test_privacy_attacks_what_the_aggregator_received(
         (c["cell"]["mode"], c["cell"]["defense"]["gradient_noise"]): c
         for c in json.loads((out / "privacy.json").read_text())
     }
-    assert set(cells) == {("fedavg", 0.0), ("split-u", 0.0), ("split-u", 3.0)}
+    # Split-u gets its default row (label noise on the returned gradients) besides "none".
+    assert set(cells) == {("fedavg", 0.0), ("split-u", 0.0), ("split-u", None), ("split-u", 3.0)}
     assert all(c["status"] == "completed" for c in cells.values())
-    fedavg, undefended, defended = (
+    fedavg, undefended, default, defended = (
         cells["fedavg", 0.0],
         cells["split-u", 0.0],
+        cells["split-u", None],
         cells["split-u", 3.0],
     )
     # Federated: the whole model travels, and its first layer was attacked.
@@ -52,11 +54,15 @@ def test_privacy_attacks_what_the_aggregator_received(
     assert fedavg["update_gain"] is not None and fedavg["update_baseline"] is not None
     # Split-u: activations are inverted better than guessing the mean, labels leak through
     # the returned gradients, and noise on those gradients blurs the cosine attack.
-    assert 0 < undefended["exposed_weights"] < 1
+    assert 0 < undefended["exposed_weights"] < 1  # the segments a site sends ...
+    assert undefended["sealed"] is True  # ... which the aggregator only relayed, sealed
     assert undefended["reconstruction_gain"] > 0
     assert undefended["reconstruction_mse"] < undefended["baseline_mse"]
     assert 0 < undefended["input_dcor"] <= 1
     assert undefended["label_leak"]["cosine"] > 0.9
+    assert default["label_leak"]["cosine"] < undefended["label_leak"]["cosine"]
     assert defended["label_leak"]["cosine"] < undefended["label_leak"]["cosine"]
     table = (out / "privacy.md").read_text()
-    assert "| split-u (sequential) | grad-noise 3 |" in table and "| fedavg | none |" in table
+    for row in ("| split-u (sequential) | grad-noise 3 |", "| split-u (sequential) | default |"):
+        assert row in table
+    assert "| fedavg | none |" in table

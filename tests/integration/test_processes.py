@@ -66,6 +66,7 @@ def test_a_second_aggregator_refuses_and_a_stranger_site_is_sent_away(
             "job_id": job,
             "plan": "mlp-ehr-u",
             "sites": ["site-a"],
+            "seal_segments": False,  # this test is about the coordination lock, not sealing
             "rounds": {"join_deadline_s": 300},
             "broker": broker,
             "state": {"run_dir": str(tmp_path / "run")},
