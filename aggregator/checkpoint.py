@@ -25,7 +25,7 @@ import torch
 
 from aggregator.config import JobConfig
 from aggregator.state import ResumePoint, RoundRecord, SiteEntry
-from medsplit.snapshots import SnapshotError, dump, read, rng_state
+from medsplit.snapshots import SnapshotError, dump, read, rng_states
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Loaded:
     point: ResumePoint
     trunk_tensors: dict[str, torch.Tensor]
     trunk_document: dict[str, Any]
-    rng: torch.Tensor | None
+    rng: dict[str, torch.Tensor]  # rng_states(): the CPU's and each CUDA device's
     path: Path
 
 
@@ -85,7 +85,7 @@ class CheckpointStore:
         tensors = {f"weights/{k}": v for k, v in point.weights.items()}
         if point.normalization is not None:
             tensors["normalization/mean"], tensors["normalization/std"] = point.normalization
-        tensors["rng/torch"] = rng_state()
+        tensors |= rng_states()
         trunk_doc: dict[str, object] = {}
         if trunk is not None:
             tensors |= trunk[0]
@@ -152,7 +152,8 @@ def _loaded(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, An
         record=None if document.get("record") is None else _record(document["record"]),
     )
     trunk = {k: v for k, v in tensors.items() if k.startswith("trunk")}
-    return Loaded(point, trunk, dict(document.get("trunk") or {}), tensors.get("rng/torch"), path)
+    rng = {k: v for k, v in tensors.items() if k.startswith("rng/")}
+    return Loaded(point, trunk, dict(document.get("trunk") or {}), rng, path)
 
 
 def _record(data: Mapping[str, Any]) -> RoundRecord:

@@ -40,9 +40,11 @@ from medsplit.config import (
     OptimizerConfig,
     WaitSettings,
 )
+from medsplit.devices import DeviceChoice
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, check_site_ids
 from medsplit.modes import MODES, Mode, Orchestration, WireDtype
+from medsplit.precision import Precision
 from models import ConfigError, SplitPlan
 from models.config_errors import validate
 
@@ -94,6 +96,16 @@ class TrainingSettings(BaseModel):
     optimizer: OptimizerConfig = OptimizerConfig()
     wire_dtype: WireDtype = Field(
         "float32", description="activations and gradients on the wire; weights stay float32"
+    )
+    deterministic: bool = Field(
+        False,
+        description="torch.use_deterministic_algorithms on the sites and the trunk (CUDA: "
+        "bit-for-bit resume at some speed cost)",
+    )
+    precision: Precision = Field(
+        "fp32",
+        description="autocast for the sites' layers and the trunk: fp32, bf16, or fp16 (with "
+        "a gradient scaler on each side); the cut-layer tensors stay float32",
     )
 
 
@@ -188,6 +200,9 @@ class JobConfig(FileSettings):
 
     job_id: Id = Field(description="names the job in every topic; sites must use the same id")
     plan: SplitPlan = Field(description="a built-in plan name, a YAML path, or the plan inline")
+    device: DeviceChoice = Field(
+        "cpu", description="where the trunk runs: cpu, cuda, cuda:N, or auto (a GPU if any)"
+    )
     mode: Mode = Field(Mode.SPLIT_U, description="how the network is divided (docs/index.md)")
     orchestration: Orchestration = Field(
         None,  # type: ignore[assignment]  # filled in from the mode's default before validation

@@ -97,7 +97,7 @@ from medsplit.protocol.presence import Presence
 from medsplit.protocol.spec import SEALS, segments_sealed
 from medsplit.security.revocation import RevocationWatch
 from medsplit.security.seal import Roster
-from medsplit.snapshots import set_rng_state
+from medsplit.snapshots import set_rng_states
 from medsplit.statistics import FeatureSums, normalization_digest
 from medsplit.throttle import error_replies
 from medsplit.transport.inbox import branch
@@ -161,6 +161,7 @@ class Coordinator:
                 config.training.optimizer,
                 device or torch.device("cpu"),
                 parallel=config.orchestration == Orchestration.PARALLEL,
+                precision=config.training.precision,
             )
         self.trunk_service = (
             None
@@ -207,6 +208,8 @@ class Coordinator:
             defenses=config.defenses,
             sealed=self.sealed,
             aggregation=config.aggregation,
+            precision=config.training.precision,
+            deterministic=config.training.deterministic,
         )
         specs = TensorSpecs(
             plan, config.mode, release_trunk=config.release_trunk, sealed=self.sealed
@@ -242,7 +245,7 @@ class Coordinator:
         )
         if self.trunk is not None:
             self.trunk.load_state(loaded.trunk_tensors, loaded.trunk_document)
-        set_rng_state(loaded.rng)
+        set_rng_states(loaded.rng)
         self.resumed_from = self.last_checkpoint = loaded.path
         log.info(
             "resuming job %s from %s: %d of %d rounds done; waiting for the sites to rejoin",

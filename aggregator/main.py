@@ -15,14 +15,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-import torch
-
 from aggregator.checkpoint import CheckpointMismatch, CheckpointStore
 from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator, JobFailed, JobInterrupted
 from aggregator.observability import JobCollector
 from aggregator.observability import status as job_status
 from aggregator.report import build_report, write_report, write_run
+from medsplit.devices import pick_device, use_deterministic_algorithms
 from medsplit.health import Check, certificate_valid, connected, start_health, writable
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.protocol.spec import segments_sealed
@@ -36,6 +35,7 @@ from medsplit.wiring import (
     open_aggregator,
 )
 from models import ConfigError
+from models.plan_check import check_recomposition
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +154,10 @@ def _run(
     events: bool,
 ) -> int:
     roster = job_roster(config)  # a missing or foreign roster: one clear line, before any work
+    if config.plan.model.traced:  # a network cut by module name: its segments must recompose
+        check_recomposition(config.plan)
+    if config.training.deterministic:
+        use_deterministic_algorithms()
     store = None
     if config.checkpoint.enabled:
         store = CheckpointStore(config.checkpoint_dir, keep=config.checkpoint.keep)
@@ -197,7 +201,7 @@ def _run(
         coordinator = Coordinator(
             config,
             party.endpoint,
-            device=torch.device("cpu"),
+            device=pick_device(config.device),
             on_event=emit,
             presence=party.presence,
             checkpoints=store,

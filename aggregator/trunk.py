@@ -34,30 +34,35 @@ from torch import nn
 
 from medsplit.aggregation import weighted_average
 from medsplit.config import OptimizerConfig
+from medsplit.precision import MixedPrecision
 from medsplit.snapshots import load_optimizer, optimizer_tensors
-from medsplit.training import loss_fn, make_optimizer
+from medsplit.training import entry, loss_fn, make_optimizer
 
 
 class Trunk:
     def __init__(
         self,
-        trunk: nn.Sequential,
+        trunk: nn.Module,
         optimizer: OptimizerConfig,
         device: torch.device,
         *,
         parallel: bool = False,
+        precision: str = "fp32",
     ) -> None:
         self.module = trunk.to(device)
+        self.precision = precision
         self.device = device
         self.parallel = parallel
         self._optimizer_config = optimizer
         self.optimizer = make_optimizer(self.module.parameters(), optimizer)
         # Parallel rounds: each site's server-side copy and its optimizer (SplitFed V1).
-        self._copies: dict[str, tuple[nn.Sequential, torch.optim.Optimizer]] = {}
+        self._copies: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
         # One open U-shaped step per site: (round, step, input, output).
         self._pending: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
         # Where the turn started, per site: (trunk weights, optimizer state).
         self._turn_start: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        # Autocast and (fp16) loss scaling; parallel rounds: one per server-side copy.
+        self._amp: dict[str, MixedPrecision] = {}
 
     # -- turns -------------------------------------------------------------------------------------
 
@@ -85,7 +90,7 @@ class Trunk:
         if states:
             self.module.load_state_dict(weighted_average(states, weights))
 
-    def _copy(self, site: str) -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    def _copy(self, site: str) -> tuple[nn.Module, torch.optim.Optimizer]:
         if site not in self._copies:
             module = copy.deepcopy(self.module)
             self._copies[site] = (
@@ -94,31 +99,41 @@ class Trunk:
             )
         return self._copies[site]
 
-    def _for(self, site: str) -> tuple[nn.Sequential, torch.optim.Optimizer]:
+    def _for(self, site: str) -> tuple[nn.Module, torch.optim.Optimizer]:
         return self._copy(site) if self.parallel else (self.module, self.optimizer)
+
+    def _precision(self, site: str) -> MixedPrecision:
+        key = site if self.parallel else ""
+        if key not in self._amp:
+            self._amp[key] = MixedPrecision(self.precision, self.device)
+        return self._amp[key]
 
     # -- steps -------------------------------------------------------------------------------------
 
     def split_step(self, site: str, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Vanilla split: forward, loss, backward, update; returns the head's gradient."""
         module, optimizer = self._for(site)
+        amp = self._precision(site)
         module.train()
-        h = h.to(self.device).requires_grad_()
+        h = h.to(self.device, non_blocking=True).requires_grad_()
         optimizer.zero_grad()
-        loss = loss_fn(module(h), y.to(self.device))
-        loss.backward()
-        optimizer.step()
+        with amp.autocast():
+            loss = loss_fn(module(entry(h)), y.to(self.device, non_blocking=True))
+        amp.backward(loss)
         assert h.grad is not None
-        return h.grad.cpu(), float(loss.detach())
+        grad = amp.unscaled(h.grad).cpu()
+        amp.step(optimizer)
+        return grad, float(loss.detach())
 
     def forward(self, site: str, round: int, step: int, h: torch.Tensor) -> torch.Tensor:
         """U-shaped, first half: trunk output for the site's tail; the graph is kept."""
         module, _ = self._for(site)
         module.train()
-        h = h.to(self.device).requires_grad_()
-        out: torch.Tensor = module(h)
+        h = h.to(self.device, non_blocking=True).requires_grad_()
+        with self._precision(site).autocast():
+            out: torch.Tensor = module(entry(h))
         self._pending[site] = (round, step, h, out)  # replaces any step the site gave up
-        return out.detach().cpu()
+        return out.detach().float().cpu()
 
     def backward(self, site: str, round: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
         """U-shaped, second half: backward from the tail's gradient, update, head gradient.
@@ -132,17 +147,19 @@ class Trunk:
         del self._pending[site]
         _, _, h, out = pending
         _, optimizer = self._for(site)
+        amp = self._precision(site)
         optimizer.zero_grad()
-        out.backward(grad.to(self.device))
-        optimizer.step()
+        amp.backward(out, grad.to(self.device, dtype=out.dtype, non_blocking=True))
         assert h.grad is not None
-        return h.grad.cpu()
+        head_grad = amp.unscaled(h.grad).cpu()
+        amp.step(optimizer)
+        return head_grad
 
     def evaluate(self, h: torch.Tensor) -> torch.Tensor:
         self.module.eval()
-        with torch.no_grad():
-            out: torch.Tensor = self.module(h.to(self.device))
-        return out.cpu()
+        with torch.no_grad(), MixedPrecision(self.precision, self.device).autocast():
+            out: torch.Tensor = self.module(h.to(self.device, non_blocking=True))
+        return out.float().cpu()
 
     def forget(self, site: str) -> None:
         """The site's steps of this turn are void: drop its open step and put its share of the

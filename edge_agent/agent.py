@@ -7,7 +7,8 @@ arrives, is then *ready*, *trains* on ``train`` (local epochs: in split modes ex
 cut-layer tensors step by step, in federated modes entirely locally), *evaluates* on
 ``evaluate`` (held-out metrics) and is *finished* on ``finish`` (it assembles this site's own
 model from the final weights, keeps it in the state directory and exports it to ONNX). A
-``refused`` (this site is not in the job) ends it with ``NotInJob``.
+``refused`` (this site is not in the job) ends it with ``NotInJob``; a spec naming a model
+factory the site does not allow ends it with ``ForeignCode``, before the factory is imported.
 
 Every hello carries the agent's *incarnation*, an id of this process, so the aggregator tells
 a repeated hello (answered with the same ``setup``, which the agent ignores) from a restarted
@@ -49,6 +50,7 @@ from edge_agent.segments import EdgeSegments
 from edge_agent.site_store import SiteStore
 from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.config import DefenseSettings
+from medsplit.devices import use_deterministic_algorithms
 from medsplit.privacy.accounting import PrivacyLedger, finite_or_none
 from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
@@ -61,6 +63,7 @@ from medsplit.throttle import error_replies
 from medsplit.training import evaluate_logits
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
 from medsplit.wire.frame import MetaValue
+from models.factory import FactoryError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,10 @@ class NotInJob(RuntimeError):
     """The aggregator says this site is not part of the job."""
 
 
+class ForeignCode(RuntimeError):
+    """The job spec names a model factory this site does not allow (``models.allow``)."""
+
+
 class Agent:
     def __init__(
         self,
@@ -104,9 +111,11 @@ class Agent:
         retry_interval_s: float = 5.0,
         incarnation: str | None = None,
         sealing: SiteSealing | None = None,
+        allow_factories: tuple[str, ...] = (),
     ) -> None:
         """``sealing``: this site's sealing keys and the CA its roster must be signed by; a job
-        that seals segments (every split job by default) cannot be joined without them."""
+        that seals segments (every split job by default) cannot be joined without them.
+        ``allow_factories``: site.yaml's ``models.allow``, the code a job spec may name."""
         self.site_id, self.job_id = site_id, job_id
         self.endpoint = endpoint
         self.loaded = data  # as the data source made it
@@ -119,6 +128,8 @@ class Agent:
         self.export_onnx = export_onnx
         self.store = SiteStore(site_id, state_dir, export_onnx=export_onnx)
         self.sealing = sealing
+        self.allow_factories = allow_factories
+        self.foreign_code: str | None = None  # why a job spec was refused: code not allowed
         self.ledger = PrivacyLedger(DefenseSettings())  # the job's, from its setup message
         self.spec: JobSpec | None = None
         self.specs: TensorSpecs | None = None
@@ -332,6 +343,8 @@ class Agent:
                 self._handle(received.envelope)
             if self.lifecycle.refusal is not None:
                 raise NotInJob(self.lifecycle.refusal)
+            if self.foreign_code is not None:
+                raise ForeignCode(self.foreign_code)
 
     def _hello(self) -> None:
         meta: dict[str, MetaValue] = {
@@ -371,35 +384,41 @@ class Agent:
             return
         self._remember_request(env)
         try:
-            if env.kind == Kind.SETUP:
-                self._setup(env)
-            elif env.kind == Kind.STATS_REQUEST:
-                self._send_stats(env)
-            elif env.kind == Kind.NORMALIZATION:
-                self._normalise(env)
-            elif env.kind in (Kind.TRAIN, Kind.EVALUATE) and not self._normalised_for(env):
-                return  # the aggregator sends the normalisation again with its next repeat
-            elif env.kind == Kind.TRAIN and self.segments is not None:
-                self._working(AgentPhase.TRAINING, self._train, env)
-            elif env.kind == Kind.EVALUATE and self.segments is not None:
-                self._working(AgentPhase.EVALUATING, self._evaluate, env)
-            elif env.kind == Kind.FINISH:
-                self.lifecycle = self.lifecycle.finished()
-                self._finish(env)
-                self._publish(env.reply(self.site_id, Kind.FINISHED))
-            elif env.kind == Kind.REFUSED:
-                detail = str(env.meta.get("detail") or "this site is not part of the job")
-                self.lifecycle = self.lifecycle.refused(detail)
-            elif env.kind == Kind.ERROR:
-                log.warning("%s: aggregator reported an error: %s", self.site_id, dict(env.meta))
+            self._dispatch(env)
         except StepTimeout as exc:
             log.warning("%s: round %s abandoned: %s", self.site_id, env.round, exc)
+        except FactoryError as exc:  # the aggregator stops waiting; this agent leaves
+            self.foreign_code = str(exc)
+            self._publish(env.error(self.site_id, type(exc).__name__, str(exc)))
         except (ValueError, KeyError, RuntimeError, WireError) as exc:
             # e.g. a setup whose job spec does not validate, or a model poisoned into
             # non-finite weights that cannot be sent: report it (the aggregator stops waiting
             # for this site's answer), keep serving.
             log.warning("%s: could not handle %s: %s", self.site_id, env.kind, exc)
             self._publish(env.error(self.site_id, type(exc).__name__, str(exc)))
+
+    def _dispatch(self, env: Envelope) -> None:
+        if env.kind == Kind.SETUP:
+            self._setup(env)
+        elif env.kind == Kind.STATS_REQUEST:
+            self._send_stats(env)
+        elif env.kind == Kind.NORMALIZATION:
+            self._normalise(env)
+        elif env.kind in (Kind.TRAIN, Kind.EVALUATE) and not self._normalised_for(env):
+            return  # the aggregator sends the normalisation again with its next repeat
+        elif env.kind == Kind.TRAIN and self.segments is not None:
+            self._working(AgentPhase.TRAINING, self._train, env)
+        elif env.kind == Kind.EVALUATE and self.segments is not None:
+            self._working(AgentPhase.EVALUATING, self._evaluate, env)
+        elif env.kind == Kind.FINISH:
+            self.lifecycle = self.lifecycle.finished()
+            self._finish(env)
+            self._publish(env.reply(self.site_id, Kind.FINISHED))
+        elif env.kind == Kind.REFUSED:
+            detail = str(env.meta.get("detail") or "this site is not part of the job")
+            self.lifecycle = self.lifecycle.refused(detail)
+        elif env.kind == Kind.ERROR:
+            log.warning("%s: aggregator reported an error: %s", self.site_id, dict(env.meta))
 
     def _normalised_for(self, env: Envelope) -> bool:
         """Whether this site applies the normalisation ``env`` was computed with."""
@@ -448,7 +467,7 @@ class Agent:
             self.lifecycle = self.lifecycle.idle(phase)
 
     def _setup(self, env: Envelope) -> None:
-        spec = JobSpec.from_meta(env.meta.get("spec"))
+        spec = JobSpec.from_meta(env.meta.get("spec"), self.allow_factories)
         if spec.job_id != self.job_id:
             raise ValueError(
                 f"setup for job {spec.job_id!r}, but this agent serves {self.job_id!r}"
@@ -456,6 +475,8 @@ class Agent:
         if spec == self.spec:
             self.lifecycle = self.lifecycle.set_up()
             return  # a repeated setup (we said hello more than once): nothing to rebuild
+        if spec.deterministic:
+            use_deterministic_algorithms()
         self.defenses = SiteDefenses(spec.defenses)
         self.ledger = PrivacyLedger(spec.defenses, self.store.releases(spec))
         if spec.sealed:

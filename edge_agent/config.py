@@ -5,13 +5,14 @@
 * ``broker``: the shared broker group of ``medsplit.config``;
 * ``waits``: how patient the agent is with the aggregator, and how often it says so;
 * ``state``: the directory that holds this site's layers, its final model and ``model.onnx``;
+* ``models``: the factories (code) a job spec may make this site import;
 * ``http``: the health endpoints a probe asks (``/healthz``, ``/readyz``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar
 
 from pydantic import (
     BaseModel,
@@ -25,6 +26,7 @@ from pydantic import (
 
 from edge_agent.data.settings import BuiltinData, CsvData, DicomData
 from medsplit.config import BrokerConfig, FileSettings, WaitSettings
+from medsplit.devices import DeviceChoice
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, RESERVED_IDS
 
@@ -84,6 +86,18 @@ class SiteSealingSettings(BaseModel):
     )
 
 
+class SiteModels(BaseModel):
+    """Which code a job may make this site run (docs/bring-your-own-model.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allow: list[str] = Field(
+        default_factory=list,
+        description='factories a job may name, as shell patterns over "package.module:function" '
+        '(e.g. "mypkg.nets:*"); the built-in and catalogue architectures are always allowed',
+    )
+
+
 class SiteConfig(FileSettings):
     """What one edge agent runs: its identity, its data, and one group per concern."""
 
@@ -101,14 +115,19 @@ class SiteConfig(FileSettings):
     data: SiteDataConfig = Field(
         BuiltinData(), description="where this site's training data comes from"
     )
-    device: Literal["cpu", "cuda", "auto"] = Field(
-        "auto", description="where the site's layers run; cuda fails if no GPU is available"
+    device: DeviceChoice = Field(
+        "auto",
+        description="where the site's layers run: auto, cpu, cuda or cuda:N; a CUDA device "
+        "that is not there fails at start",
     )
     export_onnx: bool = Field(
         True, description="at the end of a job, export the site's model to state.dir/model.onnx"
     )
     waits: SiteWaits = SiteWaits()
     state: SiteState = SiteState()
+    models: SiteModels = Field(
+        SiteModels(), description="the code a job spec may make this site import"
+    )
     sealing: SiteSealingSettings = Field(
         SiteSealingSettings(), description="keys for sealed segments (docs/security.md)"
     )

@@ -26,7 +26,7 @@ from edge_agent.recovery import Recovery, Snapshot
 from edge_agent.segments import EdgeSegments
 from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind
-from medsplit.training import batch_order, loss_fn, train_epochs
+from medsplit.training import batch_order, entry, loss_fn, train_epochs
 from medsplit.wire import Envelope
 from medsplit.wire.frame import MetaValue
 from models import cut_shapes
@@ -88,6 +88,7 @@ class FederatedLearner:
             batch_size=self.spec.batch_size,
             seed=self.spec.seed,
             first_epoch=round * epochs,
+            amp=model.amp,
         )
         steps = -(-data.train_samples // self.spec.batch_size) * epochs
         self.progress.steps += steps
@@ -173,28 +174,36 @@ class SplitLearner:
     ) -> float:
         """One split-learning step: the cut-layer tensors make a round trip per batch.
         ``sent_labels``: what vanilla split sends for ``yb`` (default: ``yb`` itself)."""
-        seg = self.segments
+        seg, amp = self.segments, self.segments.amp
         seg.optimizer.zero_grad()
         defenses = self.defenses
-        h = seg.head(xb)
+        with amp.autocast():
+            h = seg.head(xb).float()  # the cut-layer tensor travels in float32 (or wire_dtype)
         if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
             labels = yb if sent_labels is None else sent_labels.to(self.device)
             tensors = {"h": defenses.activations(h), "y": labels}
             reply = self._exchange(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step)
-            defenses.backward_head(xb, h, reply.tensors["g"].to(self.device))
-            seg.optimizer.step()
+            defenses.backward_head(xb, h, self._to_device(reply.tensors["g"]) * amp.scale)
+            amp.step(seg.optimizer)
             return float(reply.meta.get("loss") or 0.0)
         sent = {"h": defenses.activations(h)}
         t = self._exchange(Kind.ACTIVATIONS, sent, Kind.TRUNK_OUT, round, step).tensors["t"]
-        t = t.to(self.device).requires_grad_()
-        loss = loss_fn(seg.tail(t), yb)
-        loss.backward()
+        t = self._to_device(t).requires_grad_()
+        with amp.autocast():
+            loss = loss_fn(seg.tail(entry(t)), yb)
+        amp.backward(loss)
         assert t.grad is not None
-        returned = {"g": defenses.gradient(t.grad)}
+        returned = {"g": defenses.gradient(amp.unscaled(t.grad))}
         g = self._exchange(Kind.TRUNK_GRAD, returned, Kind.ACT_GRAD, round, step).tensors["g"]
-        defenses.backward_head(xb, h, g.to(self.device))
-        seg.optimizer.step()
+        defenses.backward_head(xb, h, self._to_device(g) * amp.scale)
+        amp.step(seg.optimizer)
         return float(loss.detach())
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A received tensor on this site's device: from pinned memory without blocking."""
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
 
     def _exchange(
         self, kind: str, tensors: dict[str, torch.Tensor], answer: str, round: int, step: int
@@ -211,9 +220,9 @@ class SplitLearner:
         """Held-out logits through the aggregator's trunk; labels never travel."""
         seg = self.segments
         outputs = []
-        with torch.no_grad():
+        with torch.no_grad(), seg.amp.autocast():
             for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
-                h = self.defenses.activations(seg.head(x[idx]))
+                h = self.defenses.activations(seg.head(x[idx]).float())
                 reply = self.channel.exchange(
                     Kind.EVAL_ACTIVATIONS,
                     {"h": h},
@@ -223,8 +232,8 @@ class SplitLearner:
                     cast={"h"},
                     wait=True,
                 )
-                t = reply.tensors["t"].to(self.device)
-                outputs.append(seg.tail(t) if seg.tail is not None else t)
+                t = self._to_device(reply.tensors["t"])
+                outputs.append((seg.tail(t) if seg.tail is not None else t).float())
         return torch.cat(outputs)
 
 

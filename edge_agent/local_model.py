@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from medsplit.precision import MixedPrecision
 from medsplit.protocol import JobSpec, exchanged_keys
 from medsplit.training import make_optimizer
 
@@ -21,12 +22,13 @@ from medsplit.training import make_optimizer
 class LocalModel:
     def __init__(self, spec: JobSpec, device: torch.device) -> None:
         # Every site starts from the aggregator's initial weights (private layers included).
-        self.model: nn.Sequential = spec.plan.model.build(seed=spec.seed).to(device)
+        self.model: nn.Module = spec.plan.model.build(seed=spec.seed).to(device)
         self.device = device
         self.spec = spec
         self.keys = frozenset(exchanged_keys(spec.plan, spec.mode))
         self.private_keys = frozenset(self.model.state_dict()) - self.keys
         self.optimizer = make_optimizer(self.model.parameters(), spec.optimizer)
+        self.amp = MixedPrecision(spec.precision, device)
 
     def start_round(self) -> None:
         """A fresh optimizer each round, as in FedAvg: old moments belong to old weights."""
@@ -67,6 +69,6 @@ class LocalModel:
         self.model.train(mode)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), self.amp.autocast():
             out: torch.Tensor = self.model(x)
-        return out
+        return out.float()

@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 
-import torch
-
-from edge_agent.agent import Agent, NotInJob
+from edge_agent.agent import Agent, ForeignCode, NotInJob
 from edge_agent.config import SiteConfig
 from edge_agent.data import datasets
 from edge_agent.data.csv_source import load_csv_site
@@ -20,6 +18,7 @@ from edge_agent.data.dicom_source import load_dicom_site
 from edge_agent.data.settings import CsvData, DicomData
 from edge_agent.observability import AgentCollector
 from edge_agent.sealing import SiteSealing
+from medsplit.devices import pick_device
 from medsplit.health import Check, certificate_valid, connected, start_health
 from medsplit.security.seal import SealError
 from medsplit.wiring import Connector, Party, mqtt_connector, open_site
@@ -28,14 +27,7 @@ from models import ConfigError
 log = logging.getLogger(__name__)
 
 EXIT_NOT_IN_JOB = 2
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA device is available")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
+EXIT_FOREIGN_CODE = 3  # the job spec names a model factory site.yaml's models.allow does not
 
 
 def load_data(config: SiteConfig) -> SiteData:
@@ -142,6 +134,7 @@ def _run(
         export_onnx=config.export_onnx,
         incarnation=party.incarnation,
         sealing=sealing,
+        allow_factories=tuple(config.models.allow),
     )
     agents.append(agent)
 
@@ -155,6 +148,9 @@ def _run(
     except NotInJob as exc:
         log.error("%s: refused by the aggregator: %s", config.site_id, exc)
         return EXIT_NOT_IN_JOB, False
+    except ForeignCode as exc:
+        log.error("%s: refused the job: %s", config.site_id, exc)
+        return EXIT_FOREIGN_CODE, False
     finally:
         signal.signal(signal.SIGTERM, previous)
         party.close()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import torch
+
 from edge_agent.lifecycle import AgentPhase
 from medsplit.metric_families import Scraped, counted_by, one_hot
 
@@ -50,3 +52,34 @@ class AgentCollector(Scraped["Agent"]):
             "reason",
             stats.rejected,
         )
+        yield from gpu_families(agent.device)
+
+
+def gpu_families(device: torch.device) -> Iterator[Metric]:
+    """The GPU the site's layers run on: memory torch holds and the device's utilisation
+    (NVML through torch, where the driver offers it). Nothing on a CPU-only site."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return
+    from prometheus_client.core import GaugeMetricFamily  # noqa: PLC0415 (when served)
+
+    label = [str(device)]
+    allocated = GaugeMetricFamily(
+        "medsplit_agent_gpu_memory_bytes",
+        "GPU memory held by torch's caching allocator, by device and kind",
+        labels=["device", "kind"],
+    )
+    allocated.add_metric([*label, "allocated"], torch.cuda.memory_allocated(device))
+    allocated.add_metric([*label, "reserved"], torch.cuda.memory_reserved(device))
+    allocated.add_metric([*label, "peak"], torch.cuda.max_memory_allocated(device))
+    yield allocated
+    try:
+        utilisation = float(torch.cuda.utilization(device))
+    except (RuntimeError, ModuleNotFoundError):  # no NVML (pynvml) on this box
+        return
+    gauge = GaugeMetricFamily(
+        "medsplit_agent_gpu_utilization_percent",
+        "share of the last sample period the GPU was busy",
+        labels=["device"],
+    )
+    gauge.add_metric(label, utilisation)
+    yield gauge

@@ -33,8 +33,8 @@ from medsplit.snapshots import (
     load_optimizer,
     optimizer_tensors,
     read,
-    rng_state,
-    set_rng_state,
+    rng_states,
+    set_rng_states,
 )
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def take(
 ) -> Snapshot:
     model = {f"model/{k}": v.clone() for k, v in segments.full_state().items()}
     optimizer, document = optimizer_tensors(segments.optimizer, "optimizer")
-    tensors = {**model, **optimizer, "rng/torch": rng_state()}
+    tensors = {**model, **optimizer, **rng_states()}
     return Snapshot(round, step, tensors, document, loss_sum, seen)
 
 
@@ -78,7 +78,7 @@ def restore(segments: Segments, snapshot: Snapshot) -> None:
     for module in modules:
         module.load_state_dict({k: model[k] for k in module.state_dict()})
     load_optimizer(segments.optimizer, snapshot.tensors, snapshot.optimizer, "optimizer")
-    set_rng_state(snapshot.tensors.get("rng/torch"))
+    set_rng_states(snapshot.tensors)
 
 
 class Recovery:

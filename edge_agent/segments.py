@@ -10,6 +10,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from medsplit.precision import MixedPrecision
 from medsplit.protocol import JobSpec
 from medsplit.training import make_optimizer
 from models import split_model
@@ -20,12 +21,13 @@ class EdgeSegments:
         # The weights are overwritten by the aggregator's anyway.
         parts = split_model(spec.plan.model.build(seed=spec.seed), spec.plan)
         self.device = device
-        self.head: nn.Sequential = parts.head.to(device)
-        self.tail: nn.Sequential | None = parts.tail.to(device) if parts.tail is not None else None
+        self.head: nn.Module = parts.head.to(device)
+        self.tail: nn.Module | None = parts.tail.to(device) if parts.tail is not None else None
         params = list(self.head.parameters()) + (list(self.tail.parameters()) if self.tail else [])
         self.optimizer = make_optimizer(params, spec.optimizer)
+        self.amp = MixedPrecision(spec.precision, device)  # autocast, fp16 loss scaling
 
-    def modules(self) -> list[nn.Sequential]:
+    def modules(self) -> list[nn.Module]:
         return [self.head] + ([self.tail] if self.tail is not None else [])
 
     def load(self, state: Mapping[str, torch.Tensor]) -> None:

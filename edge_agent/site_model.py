@@ -85,7 +85,7 @@ def find_site_model(run: Path, site: str | None = None) -> Path:
     )
 
 
-def load_site_model(path: Path, site: str | None = None) -> tuple[nn.Sequential, ModelCard]:
+def load_site_model(path: Path, site: str | None = None) -> tuple[nn.Module, ModelCard]:
     """The model (eval mode, CPU) and its card from a site model file."""
     try:
         with safe_open(str(path), framework="pt") as handle:

@@ -32,6 +32,7 @@ from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import SPLIT_MODES
 from medsplit.security.seal_kit import sealing_files
 from medsplit.storage import atomic_write
+from models.config_errors import ConfigError
 
 PLANS = {
     ("breast-cancer", "split"): "mlp-ehr",
@@ -50,9 +51,10 @@ def write_configs(
 ) -> tuple[Path, list[Path]]:
     """The job config and one site config per hospital, as files a deployment would use."""
     options.out.mkdir(parents=True, exist_ok=True)
+    factory = demo_plan_factory(options)
     job = {
         "job_id": job_id,
-        "plan": PLANS[(options.dataset, options.mode)],
+        "plan": str(options.plan) if options.plan else PLANS[(options.dataset, options.mode)],
         "mode": options.mode,
         "orchestration": options.orchestration,
         "seed": options.seed,
@@ -97,10 +99,38 @@ def write_configs(
         }
         if sealing is not None:
             site_cfg["sealing"] = sealing.site_section(site)
+        if factory is not None:  # the demo owns its sites: they run the plan's own code
+            site_cfg["models"] = {"allow": [factory]}
         path = options.out / f"{site}.yaml"
         atomic_write(path, yaml.safe_dump(site_cfg, sort_keys=False).encode())
         site_paths.append(path)
     return job_path, site_paths
+
+
+def demo_plan_factory(options: DemoOptions) -> str | None:
+    """The ``--plan`` file's model factory, once the plan is checked against the dataset:
+    its input shape, its segments recomposing the model, each segment exporting to ONNX."""
+    if options.plan is None:
+        return None
+    from edge_agent.data.datasets import load  # noqa: PLC0415
+    from models import load_plan  # noqa: PLC0415
+    from models.plan_check import check_plan  # noqa: PLC0415
+
+    plan = load_plan(options.plan)
+    shape = load(options.dataset).input_shape
+    if tuple(plan.model.input_shape) != tuple(shape):
+        raise ConfigError(
+            str(options.plan),
+            [
+                (
+                    "model.input_shape",
+                    f"{list(plan.model.input_shape)}, but {options.dataset} "
+                    f"samples are {list(shape)}",
+                )
+            ],
+        )
+    check_plan(plan)
+    return plan.model.factory
 
 
 def run_demo(options: DemoOptions) -> int:

@@ -21,6 +21,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--dataset", choices=DATASETS, default="breast-cancer")
+    parser.add_argument(
+        "--plan",
+        type=Path,
+        help="a plan file (your own model: docs/bring-your-own-model.md); its input shape must "
+        "be the dataset's. The demo's sites allow the plan's model factory",
+    )
     parser.add_argument("--partition", default="iid", help=SCHEMES)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -62,6 +68,7 @@ class DemoOptions:
     out: Path
     timeout: float
     http_port: int = 0  # 0: a free one, chosen when the configs are written
+    plan: Path | None = None  # default: the built-in plan for the dataset and mode
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> DemoOptions:
@@ -92,4 +99,5 @@ class DemoOptions:
             out=out,
             timeout=args.timeout,
             http_port=args.http_port or free_port(),
+            plan=args.plan.resolve() if args.plan else None,
         )

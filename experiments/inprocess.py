@@ -135,10 +135,13 @@ def run_job(
     With ``agents_first`` the agents start first and the aggregator only once every one of
     them has said hello twice, as when a deployment's sites come up before its server.
     ``tap`` keeps what the aggregator receives (the privacy sweep). A job that seals segments
-    gets sealing keys for every site and a roster made for this run.
+    gets sealing keys for every site and a roster made for this run. The sites allow the
+    plan's own model factory, unless ``allow_factories`` says otherwise.
     """
     sealed = segments_sealed(config.mode, config.seal_segments)
     kit = throwaway_kit(config.job_id, list(config.sites)) if sealed else None
+    factory = config.plan.model.factory
+    agent_kw.setdefault("allow_factories", (factory,) if factory else ())  # it owns its sites
     sites = _Sites.start(
         config.job_id,
         data,

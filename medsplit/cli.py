@@ -16,7 +16,7 @@ from typing import Any
 
 from medsplit import __version__, logs
 from medsplit.cli_http import add_http_commands
-from models.config_errors import ConfigError
+from models.config_errors import ConfigError, ModelError
 from models.plan_names import builtin_plan_names
 
 # Commands import what they drive when they run: `medsplit --help`, `--version` and a config
@@ -30,25 +30,50 @@ def _cmd_models(args: argparse.Namespace) -> int:
     for name in architecture_names():
         arch = get_architecture(name)
         defaults = arch.parse_args({}).model_dump()
-        print(f"{name:10s} {arch.description}")
-        print(f"{'':10s} args (defaults): {defaults}")
+        print(f"{name:28s} {arch.description}")
+        print(f"{'':28s} args (defaults): {defaults}")
+        if arch.cuts is not None:
+            print(f"{'':28s} default cuts: cut {arch.cuts[0]}, tail_cut {arch.cuts[1]}")
+    print(
+        '\nor your own network: model: {factory: "package.module:function", args: {...}, '
+        "input_shape: [...]} (docs/bring-your-own-model.md)"
+    )
     return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from models import cut_shapes, load_plan
+    from models.plan_check import PlanCheckError, check_plan
 
     plan = load_plan(args.plan)
     shapes = cut_shapes(plan, args.batch_size)
-    print(f"model      {plan.model.name} {plan.model.args}")
-    print(f"head       {', '.join(plan.head)}    (edge)")
-    print(f"trunk      {', '.join(plan.trunk)}    (aggregator)")
-    if plan.u_shaped:
-        print(f"tail       {', '.join(plan.tail)}    (edge, U-shaped: labels stay on site)")
+    print(f"model      {plan.model.name or plan.model.factory} {plan.model.args}")
+    if plan.model.traced:
+        print(f"cut        after {plan.cuts[0]}    (head: edge; trunk: aggregator)")
+        if plan.u_shaped:
+            print(f"tail_cut   after {plan.cuts[1]}    (tail: edge, labels stay on site)")
+        print(
+            f"segments   {len(plan.head_keys)} / {len(plan.trunk_keys)} / "
+            f"{len(plan.tail_keys)} tensors (head / trunk / tail)"
+        )
+        if args.cuts:
+            print(f"cuttable   {', '.join(plan.model.layers)}")
+    else:
+        print(f"head       {', '.join(plan.head)}    (edge)")
+        print(f"trunk      {', '.join(plan.trunk)}    (aggregator)")
+        if plan.u_shaped:
+            print(f"tail       {', '.join(plan.tail)}    (edge, U-shaped: labels stay on site)")
     for name, shape in shapes.items():
         print(f"{name:10s} {list(shape)} per batch of {args.batch_size}")
     print(f"shared     {len(plan.shared_keys)} tensors")
     print(f"private    {len(plan.private_keys)} tensors: {', '.join(sorted(plan.private_keys))}")
+    try:
+        check = check_plan(plan, export=not args.no_export)
+    except PlanCheckError as exc:
+        print(f"error: {args.plan}: {exc}", file=sys.stderr)
+        return 1
+    exported = ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in check.onnx_bytes.items())
+    print(f"checked    segments recompose the model exactly; ONNX: {exported or 'not checked'}")
     return 0
 
 
@@ -345,7 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    models_cmd = commands.add_parser("models", help="list the built-in architectures")
+    models_cmd = commands.add_parser(
+        "models", help="list the built-in and catalogue architectures (torchvision, MONAI)"
+    )
     models_cmd.set_defaults(func=_cmd_models)
 
     plan_cmd = commands.add_parser(
@@ -355,6 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
         "plan", help=f"a plan YAML file or a built-in plan ({', '.join(builtin_plan_names())})"
     )
     plan_cmd.add_argument("--batch-size", type=int, default=32, help="for the cut-layer shapes")
+    plan_cmd.add_argument(
+        "--cuts", action="store_true", help="list every module a traced network may be cut after"
+    )
+    plan_cmd.add_argument(
+        "--no-export", action="store_true", help="skip exporting each segment to ONNX"
+    )
     plan_cmd.set_defaults(func=_cmd_plan)
 
     agg = commands.add_parser("aggregator", help="run the aggregator of a job (server side)")
@@ -522,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         status: int = args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except TransportError as exc:  # expected (an unreachable broker): one line, no traceback

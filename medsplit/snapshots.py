@@ -139,11 +139,24 @@ def load_optimizer(
         raise SnapshotError(f"optimizer state {prefix!r} does not fit: {exc}") from None
 
 
-def rng_state() -> torch.Tensor:
-    """Torch's global generator (dropout draws from it), to resume the same random stream."""
-    return torch.get_rng_state()
+def rng_states() -> dict[str, torch.Tensor]:
+    """Torch's global generators (dropout draws from them), to resume the same random streams:
+    the CPU's as ``rng/torch``, each CUDA device's as ``rng/cuda:N``."""
+    states = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"rng/cuda:{index}"] = state
+    return states
 
 
-def set_rng_state(state: torch.Tensor | None) -> None:
+def set_rng_states(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Put back what ``rng_states`` kept (a snapshot from a CPU-only run leaves CUDA's alone)."""
+    state = tensors.get("rng/torch")
     if state is not None:
         torch.set_rng_state(state.to(torch.uint8))
+    if not torch.cuda.is_available():
+        return
+    for index in range(torch.cuda.device_count()):
+        cuda = tensors.get(f"rng/cuda:{index}")
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.to(torch.uint8), index)

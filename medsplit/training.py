@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from medsplit.config import OptimizerConfig
+from medsplit.precision import MixedPrecision
 
 
 def make_optimizer(
@@ -34,6 +35,16 @@ def batch_order(samples: int, batch_size: int, *, seed: int, epoch: int) -> list
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(samples, generator=generator)
     return list(order.split(batch_size))
+
+
+def entry(received: torch.Tensor) -> torch.Tensor:
+    """What a segment starts from when its input came over the wire: a differentiable copy.
+
+    The received tensor is a leaf whose gradient is the answer; a segment whose first
+    operation works in place (torchvision's DenseNet ends ``features`` with
+    ``F.relu(x, inplace=True)``) may not write into a leaf, but may into its copy, and the
+    copy's gradient flows back into the leaf unchanged."""
+    return received.clone() if received.requires_grad else received
 
 
 def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -100,17 +111,21 @@ def train_epochs(
     batch_size: int,
     seed: int,
     first_epoch: int = 0,
+    amp: MixedPrecision | None = None,
 ) -> list[float]:
-    """Plain local training with a given optimizer (kept by the caller across calls)."""
+    """Plain local training with a given optimizer (kept by the caller across calls), in
+    ``amp``'s precision (default float32)."""
+    amp = amp or MixedPrecision("fp32", x.device)
     losses = []
     model.train()
     for epoch in range(first_epoch, first_epoch + epochs):
         total = 0.0
         for idx in batch_order(len(y), batch_size, seed=seed, epoch=epoch):
             opt.zero_grad()
-            loss = loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
+            with amp.autocast():
+                loss = loss_fn(model(x[idx]), y[idx])
+            amp.backward(loss)
+            amp.step(opt)
             total += float(loss.detach()) * len(idx)
         losses.append(total / len(y))
     return losses

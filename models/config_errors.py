@@ -44,6 +44,13 @@ class ConfigError(ValueError):
         return cls(source, problems)
 
 
+class ModelError(ValueError):
+    """A model that cannot be used as asked: a factory not allowed or not importable, weights
+    that do not fit, a network that cannot be traced or cut, segments that do not recompose or
+    export. The message names the field, file or module; the command line prints it as one
+    line."""
+
+
 def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file whose top level must be a mapping; every failure is a ConfigError."""
     import yaml  # noqa: PLC0415

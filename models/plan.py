@@ -18,10 +18,11 @@ start-up with the field, the bad value and the allowed values, not mid-training.
 from __future__ import annotations
 
 import fnmatch
+import json
 import threading
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from pydantic import (
     BaseModel,
@@ -55,31 +56,70 @@ def _torch() -> ModuleType:
 
 
 class ModelSpec(BaseModel):
-    """An architecture name and its arguments, validated against that architecture."""
+    """The network: a registered architecture (``name``) or a factory of the user's own
+    (``factory: "package.module:function"``), its arguments, and optionally its weights.
+
+    Built-in architectures are sequences of named blocks and are cut between blocks; catalogue
+    entries and factories are traced with ``torch.fx`` and cut after named modules
+    (``models.graph_split``).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
+    name: str | None = Field(None, description="a built-in or catalogue architecture")
+    factory: str | None = Field(
+        None, description='"package.module:function" returning an nn.Module (sites must allow it)'
+    )
     args: dict[str, Any] = Field(default_factory=dict)
+    input_shape: tuple[int, ...] = Field(
+        (),
+        description="one sample's shape, without the batch axis (required with factory; "
+        "derived from an architecture's args)",
+    )
+    weights: Path | None = Field(
+        None, description="a local state dict (safetensors, or torch weights_only) to start from"
+    )
+    weights_sha256: str | None = Field(
+        None, description="the weights file's digest; filled in from the file when left out"
+    )
+    leaf_modules: tuple[str, ...] = Field(
+        (), description="module classes (package.module.Class) traced as one call, not entered"
+    )
 
     _layers: tuple[str, ...] = PrivateAttr(default=())
+    _positions: dict[str, int] = PrivateAttr(default_factory=dict)
+    _modules: frozenset[str] = PrivateAttr(default=frozenset())
     _state_keys: tuple[str, ...] = PrivateAttr(default=())
 
     @field_validator("name")
     @classmethod
-    def _known_architecture(cls, name: str) -> str:
-        if name not in _registry().names():
+    def _known_architecture(cls, name: str | None) -> str | None:
+        if name is not None and name not in _registry().names():
             raise ValueError(
                 f"unknown architecture {name!r}; allowed: {', '.join(_registry().names())}"
             )
         return name
+
+    @field_validator("factory")
+    @classmethod
+    def _allowed_factory(cls, factory: str | None, info: ValidationInfo) -> str | None:
+        """Checked before anything is imported: a site imports only what it allows."""
+        if factory is None:
+            return None
+        from models.factory import FACTORY_PATTERN, check_allowed  # noqa: PLC0415
+
+        if not FACTORY_PATTERN.match(factory):
+            raise ValueError(f"{factory!r} is not of the form package.module:function")
+        allow = (info.context or {}).get("allow_factories")
+        check_allowed(factory, allow)
+        return factory
 
     @field_validator("args")
     @classmethod
     def _valid_args(cls, args: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
         name = info.data.get("name")
         if name is None:
-            return args
+            return args  # a factory's own signature checks them when it is called
         try:
             parsed = _registry().get(name).parse_args(args)
         except ValidationError as exc:
@@ -93,16 +133,69 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _describe_structure(self) -> ModelSpec:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of name (an architecture) or factory")
+        if self.factory is not None and not self.input_shape:
+            raise ValueError("input_shape: required with factory (one sample's shape)")
+        if self.name is not None:
+            derived = tuple(_registry().get(self.name).input_shape(self.args))
+            if self.input_shape and tuple(self.input_shape) != derived:
+                raise ValueError(
+                    f"input_shape: {list(self.input_shape)} contradicts {self.name}'s args, "
+                    f"which give {list(derived)}"
+                )
+            object.__setattr__(self, "input_shape", derived)
+        if self.weights is not None:
+            self._check_weights_digest()
         # Built on the meta device: names and shapes only, no memory for weights.
         with _torch().device("meta"):
             model = self.build()
-        self._layers = tuple(model._modules)
+        if self.traced:
+            from models.graph_split import cut_candidates, traced_modules  # noqa: PLC0415
+
+            self._positions = cut_candidates(model)  # type: ignore[arg-type]
+            self._modules = frozenset(traced_modules(model))  # type: ignore[arg-type]
+            self._layers = tuple(self._positions)
+        else:
+            self._layers = tuple(model._modules)
+            self._positions = {name: i for i, name in enumerate(self._layers)}
         self._state_keys = tuple(model.state_dict())
         return self
 
+    def _check_weights_digest(self) -> None:
+        import hashlib  # noqa: PLC0415
+
+        assert self.weights is not None
+        try:
+            digest = hashlib.sha256(self.weights.read_bytes()).hexdigest()
+        except OSError as exc:
+            raise ValueError(f"weights: cannot read {self.weights} ({exc.strerror})") from None
+        if self.weights_sha256 is None:
+            object.__setattr__(self, "weights_sha256", digest)
+        elif digest != self.weights_sha256:
+            raise ValueError(
+                f"weights: {self.weights} is not the file the job names (sha256 {digest[:12]}..., "
+                f"expected {self.weights_sha256[:12]}...)"
+            )
+
+    @property
+    def traced(self) -> bool:
+        """Cut after module names of a traced graph, rather than between top-level blocks."""
+        return self.factory is not None or bool(
+            self.name is not None and _registry().get(self.name).traced
+        )
+
+    @property
+    def default_cuts(self) -> tuple[str, str] | None:
+        if self.name is None:
+            return None
+        cuts: tuple[str, str] | None = _registry().get(self.name).cuts
+        return cuts
+
     @property
     def layers(self) -> tuple[str, ...]:
-        """Top-level block names, in forward order."""
+        """Where the model may be cut, in forward order: top-level block names, or for a traced
+        network the modules after which exactly one tensor crosses."""
         return self._layers
 
     @property
@@ -110,58 +203,108 @@ class ModelSpec(BaseModel):
         """Every state-dict key of the full model (parameters and buffers)."""
         return self._state_keys
 
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        shape: tuple[int, ...] = _registry().get(self.name).input_shape(self.args)
-        return shape
+    def runs(self, module: str) -> bool:
+        """Whether a traced network runs ``module`` (a cut candidate or not)."""
+        return module in self._modules
 
-    def build(self, seed: int | None = None) -> torch.nn.Sequential:
+    def position(self, cut: str | int) -> int:
+        """Where a cut falls in forward order (two module names may end at the same place)."""
+        name = cut if isinstance(cut, str) else self._layers[cut - 1]
+        return self._positions[name]
+
+    def build(self, seed: int | None = None) -> torch.nn.Module:
         """The model; with ``seed``, initialised exactly as ``torch.manual_seed(seed)`` would.
 
-        Seeded builds leave the global generator alone and hold a lock, so several parties of
-        one job built at once in one process (threads, in tests and experiments) still start
-        from identical weights.
+        Seeded builds leave the global generator alone. Every build holds one lock: a build
+        draws its initial weights from the global generator, so an unseeded build running
+        while a seeded one is half done would draw from (and advance) the seeded stream, and
+        parties of one job built at once in one process (threads, in tests and experiments)
+        would start from different weights now and then. A traced network comes back as its ``torch.fx`` graph module,
+        holding only the tensors its forward uses, under their original names (traced once per
+        architecture: ``models.graph_split.as_graph_module``).
         """
-        if seed is None:
-            return cast("torch.nn.Sequential", _registry().build(self.name, self.args))
-        with _SEEDED_BUILD, _torch().random.fork_rng(devices=[]):
+        if seed is None:  # the global generator, as the caller left it; still one at a time
+            with _BUILD_LOCK:
+                return self._build()
+        with _BUILD_LOCK, _torch().random.fork_rng(devices=[]):
             _torch().manual_seed(seed)
-            return cast("torch.nn.Sequential", _registry().build(self.name, self.args))
+            return self._build()
+
+    def _build(self) -> torch.nn.Module:
+        if self.factory is not None:
+            from models.factory import call_factory  # noqa: PLC0415
+
+            model = call_factory(self.factory, self.args)
+        else:
+            assert self.name is not None
+            model = _registry().build(self.name, self.args)
+        if self.weights is not None:
+            from models.factory import load_weights  # noqa: PLC0415
+
+            load_weights(model, self.weights)
+        if not self.traced:
+            return model
+        from models import graph_split  # noqa: PLC0415
+
+        leaves = graph_split.leaf_classes((*graph_split.DEFAULT_LEAVES, *self.leaf_modules))
+        key = json.dumps(
+            [
+                self.name,
+                self.factory,
+                self.args,
+                [f"{c.__module__}.{c.__qualname__}" for c in leaves],
+            ],
+            sort_keys=True,
+            default=str,
+        )
+        return graph_split.as_graph_module(model, leaves, key)
 
 
-_SEEDED_BUILD = threading.Lock()
+_BUILD_LOCK = threading.RLock()
 
 
-def _cut_position(value: str | int, layers: tuple[str, ...]) -> int:
-    """Number of blocks before the cut; raises ValueError naming the allowed values."""
-    allowed = ", ".join(layers[:-1])
+def _cut_position(value: str | int, spec: ModelSpec) -> int:
+    """Number of cut candidates up to and including the cut; raises ValueError naming the
+    allowed values. Blocks of a built-in model: a cut after the last one leaves nothing."""
+    cuttable = spec.layers if spec.traced else spec.layers[:-1]
+    allowed = _listing(cuttable)
     if isinstance(value, int):
-        if not 1 <= value <= len(layers) - 1:
+        if not 1 <= value <= len(cuttable):
             raise ValueError(
-                f"cut {value} is out of range; a model of {len(layers)} blocks allows "
-                f"1..{len(layers) - 1}, or a block name: {allowed}"
+                f"cut {value} is out of range; this model allows 1..{len(cuttable)}, or a "
+                f"{'module' if spec.traced else 'block'} name: {allowed}"
             )
         return value
-    if value not in layers:
+    if value not in spec.layers and spec.runs(value):
+        raise ValueError(
+            f"cannot cut after {value!r}: more than one tensor crosses there (a skip "
+            f"connection or concatenation around it), or it runs more than once; allowed: "
+            f"{allowed}"
+        )
+    if value not in spec.layers:
         raise ValueError(f"unknown layer {value!r}; allowed: {allowed}")
-    if value == layers[-1]:
+    if value not in cuttable:
         raise ValueError(
             f"a cut after the last block {value!r} leaves an empty segment; allowed: {allowed}"
         )
-    return layers.index(value) + 1
+    return spec.layers.index(value) + 1
+
+
+def _listing(names: tuple[str, ...], limit: int = 40) -> str:
+    shown = ", ".join(names[:limit])
+    return shown if len(names) <= limit else f"{shown}, ... ({len(names)} in all: medsplit plan)"
 
 
 def _expand(patterns: list[str], spec: ModelSpec) -> set[str]:
     """State-dict keys selected by block names or shell patterns; unknown entries are refused."""
     selected: set[str] = set()
     for pattern in patterns:
-        if pattern in spec.layers:
-            hits = {k for k in spec.state_keys if k.startswith(pattern + ".")}
-        else:
-            hits = {k for k in spec.state_keys if fnmatch.fnmatchcase(k, pattern)}
+        # A module's name selects everything in it; anything else is a shell pattern.
+        hits = {k for k in spec.state_keys if k.startswith(pattern + ".")}
+        hits |= {k for k in spec.state_keys if fnmatch.fnmatchcase(k, pattern)}
         if not hits:
             raise ValueError(
-                f"{pattern!r} matches no layer or parameter; layers: {', '.join(spec.layers)}"
+                f"{pattern!r} matches no layer or parameter; layers: {_listing(spec.layers)}"
             )
         selected |= hits
     return selected
@@ -173,7 +316,11 @@ class SplitPlan(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: ModelSpec
-    cut: str | int = Field(description="the head ends after this block (name or block count)")
+    cut: str | int | None = Field(
+        None,
+        description="the head ends after this block or module (name or count); a catalogue "
+        "network may leave it out for its default cuts",
+    )
     tail_cut: str | int | None = Field(
         None, description="U-shaped: the tail starts after this block; omit for vanilla split"
     )
@@ -189,13 +336,14 @@ class SplitPlan(BaseModel):
     _tail: tuple[str, ...] = PrivateAttr(default=())
     _shared_keys: frozenset[str] = PrivateAttr(default=frozenset())
     _private_keys: frozenset[str] = PrivateAttr(default=frozenset())
+    _segment_keys: tuple[tuple[str, ...], ...] = PrivateAttr(default=())
 
     @field_validator("cut")
     @classmethod
-    def _valid_cut(cls, value: str | int, info: ValidationInfo) -> str | int:
+    def _valid_cut(cls, value: str | int | None, info: ValidationInfo) -> str | int | None:
         spec = info.data.get("model")
-        if spec is not None:
-            _cut_position(value, spec.layers)
+        if spec is not None and value is not None:
+            _cut_position(value, spec)
         return value
 
     @field_validator("tail_cut")
@@ -204,12 +352,13 @@ class SplitPlan(BaseModel):
         spec, cut = info.data.get("model"), info.data.get("cut")
         if value is None or spec is None or cut is None:
             return value
-        head_end = _cut_position(cut, spec.layers)
-        tail_start = _cut_position(value, spec.layers)
-        if tail_start <= head_end:
+        head_end = _cut_position(cut, spec)
+        tail_start = _cut_position(value, spec)
+        if spec.position(tail_start) <= spec.position(head_end):
+            later = tuple(n for n in spec.layers if spec.position(n) > spec.position(head_end))
             raise ValueError(
                 f"the trunk would be empty: tail_cut ({value!r}) must come after cut ({cut!r}); "
-                f"allowed: {', '.join(spec.layers[head_end : len(spec.layers) - 1])}"
+                f"allowed: {_listing(later if spec.traced else later[:-1])}"
             )
         return value
 
@@ -223,14 +372,24 @@ class SplitPlan(BaseModel):
 
     @model_validator(mode="after")
     def _resolve(self) -> SplitPlan:
+        if self.cut is None:
+            defaults = self.model.default_cuts
+            if defaults is None:
+                raise ValueError(f"cut: required; allowed: {_listing(self.model.layers)}")
+            object.__setattr__(self, "cut", defaults[0])
+            object.__setattr__(self, "tail_cut", defaults[1])
+        assert self.cut is not None
         layers = self.model.layers
-        head_end = _cut_position(self.cut, layers)
-        tail_start = len(layers) if self.tail_cut is None else _cut_position(self.tail_cut, layers)
+        head_end = _cut_position(self.cut, self.model)
+        tail_start = (
+            len(layers) if self.tail_cut is None else _cut_position(self.tail_cut, self.model)
+        )
         self._head, self._trunk, self._tail = (
             layers[:head_end],
             layers[head_end:tail_start],
             layers[tail_start:],
         )
+
         private = _expand(self.private, self.model)
         if self.shared is None:
             shared = set(self.model.state_keys) - private
@@ -249,7 +408,17 @@ class SplitPlan(BaseModel):
                     f"e.g. {', '.join(neither[:3])}; list them or omit 'shared'"
                 )
         self._shared_keys, self._private_keys = frozenset(shared), frozenset(private)
+        self._segment_keys = self._split_keys()
         return self
+
+    def _split_keys(self) -> tuple[tuple[str, ...], ...]:
+        """Head, trunk and tail keys, from cutting a meta-device build (tied weights across a
+        cut are refused here)."""
+        from models.split import split_model  # noqa: PLC0415
+
+        with _torch().device("meta"):
+            parts = split_model(self.model.build(), self)
+        return tuple(tuple(keys) for keys in parts.segment_keys())
 
     # -- resolved views -------------------------------------------------------------------------
 
@@ -263,12 +432,33 @@ class SplitPlan(BaseModel):
 
     @property
     def tail(self) -> tuple[str, ...]:
-        """Empty for vanilla split learning."""
+        """Empty for vanilla split learning (and for a traced network cut after its last
+        candidate: its tail is then the operations after that module)."""
         return self._tail
 
     @property
     def u_shaped(self) -> bool:
-        return bool(self._tail)
+        return self.tail_cut is not None
+
+    @property
+    def cuts(self) -> list[str]:
+        """The cuts as module (or block) names, in forward order."""
+        cuts = [self.cut] if self.tail_cut is None else [self.cut, self.tail_cut]
+        return [
+            c if isinstance(c, str) else self.model.layers[c - 1] for c in cuts if c is not None
+        ]
+
+    @property
+    def head_keys(self) -> tuple[str, ...]:
+        return self._segment_keys[0]
+
+    @property
+    def trunk_keys(self) -> tuple[str, ...]:
+        return self._segment_keys[1]
+
+    @property
+    def tail_keys(self) -> tuple[str, ...]:
+        return self._segment_keys[2]
 
     @property
     def shared_keys(self) -> frozenset[str]:

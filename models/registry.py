@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
 
+from models import catalogue
 from models.architectures import (
     CnnArgs,
     MlpArgs,
@@ -39,13 +40,16 @@ class Architecture(Generic[ArgsT]):
     """One registered architecture.
 
     ``args_schema`` validates keyword arguments; ``builder`` turns validated arguments into an
-    ``nn.Sequential`` of named blocks.
+    ``nn.Sequential`` of named blocks, or, for a ``traced`` entry of the catalogue, any network
+    that ``models.graph_split`` cuts at module names (``cuts``: its default cut and tail cut).
     """
 
     name: str
     description: str
     args_schema: type[ArgsT]
-    builder: Callable[[ArgsT], nn.Sequential]
+    builder: Callable[[ArgsT], nn.Module]
+    traced: bool = False
+    cuts: tuple[str, str] | None = None
 
     def parse_args(self, args: Mapping[str, Any]) -> ArgsT:
         """Validate raw arguments; raises ``pydantic.ValidationError`` naming the bad field."""
@@ -56,7 +60,7 @@ class Architecture(Generic[ArgsT]):
             return args
         return self.parse_args(args or {})
 
-    def build(self, args: Mapping[str, Any] | ArgsT | None = None) -> nn.Sequential:
+    def build(self, args: Mapping[str, Any] | ArgsT | None = None) -> nn.Module:
         return self.builder(self._coerce(args))
 
     def input_shape(self, args: Mapping[str, Any] | ArgsT | None = None) -> tuple[int, ...]:
@@ -88,7 +92,7 @@ def get(name: str) -> Architecture[Any]:
         ) from None
 
 
-def build(name: str, args: Mapping[str, Any] | None = None) -> nn.Sequential:
+def build(name: str, args: Mapping[str, Any] | None = None) -> nn.Module:
     """Build a freshly initialised model (uses the global torch RNG for initial weights)."""
     return get(name).build(args)
 
@@ -102,6 +106,21 @@ def layer_names(name: str, args: Mapping[str, Any] | None = None) -> list[str]:
 register(Architecture("mlp", "MLP for EHR feature vectors", MlpArgs, build_mlp))
 register(Architecture("cnn", "small conv net for 1-channel images", CnnArgs, build_cnn))
 register(Architecture("resnet18", "ResNet-18 for 1-channel images", ResNet18Args, build_resnet18))
+# The catalogue (models.catalogue): traced networks, cut after module names.
+_CATALOGUE: list[tuple[str, str, type[BaseModel], Callable[[Any], nn.Module], tuple[str, str]]] = [
+    ("torchvision.densenet121", "torchvision DenseNet-121 (2-D images)", catalogue.ImageArgs,
+     catalogue.build_densenet121, ("features.transition1", "features")),
+    ("torchvision.resnet50", "torchvision ResNet-50 (2-D images)", catalogue.ImageArgs,
+     catalogue.build_resnet50, ("layer1", "layer4")),
+    ("torchvision.efficientnet_b0", "torchvision EfficientNet-B0 (2-D images)",
+     catalogue.ImageArgs, catalogue.build_efficientnet_b0, ("features.2", "features")),
+    ("monai.DenseNet121", "MONAI DenseNet-121 (2-D or 3-D: spatial_dims)", catalogue.MonaiArgs,
+     catalogue.build_monai_densenet121, ("features.transition1", "features")),
+    ("monai.resnet18", "MONAI ResNet-18 (3-D by default: spatial_dims)", catalogue.Monai3dArgs,
+     catalogue.build_monai_resnet18, ("layer1", "layer4")),
+]  # fmt: skip
+for _name, _description, _schema, _builder, _cuts in _CATALOGUE:
+    register(Architecture(_name, _description, _schema, _builder, traced=True, cuts=_cuts))
 
 __all__ = [
     "Architecture",

@@ -10,6 +10,8 @@
 # build (their hash is kept in deps/.key). WHEELHOUSE defaults to ~/.cache/medsplit/wheelhouse;
 # PYTHON must be the Python of the image (3.11 for the default base). For a CUDA image, add
 # PIP_EXTRA_INDEX_URL with a CUDA torch and a constraints file that pins it (docs/deployment.md).
+# MODELS=1 adds the model catalogue (torchvision, MONAI: medsplit[models]) to both images
+# (docs/bring-your-own-model.md).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +19,8 @@ cache=${MEDSPLIT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/medsplit}
 out=${WHEELHOUSE:-$cache/wheelhouse}
 python=${PYTHON:-$here/.venv/bin/python}
 constraints=${CONSTRAINTS:-$here/constraints.txt}
+models=""
+if [ "${MODELS:-0}" = 1 ]; then models=",models"; fi
 [ -x "$python" ] || python=python3
 
 log() { printf '[wheelhouse] %s\n' "$*" >&2; }
@@ -24,7 +28,7 @@ fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
 pip() { "$python" -m pip --disable-pip-version-check "$@"; }
 
 mkdir -p "$out"
-key=$(cat "$here/pyproject.toml" "$constraints" | sha256sum | cut -c1-16)
+key=$( (cat "$here/pyproject.toml" "$constraints"; echo "$models") | sha256sum | cut -c1-16)
 
 log "medsplit's wheel"
 rm -rf "$out/app.partial" && mkdir -p "$out/app.partial"
@@ -37,16 +41,16 @@ version=$(basename "$wheel" | cut -d- -f2)
 if [ -f "$out/deps/.key" ] && [ "$(cat "$out/deps/.key")" = "$key" ]; then
     log "dependencies: up to date ($(ls "$out/deps" | wc -l) wheels)"
 else
-    log "dependencies of medsplit[edge,aggregator] with $(basename "$constraints")"
+    log "dependencies of medsplit[edge,aggregator$models] with $(basename "$constraints")"
     rm -rf "$out/deps.partial"
     pip wheel --quiet -c "$constraints" --wheel-dir "$out/deps.partial" \
-        --find-links "$out/app" "medsplit[edge,aggregator]==$version" >"$out/deps.log" 2>&1 \
+        --find-links "$out/app" "medsplit[edge,aggregator$models]==$version" >"$out/deps.log" 2>&1 \
         || fail "pip wheel failed: $(grep -m1 -i error "$out/deps.log" || tail -n 1 "$out/deps.log")"
     rm -f "$out"/deps.partial/medsplit-*.whl
     mkdir -p "$out/requirements"
     for extra in core edge aggregator; do
         spec="medsplit==$version"
-        [ "$extra" = core ] || spec="medsplit[$extra]==$version"
+        [ "$extra" = core ] || spec="medsplit[$extra$models]==$version"
         pip install --quiet --dry-run --ignore-installed --no-index --report "$out/report.json" \
             --find-links "$out/deps.partial" --find-links "$out/app" "$spec" >/dev/null \
             || fail "the wheelhouse cannot install $spec"

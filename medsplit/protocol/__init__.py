@@ -10,7 +10,6 @@ from medsplit.protocol.kinds import Kind
 from medsplit.protocol.spec import (
     JobSpec,
     TensorSpecs,
-    block_keys,
     edge_keys,
     exchanged_keys,
     final_keys,
@@ -22,7 +21,6 @@ __all__ = [
     "JobSpec",
     "Kind",
     "TensorSpecs",
-    "block_keys",
     "edge_keys",
     "exchanged_keys",
     "final_keys",

@@ -30,9 +30,11 @@ from pydantic import BaseModel, ConfigDict
 
 from medsplit.config import AggregationSettings, DefenseSettings, OptimizerConfig
 from medsplit.modes import MODES, Mode, Orchestration, traits
+from medsplit.precision import Precision
 from medsplit.protocol.kinds import Kind
 from medsplit.wire import TensorSpec, WireDtype
 from models import SplitPlan, cut_shapes
+from models.factory import check_allowed
 
 K = Kind
 
@@ -58,6 +60,8 @@ class JobSpec(BaseModel):
     # in parallel rounds the sites combine them themselves, with the job's aggregation rule.
     sealed: bool = False
     aggregation: AggregationSettings = AggregationSettings()
+    precision: Precision = "fp32"
+    deterministic: bool = False
 
     def to_meta(self) -> str:
         """The spec as JSON. Settings at their "off" value are left out, so an agent from
@@ -68,13 +72,32 @@ class JobSpec(BaseModel):
             exclude.add("defenses")
         if not self.sealed:
             exclude |= {"sealed", "aggregation"}
-        return self.model_dump_json(exclude=exclude)
+        if self.precision == "fp32":
+            exclude.add("precision")
+        if not self.deterministic:
+            exclude.add("deterministic")
+        data = self.model_dump(mode="json", exclude=exclude)
+        model = data["plan"]["model"]
+        if model.get("name") is not None:
+            model.pop("input_shape", None)  # the architecture's args give it
+        for field in ("name", "factory", "weights", "weights_sha256", "leaf_modules"):
+            if not model.get(field):
+                model.pop(field, None)
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
-    def from_meta(cls, text: Any) -> JobSpec:
+    def from_meta(cls, text: Any, allow_factories: tuple[str, ...] | None = None) -> JobSpec:
+        """The spec of a ``setup``. ``allow_factories`` (a site's ``models.allow``): a spec
+        whose model names another factory raises ``FactoryError`` before anything is
+        imported; None (the aggregator's own spec) allows any."""
         if not isinstance(text, str):
             raise ValueError("setup message carries no job spec")
-        return cls.model_validate(json.loads(text))
+        data = json.loads(text)
+        if allow_factories is not None:
+            factory = _named_factory(data)
+            if factory is not None:
+                check_allowed(factory, allow_factories)
+        return cls.model_validate(data, context={"allow_factories": allow_factories})
 
     @property
     def labels_on_site(self) -> bool:
@@ -85,15 +108,21 @@ class JobSpec(BaseModel):
         return MODES[self.mode].federated
 
 
-def block_keys(plan: SplitPlan, blocks: tuple[str, ...]) -> list[str]:
-    """State-dict keys of the given top-level blocks, in the model's order."""
-    wanted = set(blocks)
-    return [k for k in plan.model.state_keys if k.split(".", 1)[0] in wanted]
+def _named_factory(data: Any) -> str | None:
+    plan = data.get("plan") if isinstance(data, dict) else None
+    model = plan.get("model") if isinstance(plan, dict) else None
+    factory = model.get("factory") if isinstance(model, dict) else None
+    return str(factory) if factory is not None else None
+
+
+def _in_order(plan: SplitPlan, keys: tuple[str, ...]) -> list[str]:
+    wanted = set(keys)
+    return [k for k in plan.model.state_keys if k in wanted]
 
 
 def edge_keys(plan: SplitPlan) -> list[str]:
     """State-dict keys of the layers that live on the site: head and (U-shaped) tail."""
-    return block_keys(plan, plan.head + plan.tail)
+    return _in_order(plan, plan.head_keys + plan.tail_keys)
 
 
 def exchanged_keys(plan: SplitPlan, mode: Mode | str) -> list[str]:
@@ -118,7 +147,7 @@ def final_keys(plan: SplitPlan, mode: Mode | str, release_trunk: bool) -> list[s
     """
     keys = exchanged_keys(plan, mode)
     if traits(mode).cut_layer and release_trunk:
-        keys += block_keys(plan, plan.trunk)
+        keys += _in_order(plan, plan.trunk_keys)
     return keys
 
 

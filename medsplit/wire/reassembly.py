@@ -22,6 +22,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from medsplit.heap import give_back_freed_memory
 from medsplit.wire.envelope import Envelope, WireLimits, open_payload
 from medsplit.wire.errors import (
     MalformedHeader,
@@ -38,6 +39,10 @@ HeaderCheck = Callable[[Header], object]
 
 
 _MESSAGE_FIELDS = tuple(name for name in Header.model_fields if name != "chunk")
+
+
+# Dropping at least this much buffered data at once also trims the heap (medsplit.heap).
+TRIM_AFTER_BYTES = 8 << 20
 
 
 def _same_message(a: Header, b: Header) -> bool:
@@ -177,6 +182,7 @@ class Reassembler:
         now = self._clock()
         stale = [k for k, p in self._partials.items() if now - p.last_seen > self.timeout_s]
         errors = []
+        dropped = 0
         for msg_id in stale:
             partial = self._partials[msg_id]
             h = partial.header
@@ -186,7 +192,12 @@ class Reassembler:
             )
             error.topic = f"{partial.sender}/{h.kind}" if partial.sender else ""
             errors.append(error)
+            dropped += partial.buffered
             self._drop(msg_id)
+        if stale:
+            del partial  # the last dropped message's chunks are freed before the trim
+        if dropped >= TRIM_AFTER_BYTES:  # what the dropped chunks held goes back to the OS
+            give_back_freed_memory()
         return errors
 
     def _drop(self, msg_id: str) -> None:

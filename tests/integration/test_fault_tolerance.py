@@ -223,11 +223,21 @@ def test_a_broker_restart_mid_job_loses_nothing_and_applies_nothing_twice(
 
 
 @pytest.mark.parametrize(
-    ("mode", "orchestration", "how"),
-    [("split-u", "sequential", signal.SIGKILL), ("flop", "parallel", signal.SIGTERM)],
+    ("mode", "orchestration", "how", "precision"),
+    [
+        ("split-u", "sequential", signal.SIGKILL, "fp32"),
+        ("flop", "parallel", signal.SIGTERM, "fp32"),
+        # bf16 autocast on both sides of the cut: the snapshots still resume bit for bit.
+        ("split-u", "parallel", signal.SIGKILL, "bf16"),
+    ],
 )
-def test_a_site_stopped_mid_round_and_restarted_rejoins_and_the_job_ends_bit_for_bit(
-    mosquitto: Mosquitto, tmp_path: Path, mode: str, orchestration: str, how: signal.Signals
+def test_a_site_stopped_mid_round_and_restarted_rejoins_and_the_job_ends_bit_for_bit(  # noqa: PLR0917
+    mosquitto: Mosquitto,
+    tmp_path: Path,
+    mode: str,
+    orchestration: str,
+    how: signal.Signals,
+    precision: str,
 ) -> None:
     def fault(fed: Federation) -> None:
         fed.await_file(fed.checkpoint(1))
@@ -241,6 +251,7 @@ def test_a_site_stopped_mid_round_and_restarted_rejoins_and_the_job_ends_bit_for
     # up its snapshot and the aggregator puts the trunk back where the site's turn began: the
     # redone turn is the turn it would have been.
     job = _job(mode, orchestration, rounds=3)
+    job["training"] = {"precision": precision}
     fed, report, _ = _against_clean(tmp_path, mosquitto, job, fault)
     assert all(r["trained"] == fed.sites for r in report["history"])
     assert (fed.state_dir("site-b") / "site-model.safetensors").is_file()

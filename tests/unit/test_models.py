@@ -1,15 +1,28 @@
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from models import UnknownArchitectureError, build, layer_names, names
+from models import UnknownArchitectureError, build, layer_names, load_plan, names
 from models.registry import get
 
 
-def test_registry_lists_the_three_architectures() -> None:
-    assert names() == ["cnn", "mlp", "resnet18"]
+def test_registry_lists_the_built_in_and_catalogue_architectures() -> None:
+    assert names() == sorted(
+        [
+            "cnn",
+            "mlp",
+            "resnet18",
+            "torchvision.densenet121",
+            "torchvision.resnet50",
+            "torchvision.efficientnet_b0",
+            "monai.DenseNet121",
+            "monai.resnet18",
+        ]
+    )
 
 
 @pytest.mark.parametrize(
@@ -56,7 +69,7 @@ def test_resnet18_has_resnet18_parameter_count() -> None:
 
 
 def test_unknown_architecture_names_the_allowed_ones() -> None:
-    with pytest.raises(UnknownArchitectureError, match="allowed: cnn, mlp, resnet18"):
+    with pytest.raises(UnknownArchitectureError, match=r"allowed: cnn, mlp, monai\.DenseNet121"):
         build("vgg")
 
 
@@ -67,3 +80,25 @@ def test_bad_arguments_name_the_field() -> None:
         build("mlp", {"num_clases": 2})
     with pytest.raises(ValidationError, match="hidden"):
         build("mlp", {"hidden": [4, 0]})
+
+
+def test_seeded_builds_are_identical_while_another_thread_builds() -> None:
+    """A build draws from the global generator: an unseeded build in another thread (a site
+    working out its cut shapes while its neighbour builds, in the in-process runner) must not
+    draw from the middle of a seeded one."""
+    plan = load_plan("resnet18-cxr")
+    stop = threading.Event()
+
+    def build_unseeded() -> None:
+        while not stop.is_set():
+            plan.model.build()
+
+    other = threading.Thread(target=build_unseeded)
+    other.start()
+    try:
+        first = plan.model.build(seed=3).state_dict()
+        builds = [plan.model.build(seed=3).state_dict() for _ in range(10)]
+    finally:
+        stop.set()
+        other.join()
+    assert all(torch.equal(first[k], state[k]) for state in builds for k in first)

@@ -202,7 +202,7 @@ def test_export_refuses_a_model_whose_parity_fails_and_writes_nothing(
     save_site_model(tmp_path, plan.model.build(seed=0).state_dict(), card)
     real_build = type(plan.model).build
 
-    def build_broken(self: Any, seed: int | None = None) -> nn.Sequential:
+    def build_broken(self: Any, seed: int | None = None) -> nn.Module:
         model = real_build(self, seed)
         model.add_module("broken", _ShiftWhenExported())
         return model

@@ -1,0 +1,196 @@
+"""Split learning's overhead where compute dominates: a DenseNet-121 on 224 px images.
+
+    python bench/split_overhead_heavy.py [--write-docs] [--quick]
+
+The same measurement as ``bench/split_overhead.py`` (split-u as real processes through
+Mosquitto against centralized training in this process, interleaved pairs, the median ratio),
+for torchvision's DenseNet-121 cut at its catalogue defaults (stem and first dense block at the
+site, classifier at the site, the rest in the aggregator's trunk), one channel, 224 x 224
+synthetic radiographs written as DICOM and read back by the site's DICOM source. The cut-layer
+tensor is larger than the small CNN's, but each step's compute grows far more, so the
+communication share of a step is small: the ratio shows what a hospital pays for split learning
+on a network it would really train.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._report import bench_main, machine
+from bench.split_overhead import SITE, breakdown
+from edge_agent.data.dicom_source import load_dicom_site
+from edge_agent.data.dicom_synth import synthesize_site
+from edge_agent.data.settings import DicomData
+from medsplit.brokers.mosquitto import Mosquitto
+from medsplit.config import OptimizerConfig
+from medsplit.precision import MixedPrecision
+from medsplit.training import make_optimizer, train_epochs
+from models import SplitPlan, cut_shapes
+
+SIZE, BATCH = 224, 16
+MODEL = {"name": "torchvision.densenet121", "args": {"in_channels": 1, "image_size": SIZE}}
+CLASSES = ["normal", "lesion"]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What one measurement trains, where, and in which precision."""
+
+    model: dict[str, object] = field(default_factory=lambda: dict(MODEL))
+    size: int = SIZE
+    device: str = "cpu"
+    precision: str = "fp32"
+
+
+def _data_section(folder: Path, size: int) -> dict[str, object]:
+    return {
+        "source": "dicom",
+        "folder": str(folder),
+        "classes": CLASSES,
+        "preprocessing": {"size": size},
+    }
+
+
+def centralized_epoch_seconds(
+    x: torch.Tensor, y: torch.Tensor, epochs: int, setup: Setup = Setup()
+) -> float:
+    """The median of ``epochs`` epochs after a warm-up one, in this process."""
+    plan = SplitPlan.model_validate({"model": setup.model})
+    device = torch.device(setup.device)
+    model = plan.model.build(seed=0).to(device)
+    optimizer = make_optimizer(model.parameters(), OptimizerConfig())
+    amp = MixedPrecision(setup.precision, device)
+    x, y = x.to(device), y.to(device)
+    times = []
+    for epoch in range(epochs + 1):
+        start = time.perf_counter()
+        train_epochs(
+            model, optimizer, x, y, epochs=1, batch_size=BATCH, seed=0, first_epoch=epoch, amp=amp
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def split_epoch(
+    workdir: Path, folder: Path, rounds: int, setup: Setup = Setup()
+) -> tuple[float, dict[str, float]]:
+    """One split-u job (aggregator and agent processes, plaintext Mosquitto): the median
+    training phase of its rounds after the first, and the per-step breakdown."""
+    workdir.mkdir(parents=True)
+    with ExitStack() as stack:
+        broker = stack.enter_context(Mosquitto(workdir / "broker"))
+        job = {
+            "job_id": "bench-heavy",
+            "plan": {"model": setup.model},
+            "device": setup.device,
+            "mode": "split-u",
+            "orchestration": "sequential",
+            "seed": 0,
+            "sites": [SITE],
+            "seal_segments": False,  # one site: nobody to seal to
+            "rounds": {"count": rounds + 1, "deadline_s": 3600},
+            "training": {"batch_size": BATCH, "precision": setup.precision},
+            "broker": {"url": broker.url, "insecure": True},
+            "state": {"run_dir": str(workdir / "run")},
+        }
+        site = {
+            "site_id": SITE,
+            "job_id": "bench-heavy",
+            "broker": {"url": broker.url, "insecure": True},
+            "data": _data_section(folder, setup.size),
+            "device": setup.device,
+            "export_onnx": False,
+            "state": {"dir": str(workdir / "state")},
+            "waits": {"hello_interval_s": 0.5},
+        }
+        (workdir / "job.yaml").write_text(yaml.safe_dump(job))
+        (workdir / "site.yaml").write_text(yaml.safe_dump(site))
+        log = stack.enter_context((workdir / "processes.log").open("w"))
+        command = [sys.executable, "-m", "medsplit"]
+        processes = [
+            subprocess.Popen(
+                [*command, role, "--config", str(workdir / f"{name}.yaml")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            for role, name in (("aggregator", "job"), ("agent", "site"))
+        ]
+        if any(p.wait(3600) != 0 for p in processes):
+            tail = (workdir / "processes.log").read_text().splitlines()[-15:]
+            raise RuntimeError("the split run failed:\n" + "\n".join(tail))
+    report = json.loads((workdir / "run" / "report.json").read_text())
+    epoch = statistics.median(h["train_seconds"] for h in report["history"][1:])
+    return epoch, breakdown(report)
+
+
+def run(quick: bool) -> str:
+    pairs, rounds, images = (1, 1, 48) if quick else (2, 2, 96)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = synthesize_site(Path(tmp) / "dicom", 0, images, size=SIZE)
+        data, _ = load_dicom_site(DicomData.model_validate(_data_section(folder, SIZE)))
+        x, y = data.x_train, data.y_train
+        steps = -(-len(y) // BATCH)
+        ratios, centrals, splits = [], [], []
+        for pair in range(pairs):
+            central = centralized_epoch_seconds(x, y, epochs=1 if quick else 2)
+            split, parts = split_epoch(Path(tmp) / f"split-{pair}", folder, rounds)
+            centrals.append(central)
+            ratios.append(split / central)
+            splits.append(parts)
+            print(
+                f"pair {pair + 1}/{pairs}: centralized {central:.1f} s, split-u {split:.1f} s "
+                f"per epoch ({split / central:.2f}x)",
+                flush=True,
+            )
+    plan = SplitPlan.model_validate({"model": MODEL})
+    shapes = cut_shapes(plan, BATCH)
+    head_mb = 4 * torch.Size(shapes["head_out"]).numel() / 1e6
+    names = list(splits[0])
+    median = {n: statistics.median(s[n] for s in splits) for n in names}
+    total = sum(median.values())
+    lines = [
+        f"{len(y)} images of 1x{SIZE}x{SIZE}, {steps} steps of {BATCH}; {pairs} interleaved "
+        f"pair(s). Centralized: {1000 * statistics.median(centrals) / steps:.0f} ms per step.",
+        "",
+        "| split-u (fp32, plaintext) | vs centralized, median (range) | communication share |",
+        "|---|---|---|",
+        f"| DenseNet-121, cut after {plan.cuts[0]} and {plan.cuts[1]} | "
+        f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+        f"{100 * (median['transport'] + median['edge codec'] + median['aggregator codec']) / total:.0f}% |",
+        "",
+        f"| ms per step | {' | '.join(names)} | sum |",
+        "|---|" + "---|" * (len(names) + 1),
+        f"| split-u | {' | '.join(f'{median[n]:.0f}' for n in names)} | {total:.0f} |",
+        "",
+        f"Cut-layer activations per step: {head_mb:.1f} MB in fp32 "
+        f"({list(shapes['head_out'])}), the same again as their gradient.",
+    ]
+    return "\n".join(lines)
+
+
+def intro() -> str:
+    return (
+        "## Split learning overhead on a compute-heavy network: DenseNet-121 at 224 px\n\n"
+        "Command: `python bench/split_overhead_heavy.py --write-docs`.\n"
+        f"Machine: {machine()}. As the section above, for `torchvision.densenet121` "
+        "(catalogue default cuts) on one-channel 224 px synthetic radiographs read from DICOM."
+    )
+
+
+if __name__ == "__main__":
+    bench_main("split_overhead_heavy", __doc__, intro, run)
