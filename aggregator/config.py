@@ -36,15 +36,15 @@ from medsplit.config import (
     AggregationSettings,
     BrokerConfig,
     DefenseSettings,
+    DeviceChoice,
     FileSettings,
     OptimizerConfig,
+    Precision,
     WaitSettings,
 )
-from medsplit.devices import DeviceChoice
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, check_site_ids
 from medsplit.modes import MODES, Mode, Orchestration, WireDtype
-from medsplit.precision import Precision
 from models import ConfigError, SplitPlan
 from models.config_errors import validate
 

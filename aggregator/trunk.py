@@ -34,6 +34,7 @@ from torch import nn
 
 from medsplit.aggregation import weighted_average
 from medsplit.config import OptimizerConfig
+from medsplit.devices import to_device
 from medsplit.precision import MixedPrecision
 from medsplit.snapshots import load_optimizer, optimizer_tensors
 from medsplit.training import entry, loss_fn, make_optimizer
@@ -115,10 +116,10 @@ class Trunk:
         module, optimizer = self._for(site)
         amp = self._precision(site)
         module.train()
-        h = h.to(self.device, non_blocking=True).requires_grad_()
+        h = to_device(h, self.device).requires_grad_()
         optimizer.zero_grad()
         with amp.autocast():
-            loss = loss_fn(module(entry(h)), y.to(self.device, non_blocking=True))
+            loss = loss_fn(module(entry(h)), to_device(y, self.device))
         amp.backward(loss)
         assert h.grad is not None
         grad = amp.unscaled(h.grad).cpu()
@@ -129,7 +130,7 @@ class Trunk:
         """U-shaped, first half: trunk output for the site's tail; the graph is kept."""
         module, _ = self._for(site)
         module.train()
-        h = h.to(self.device, non_blocking=True).requires_grad_()
+        h = to_device(h, self.device).requires_grad_()
         with self._precision(site).autocast():
             out: torch.Tensor = module(entry(h))
         self._pending[site] = (round, step, h, out)  # replaces any step the site gave up
@@ -149,7 +150,7 @@ class Trunk:
         _, optimizer = self._for(site)
         amp = self._precision(site)
         optimizer.zero_grad()
-        amp.backward(out, grad.to(self.device, dtype=out.dtype, non_blocking=True))
+        amp.backward(out, to_device(grad, self.device).to(out.dtype))
         assert h.grad is not None
         head_grad = amp.unscaled(h.grad).cpu()
         amp.step(optimizer)
@@ -158,7 +159,7 @@ class Trunk:
     def evaluate(self, h: torch.Tensor) -> torch.Tensor:
         self.module.eval()
         with torch.no_grad(), MixedPrecision(self.precision, self.device).autocast():
-            out: torch.Tensor = self.module(h.to(self.device, non_blocking=True))
+            out: torch.Tensor = self.module(to_device(h, self.device))
         return out.float().cpu()
 
     def forget(self, site: str) -> None:

@@ -25,8 +25,7 @@ from pydantic import (
 )
 
 from edge_agent.data.settings import BuiltinData, CsvData, DicomData
-from medsplit.config import BrokerConfig, FileSettings, WaitSettings
-from medsplit.devices import DeviceChoice
+from medsplit.config import BrokerConfig, DeviceChoice, FileSettings, WaitSettings
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, RESERVED_IDS
 

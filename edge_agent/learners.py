@@ -24,6 +24,7 @@ from edge_agent.data.datasets import SiteData
 from edge_agent.local_model import LocalModel
 from edge_agent.recovery import Recovery, Snapshot
 from edge_agent.segments import EdgeSegments
+from medsplit.devices import to_device
 from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind
 from medsplit.training import batch_order, entry, loss_fn, train_epochs
@@ -200,10 +201,7 @@ class SplitLearner:
         return float(loss.detach())
 
     def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A received tensor on this site's device: from pinned memory without blocking."""
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+        return to_device(tensor, self.device)
 
     def _exchange(
         self, kind: str, tensors: dict[str, torch.Tensor], answer: str, round: int, step: int

@@ -20,13 +20,26 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from medsplit.transport.settings import MqttSettings, TlsSettings
 from models.config_errors import ConfigError, load_yaml_mapping, validate
+
+# Where a party's layers run (medsplit.devices.pick_device), and in which precision
+# (medsplit.precision): named here so that reading a config does not load torch.
+DeviceChoice = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]
+Precision = Literal["fp32", "bf16", "fp16"]
 
 
 def _as_in_transport(name: str) -> Any:

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
 
 import torch
-from pydantic import StringConstraints
-
-DeviceChoice = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]
 
 
 def use_deterministic_algorithms() -> None:
@@ -17,6 +13,14 @@ def use_deterministic_algorithms() -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.benchmark = False
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor that came over the wire, on ``device``: to a GPU through pinned memory,
+    without blocking the host (the copy overlaps what the host does next)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def pick_device(choice: str) -> torch.device:

@@ -11,11 +11,9 @@ know this side's scale. bf16 has float32's range and needs no scaler.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Literal
 
 import torch
 
-Precision = Literal["fp32", "bf16", "fp16"]
 DTYPES: dict[str, torch.dtype | None] = {
     "fp32": None,
     "bf16": torch.bfloat16,

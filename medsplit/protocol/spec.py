@@ -28,9 +28,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from medsplit.config import AggregationSettings, DefenseSettings, OptimizerConfig
+from medsplit.config import AggregationSettings, DefenseSettings, OptimizerConfig, Precision
 from medsplit.modes import MODES, Mode, Orchestration, traits
-from medsplit.precision import Precision
 from medsplit.protocol.kinds import Kind
 from medsplit.wire import TensorSpec, WireDtype
 from models import SplitPlan, cut_shapes
