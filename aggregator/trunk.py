@@ -189,6 +189,8 @@ class Trunk:
             site_opt, site_doc = optimizer_tensors(optimizer, f"trunk-optimizer@{site}", copy=False)
             tensors |= site_opt
             copies[site] = site_doc
+        for key, amp in self._amp.items():  # fp16 loss scales ("" in sequential rounds)
+            tensors |= amp.state(f"trunk-amp@{key}")
         return tensors, {"optimizer": document, "copies": copies}
 
     def load_state(
@@ -205,3 +207,7 @@ class Trunk:
             module, optimizer = self._copy(site)
             module.load_state_dict(self.module.state_dict())
             load_optimizer(optimizer, tensors, site_doc, f"trunk-optimizer@{site}")
+        for name in tensors:
+            if name.startswith("trunk-amp@") and name.endswith("/scale"):
+                key = name.removeprefix("trunk-amp@").removesuffix("/scale")
+                self._precision(key).load(tensors, f"trunk-amp@{key}")

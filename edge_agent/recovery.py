@@ -64,7 +64,7 @@ def take(
 ) -> Snapshot:
     model = {f"model/{k}": v.clone() for k, v in segments.full_state().items()}
     optimizer, document = optimizer_tensors(segments.optimizer, "optimizer")
-    tensors = {**model, **optimizer, **rng_states()}
+    tensors = {**model, **optimizer, **rng_states(), **segments.amp.state()}
     return Snapshot(round, step, tensors, document, loss_sum, seen)
 
 
@@ -79,6 +79,7 @@ def restore(segments: Segments, snapshot: Snapshot) -> None:
         module.load_state_dict({k: model[k] for k in module.state_dict()})
     load_optimizer(segments.optimizer, snapshot.tensors, snapshot.optimizer, "optimizer")
     set_rng_states(snapshot.tensors)
+    segments.amp.load(snapshot.tensors)
 
 
 class Recovery:

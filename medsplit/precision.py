@@ -10,6 +10,7 @@ know this side's scale. bf16 has float32's range and needs no scaler.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import AbstractContextManager
 
 import torch
@@ -53,6 +54,27 @@ class MixedPrecision:
         """A gradient as it may leave this party: in float32, without this party's scale."""
         grad = grad.float()
         return grad / self.scale if self.scaler.is_enabled() else grad
+
+    def state(self, prefix: str = "amp") -> dict[str, torch.Tensor]:
+        """The fp16 scaler's state as tensors, for snapshots and checkpoints (nothing for
+        fp32 and bf16): a resumed job goes on with the scale it had, not a fresh one."""
+        if not self.scaler.is_enabled():
+            return {}
+        state = self.scaler.state_dict()
+        return {
+            f"{prefix}/scale": torch.tensor(float(state["scale"]), dtype=torch.float64),
+            f"{prefix}/growth_tracker": torch.tensor(int(state["_growth_tracker"])),
+        }
+
+    def load(self, tensors: Mapping[str, torch.Tensor], prefix: str = "amp") -> None:
+        """Put back what ``state`` kept; a snapshot without it leaves the scaler as it is."""
+        scale = tensors.get(f"{prefix}/scale")
+        if not self.scaler.is_enabled() or scale is None:
+            return
+        state = self.scaler.state_dict()
+        state["scale"] = float(scale)
+        state["_growth_tracker"] = int(tensors[f"{prefix}/growth_tracker"])
+        self.scaler.load_state_dict(state)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
         """The optimizer's step; with fp16, skipped when a gradient overflowed."""

@@ -109,3 +109,21 @@ def test_step_snapshots_are_bounded_and_restore_their_step(tmp_path: Path) -> No
     snapshot = recovery.go_on_from(segments, 0, 9)
     assert snapshot is not None and snapshot.seen == 72
     assert all(torch.equal(states[9][k], v) for k, v in _state(segments).items())
+
+
+def test_an_fp16_site_resumes_with_its_loss_scale(tmp_path: Path) -> None:
+    spec = _spec("split-u", "mlp-ehr-u").model_copy(update={"precision": "fp16"})
+    segments = EdgeSegments(spec, torch.device("cpu"))
+    segments.amp.load(  # where its overflows had brought it
+        {"amp/scale": torch.tensor(1024.0), "amp/growth_tracker": torch.tensor(7)}
+    )
+    recovery = Recovery("a", "job-r", tmp_path)
+    recovery.before_round(segments, 0)
+    _train(segments)
+    recovery.after_round(segments, 0)
+
+    again = EdgeSegments(spec, torch.device("cpu"))  # a new process: a fresh 65536
+    assert again.amp.scale == 65536.0
+    Recovery("a", "job-r", tmp_path).load(again)
+    assert again.amp.scale == 1024.0
+    assert again.amp.scaler.state_dict()["_growth_tracker"] == 7
