@@ -345,6 +345,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
+        name=args.name,
     )
     try:
         serve(options)
@@ -524,7 +525,11 @@ def _add_model_commands(commands: Any) -> None:
     export.add_argument("--out", required=True, help="where to write the .onnx file")
     export.set_defaults(func=_cmd_export)
 
-    serve = commands.add_parser("serve", help="serve an exported model over HTTP (onnxruntime)")
+    serve = commands.add_parser(
+        "serve",
+        help="serve an exported model over HTTP (onnxruntime): /predict and the Open Inference "
+        "Protocol (/v2)",
+    )
     serve.add_argument("--model", required=True, help="a model.onnx written by medsplit")
     serve.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface")
     serve.add_argument("--port", type=int, default=8080)
@@ -532,6 +537,11 @@ def _add_model_commands(commands: Any) -> None:
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda fails if unavailable"
     )
     serve.add_argument("--threads", type=int, default=0, help="per inference (0: automatic)")
+    serve.add_argument(
+        "--name",
+        help="the model's name in the Open Inference Protocol, /v2/models/NAME (default: the "
+        "ONNX file's stem)",
+    )
     serve.add_argument("--max-batch", type=int, default=64, help="inputs per batch request")
     serve.add_argument("--max-body-mb", type=int, default=64, help="largest request body")
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")

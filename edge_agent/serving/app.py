@@ -9,6 +9,7 @@ Endpoints:
   ``{"instances": [...]}``. Answers ``{"predictions": [...], "model"}``, in request order.
 * ``GET /healthz``, ``GET /metadata`` (the model card, input encoding, runtime),
   ``GET /metrics`` (Prometheus).
+* ``/v2/...``: the Open Inference Protocol (KServe V2) over REST (``oip_routes``).
 
 Bad input never reaches the model: a body that is not DICOM or not JSON, the wrong number of
 features, an unknown category, an image of the wrong size, too many instances -- each is a 4xx
@@ -20,10 +21,9 @@ health checks; JSON nested too deeply for the parser is a 400 like any other bad
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -43,6 +43,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartParser
 
 from edge_agent.data.inputs import InputError
+from edge_agent.serving.bodies import HttpError, limited, parse_json, read_body
+from edge_agent.serving.oip import ServedModel
+from edge_agent.serving.oip_routes import oip_router
 from edge_agent.serving.predictor import Prediction, Predictor
 from medsplit import __version__
 
@@ -53,14 +56,6 @@ DICOM_TYPES = ("application/dicom", "application/octet-stream")
 def _phrase(status: int) -> str:
     """The reason of an error answer that is about the request itself: the HTTP phrase."""
     return HTTPStatus(status).phrase.lower()
-
-
-class HttpError(Exception):
-    """An answer other than 200, with the message the client gets."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,9 @@ class _Metrics:
         )
 
 
-def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
+def create_app(predictor: Predictor, limits: Limits = Limits(), name: str | None = None) -> FastAPI:
+    """The service; ``name`` is the model's name in the Open Inference Protocol (default: the
+    ONNX file's stem)."""
     app = FastAPI(
         title="medsplit inference",
         version=__version__,
@@ -159,6 +156,8 @@ def create_app(predictor: Predictor, limits: Limits = Limits()) -> FastAPI:
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    served = ServedModel(name or predictor.path.stem, predictor, limits.max_batch)
+    app.include_router(oip_router(served, limits.max_body_bytes))
     return app
 
 
@@ -197,14 +196,14 @@ async def _read_items(request: Request, limits: Limits, *, batch: bool) -> list[
         )
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind == "application/json":
-        body = await _body(request, limits)
+        body = await read_body(request, limits.max_body_bytes)
         documents = await run_in_threadpool(_json_items, body, batch, limits)
         names = [f"instances[{i}]" for i in range(len(documents))] if batch else ["body"]
         return [_Item(name, document=d) for name, d in zip(names, documents, strict=True)]
     if kind in DICOM_TYPES:
         if batch:
             raise HttpError(415, "send several DICOM files as multipart/form-data")
-        return [_Item("upload", dicom=await _body(request, limits))]
+        return [_Item("upload", dicom=await read_body(request, limits.max_body_bytes))]
     if kind == "multipart/form-data":
         return [_Item(name, dicom=data) for name, data in await _uploads(request, limits, batch)]
     raise HttpError(
@@ -214,32 +213,8 @@ async def _read_items(request: Request, limits: Limits, *, batch: bool) -> list[
     )
 
 
-async def _limited(request: Request, limits: Limits) -> AsyncGenerator[bytes, None]:
-    """The body's chunks, cut off with a 413 once they pass the limit (whatever
-    Content-Length said, or without one: a chunked upload)."""
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limits.max_body_bytes:
-            raise HttpError(413, f"request body over the limit of {limits.max_body_bytes} bytes")
-        yield chunk
-
-
-async def _body(request: Request, limits: Limits) -> bytes:
-    """The raw body, within the limit."""
-    body = b"".join([chunk async for chunk in _limited(request, limits)])
-    if not body:
-        raise HttpError(400, "empty request body")
-    return body
-
-
 def _json_items(body: bytes, batch: bool, limits: Limits) -> list[Any]:
-    try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HttpError(400, f"body is not valid JSON ({exc})") from None
-    except RecursionError:
-        raise HttpError(400, "body is not valid JSON (nested too deeply)") from None
+    document = parse_json(body)
     if not batch:
         return [document]
     if not isinstance(document, dict) or set(document) != {"instances"}:
@@ -257,7 +232,7 @@ async def _uploads(request: Request, limits: Limits, batch: bool) -> list[tuple[
     most = limits.max_batch if batch else 1
     parser = MultiPartParser(
         request.headers,
-        _limited(request, limits),
+        limited(request, limits.max_body_bytes),
         max_files=most,
         max_fields=most,
         max_part_size=limits.max_body_bytes,

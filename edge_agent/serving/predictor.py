@@ -158,13 +158,16 @@ class Predictor:
 
     # -- inference -------------------------------------------------------------------------------
 
-    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Class probabilities for a batch of prepared inputs, shape (batch, classes)."""
+    def logits(self, batch: torch.Tensor) -> np.ndarray:
+        """The model's outputs for a batch of prepared inputs, shape (batch, classes)."""
         x = np.ascontiguousarray(batch.detach().cpu().numpy(), dtype=np.float32)
         (logits,) = self.session.run([OUTPUT_NAME], {INPUT_NAME: x})
-        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-        result: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+        result: np.ndarray = logits
         return result
+
+    def probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """Class probabilities for a batch of prepared inputs, shape (batch, classes)."""
+        return softmax(self.logits(batch))
 
     def predict(self, inputs: Sequence[torch.Tensor]) -> list[Prediction]:
         if not inputs:
@@ -197,6 +200,12 @@ class Predictor:
         if isinstance(encoding, FeatureInput):
             described["features"] = encoding.features
         return described
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    result: np.ndarray = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+    return result
 
 
 def _opset(path: Path) -> int | None:

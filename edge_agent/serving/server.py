@@ -28,12 +28,13 @@ class ServeOptions:
     tls_key: Path | None = None
     # Clients must present a certificate signed by this CA (mutual TLS for inference clients).
     tls_client_ca: Path | None = None
+    name: str | None = None  # /v2/models/NAME; default: the ONNX file's stem
 
 
 def build_server(options: ServeOptions) -> uvicorn.Server:
     """A configured uvicorn server (not yet started); loading the model fails here, early."""
     predictor = Predictor(options.model, device=options.device, threads=options.threads)
-    app = create_app(predictor, options.limits)
+    app = create_app(predictor, options.limits, name=options.name)
     config = uvicorn.Config(
         app,
         host=options.host,
