@@ -184,24 +184,21 @@ class SplitLearner:
             labels = yb if sent_labels is None else sent_labels.to(self.device)
             tensors = {"h": defenses.activations(h), "y": labels}
             reply = self._exchange(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step)
-            defenses.backward_head(xb, h, self._to_device(reply.tensors["g"]) * amp.scale)
+            defenses.backward_head(xb, h, to_device(reply.tensors["g"], self.device) * amp.scale)
             amp.step(seg.optimizer)
             return float(reply.meta.get("loss") or 0.0)
         sent = {"h": defenses.activations(h)}
         t = self._exchange(Kind.ACTIVATIONS, sent, Kind.TRUNK_OUT, round, step).tensors["t"]
-        t = self._to_device(t).requires_grad_()
+        t = to_device(t, self.device).requires_grad_()
         with amp.autocast():
             loss = loss_fn(seg.tail(entry(t)), yb)
         amp.backward(loss)
         assert t.grad is not None
         returned = {"g": defenses.gradient(amp.unscaled(t.grad))}
         g = self._exchange(Kind.TRUNK_GRAD, returned, Kind.ACT_GRAD, round, step).tensors["g"]
-        defenses.backward_head(xb, h, self._to_device(g) * amp.scale)
+        defenses.backward_head(xb, h, to_device(g, self.device) * amp.scale)
         amp.step(seg.optimizer)
         return float(loss.detach())
-
-    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
-        return to_device(tensor, self.device)
 
     def _exchange(
         self, kind: str, tensors: dict[str, torch.Tensor], answer: str, round: int, step: int
@@ -230,7 +227,7 @@ class SplitLearner:
                     cast={"h"},
                     wait=True,
                 )
-                t = self._to_device(reply.tensors["t"])
+                t = to_device(reply.tensors["t"], self.device)
                 outputs.append((seg.tail(t) if seg.tail is not None else t).float())
         return torch.cat(outputs)
 

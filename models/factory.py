@@ -14,6 +14,7 @@ Weights come from a local file only, never a download: safetensors, or a torch f
 from __future__ import annotations
 
 import fnmatch
+import functools
 import importlib
 import re
 from collections.abc import Iterable, Mapping
@@ -76,9 +77,20 @@ def call_factory(factory: str, args: Mapping[str, Any]) -> nn.Module:
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from safetensors or a torch file (``weights_only=True``; never pickle)."""
+    """A state dict from safetensors or a torch file (``weights_only=True``; never pickle).
+
+    Read once while the file is unchanged: a plan is validated and its model built several
+    times in one process (meta build, each party's seeded build), each loading the same file.
+    The tensors are shared; ``load_state_dict`` copies them into the model."""
     if not path.is_file():
         raise FactoryError(f"weights: {path} is not a file")
+    stat = path.stat()
+    return dict(_read_weights(path.resolve(), stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=4)
+def _read_weights(path: Path, mtime_ns: int, size: int) -> dict[str, torch.Tensor]:
+    # mtime_ns and size only key the cache: a file rewritten in place is read again.
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError  # noqa: PLC0415
         from safetensors.torch import load_file  # noqa: PLC0415

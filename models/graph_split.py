@@ -31,7 +31,6 @@ import sys
 import threading
 from collections.abc import Iterable, Sequence
 
-import torch
 from torch import fx, nn
 
 from models.config_errors import ModelError
@@ -241,14 +240,3 @@ def _refuse_shared_attributes(segments: list[fx.GraphModule]) -> None:
                     f"{key!r} is used on both sides of a cut (tied weights); cut elsewhere"
                 )
             seen[key] = number
-
-
-def single_tensor_output(graph_module: fx.GraphModule, sample: torch.Tensor) -> None:
-    """Refuse a network whose output is not one tensor (a tuple of heads, a dict)."""
-    with torch.no_grad():
-        out = graph_module(sample)
-    if not isinstance(out, torch.Tensor):
-        raise GraphSplitError(
-            f"the network returns {type(out).__name__}, not one tensor of logits; wrap it in a "
-            "module that returns the logits"
-        )

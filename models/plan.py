@@ -219,9 +219,9 @@ class ModelSpec(BaseModel):
         draws its initial weights from the global generator, so an unseeded build running
         while a seeded one is half done would draw from (and advance) the seeded stream, and
         parties of one job built at once in one process (threads, in tests and experiments)
-        would start from different weights now and then. A traced network comes back as its ``torch.fx`` graph module,
-        holding only the tensors its forward uses, under their original names (traced once per
-        architecture: ``models.graph_split.as_graph_module``).
+        would start from different weights now and then. A traced network comes back as its
+        ``torch.fx`` graph module, holding only the tensors its forward uses, under their
+        original names (traced once per architecture: ``graph_split.as_graph_module``).
         """
         if seed is None:  # the global generator, as the caller left it; still one at a time
             with _BUILD_LOCK:
@@ -412,10 +412,12 @@ class SplitPlan(BaseModel):
         return self
 
     def _split_keys(self) -> tuple[tuple[str, ...], ...]:
-        """Head, trunk and tail keys, from cutting a meta-device build (tied weights across a
-        cut are refused here)."""
+        """Head, trunk and tail keys, from cutting the model's meta-device build (tied weights
+        across a cut are refused here)."""
         from models.split import split_model  # noqa: PLC0415
 
+        # Built again rather than kept on the ModelSpec: private attributes take part in
+        # pydantic's equality, which a module object would break (spec == spec).
         with _torch().device("meta"):
             parts = split_model(self.model.build(), self)
         return tuple(tuple(keys) for keys in parts.segment_keys())

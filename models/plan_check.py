@@ -51,6 +51,11 @@ def check_recomposition(plan: SplitPlan, batch: int = 2) -> tuple[float, list[to
         for segment in parts.segments():
             inputs.append(out)
             out = segment(out)
+    if not isinstance(expected, torch.Tensor):
+        raise PlanCheckError(
+            f"the network returns {type(expected).__name__}, not one tensor of logits; wrap it "
+            "in a module that returns the logits"
+        )
     if out.shape != expected.shape:
         raise PlanCheckError(
             f"the segments end in shape {list(out.shape)}, the model in {list(expected.shape)}"

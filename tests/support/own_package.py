@@ -3,7 +3,8 @@
 ``clinic_nets.build`` returns a network whose ``forward`` is not a chain of children: a
 residual block around ``block`` and functional activations, for the breast-cancer features.
 ``clinic_nets.build_dropout`` calls ``F.dropout(..., self.training)`` in ``forward``, which a
-traced graph cannot follow; ``clinic_nets.tied`` uses one layer on both sides of ``mid``.
+traced graph cannot follow; ``clinic_nets.tied`` uses one layer on both sides of ``mid``; ``clinic_nets.two_heads`` returns
+a tuple.
 """
 
 from __future__ import annotations
@@ -60,6 +61,16 @@ def build_dropout():
 
 def tied():
     return Tied()
+
+
+class TwoHeads(ResidualMlp):
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits, logits.softmax(1)
+
+
+def two_heads():
+    return TwoHeads()
 """
 
 

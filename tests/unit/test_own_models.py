@@ -17,7 +17,7 @@ from medsplit.protocol import JobSpec
 from models import SplitPlan, assemble, cut_shapes, split_model
 from models.config_errors import ConfigError, validate
 from models.factory import FactoryError
-from models.plan_check import check_plan, check_recomposition
+from models.plan_check import PlanCheckError, check_plan, check_recomposition
 from tests.support import own_package
 
 # Small inputs keep the catalogue quick on two CPU cores; the cuts are the defaults.
@@ -100,6 +100,13 @@ def test_weights_used_on_both_sides_of_a_cut_are_refused(clinic: Path) -> None:
     data = {"model": {"factory": "clinic_nets:tied", "input_shape": [30]}, "cut": "mid"}
     with pytest.raises(ConfigError, match="used on both sides of a cut"):
         _plan(data)
+
+
+def test_a_network_that_returns_more_than_logits_is_refused(clinic: Path) -> None:
+    data = own_package.plan()
+    data["model"] = {"factory": "clinic_nets:two_heads", "input_shape": [30]}
+    with pytest.raises(PlanCheckError, match="returns tuple, not one tensor of logits"):
+        check_recomposition(_plan(data))
 
 
 def test_a_factory_needs_an_input_shape_and_a_real_module(clinic: Path) -> None:

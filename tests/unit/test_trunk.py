@@ -93,15 +93,19 @@ def test_at_most_one_open_step_per_site_and_no_backward_for_another() -> None:
     assert trunk.open_steps == 0
 
 
-def test_fp16_loss_scales_travel_in_the_trunk_s_checkpoint() -> None:
-    """A resumed fp16 job goes on with the scale each copy had, not a fresh 65536."""
-    trunk = Trunk(
+def _fp16_trunk() -> Trunk:
+    return Trunk(
         nn.Sequential(nn.Linear(4, 3)),
         OptimizerConfig(lr=0.05),
         torch.device("cpu"),
         parallel=True,
         precision="fp16",
     )
+
+
+def test_fp16_loss_scales_travel_in_the_trunk_s_checkpoint() -> None:
+    """A resumed fp16 job goes on with the scale each copy had, not a fresh 65536."""
+    trunk = _fp16_trunk()
     for step in range(3):
         _step(trunk, "a", step)
     huge = torch.full((5, 3), 1e30)  # overflows in fp16: the scale backs off
@@ -110,12 +114,6 @@ def test_fp16_loss_scales_travel_in_the_trunk_s_checkpoint() -> None:
     scale = trunk._precision("a").scale
     assert scale < 65536.0
     tensors, document = trunk.state()
-    resumed = Trunk(
-        nn.Sequential(nn.Linear(4, 3)),
-        OptimizerConfig(lr=0.05),
-        torch.device("cpu"),
-        parallel=True,
-        precision="fp16",
-    )
+    resumed = _fp16_trunk()
     resumed.load_state(tensors, document)
     assert resumed._precision("a").scale == scale
