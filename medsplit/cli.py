@@ -304,6 +304,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from edge_agent.site_model import SiteModelError, export_site_model
     from models.onnx_export import ExportError
 
+    if args.format != "onnx":
+        return _export_for_platform(args)
     try:
         result = export_site_model(Path(args.run), Path(args.out), site=args.site)
     except (SiteModelError, ExportError) as exc:
@@ -313,6 +315,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
         f"{result.path}  ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
         f"max |onnxruntime - torch| {result.max_abs_diff:.2g})"
     )
+    return 0
+
+
+def _export_for_platform(args: argparse.Namespace) -> int:
+    from edge_agent.serving.platforms import PlatformError, export_for_platform
+    from edge_agent.serving.predictor import ModelLoadError
+    from edge_agent.site_model import SiteModelError
+    from models.onnx_export import ExportError
+
+    try:
+        written = export_for_platform(
+            Path(args.run),
+            Path(args.out),
+            args.format,
+            site=args.site,
+            name=args.name,
+            storage_uri=args.storage_uri,
+            max_batch=args.max_batch,
+        )
+    except (SiteModelError, ExportError, PlatformError, ModelLoadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    if args.format == "kserve":
+        print(
+            f"copy {args.out}/{written[0].parent.name} to {args.storage_uri}, then kubectl apply -f {written[-1]}"
+        )
     return 0
 
 
@@ -346,12 +376,27 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_client_ca=args.tls_client_ca,
         name=args.name,
+        grpc_port=None if args.no_grpc else args.grpc_port,
     )
     try:
         serve(options)
-    except (ModelLoadError, ProviderUnavailable) as exc:
+    except (ModelLoadError, ProviderUnavailable, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _cmd_await_model(args: argparse.Namespace) -> int:
+    from edge_agent.serving.predictor import ModelLoadError
+    from edge_agent.serving.server import await_model
+
+    try:
+        predictor = await_model(Path(args.model), timeout_s=args.timeout)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    card = predictor.card
+    print(f"{args.model}: site {card.site_id} of job {card.job_id}, ready to serve")
     return 0
 
 
@@ -522,7 +567,25 @@ def _add_model_commands(commands: Any) -> None:
         "--run", required=True, help="the run directory (RUN/state/SITE), or a site's state_dir"
     )
     export.add_argument("--site", help="site id (needed for a run directory of several sites)")
-    export.add_argument("--out", required=True, help="where to write the .onnx file")
+    export.add_argument(
+        "--out",
+        required=True,
+        help="the .onnx file to write; with --format triton or kserve, a folder",
+    )
+    export.add_argument(
+        "--format",
+        choices=["onnx", "triton", "kserve"],
+        default="onnx",
+        help="onnx: one file; triton: a model repository (NAME/config.pbtxt, NAME/1/model.onnx); "
+        "kserve: that repository and an InferenceService for KServe's ONNX runtime",
+    )
+    export.add_argument("--name", help="the served model's name (default: the site's id)")
+    export.add_argument(
+        "--storage-uri", help="kserve: where the repository will lie (s3://, gs://, pvc://...)"
+    )
+    export.add_argument(
+        "--max-batch", type=int, default=64, help="triton and kserve: the largest batch served"
+    )
     export.set_defaults(func=_cmd_export)
 
     serve = commands.add_parser(
@@ -542,6 +605,13 @@ def _add_model_commands(commands: Any) -> None:
         help="the model's name in the Open Inference Protocol, /v2/models/NAME (default: the "
         "ONNX file's stem)",
     )
+    serve.add_argument(
+        "--grpc-port",
+        type=int,
+        default=8081,
+        help="the Open Inference Protocol over gRPC (GRPCInferenceService), same TLS as HTTP",
+    )
+    serve.add_argument("--no-grpc", action="store_true", help="serve REST only")
     serve.add_argument("--max-batch", type=int, default=64, help="inputs per batch request")
     serve.add_argument("--max-body-mb", type=int, default=64, help="largest request body")
     serve.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
@@ -552,6 +622,15 @@ def _add_model_commands(commands: Any) -> None:
         help="require client certificates signed by this CA (PEM): mutual TLS",
     )
     serve.set_defaults(func=_cmd_serve)
+
+    wait = commands.add_parser(
+        "await-model",
+        help="wait until a job writes its model.onnx, then check it loads (a serving pod's "
+        "init container)",
+    )
+    wait.add_argument("--model", required=True, help="the model.onnx the agent will write")
+    wait.add_argument("--timeout", type=float, default=0, help="seconds; 0: wait for ever")
+    wait.set_defaults(func=_cmd_await_model)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

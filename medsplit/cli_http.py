@@ -10,20 +10,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
+
+from medsplit.http_guard import read_token
+from models.config_errors import ConfigError
 
 
 class Unanswered(Exception):
     """The process did not answer, or not with JSON."""
 
 
-def get_json(url: str, timeout: float) -> tuple[int, Any]:
-    """The status code and JSON body of ``GET url`` (an error status is an answer, too)."""
+def get_json(
+    url: str,
+    timeout: float,
+    *,
+    context: ssl.SSLContext | None = None,
+    token: str | None = None,
+) -> tuple[int, Any]:
+    """The status code and JSON body of ``GET url`` (an error status is an answer, too);
+    ``context`` for HTTPS, ``token`` as ``Authorization: Bearer``."""
+    request = urllib.request.Request(url)  # noqa: S310 (http and https only: built here)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (http only)
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:  # noqa: S310
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         try:
@@ -35,13 +50,37 @@ def get_json(url: str, timeout: float) -> tuple[int, Any]:
 
 
 def _default_url(path: str) -> str:
-    return f"http://127.0.0.1:{os.environ.get('MEDSPLIT_HTTP__PORT', '8080')}{path}"
+    """This container's own port: HTTPS when the process serves it (``MEDSPLIT_HTTP__TLS_CERT``)."""
+    scheme = "https" if os.environ.get("MEDSPLIT_HTTP__TLS_CERT") else "http"
+    return f"{scheme}://127.0.0.1:{os.environ.get('MEDSPLIT_HTTP__PORT', '8080')}{path}"
+
+
+def _probe_context(url: str) -> ssl.SSLContext | None:
+    """A probe asks its own process over loopback whether it is ready, as the kubelet does: it
+    checks no certificate (the name is 127.0.0.1, not the certificate's)."""
+    if not url.startswith("https://"):
+        return None
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _client_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """HTTPS as ``medsplit status`` is told: the CA that signed the server, and a client
+    certificate when the port asks for one."""
+    if not args.url.startswith("https://"):
+        return None
+    context = ssl.create_default_context(cafile=args.ca_file)
+    if args.cert is not None:
+        context.load_cert_chain(args.cert, args.key)
+    return context
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
     url = args.url or _default_url("/readyz")
     try:
-        code, body = get_json(url, args.timeout)
+        code, body = get_json(url, args.timeout, context=_probe_context(url))
     except Unanswered as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -56,8 +95,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     url = args.url.rstrip("/") + "/status"
+    if (args.cert is None) != (args.key is None):
+        print("error: --cert and --key go together", file=sys.stderr)
+        return 2
     try:
-        code, body = get_json(url, args.timeout)
+        token = read_token(args.token_file, "--token-file") if args.token_file else None
+        context = _client_context(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a CA or certificate file missing or not PEM
+        print(f"error: TLS files: {exc}", file=sys.stderr)
+        return 2
+    try:
+        code, body = get_json(url, args.timeout, context=context, token=token)
     except Unanswered as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -138,6 +189,10 @@ def add_http_commands(commands: Any) -> None:
     status = commands.add_parser(
         "status", help="what a running aggregator says of its job, as a table (its /status)"
     )
-    status.add_argument("--url", required=True, help="the aggregator's http://HOST:PORT")
+    status.add_argument("--url", required=True, help="the aggregator's http(s)://HOST:PORT")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    status.add_argument("--token-file", type=Path, help="a file holding the port's bearer token")
+    status.add_argument("--ca-file", help="HTTPS: the CA that signed the aggregator's certificate")
+    status.add_argument("--cert", help="HTTPS: a client certificate (PEM), when the port asks")
+    status.add_argument("--key", help="and its private key (PEM)")
     status.set_defaults(func=cmd_status)

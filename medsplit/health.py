@@ -26,8 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from medsplit.http_guard import Guard, peer_certificate_protocol, read_token, uvicorn_tls
 from models.config_errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,32 @@ class HttpSettings(BaseModel):
     ready_cert_days: float = Field(
         1.0, ge=0, description="not ready when the process's certificate expires sooner than this"
     )
+    tls_cert: Path | None = Field(None, description="serve HTTPS with this certificate (PEM)")
+    tls_key: Path | None = Field(None, description="and this private key (PEM)")
+    tls_client_ca: Path | None = Field(
+        None,
+        description="a client certificate signed by this CA opens the page, /status and "
+        "/metrics (the probes stay open)",
+    )
+    token_file: Path | None = Field(
+        None,
+        description="a file (a mounted Secret) holding a bearer token that opens the page, "
+        "/status and /metrics (the probes stay open)",
+    )
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> HttpSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError(
+                "tls_client_ca needs tls_cert and tls_key (client certificates need TLS)"
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert is not None else "http"
 
 
 class HealthServer:
@@ -98,13 +125,23 @@ class HealthServer:
         """Listen and return the port (the one asked for, or the free one port 0 picked)."""
         import uvicorn  # noqa: PLC0415  (only with a port: the kernel stays light)
 
-        config = uvicorn.Config(
+        settings = self.settings
+        token = read_token(settings.token_file) if settings.token_file is not None else None
+        guarded = Guard(
             self._app(),
-            host=self.settings.host,
-            port=self.settings.port or 0,
+            token=token,
+            client_certificates=settings.tls_client_ca is not None,
+            secure=settings.tls_cert is not None,
+        )
+        config = uvicorn.Config(
+            guarded,
+            host=settings.host,
+            port=settings.port or 0,
             log_level="warning",
             access_log=False,
             lifespan="off",
+            http=peer_certificate_protocol(),
+            **uvicorn_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
         )
         server = uvicorn.Server(config)
         self._server = server
@@ -128,10 +165,12 @@ class HealthServer:
         sockets = [s for srv in server.servers for s in srv.sockets]
         self.port = int(sockets[0].getsockname()[1])
         log.info(
-            "%s health endpoints on http://%s:%d (/healthz, /readyz, /metrics)",
+            "%s health endpoints on %s://%s:%d (/healthz, /readyz, /metrics)%s",
             self.process,
-            self.settings.host,
+            settings.scheme,
+            settings.host,
             self.port,
+            "; the page, /status and /metrics need credentials" if guarded.enabled else "",
         )
         return self.port
 

@@ -26,6 +26,21 @@ else
     log "python packages up to date"
 fi
 
+# KServe's client and ModelServer (tests/integration/test_serving_kserve.py, bench/inference.py)
+# in a venv of their own: kserve pins psutil<6 where amqtt needs psutil>=7, and its protobufs
+# share a package name with tritonclient's, so the two never load in one process.
+kserve_venv=$venv/kserve
+kserve_stamp=$kserve_venv/.medsplit-installed
+if [ ! -f "$kserve_stamp" ] || [ "$here/constraints-kserve.txt" -nt "$kserve_stamp" ]; then
+    log "installing kserve into $kserve_venv with constraints-kserve.txt"
+    [ -x "$kserve_venv/bin/python" ] || "$python" -m venv "$kserve_venv"
+    "$kserve_venv/bin/python" -m pip install --quiet --disable-pip-version-check \
+        -c "$here/constraints-kserve.txt" kserve onnxruntime numpy
+    touch "$kserve_stamp"
+else
+    log "kserve venv up to date"
+fi
+
 # Debian packages the tests use: Mosquitto (the broker), dicom3tools (dciodvfy checks the DICOM
 # that `medsplit dicom-synth` writes), Chromium and its driver (the status page is tested in a
 # real headless browser).

@@ -86,9 +86,10 @@ class _Metrics:
         )
 
 
-def create_app(predictor: Predictor, limits: Limits = Limits(), name: str | None = None) -> FastAPI:
-    """The service; ``name`` is the model's name in the Open Inference Protocol (default: the
-    ONNX file's stem)."""
+def create_app(model: ServedModel, limits: Limits = Limits()) -> FastAPI:
+    """The service of ``model``: its predictor behind ``/predict``, and the Open Inference
+    Protocol under the model's name."""
+    predictor = model.predictor
     app = FastAPI(
         title="medsplit inference",
         version=__version__,
@@ -156,8 +157,7 @@ def create_app(predictor: Predictor, limits: Limits = Limits(), name: str | None
     def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    served = ServedModel(name or predictor.path.stem, predictor, limits.max_batch)
-    app.include_router(oip_router(served, limits.max_body_bytes))
+    app.include_router(oip_router(model, limits.max_body_bytes))
     return app
 
 

@@ -65,10 +65,12 @@ class ServedModel:
         """The BYTES input of this model's raw records: DICOM files or table records."""
         return "dicom" if isinstance(self.predictor.card.data.input, ImageInput) else "record"
 
+    @property
+    def classes(self) -> int:
+        return len(self.predictor.classes)
+
     def metadata(self) -> dict[str, Any]:
-        card, shape = self.predictor.card, list(self.predictor.card.input_shape)
-        classes = len(self.predictor.classes)
-        described = self.predictor.describe()
+        shape, classes = list(self.predictor.card.input_shape), self.classes
         return {
             "name": self.name,
             "versions": [VERSION],
@@ -80,14 +82,7 @@ class ServedModel:
             "outputs": [
                 {"name": output, "datatype": "FP32", "shape": [-1, classes]} for output in OUTPUTS
             ],
-            "parameters": {
-                "classes": json.dumps(self.predictor.classes),
-                "job_id": card.job_id,
-                "site_id": card.site_id,
-                "weights_sha256": card.weights_sha256 or "",
-                "preprocessing": json.dumps(described["preprocessing"]),
-                "model_card": json.dumps(described, default=str),
-            },
+            "parameters": card_parameters(self.predictor),
         }
 
     def infer(self, request: Any, binary: bytes = b"") -> tuple[dict[str, Any], list[bytes]]:
@@ -209,6 +204,20 @@ class ServedModel:
         except json.JSONDecodeError as exc:
             raise ProtocolError(400, f"{where}: not a JSON object ({exc})") from None
         return self.predictor.from_json({"record": record}, where)
+
+
+def card_parameters(predictor: Predictor) -> dict[str, str]:
+    """The model card as the protocol's string parameters: what a client needs to prepare
+    inputs and read answers (classes, preprocessing) and where the model came from."""
+    card, described = predictor.card, predictor.describe()
+    return {
+        "classes": json.dumps(predictor.classes),
+        "job_id": card.job_id,
+        "site_id": card.site_id,
+        "weights_sha256": card.weights_sha256 or "",
+        "preprocessing": json.dumps(described["preprocessing"]),
+        "model_card": json.dumps(described, default=str),
+    }
 
 
 def server_metadata() -> dict[str, Any]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -26,10 +28,11 @@ from edge_agent.data.dicom_source import DicomData, load_dicom_site
 from edge_agent.data.dicom_synth import synthesize
 from edge_agent.data.inputs import ImageInput
 from edge_agent.serving.app import Limits
-from edge_agent.serving.predictor import ProviderUnavailable, providers_for
-from edge_agent.serving.server import ServeOptions, build_server
+from edge_agent.serving.predictor import Predictor, ProviderUnavailable, providers_for
+from edge_agent.serving.server import ServeOptions, await_model, build_service
 from edge_agent.site_model import load_site_model
 from experiments.inprocess import run_job
+from medsplit.cli import main
 from medsplit.transport import MemoryBroker
 from medsplit.wiring import memory_connector
 from tests.support.certs import CertificateAuthority
@@ -84,8 +87,9 @@ def serving(model: Path, limits: Limits = Limits(), **options: Any) -> Iterator[
     verify = options.pop("verify", True)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = build_server(ServeOptions(model=model, limits=limits, **options))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    service = build_service(ServeOptions(model=model, limits=limits, **options))
+    server = service.http
+    thread = threading.Thread(target=service.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:  # uvicorn sets it once it accepts connections
@@ -362,11 +366,10 @@ def test_inference_clients_can_be_required_to_present_a_certificate(
     with serving(table_site / "model.onnx", verify=with_certificate, **tls) as client:
         answer = client.post("/predict", json={"features": [0.0] * 30})
         assert answer.status_code == 200 and answer.json()["class"] in ("benign", "malignant")
-    with (
-        serving(table_site / "model.onnx", verify=anonymous, **tls) as client,
-        pytest.raises(httpx.TransportError),
-    ):
-        client.post("/predict", json={"features": [0.0] * 30})
+    with serving(table_site / "model.onnx", verify=anonymous, **tls) as client:
+        refused = client.post("/predict", json={"features": [0.0] * 30})
+        assert refused.status_code == 401 and "client certificate" in refused.json()["reason"]
+        assert client.get("/healthz").status_code == 200  # the kubelet shows no certificate
 
 
 def test_the_serve_command_runs_uvicorn_and_refuses_what_it_cannot_serve(
@@ -376,7 +379,8 @@ def test_the_serve_command_runs_uvicorn_and_refuses_what_it_cannot_serve(
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     command = [sys.executable, "-m", "medsplit", "serve", "--model", str(table_site / "model.onnx")]
-    process = subprocess.Popen([*command, "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    command += ["--port", str(port), "--no-grpc"]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
     try:
         url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
         while True:
@@ -414,3 +418,21 @@ def test_cuda_is_used_only_when_it_is_there() -> None:
     ]
     with pytest.raises(ProviderUnavailable, match=r"no CUDAExecutionProvider.*onnxruntime-gpu"):
         providers_for("cuda", ["CPUExecutionProvider"])
+
+
+def test_await_model_waits_for_the_job_then_checks_the_model(
+    table_site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A serving pod's init container: it waits until the agent writes model.onnx (atomically,
+    as the agent does), then proves it loads; a deadline turns into one clear line."""
+    target = tmp_path / "state" / "model.onnx"
+    loaded: list[Predictor] = []
+    waiter = threading.Thread(target=lambda: loaded.append(await_model(target, every_s=0.05)))
+    waiter.start()
+    target.parent.mkdir()
+    shutil.copyfile(table_site / "model.onnx", tmp_path / "state" / ".model.onnx.part")
+    os.replace(tmp_path / "state" / ".model.onnx.part", target)
+    waiter.join(60)
+    assert loaded and loaded[0].card.site_id == "site-1"
+    assert main(["await-model", "--model", str(tmp_path / "never.onnx"), "--timeout", "0.2"]) == 2
+    assert "never.onnx: not written within 0.2 s" in capsys.readouterr().err

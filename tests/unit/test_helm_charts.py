@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from cryptography import x509
 from aggregator.config import JobConfig
 from edge_agent.config import SiteConfig
 from medsplit.cli import main
+from medsplit.health import HttpSettings
 from medsplit.security import helm_files, mosquitto_files
 from medsplit.security.pki import read_certificate
 from medsplit.security.provision import Federation, Provisioner
@@ -27,6 +29,7 @@ from medsplit.security.provision import Federation, Provisioner
 REPO = Path(__file__).resolve().parents[2]
 AGGREGATOR_CHART = REPO / "helm" / "medsplit-aggregator"
 EDGE_CHART = REPO / "helm" / "medsplit-edge"
+SERVE_CHART = REPO / "helm" / "medsplit-serve"
 KUBERNETES = kubernetes_validate.latest_version()  # the newest the validator knows (1.37)
 WORKLOADS = {"Deployment", "StatefulSet"}
 
@@ -342,9 +345,161 @@ def _broker_names(out: Path) -> list[str]:
     return list(names.get_values_for_type(x509.DNSName))
 
 
-def test_both_charts_share_one_helper_file() -> None:
-    shared = "templates/_common.tpl"
-    assert (AGGREGATOR_CHART / shared).read_text() == (EDGE_CHART / shared).read_text()
+def test_every_chart_takes_its_helpers_from_the_library_chart() -> None:
+    library = REPO / "helm" / "medsplit-common"
+    assert yaml.safe_load((library / "Chart.yaml").read_text())["type"] == "library"
+    defined = re.compile(r'define "([^"]+)"')
+    shared = {
+        n for tpl in (library / "templates").glob("*.tpl") for n in defined.findall(tpl.read_text())
+    }
+    assert {"medsplit.fullname", "medsplit.httpProbe", "medsplit.httpSecurityConfig"} <= shared
+    for chart in (AGGREGATOR_CHART, EDGE_CHART, SERVE_CHART):
+        dependencies = yaml.safe_load((chart / "Chart.yaml").read_text())["dependencies"]
+        assert [d["name"] for d in dependencies] == ["medsplit-common"], chart.name
+        assert (chart / "charts" / "medsplit-common").resolve() == library.resolve()
+        for tpl in (chart / "templates").glob("*.tpl"):  # no chart keeps a copy of its own
+            assert not shared & set(defined.findall(tpl.read_text())), tpl
+
+
+HTTP_SECURITY = {
+    "httpSecurity": {
+        "tlsSecret": "status-tls",
+        "clientCertificates": True,
+        "tokenSecret": "status-token",
+    },
+    "metrics": {"serviceMonitor": {"enabled": True}},
+}
+
+
+@pytest.mark.parametrize("chart", [AGGREGATOR_CHART, EDGE_CHART])
+def test_the_http_port_is_guarded_through_the_charts(kit: Path, chart: Path) -> None:
+    aggregator = chart == AGGREGATOR_CHART
+    base = _values(kit, "aggregator" if aggregator else "hospital-a")
+    values = _merge(base, {**HTTP_SECURITY, **({} if aggregator else EDGE_SETS["defaults"])})
+    documents = list(_validated(_render(chart, values, "guarded")))
+    pod = next(p for p in _pods(documents) if p["containers"][0]["name"] != "mosquitto")
+    container = pod["containers"][0]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS", probe
+    assert {
+        "name": "MEDSPLIT_HTTP__TLS_CERT",
+        "value": "/etc/medsplit/http-tls/tls.crt",
+    } in container["env"]
+    volumes = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert volumes["http-tls"] == "status-tls" and volumes["http-token"] == "status-token"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["http-tls"] == "/etc/medsplit/http-tls"
+    config_map = next(
+        d
+        for d in documents
+        if d["kind"] == "ConfigMap"
+        and d["metadata"]["name"].endswith(("-job", "guarded-medsplit-edge"))
+    )
+    config = yaml.safe_load(next(iter(config_map["data"].values())))
+    assert config["http"] | {} == {
+        "host": "0.0.0.0",
+        "port": 8080,
+        "ready_cert_days": 3,
+        "tls_cert": "/etc/medsplit/http-tls/tls.crt",
+        "tls_key": "/etc/medsplit/http-tls/tls.key",
+        "tls_client_ca": "/etc/medsplit/http-tls/ca.crt",
+        "token_file": "/etc/medsplit/http-token/token",
+    }
+    assert HttpSettings.model_validate(config["http"]).scheme == "https"  # the process accepts it
+    (endpoint,) = next(d for d in documents if d["kind"] == "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["authorization"]["credentials"] == {"name": "status-token", "key": "token"}
+
+
+SERVE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "agent's node, mutual TLS, metrics": {
+        "model": {"agentRelease": "hospital-a", "name": "breast-mlp"},
+        "tls": {"existingSecret": "serve-tls", "clientCertificates": True},
+        "metrics": {"serviceMonitor": {"enabled": True, "clientSecret": "prometheus-client"}},
+    },
+    "gpu, own registry": {
+        "gpu": {"enabled": True, "runtimeClassName": "nvidia"},
+        "global": {"imageRegistry": "registry.hospital.example"},
+        "networkPolicy": {
+            "ingressFrom": [{"namespaceSelector": {"matchLabels": {"name": "pacs"}}}]
+        },
+    },
+}
+
+
+@pytest.mark.parametrize("case", list(SERVE_SETS))
+def test_the_serving_chart_renders_valid_hardened_manifests(case: str) -> None:
+    values = _merge(
+        {"model": {"existingClaim": "hospital-a-medsplit-edge-state"}}, SERVE_SETS[case]
+    )
+    documents = list(_validated(_render(SERVE_CHART, values, "hospital-a-serve")))
+    kinds = sorted(d["kind"] for d in documents)
+    assert {"Deployment", "Service", "NetworkPolicy", "PodDisruptionBudget"} <= set(kinds)
+    assert "Secret" not in kinds
+    (pod,) = _pods(documents)
+    assert pod["automountServiceAccountToken"] is False
+    (init,) = pod["initContainers"]
+    assert init["args"][:3] == ["await-model", "--model", "/var/lib/medsplit/state/model.onnx"]
+    container = pod["containers"][0]
+    context = container["securityContext"]
+    assert context["readOnlyRootFilesystem"] is True and context["runAsNonRoot"] is True
+    assert context["capabilities"] == {"drop": ["ALL"]}
+    state = next(v for v in pod["volumes"] if v["name"] == "state")
+    assert state["persistentVolumeClaim"] == {
+        "claimName": "hospital-a-medsplit-edge-state",
+        "readOnly": True,
+    }
+    assert container["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    args = container["args"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "grpc": 8081} and "--grpc-port=8081" in args
+    policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
+    assert policy["spec"]["egress"] == []  # the model is on the volume: nothing to fetch
+    if case == "defaults":
+        assert "--name=hospital-a-serve" in args and not any(a.startswith("--tls") for a in args)
+        assert "affinity" not in pod
+    if case == "agent's node, mutual TLS, metrics":
+        assert (
+            "--name=breast-mlp" in args and "--tls-client-ca=/etc/medsplit/serve-tls/ca.crt" in args
+        )
+        assert container["livenessProbe"]["httpGet"]["scheme"] == "HTTPS"
+        affinity = pod["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        assert (
+            affinity[0]["labelSelector"]["matchLabels"]["app.kubernetes.io/instance"]
+            == "hospital-a"
+        )
+        (endpoint,) = next(d for d in documents if d["kind"] == "ServiceMonitor")["spec"][
+            "endpoints"
+        ]
+        assert endpoint["tlsConfig"]["keySecret"] == {"name": "prometheus-client", "key": "tls.key"}
+    if case == "gpu, own registry":
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--device=cuda" in args
+        assert container["image"].startswith("registry.hospital.example/medsplit-edge:")
+
+
+@pytest.mark.parametrize(
+    ("chart", "values", "says"),
+    [
+        (SERVE_CHART, {}, "model.existingClaim is required"),
+        (
+            SERVE_CHART,
+            {"model": {"existingClaim": "c"}, "tls": {"clientCertificates": True}},
+            "tls.clientCertificates needs tls.existingSecret",
+        ),
+        (
+            EDGE_CHART,
+            {"data": {"hostPath": "/srv"}, "httpSecurity": {"clientCertificates": True}},
+            "httpSecurity.clientCertificates needs httpSecurity.tlsSecret",
+        ),
+    ],
+)
+def test_settings_that_cannot_work_fail_the_render(
+    kit: Path, chart: Path, values: dict[str, Any], says: str
+) -> None:
+    base = _values(kit, "hospital-a") if chart == EDGE_CHART else {}
+    with pytest.raises(Exception, match=re.escape(says)):
+        helm.Chart.load(str(chart)).render(_merge(base, values), name="r", namespace="medsplit")
 
 
 def test_provision_helm_from_the_command_line(

@@ -21,6 +21,7 @@
 {{- $_ := set $security "roster_file" "/etc/medsplit/revocations/roster.json" -}}
 {{- end -}}
 {{- $_ := set $job "security" (merge $security (default dict $job.security)) -}}
-{{- $_ := set $job "http" (dict "host" "0.0.0.0" "port" .Values.aggregator.httpPort "ready_cert_days" .Values.aggregator.readyCertDays) -}}
+{{- $http := dict "host" "0.0.0.0" "port" .Values.aggregator.httpPort "ready_cert_days" .Values.aggregator.readyCertDays -}}
+{{- $_ := set $job "http" (merge $http (include "medsplit.httpSecurityConfig" . | fromYaml)) -}}
 {{- toYaml $job -}}
 {{- end -}}

@@ -20,6 +20,7 @@
 {{- $_ := set $site "data" $data -}}
 {{- $_ := set $site "device" (ternary "cuda" "cpu" .Values.gpu.enabled) -}}
 {{- $_ := set $site "state" (dict "dir" "/var/lib/medsplit/state") -}}
-{{- $_ := set $site "http" (dict "host" "0.0.0.0" "port" .Values.httpPort "ready_cert_days" .Values.readyCertDays) -}}
+{{- $http := dict "host" "0.0.0.0" "port" .Values.httpPort "ready_cert_days" .Values.readyCertDays -}}
+{{- $_ := set $site "http" (merge $http (include "medsplit.httpSecurityConfig" . | fromYaml)) -}}
 {{- toYaml $site -}}
 {{- end -}}

@@ -1,5 +1,5 @@
-{{/* Names, labels, images, probes: after Bitnami's common chart. The same file in medsplit-aggregator
-     and medsplit-edge (tests/unit/test_helm_charts.py keeps the two identical). */}}
+{{/* Names, labels, images, probes: after Bitnami's common chart, shared by every medsplit chart
+     through this library chart (a dependency of each). */}}
 {{- define "medsplit.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
