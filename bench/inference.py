@@ -1,4 +1,5 @@
-"""Inference: onnxruntime against torch eager for the same weights, and the HTTP service.
+"""Inference: onnxruntime against torch eager for the same weights, the HTTP service, and the
+Open Inference Protocol against KServe's ModelServer (``bench/inference_protocol.py``).
 
     python bench/inference.py [--write-docs] [--quick]
 
@@ -13,7 +14,6 @@ resizing, onnxruntime, JSON answer), next to the same decoding and inference don
 
 from __future__ import annotations
 
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import httpx
 
 from bench._report import bench_main, machine
+from bench.inference_protocol import HEADER as PROTOCOL_HEADER
+from bench.inference_protocol import MODELS as PLANS_OIP
+from bench.inference_protocol import protocol_rows, timed
 from edge_agent.data.dicom import Preprocessing
 from edge_agent.data.dicom_synth import synthesize_site
 from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
@@ -39,6 +42,7 @@ from edge_agent.model_card import ModelCard
 from edge_agent.serving.predictor import Predictor
 from models import load_plan
 from models.onnx_export import export_onnx
+from tests.support.serve_process import free_port
 
 PLANS = {
     "mlp (EHR, 30 features)": "mlp-ehr",
@@ -73,12 +77,7 @@ def _export(plan_name: str, out: Path) -> tuple[torch.nn.Module, Path]:
 def _latencies(call: Callable[[], object], repeats: int) -> list[float]:
     for _ in range(max(10, repeats // 10)):  # warm up
         call()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return times
+    return timed(call, repeats)
 
 
 def _p(times: list[float], q: float) -> float:
@@ -129,15 +128,8 @@ def runtime_rows(out: Path, quick: bool) -> list[str]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _start_server(model: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -147,6 +139,7 @@ def _start_server(model: Path) -> tuple[subprocess.Popen[bytes], str]:
         str(model),
         "--port",
         str(port),
+        "--no-grpc",
     ]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
@@ -214,6 +207,9 @@ def run(quick: bool) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         runtime = runtime_rows(Path(tmp), quick)
         http = http_rows(Path(tmp), quick)
+        exported = {label: _export(PLANS_OIP[label], Path(tmp))[1] for label in PLANS_OIP}
+        shapes = {label: load_plan(PLANS_OIP[label]).model.input_shape for label in PLANS_OIP}
+        protocol = protocol_rows(exported, shapes, THREADS, quick)
     return "\n".join(
         [
             f"Latency (ms, p50 / p99) at batch 1 and throughput (samples/s) at batch 32, {THREADS} threads each:",
@@ -227,6 +223,9 @@ def run(quick: bool) -> str:
             "| DICOM source | in-process decode + inference | HTTP, 1 client | HTTP, 4 clients | 1 client / in-process | 4 clients / in-process |",
             "|---|---|---|---|---|---|",
             *http,
+            "",
+            *PROTOCOL_HEADER,
+            *protocol,
         ]
     )
 

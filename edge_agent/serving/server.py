@@ -4,6 +4,7 @@ Protocol's gRPC on grpcio (``--grpc-port``, 8081), one model and one set of TLS 
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 import time
@@ -112,7 +113,11 @@ def build_service(options: ServeOptions) -> Service:
 
 def serve(options: ServeOptions, sock: socket.socket | None = None) -> None:
     """Serve until interrupted; ``sock`` is an already bound socket (tests bind port 0)."""
-    build_service(options).run(sockets=[sock] if sock is not None else None)
+    service = build_service(options)
+    # Everything loaded so far (torch, onnxruntime, the app) lives as long as the process: out
+    # of the garbage collector's sight, its full collections stay short (the p99 of requests).
+    gc.freeze()
+    service.run(sockets=[sock] if sock is not None else None)
 
 
 def await_model(path: Path, timeout_s: float = 0, every_s: float = 30.0) -> Predictor:
