@@ -15,7 +15,6 @@ resizing, onnxruntime, JSON answer), next to the same decoding and inference don
 from __future__ import annotations
 
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,7 +41,7 @@ from edge_agent.model_card import ModelCard
 from edge_agent.serving.predictor import Predictor
 from models import load_plan
 from models.onnx_export import export_onnx
-from tests.support.serve_process import free_port
+from tests.support.serve_process import serve_process
 
 PLANS = {
     "mlp (EHR, 30 features)": "mlp-ehr",
@@ -128,31 +127,6 @@ def runtime_rows(out: Path, quick: bool) -> list[str]:
     return rows
 
 
-def _start_server(model: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "medsplit",
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--no-grpc",
-    ]
-    process = subprocess.Popen(command, stderr=subprocess.DEVNULL)
-    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("medsplit serve did not start") from None
-            time.sleep(0.1)
-
-
 def _http_rate(url: str, body: bytes, requests: int, clients: int) -> float:
     """Requests per second of ``clients`` threads posting ``body`` to /predict."""
     per_client = max(1, requests // clients)
@@ -178,9 +152,9 @@ def _http_rate(url: str, body: bytes, requests: int, clients: int) -> float:
 def http_rows(out: Path, quick: bool) -> list[str]:
     _, model = _export("cnn-cxr", out)
     predictor = Predictor(model, threads=THREADS)
-    process, url = _start_server(model)
     rows = []
-    try:
+    with serve_process(model, "--no-grpc") as up:
+        url = up.url
         for size in (64, 512):
             folder = synthesize_site(out / f"dicom-{size}", 0, 4, seed=0, size=size)
             body = sorted(folder.glob("*.dcm"))[0].read_bytes()
@@ -197,9 +171,6 @@ def http_rows(out: Path, quick: bool) -> list[str]:
                 f"| {concurrent:,.0f} | {sequential / local:.2f}x | {concurrent / local:.2f}x |"
             )
             print(rows[-1], flush=True)
-    finally:
-        process.terminate()
-        process.wait(10)
     return rows
 
 

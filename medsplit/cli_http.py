@@ -55,14 +55,21 @@ def _default_url(path: str) -> str:
     return f"{scheme}://127.0.0.1:{os.environ.get('MEDSPLIT_HTTP__PORT', '8080')}{path}"
 
 
-def _probe_context(url: str) -> ssl.SSLContext | None:
-    """A probe asks its own process over loopback whether it is ready, as the kubelet does: it
-    checks no certificate (the name is 127.0.0.1, not the certificate's)."""
+def _probe_context(url: str, pinned: str | None) -> ssl.SSLContext | None:
+    """A probe asks its own process over loopback whether it is ready. The address is
+    127.0.0.1, not a name in the certificate, so the certificate is pinned instead: the server
+    must show exactly ``pinned`` (``--cert-file``, else the process's own
+    ``MEDSPLIT_HTTP__TLS_CERT``), verified as a trust anchor of its own."""
     if not url.startswith("https://"):
         return None
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    pinned = pinned or os.environ.get("MEDSPLIT_HTTP__TLS_CERT")
+    if not pinned:
+        raise ConfigError(
+            "probe", [("--cert-file", "an https URL needs the server's certificate to pin")]
+        )
+    context = ssl.create_default_context(cafile=pinned)
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN  # the leaf itself is the anchor
+    context.check_hostname = False  # 127.0.0.1: the pinned certificate stands for the name
     return context
 
 
@@ -80,7 +87,12 @@ def _client_context(args: argparse.Namespace) -> ssl.SSLContext | None:
 def cmd_probe(args: argparse.Namespace) -> int:
     url = args.url or _default_url("/readyz")
     try:
-        code, body = get_json(url, args.timeout, context=_probe_context(url))
+        context = _probe_context(url, args.cert_file)
+    except (ConfigError, OSError) as exc:  # no certificate to pin, or not a readable PEM
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        code, body = get_json(url, args.timeout, context=context)
     except Unanswered as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -185,6 +197,11 @@ def add_http_commands(commands: Any) -> None:
         "--url", help="default: http://127.0.0.1:$MEDSPLIT_HTTP__PORT/readyz (port 8080)"
     )
     probe.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    probe.add_argument(
+        "--cert-file",
+        help="HTTPS: the certificate the process serves, pinned (default: "
+        "$MEDSPLIT_HTTP__TLS_CERT)",
+    )
     probe.set_defaults(func=cmd_probe)
     status = commands.add_parser(
         "status", help="what a running aggregator says of its job, as a table (its /status)"

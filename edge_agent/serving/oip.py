@@ -66,11 +66,11 @@ class ServedModel:
         return "dicom" if isinstance(self.predictor.card.data.input, ImageInput) else "record"
 
     @property
-    def classes(self) -> int:
+    def class_count(self) -> int:
         return len(self.predictor.classes)
 
     def metadata(self) -> dict[str, Any]:
-        shape, classes = list(self.predictor.card.input_shape), self.classes
+        shape, classes = list(self.predictor.card.input_shape), self.class_count
         return {
             "name": self.name,
             "versions": [VERSION],
@@ -105,10 +105,10 @@ class ServedModel:
             raise ProtocolError(400, str(exc)) from None
         wanted = _requested(request.get("outputs"), request.get("parameters"))
         logits = self.predictor.logits(batch)
-        results = {"logits": logits, "probabilities": softmax(logits)}
         outputs, data = [], []
         for name, in_binary in wanted:
-            values = np.ascontiguousarray(results[name], dtype="<f4")
+            result = logits if name == "logits" else softmax(logits)
+            values = np.ascontiguousarray(result, dtype="<f4")
             output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
             if in_binary:
                 data.append(values.tobytes())

@@ -70,7 +70,7 @@ def triton_config(model: ServedModel) -> Any:
     config.input.add(
         name=INPUT_NAME, data_type=triton.TYPE_FP32, dims=list(model.predictor.card.input_shape)
     )
-    config.output.add(name=OUTPUT_NAME, data_type=triton.TYPE_FP32, dims=[model.classes])
+    config.output.add(name=OUTPUT_NAME, data_type=triton.TYPE_FP32, dims=[model.class_count])
     for key, value in card_parameters(model.predictor).items():
         config.parameters[key].string_value = value
     return config

@@ -37,6 +37,7 @@ from medsplit.transport import MemoryBroker
 from medsplit.wiring import memory_connector
 from tests.support.certs import CertificateAuthority
 from tests.support.configs import job_config
+from tests.support.serve_process import serve_process
 
 CNN = {"name": "cnn", "args": {"image_size": 32, "channels": [8, 16], "hidden": 32}}
 PREPROCESSING = Preprocessing(size=32, mean=0.3, std=0.25)
@@ -375,30 +376,10 @@ def test_inference_clients_can_be_required_to_present_a_certificate(
 def test_the_serve_command_runs_uvicorn_and_refuses_what_it_cannot_serve(
     table_site: Path, tmp_path: Path
 ) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [sys.executable, "-m", "medsplit", "serve", "--model", str(table_site / "model.onnx")]
-    command += ["--port", str(port), "--no-grpc"]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    try:
-        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stderr.read() if process.stderr else ""
-            try:
-                if httpx.get(f"{url}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "medsplit serve did not come up"
-                time.sleep(0.1)
-        answer = httpx.post(f"{url}/predict", json={"features": [0.0] * 30})
-        assert answer.status_code == 200 and set(answer.json()["probabilities"]) == {
-            "malignant",
-            "benign",
-        }
-    finally:
-        process.terminate()
-        process.wait(10)
+    with serve_process(table_site / "model.onnx") as up:
+        answer = httpx.post(f"{up.url}/predict", json={"features": [0.0] * 30})
+    assert answer.status_code == 200
+    assert set(answer.json()["probabilities"]) == {"malignant", "benign"}
     (tmp_path / "plain.onnx").write_bytes(b"not onnx")
     for model, message in [("none.onnx", "no such model file"), ("plain.onnx", "cannot load it")]:
         refused = subprocess.run(

@@ -69,7 +69,10 @@ def test_a_token_opens_the_page_status_and_metrics_and_the_probes_stay_open(
             assert browser.get("/status").json()["job_id"] == "j-1"  # the page's own fetch
 
 
-def test_https_with_client_certificates_and_open_probes(tmp_path: Path, token_file: Path) -> None:
+def test_https_with_client_certificates_and_open_probes(
+    tmp_path: Path, token_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MEDSPLIT_HTTP__TLS_CERT", raising=False)  # the probe pins what it is told
     ca = CertificateAuthority(tmp_path)
     server_id, client_id = ca.issue("localhost", server=True), ca.issue("monitoring")
     other = CertificateAuthority(tmp_path / "other", "someone else's CA").issue("intruder")
@@ -99,7 +102,10 @@ def test_https_with_client_certificates_and_open_probes(tmp_path: Path, token_fi
         with pytest.raises(httpx.TransportError):  # plaintext to the TLS port
             httpx.get(base.replace("https://", "http://") + "/healthz")
         port = base.rsplit(":", 1)[1]
-        assert main(["probe", "--url", f"https://127.0.0.1:{port}/readyz"]) == 0
+        probe = ["probe", "--url", f"https://127.0.0.1:{port}/readyz"]
+        assert main([*probe, "--cert-file", str(server_id.cert)]) == 0  # its own, pinned
+        assert main([*probe, "--cert-file", str(client_id.cert)]) == 1  # another: no handshake
+        assert main(probe) == 2  # nothing to pin
         status = ["status", "--url", base, "--ca-file", str(ca.ca_file)]
         assert main([*status, "--cert", str(client_id.cert), "--key", str(client_id.key)]) == 0
         assert main([*status, "--token-file", str(token_file)]) == 0
