@@ -24,7 +24,7 @@ from pydantic import (
     field_validator,
 )
 
-from edge_agent.data.settings import BuiltinData, CsvData, DicomData
+from edge_agent.data.settings import BuiltinData, CsvData, DicomData, DicomWebData
 from medsplit.config import BrokerConfig, DeviceChoice, FileSettings, WaitSettings
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, RESERVED_IDS
@@ -42,6 +42,7 @@ def _data_source(value: Any) -> str:
 SiteDataConfig = Annotated[
     Annotated[BuiltinData, Tag("builtin")]
     | Annotated[DicomData, Tag("dicom")]
+    | Annotated[DicomWebData, Tag("dicomweb")]
     | Annotated[CsvData, Tag("csv")],
     Discriminator(_data_source),
 ]

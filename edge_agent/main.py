@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
+from typing import Any
 
 from edge_agent.agent import Agent, ForeignCode, NotInJob
 from edge_agent.config import SiteConfig
 from edge_agent.data import datasets
 from edge_agent.data.csv_source import load_csv_site
 from edge_agent.data.datasets import SiteData
-from edge_agent.data.dicom_source import load_dicom_site
-from edge_agent.data.settings import CsvData, DicomData
+from edge_agent.data.dicom_source import load_dicom_site, load_dicomweb_site
+from edge_agent.data.settings import CsvData, DicomData, DicomWebData
+from edge_agent.data.site_data import LoadSummary
 from edge_agent.observability import AgentCollector
 from edge_agent.sealing import SiteSealing
 from medsplit.devices import pick_device
@@ -30,13 +33,18 @@ EXIT_NOT_IN_JOB = 2
 EXIT_FOREIGN_CODE = 3  # the job spec names a model factory site.yaml's models.allow does not
 
 
+_LOADERS: dict[type, Callable[[Any], tuple[SiteData, LoadSummary]]] = {
+    DicomData: load_dicom_site,
+    DicomWebData: load_dicomweb_site,
+    CsvData: load_csv_site,
+}
+
+
 def load_data(config: SiteConfig) -> SiteData:
-    """The site's training data: a DICOM folder, an EHR table, or a built-in dataset's share."""
+    """The site's training data: a DICOM folder or PACS, an EHR table, or a built-in share."""
     spec = config.data
-    if isinstance(spec, DicomData | CsvData):
-        data, summary = (
-            load_dicom_site(spec) if isinstance(spec, DicomData) else load_csv_site(spec)
-        )
+    if isinstance(spec, DicomData | DicomWebData | CsvData):
+        data, summary = _LOADERS[type(spec)](spec)
         log.info("%s: %s", config.site_id, summary.describe())
         for problem in summary.problems:  # file names stay in this site's own log
             log.warning("%s: skipped %s", config.site_id, problem)

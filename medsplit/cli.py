@@ -216,6 +216,25 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    """Load a site's data as its agent would, and say what came of it, without joining a job:
+    bad input found before the job starts, and a PACS's studies retrieved ahead of time."""
+    from edge_agent.config import SiteConfig
+    from edge_agent.data.site_data import DataError
+    from edge_agent.main import load_data
+
+    try:
+        config = SiteConfig.from_yaml(args.config)
+        data = load_data(config)
+    except (DataError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    test = len(data.y_test)
+    shape = list(data.x_train.shape[1:])
+    print(f"{config.site_id}: {data.train_samples} training and {test} test samples, input {shape}")
+    return 0
+
+
 def _sums_from_json(path: Path) -> Any:
 
     import torch
@@ -481,6 +500,12 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--config", help="site YAML with a csv data source: print its sums")
     which.add_argument("--combine", nargs="+", metavar="SUMS.json", help="combine sites' sums")
     stats.set_defaults(func=_cmd_data_stats)
+    check = commands.add_parser(
+        "data-check",
+        help="load a site's data as its agent would (retrieving from its PACS) and summarise it",
+    )
+    check.add_argument("--config", required=True, help="the site's YAML")
+    check.set_defaults(func=_cmd_data_check)
     _add_provision_command(commands)
     _add_model_commands(commands)
     add_http_commands(commands)

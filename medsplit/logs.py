@@ -16,7 +16,8 @@ from typing import Literal
 
 LogFormat = Literal["text", "json"]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-QUIET = ("medsplit.transport.paho", "amqtt", "transitions")  # their INFO is noise to a reader
+# Their INFO is noise to a reader (dicomweb_client's names every instance it retrieves).
+QUIET = ("medsplit.transport.paho", "amqtt", "transitions", "dicomweb_client")
 
 
 class JsonFormatter(logging.Formatter):

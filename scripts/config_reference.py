@@ -114,7 +114,8 @@ def render() -> str:
                 + "\n"
             )
     parts.append(
-        "The `data` section of a site takes one of three sources (`builtin`, `dicom`, `csv`); "
+        "The `data` section of a site takes one of four sources (`builtin`, `dicomweb`, `dicom`, "
+        "`csv`); "
         "each is documented field by field in [data](data.md).\n"
     )
     return "\n".join(parts)

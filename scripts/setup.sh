@@ -42,8 +42,8 @@ else
 fi
 
 # Debian packages the tests use: Mosquitto (the broker), dicom3tools (dciodvfy checks the DICOM
-# that `medsplit dicom-synth` writes), Chromium and its driver (the status page is tested in a
-# real headless browser).
+# that `medsplit dicom-synth` writes), Orthanc and its DICOMweb plugin (a real PACS), Chromium
+# and its driver (the status page is tested in a real headless browser).
 apt_install() {
     if command -v apt-get >/dev/null 2>&1; then
         sudo=""
@@ -64,6 +64,10 @@ find_mosquitto() {
 missing=""
 if [ -z "$(find_mosquitto)" ]; then missing="mosquitto"; fi
 if ! command -v dciodvfy >/dev/null 2>&1; then missing="$missing dicom3tools"; fi
+# Orthanc with its DICOMweb plugin: the PACS the DICOMweb tests and benchmark read studies from.
+if [ ! -x /usr/sbin/Orthanc ] || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+    missing="$missing orthanc orthanc-dicomweb"
+fi
 if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     missing="$missing chromium chromium-driver"
 fi

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from experiments.orthanc import Orthanc
 from medsplit.brokers.mosquitto import Mosquitto
 from tests.support.image_build import ImageBuild
 
@@ -36,3 +37,12 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
     broker = Mosquitto(Path(tmp_path_factory.mktemp("mosquitto"))).start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """One real Orthanc PACS with its DICOMweb plugin for the session, on a free loopback port;
+    tests upload studies of their own (fresh UIDs), so they never see each other's."""
+    pacs = Orthanc(Path(tmp_path_factory.mktemp("orthanc"))).start()
+    yield pacs
+    pacs.stop()

@@ -30,7 +30,8 @@ from edge_agent.data.dicom import (
 )
 from edge_agent.data.image_cache import ImageCache
 from edge_agent.data.inputs import DataCard, ImageInput
-from edge_agent.data.settings import DicomData
+from edge_agent.data.pacs import retrieve_labelled
+from edge_agent.data.settings import DicomData, DicomWebData, LabelledImages
 from edge_agent.data.site_data import (
     Collector,
     DataError,
@@ -41,7 +42,7 @@ from edge_agent.data.site_data import (
 )
 
 
-def read_labels(config: DicomData) -> dict[str, str]:
+def read_labels(config: DicomData | DicomWebData) -> dict[str, str]:
     """Key -> label value from the labels CSV, validated row by row."""
     path = config.labels_path
     key_column = config.key_column or config.key
@@ -78,7 +79,27 @@ def load_dicom_site(config: DicomData) -> tuple[SiteData, LoadSummary]:
     return _patient_split(x, y, patients, config), summary
 
 
-def with_site_range(config: DicomData) -> DicomData:
+def load_dicomweb_site(config: DicomWebData) -> tuple[SiteData, LoadSummary]:
+    """Retrieve one site's labelled instances from its PACS, then load them as a folder."""
+    labels = read_labels(config)
+    summary = LoadSummary()
+    retrieval = retrieve_labelled(config, labels, Collector(config.on_bad_input, summary))
+    summary.retrieval = retrieval.describe()
+    mirror = DicomData(
+        folder=config.cache_dir / "instances",
+        labels=config.labels,
+        key="sop_instance_uid",
+        cache_dir=config.cache_dir / "decoded",
+        **config.model_dump(include=set(LabelledImages.model_fields)),
+    )
+    files = sorted(retrieval.files.values())
+    mirror = with_site_range(mirror, files)
+    kept = {uid: labels[uid] for uid in retrieval.files}
+    x, y, patients, summary = load_dicom_folder(mirror, files=files, labels=kept, summary=summary)
+    return _patient_split(x, y, patients, mirror), summary
+
+
+def with_site_range(config: DicomData, files: list[Path] | None = None) -> DicomData:
     """``config`` with its preprocessing's ``range`` fixed from this site's own images.
 
     Needed for files without a stored window (or all files, with ``window: auto``); the range
@@ -89,7 +110,7 @@ def with_site_range(config: DicomData) -> DicomData:
     if pre.range is not None or isinstance(pre.window, tuple):
         return config
     samples = []
-    for path in _candidate_files(config):
+    for path in _candidate_files(config) if files is None else files:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
             if pre.window != "auto" and has_window(header):
@@ -105,16 +126,23 @@ def with_site_range(config: DicomData) -> DicomData:
 
 def load_dicom_folder(
     config: DicomData,
+    *,
+    files: list[Path] | None = None,
+    labels: dict[str, str] | None = None,
+    summary: LoadSummary | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[str], LoadSummary]:
-    """Decode, label and validate a DICOM folder: images, labels and patients, in file order."""
+    """Decode, label and validate a DICOM folder: images, labels and patients, in file order.
+
+    ``files`` and ``labels`` default to every file in the folder and the folder's table.
+    """
     if not config.folder.is_dir():
         raise DataError(f"{config.folder}: not a folder")
-    labels = read_labels(config)
-    summary = LoadSummary()
+    labels = read_labels(config) if labels is None else labels
+    summary = LoadSummary() if summary is None else summary
     collect = Collector(config.on_bad_input, summary)
     images, targets, patients, seen = [], [], [], set()
     cache = None if config.cache_dir is None else ImageCache(config.cache_dir, config.preprocessing)
-    for path in _candidate_files(config):
+    for path in _candidate_files(config) if files is None else files:
         relative = path.relative_to(config.folder).as_posix()
         try:
             # Keyed by file name, an unlabelled file is not read at all.

@@ -46,15 +46,11 @@ class Preprocessing(BaseModel):
 Key = Literal["file", "sop_instance_uid", "patient_id"]
 
 
-class DicomData(BaseModel):
-    """A site's ``data`` section for DICOM images. See docs/data.md."""
+class LabelledImages(BaseModel):
+    """What every image source shares: the label table's columns, the classes, the decoding."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: Literal["dicom"] = "dicom"
-    folder: Path
-    labels: Path | None = Field(None, description="default: FOLDER/labels.csv")
-    key: Key = Field("file", description="what the key column holds")
     key_column: str | None = Field(None, description="default: the key's name")
     label_column: str = "label"
     classes: list[str] = Field(min_length=2, description="label values, in class-index order")
@@ -62,19 +58,83 @@ class DicomData(BaseModel):
     on_bad_input: Literal["skip", "fail"] = "fail"
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
-    cache_dir: Path | None = Field(
-        None, description="keep decoded images here (on the site) to skip decoding on restart"
-    )
 
     @model_validator(mode="after")
-    def _distinct_classes(self) -> DicomData:
+    def _distinct_classes(self) -> LabelledImages:
         if len(set(self.classes)) != len(self.classes):
             raise ValueError(f"classes: values must be distinct, got {self.classes}")
         return self
 
+
+class DicomData(LabelledImages):
+    """A site's ``data`` section for DICOM images. See docs/data.md."""
+
+    source: Literal["dicom"] = "dicom"
+    folder: Path
+    labels: Path | None = Field(None, description="default: FOLDER/labels.csv")
+    key: Key = Field("file", description="what the key column holds")
+    cache_dir: Path | None = Field(
+        None, description="keep decoded images here (on the site) to skip decoding on restart"
+    )
+
     @property
     def labels_path(self) -> Path:
         return self.labels or self.folder / "labels.csv"
+
+
+class PacsAuth(BaseModel):
+    """How the agent proves itself to the PACS: a bearer token, a user and password, and/or a
+    client certificate; secrets are read from files (a mounted Secret), never written inline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_file: Path | None = Field(None, description="a file holding a bearer token")
+    username: str | None = Field(None, description="HTTP basic authentication's user")
+    password_file: Path | None = Field(None, description="a file holding that user's password")
+    cert_file: Path | None = Field(None, description="client certificate (PEM) for mutual TLS")
+    key_file: Path | None = Field(None, description="its private key (PEM)")
+    ca_file: Path | None = Field(
+        None, description="CA bundle that signed the PACS's certificate; default: the system's"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> PacsAuth:
+        if (self.username is None) != (self.password_file is None):
+            raise ValueError("username and password_file go together: give both or neither")
+        if self.token_file is not None and self.username is not None:
+            raise ValueError("give token_file or username/password_file, not both")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+
+class DicomWebData(LabelledImages):
+    """A site's ``data`` section for images in its PACS, read over DICOMweb. See docs/data.md."""
+
+    source: Literal["dicomweb"] = "dicomweb"
+    url: str = Field(
+        pattern=r"^https?://\S+$",
+        description="the PACS's DICOMweb root, e.g. https://pacs.example.org/dicom-web",
+    )
+    labels: Path = Field(description="the labels table, keyed by SOP Instance UID")
+    key: Literal["sop_instance_uid"] = Field(
+        "sop_instance_uid", description="what the key column holds"
+    )
+    auth: PacsAuth = PacsAuth()
+    cache_dir: Path = Field(
+        description="where retrieved instances and decoded images are kept, on the site's disk"
+    )
+    timeout_s: float = Field(60.0, gt=0, description="per request to the PACS")
+    retries: int = Field(
+        3, ge=0, description="per request, on connection errors and 408/429/502/503/504"
+    )
+    query_batch: int = Field(
+        40, ge=1, le=200, description="UIDs matched per QIDO-RS query (a list of UIDs)"
+    )
+
+    @property
+    def labels_path(self) -> Path:
+        return self.labels
 
 
 class Normalization(BaseModel):

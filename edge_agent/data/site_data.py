@@ -66,9 +66,12 @@ class LoadSummary:
     skipped: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)  # with file names: for the local log only
     intensity: Intensity | None = None  # images only
+    retrieval: str | None = None  # from a PACS: what was retrieved, what was on disk already
 
     def describe(self) -> str:
         parts = [f"{self.loaded} images of {self.patients} patients loaded"]
+        if self.retrieval is not None:
+            parts.append(self.retrieval)
         if self.intensity is not None:
             parts.append(self.intensity.describe())
         parts += [f"{count} skipped: {reason}" for reason, count in sorted(self.skipped.items())]

@@ -24,9 +24,11 @@ class CertificateAuthority:
         self._ca = pki.CertificateAuthority.create(folder / "ca", name, validity_days=2)
         self.ca_file = self._ca.cert_path
 
-    def issue(self, common_name: str, *, server: bool = False) -> Identity:
+    def issue(
+        self, common_name: str, *, server: bool = False, hosts: tuple[str, ...] = ("localhost",)
+    ) -> Identity:
         role: pki.Role = "broker" if server else "site"
-        hosts = ("localhost",) if server else ()
+        hosts = hosts if server else ()
         key, cert = self._ca.issue(common_name, role, validity_days=1, hosts=hosts)
         cert_path, key_path = self.folder / f"{common_name}.pem", self.folder / f"{common_name}.key"
         cert_path.write_bytes(cert)

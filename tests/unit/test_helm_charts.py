@@ -118,6 +118,25 @@ EDGE_SETS = {
         "data": {"existingClaim": "ehr", "config": {"source": "csv", "path": "table.csv"}},
         "persistence": {"existingClaim": "state"},
     },
+    "a PACS over DICOMweb": {
+        "data": {
+            "hostPath": "/srv/labels",
+            "config": {
+                "source": "dicomweb",
+                "url": "https://pacs.hospital-a.example/dicom-web",
+                "labels": "labels.csv",
+                "classes": ["normal", "lesion"],
+                "auth": {"username": "medsplit"},
+            },
+            "pacs": {
+                "existingSecret": "pacs-credentials",
+                "password": True,
+                "clientCertificate": True,
+                "ca": True,
+                "cidrs": ["10.20.0.15/32"],
+            },
+        },
+    },
     "metrics on, network policy off": {
         "data": {"hostPath": "/srv/pacs-export"},
         "metrics": {"serviceMonitor": {"enabled": True}},
@@ -257,11 +276,40 @@ def test_the_edge_chart_renders_valid_hardened_manifests(kit: Path, case: str) -
     else:
         assert gpu is None
         assert site["device"] == "cpu"
+    if case == "a PACS over DICOMweb":
+        _assert_reads_its_pacs(site, pod, documents)
     if case == "existing claims, csv":
         volume = next(v for v in pod["volumes"] if v["name"] == "data")
         assert volume["persistentVolumeClaim"] == {"claimName": "ehr", "readOnly": True}
         assert site["data"]["path"] == "/data/table.csv"
         assert "PersistentVolumeClaim" not in kinds
+
+
+def _assert_reads_its_pacs(
+    site: dict[str, Any], pod: dict[str, Any], documents: list[dict[str, Any]]
+) -> None:
+    """The PACS's credentials come from the named Secret's files, its cache lives on the state
+    volume, the network policy lets the agent reach the PACS and the agent accepts the config."""
+    data = site["data"]
+    assert data["labels"] == "/data/labels.csv"
+    assert data["cache_dir"] == "/var/lib/medsplit/pacs-cache"
+    assert data["auth"] == {
+        "username": "medsplit",
+        "password_file": "/etc/medsplit/pacs/password",
+        "cert_file": "/etc/medsplit/pacs/tls.crt",
+        "key_file": "/etc/medsplit/pacs/tls.key",
+        "ca_file": "/etc/medsplit/pacs/ca.crt",
+    }
+    volume = next(v for v in pod["volumes"] if v["name"] == "pacs")
+    assert volume["secret"]["secretName"] == "pacs-credentials"
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "pacs")
+    assert mount == {"name": "pacs", "mountPath": "/etc/medsplit/pacs", "readOnly": True}
+    policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
+    assert {
+        "ports": [{"port": 443, "protocol": "TCP"}],
+        "to": [{"ipBlock": {"cidr": "10.20.0.15/32"}}],
+    } in policy["spec"]["egress"]
+    SiteConfig.from_mapping({**site, "broker": {"url": "mqtt://localhost:1883"}}, "chart site.yaml")
 
 
 @pytest.mark.parametrize(
@@ -491,6 +539,22 @@ def test_the_serving_chart_renders_valid_hardened_manifests(case: str) -> None:
             EDGE_CHART,
             {"data": {"hostPath": "/srv"}, "httpSecurity": {"clientCertificates": True}},
             "httpSecurity.clientCertificates needs httpSecurity.tlsSecret",
+        ),
+        (
+            EDGE_CHART,
+            {
+                "data": {
+                    "hostPath": "/srv",
+                    "config": {"source": "dicomweb", "labels": "l.csv"},
+                    "pacs": {"token": True},
+                }
+            },
+            "data.pacs.existingSecret is required",
+        ),
+        (
+            EDGE_CHART,
+            {"data": {"hostPath": "/srv", "config": {"source": "dicomweb"}}},
+            "data.config.labels is required for a PACS",
         ),
     ],
 )

@@ -16,6 +16,10 @@
 {{- $_ := set $data "folder" "/data" -}}
 {{- else if eq $data.source "csv" -}}
 {{- $_ := set $data "path" (printf "/data/%s" (required "data.config.path is required for a CSV table (relative to the data folder)" $data.path)) -}}
+{{- else if eq $data.source "dicomweb" -}}
+{{- $_ := set $data "labels" (printf "/data/%s" (required "data.config.labels is required for a PACS: its labels table (relative to the data folder)" $data.labels)) -}}
+{{- $_ := set $data "cache_dir" "/var/lib/medsplit/pacs-cache" -}}
+{{- $_ := set $data "auth" (merge (include "medsplit.pacsAuth" . | fromYaml) (default dict $data.auth)) -}}
 {{- end -}}
 {{- $_ := set $site "data" $data -}}
 {{- $_ := set $site "device" (ternary "cuda" "cpu" .Values.gpu.enabled) -}}
@@ -23,4 +27,25 @@
 {{- $http := dict "host" "0.0.0.0" "port" .Values.httpPort "ready_cert_days" .Values.readyCertDays -}}
 {{- $_ := set $site "http" (merge $http (include "medsplit.httpSecurityConfig" . | fromYaml)) -}}
 {{- toYaml $site -}}
+{{- end -}}
+
+{{/* The PACS credentials' files, from the keys data.pacs says its Secret holds. */}}
+{{- define "medsplit.pacsAuth" -}}
+{{- $pacs := .Values.data.pacs -}}
+{{- if and (or $pacs.token $pacs.password $pacs.clientCertificate $pacs.ca) (not $pacs.existingSecret) -}}
+{{- fail "data.pacs.existingSecret is required: the Secret holding the PACS credentials named in data.pacs" -}}
+{{- end -}}
+{{- if $pacs.token }}
+token_file: /etc/medsplit/pacs/token
+{{- end }}
+{{- if $pacs.password }}
+password_file: /etc/medsplit/pacs/password
+{{- end }}
+{{- if $pacs.clientCertificate }}
+cert_file: /etc/medsplit/pacs/tls.crt
+key_file: /etc/medsplit/pacs/tls.key
+{{- end }}
+{{- if $pacs.ca }}
+ca_file: /etc/medsplit/pacs/ca.crt
+{{- end }}
 {{- end -}}
