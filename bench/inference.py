@@ -161,7 +161,7 @@ def http_rows(out: Path, quick: bool) -> list[str]:
             requests = 40 if quick else 400
 
             def in_process(body: bytes = body) -> object:
-                return predictor.predict([predictor.from_dicom(body)])
+                return predictor.predict([predictor.from_file(body)])
 
             local = 1 / statistics.median(_latencies(in_process, requests))
             sequential = _http_rate(url, body, requests, 1)

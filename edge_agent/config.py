@@ -24,7 +24,13 @@ from pydantic import (
     field_validator,
 )
 
-from edge_agent.data.settings import BuiltinData, CsvData, DicomData, DicomWebData
+from edge_agent.data.settings import (
+    BuiltinData,
+    CsvData,
+    DicomData,
+    DicomWebData,
+    PictureData,
+)
 from medsplit.config import BrokerConfig, DeviceChoice, FileSettings, WaitSettings
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, RESERVED_IDS
@@ -43,6 +49,7 @@ SiteDataConfig = Annotated[
     Annotated[BuiltinData, Tag("builtin")]
     | Annotated[DicomData, Tag("dicom")]
     | Annotated[DicomWebData, Tag("dicomweb")]
+    | Annotated[PictureData, Tag("images")]
     | Annotated[CsvData, Tag("csv")],
     Discriminator(_data_source),
 ]

@@ -17,7 +17,8 @@ from edge_agent.data import datasets
 from edge_agent.data.csv_source import load_csv_site
 from edge_agent.data.datasets import SiteData
 from edge_agent.data.dicom_source import load_dicom_site, load_dicomweb_site
-from edge_agent.data.settings import CsvData, DicomData, DicomWebData
+from edge_agent.data.picture_source import load_picture_site
+from edge_agent.data.settings import CsvData, DicomData, DicomWebData, PictureData
 from edge_agent.data.site_data import LoadSummary
 from edge_agent.observability import AgentCollector
 from edge_agent.sealing import SiteSealing
@@ -36,6 +37,7 @@ EXIT_FOREIGN_CODE = 3  # the job spec names a model factory site.yaml's models.a
 _LOADERS: dict[type, Callable[[Any], tuple[SiteData, LoadSummary]]] = {
     DicomData: load_dicom_site,
     DicomWebData: load_dicomweb_site,
+    PictureData: load_picture_site,
     CsvData: load_csv_site,
 }
 
@@ -43,7 +45,7 @@ _LOADERS: dict[type, Callable[[Any], tuple[SiteData, LoadSummary]]] = {
 def load_data(config: SiteConfig) -> SiteData:
     """The site's training data: a DICOM folder or PACS, an EHR table, or a built-in share."""
     spec = config.data
-    if isinstance(spec, DicomData | DicomWebData | CsvData):
+    if isinstance(spec, DicomData | DicomWebData | PictureData | CsvData):
         data, summary = _LOADERS[type(spec)](spec)
         log.info("%s: %s", config.site_id, summary.describe())
         for problem in summary.problems:  # file names stay in this site's own log

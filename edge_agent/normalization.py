@@ -14,6 +14,7 @@ import dataclasses
 import torch
 
 from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
+from edge_agent.data.settings import Preprocessing
 from edge_agent.data.site_data import SiteData
 from medsplit.statistics import FeatureSums
 
@@ -53,6 +54,22 @@ def _apply(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, width: int) -
     return out
 
 
+def _fold_images(
+    pre: Preprocessing, mean: torch.Tensor, std: torch.Tensor, channels: int
+) -> Preprocessing:
+    """The same fold per channel: one value for a one-channel image, a list for RGB."""
+    m0, s0 = _per_channel(pre.mean, channels), _per_channel(pre.std, channels)
+    means = [a + float(m) * b for a, b, m in zip(m0, s0, mean[:channels], strict=True)]
+    stds = [b * float(s) for b, s in zip(s0, std[:channels], strict=True)]
+    if channels == 1:
+        return pre.model_copy(update={"mean": means[0], "std": stds[0]})
+    return pre.model_copy(update={"mean": means, "std": stds})
+
+
+def _per_channel(value: float | list[float], channels: int) -> list[float]:
+    return list(value) if isinstance(value, list) else [float(value)] * channels
+
+
 def _fold(card: DataCard, mean: torch.Tensor, std: torch.Tensor) -> DataCard:
     """The card whose encoding includes this normalisation: (x - m0)/s0 then (. - m)/s is
     x - (m0 + m*s0), divided by s0*s."""
@@ -65,13 +82,7 @@ def _fold(card: DataCard, mean: torch.Tensor, std: torch.Tensor) -> DataCard:
             update={"mean": [f[0] for f in folded], "std": [f[1] for f in folded]}
         )
     else:
-        pre = spec.preprocessing
-        m, s = float(mean[0]), float(std[0])
         new_input = spec.model_copy(
-            update={
-                "preprocessing": pre.model_copy(
-                    update={"mean": pre.mean + m * pre.std, "std": pre.std * s}
-                )
-            }
+            update={"preprocessing": _fold_images(spec.preprocessing, mean, std, spec.channels)}
         )
     return card.model_copy(update={"input": new_input})

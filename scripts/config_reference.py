@@ -38,6 +38,14 @@ This page is generated from the models (`python scripts/config_reference.py`).
 """
 
 
+def _data_sources() -> list[str]:
+    """The tags of the site's data union, in its order."""
+    from edge_agent.config import SiteDataConfig  # noqa: PLC0415
+
+    union = get_args(SiteDataConfig)[0]
+    return [get_args(member)[1].tag for member in get_args(union)]
+
+
 def _type_name(annotation: Any) -> str:  # noqa: PLR0911 - one return per kind of type
     """A reader's name for a type: ``int or null``, ``list of str``, ``'sgd' or 'adam'``."""
     origin = get_origin(annotation)
@@ -113,9 +121,9 @@ def render() -> str:
                 "\n".join(f"- `{old.partition(':')[0]}` -> `{new}`" for old, new in moved.items())
                 + "\n"
             )
+    sources = ", ".join(f"`{tag}`" for tag in _data_sources())
     parts.append(
-        "The `data` section of a site takes one of four sources (`builtin`, `dicomweb`, `dicom`, "
-        "`csv`); "
+        f"The `data` section of a site takes one of these sources: {sources}; "
         "each is documented field by field in [data](data.md).\n"
     )
     return "\n".join(parts)

@@ -99,7 +99,7 @@ def to_image(
         image = torch.nn.functional.interpolate(
             image, size=(preprocessing.size, preprocessing.size), mode="area"
         )
-    return (image[0].clamp(0, 1) - preprocessing.mean) / preprocessing.std
+    return preprocessing.standardise(image[0].clamp(0, 1))
 
 
 def _stored_pixels(ds: Dataset, frame: int, source: str) -> np.ndarray:

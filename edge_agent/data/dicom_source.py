@@ -31,18 +31,18 @@ from edge_agent.data.dicom import (
 from edge_agent.data.image_cache import ImageCache
 from edge_agent.data.inputs import DataCard, ImageInput
 from edge_agent.data.pacs import retrieve_labelled
-from edge_agent.data.settings import DicomData, DicomWebData, LabelledImages
+from edge_agent.data.settings import DicomData, DicomWebData, LabelledImages, PictureData
 from edge_agent.data.site_data import (
     Collector,
     DataError,
-    Intensity,
+    LabelledSet,
     LoadSummary,
     SiteData,
     split_by_patient,
 )
 
 
-def read_labels(config: DicomData | DicomWebData) -> dict[str, str]:
+def read_labels(config: DicomData | DicomWebData | PictureData) -> dict[str, str]:
     """Key -> label value from the labels CSV, validated row by row."""
     path = config.labels_path
     key_column = config.key_column or config.key
@@ -139,8 +139,13 @@ def load_dicom_folder(
         raise DataError(f"{config.folder}: not a folder")
     labels = read_labels(config) if labels is None else labels
     summary = LoadSummary() if summary is None else summary
-    collect = Collector(config.on_bad_input, summary)
-    images, targets, patients, seen = [], [], [], set()
+    found = LabelledSet(
+        labels,
+        config.classes,
+        str(config.labels_path),
+        Collector(config.on_bad_input, summary),
+        key_name=config.key,
+    )
     cache = None if config.cache_dir is None else ImageCache(config.cache_dir, config.preprocessing)
     for path in _candidate_files(config) if files is None else files:
         relative = path.relative_to(config.folder).as_posix()
@@ -148,43 +153,15 @@ def load_dicom_folder(
             # Keyed by file name, an unlabelled file is not read at all.
             decoded = None if config.key == "file" else _decode(path, config, cache)
             key = relative if decoded is None else decoded[1][_HEADER[config.key]]
-            value = labels.get(key)
-            if value is None:
-                collect.problem(
-                    "file without a label",
-                    f"{path}: no row for {config.key} {key!r} in {config.labels_path}",
-                )
-                continue
-            seen.add(key)
-            if value not in config.classes:
-                collect.problem(
-                    "unknown label value",
-                    f"{path}: label {value!r} is not one of the job's classes {config.classes}",
-                )
+            target = found.target(key, str(path))
+            if target is None:
                 continue
             image, header = decoded or _decode(path, config, cache)
         except DicomError as exc:
-            collect.problem(_reason(exc), str(exc))
+            found.collect.problem(_reason(exc), str(exc))
             continue
-        images.append(image)
-        targets.append(config.classes.index(value))
-        patients.append(header["PatientID"] or relative)
-    for key in sorted(set(labels) - seen):
-        collect.problem(
-            "label for a missing file",
-            f"{config.labels_path}: {config.key} {key!r} has a label but no readable file in {config.folder}",
-        )
-    if not images:
-        raise DataError(f"{config.folder}: no usable images ({summary.describe()})")
-    y = torch.tensor(targets, dtype=torch.int64)
-    for index, name in enumerate(config.classes):
-        if not bool((y == index).any()):
-            collect.problem(
-                "class absent at this site", f"{config.folder}: no image of class {name!r}"
-            )
-    summary.loaded, summary.patients = len(images), len(set(patients))
-    x = torch.stack(images)
-    summary.intensity = Intensity.of(x)
+        found.add(image, target, header["PatientID"] or relative)
+    x, y, patients = found.finish(config.folder)
     return x, y, patients, summary
 
 

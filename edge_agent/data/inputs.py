@@ -21,6 +21,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, model_validator
 
 from edge_agent.data.dicom import read_dataset, to_image
+from edge_agent.data.pictures import read_picture
 from edge_agent.data.settings import Preprocessing
 
 
@@ -33,33 +34,44 @@ class InputError(ValueError):
 
 
 class ImageInput(BaseModel):
-    """One-channel images decoded from DICOM by ``edge_agent.data.dicom`` with this preprocessing."""
+    """Images decoded with this preprocessing: from DICOM by ``edge_agent.data.dicom``
+    (``kind: dicom``, one channel) or from PNG or JPEG by ``edge_agent.data.pictures``
+    (``kind: picture``, one or three channels)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: Literal["dicom"] = "dicom"
+    kind: Literal["dicom", "picture"] = "dicom"
+    channels: Literal[1, 3] = 1
     preprocessing: Preprocessing
 
     @property
     def shape(self) -> tuple[int, ...]:
         size = self.preprocessing.size
-        return (1, size, size)
+        return (self.channels, size, size)
 
-    def from_dicom(self, data: bytes, source: str = "upload") -> torch.Tensor:
-        """A DICOM file's bytes as the model's input [1, size, size] (``DicomError`` if not)."""
+    @property
+    def file_format(self) -> str:
+        """What an uploaded file must be, in words for errors."""
+        return "DICOM" if self.kind == "dicom" else "PNG or JPEG"
+
+    def from_file(self, data: bytes, source: str = "upload") -> torch.Tensor:
+        """An uploaded file's bytes as the model's input (``DicomError`` or ``PictureError``)."""
+        if self.kind == "picture":
+            return read_picture(data, self.preprocessing, self.channels, source)
         return to_image(read_dataset(io.BytesIO(data), source), self.preprocessing, source=source)
 
     def from_array(self, values: object, field: str = "image") -> torch.Tensor:
         """An image prepared elsewhere (already preprocessed), checked against the model's shape."""
         tensor = _float_tensor(values, field)
         given = list(tensor.shape)
-        if tensor.dim() == 2:
+        if tensor.dim() == 2 and self.channels == 1:
             tensor = tensor[None]
         if tuple(tensor.shape) != self.shape:
             raise InputError(
                 "wrong image size",
-                f"{field}: expected a preprocessed image of shape {list(self.shape)} "
-                f"(or {list(self.shape[1:])}), got {given}",
+                f"{field}: expected a preprocessed image of shape {list(self.shape)}"
+                + (f" (or {list(self.shape[1:])})" if self.channels == 1 else "")
+                + f", got {given}",
             )
         return tensor
 

@@ -8,11 +8,14 @@ imports so that a site.yaml is validated, and its typos reported, in a fraction 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_agent.data.names import DATASETS, SCHEMES, check_name, parse_scheme
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Preprocessing(BaseModel):
@@ -39,8 +42,32 @@ class Preprocessing(BaseModel):
             raise ValueError(f"range: the low end must be below the high end, got {self.range}")
         return self
 
-    mean: float = Field(0.0, description="subtracted after scaling to [0, 1]")
-    std: float = Field(1.0, gt=0, description="then divided by")
+    mean: float | list[float] = Field(
+        0.0, description="subtracted after scaling to [0, 1] (one value, or one per channel)"
+    )
+    std: float | list[float] = Field(1.0, description="then divided by (positive)")
+
+    @model_validator(mode="after")
+    def _positive_std(self) -> Preprocessing:
+        stds = self.std if isinstance(self.std, list) else [self.std]
+        if not stds or any(not s > 0 for s in stds):
+            raise ValueError(f"std: every value must be positive, got {self.std}")
+        lists = isinstance(self.mean, list) and isinstance(self.std, list)
+        if lists and len(self.mean) != len(self.std):  # type: ignore[arg-type]
+            raise ValueError("mean and std: give as many values as channels in each")
+        return self
+
+    def standardise(self, image: torch.Tensor) -> torch.Tensor:
+        """``(image - mean) / std``, per channel where mean and std are lists ([C, ...])."""
+        import torch  # noqa: PLC0415 - reading a site.yaml must not load torch
+
+        def per_channel(value: float | list[float]) -> float | torch.Tensor:
+            if not isinstance(value, list):
+                return value
+            shape = (-1,) + (1,) * (image.dim() - 1)
+            return torch.tensor(value, dtype=image.dtype).reshape(shape)
+
+        return (image - per_channel(self.mean)) / per_channel(self.std)
 
 
 Key = Literal["file", "sop_instance_uid", "patient_id"]
@@ -76,6 +103,37 @@ class DicomData(LabelledImages):
     cache_dir: Path | None = Field(
         None, description="keep decoded images here (on the site) to skip decoding on restart"
     )
+
+    @property
+    def labels_path(self) -> Path:
+        return self.labels or self.folder / "labels.csv"
+
+
+class PictureData(LabelledImages):
+    """A site's ``data`` section for PNG or JPEG files. See docs/data.md."""
+
+    source: Literal["images"] = "images"
+    folder: Path
+    labels: Path | None = Field(None, description="default: FOLDER/labels.csv")
+    key_column: str | None = Field(
+        None, description="the column of file paths, relative to the folder; default: file"
+    )
+    patient_column: str | None = Field(
+        None, description="split train/test by this column of the labels table (default: by file)"
+    )
+    channels: Literal[1, 3] = Field(
+        1, description="1: grayscale (colour becomes luminance); 3: RGB"
+    )
+
+    @model_validator(mode="after")
+    def _no_dicom_settings(self) -> PictureData:
+        if self.preprocessing.window is not None or self.preprocessing.frame != 0:
+            raise ValueError("preprocessing.window and frame apply to DICOM only; leave them out")
+        return self
+
+    @property
+    def key(self) -> Literal["file"]:
+        return "file"
 
     @property
     def labels_path(self) -> Path:

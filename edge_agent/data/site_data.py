@@ -103,3 +103,68 @@ class Collector:
         """Count an input left out on purpose (never fatal), e.g. a row dropped for a gap."""
         self.summary.skipped[reason] += 1
         self.summary.problems.append(detail)
+
+
+@dataclass
+class LabelledSet:
+    """Images gathered against a labels table, by every image source alike.
+
+    Each item is looked up by its key (a file path, a UID); a missing row or a label value the
+    job does not know is a problem under the skip-or-fail rule, and ``finish`` reports the rows
+    nothing matched, a class the site lacks, and what was loaded.
+    """
+
+    labels: dict[str, str]
+    classes: list[str]
+    labels_path: str
+    collect: Collector
+    key_name: str = "file"
+    images: list[torch.Tensor] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+
+    def target(self, key: str, source: str) -> int | None:
+        """The class index labelled for ``key`` (None once reported as a problem)."""
+        value = self.labels.get(key)
+        if value is None:
+            self.collect.problem(
+                "file without a label",
+                f"{source}: no row for {self.key_name} {key!r} in {self.labels_path}",
+            )
+            return None
+        self.seen.add(key)
+        if value not in self.classes:
+            self.collect.problem(
+                "unknown label value",
+                f"{source}: label {value!r} is not one of the job's classes {self.classes}",
+            )
+            return None
+        return self.classes.index(value)
+
+    def add(self, image: torch.Tensor, target: int, patient: str) -> None:
+        self.images.append(image)
+        self.targets.append(target)
+        self.patients.append(patient)
+
+    def finish(self, folder: object) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Images, class indices and patients, after the checks that need every item seen."""
+        for key in sorted(set(self.labels) - self.seen):
+            self.collect.problem(
+                "label for a missing file",
+                f"{self.labels_path}: {self.key_name} {key!r} has a label but no readable "
+                f"file in {folder}",
+            )
+        summary = self.collect.summary
+        if not self.images:
+            raise DataError(f"{folder}: no usable images ({summary.describe()})")
+        y = torch.tensor(self.targets, dtype=torch.int64)
+        for index, name in enumerate(self.classes):
+            if not bool((y == index).any()):
+                self.collect.problem(
+                    "class absent at this site", f"{folder}: no image of class {name!r}"
+                )
+        summary.loaded, summary.patients = len(self.images), len(set(self.patients))
+        x = torch.stack(self.images)
+        summary.intensity = Intensity.of(x)
+        return x, y, self.patients

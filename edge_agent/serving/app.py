@@ -50,7 +50,9 @@ from edge_agent.serving.predictor import Prediction, Predictor
 from medsplit import __version__
 
 log = logging.getLogger(__name__)
-DICOM_TYPES = ("application/dicom", "application/octet-stream")
+# One image file in the body: DICOM, or PNG/JPEG for a model trained on pictures (the model's
+# card decides how the bytes are read; the type only says it is a file, not JSON).
+FILE_TYPES = ("application/dicom", "application/octet-stream", "image/png", "image/jpeg")
 
 
 def _phrase(status: int) -> str:
@@ -163,10 +165,10 @@ def create_app(model: ServedModel, limits: Limits = Limits()) -> FastAPI:
 
 @dataclass(frozen=True)
 class _Item:
-    """One input as it arrived: DICOM bytes (``name`` for errors) or a JSON instance."""
+    """One input as it arrived: a file's bytes (``name`` for errors) or a JSON instance."""
 
     name: str
-    dicom: bytes | None = None
+    file: bytes | None = None
     document: Any = None
 
 
@@ -175,8 +177,8 @@ async def _predict(predictor: Predictor, items: list[_Item], metrics: _Metrics) 
 
     def work() -> list[Prediction]:
         inputs = [
-            predictor.from_dicom(item.dicom, item.name)
-            if item.dicom is not None
+            predictor.from_file(item.file, item.name)
+            if item.file is not None
             else predictor.from_json(item.document, item.name)
             for item in items
         ]
@@ -200,16 +202,16 @@ async def _read_items(request: Request, limits: Limits, *, batch: bool) -> list[
         documents = await run_in_threadpool(_json_items, body, batch, limits)
         names = [f"instances[{i}]" for i in range(len(documents))] if batch else ["body"]
         return [_Item(name, document=d) for name, d in zip(names, documents, strict=True)]
-    if kind in DICOM_TYPES:
+    if kind in FILE_TYPES:
         if batch:
-            raise HttpError(415, "send several DICOM files as multipart/form-data")
-        return [_Item("upload", dicom=await read_body(request, limits.max_body_bytes))]
+            raise HttpError(415, "send several files as multipart/form-data")
+        return [_Item("upload", file=await read_body(request, limits.max_body_bytes))]
     if kind == "multipart/form-data":
-        return [_Item(name, dicom=data) for name, data in await _uploads(request, limits, batch)]
+        return [_Item(name, file=data) for name, data in await _uploads(request, limits, batch)]
     raise HttpError(
         415,
-        f"unsupported Content-Type {kind or '(none)'!r}; send application/dicom, "
-        "multipart/form-data (DICOM files) or application/json",
+        f"unsupported Content-Type {kind or '(none)'!r}; send application/dicom (or image/png, "
+        "image/jpeg), multipart/form-data (files) or application/json",
     )
 
 

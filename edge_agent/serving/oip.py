@@ -62,8 +62,10 @@ class ServedModel:
 
     @property
     def raw_input(self) -> str:
-        """The BYTES input of this model's raw records: DICOM files or table records."""
-        return "dicom" if isinstance(self.predictor.card.data.input, ImageInput) else "record"
+        """The BYTES input of this model's raw records: DICOM files, PNG/JPEG files (a model
+        trained on pictures) or table records."""
+        encoding = self.predictor.card.data.input
+        return encoding.kind if isinstance(encoding, ImageInput) else "record"
 
     @property
     def class_count(self) -> int:
@@ -187,17 +189,17 @@ class ServedModel:
 
     def _one(self, name: str, element: Any, where: str) -> torch.Tensor:
         if isinstance(element, bytes):  # binary data: the file or the record as it is
-            if name == "dicom":
-                return self.predictor.from_dicom(element, where)
+            if name != "record":
+                return self.predictor.from_file(element, where)
             element = element.decode("utf-8", errors="replace")
         if not isinstance(element, str):
             raise ProtocolError(400, f"{where}: expected a string element")
-        if name == "dicom":
+        if name != "record":
             try:
-                return self.predictor.from_dicom(base64.b64decode(element, validate=True), where)
+                return self.predictor.from_file(base64.b64decode(element, validate=True), where)
             except binascii.Error:
                 raise ProtocolError(
-                    400, f"{where}: not base64 (send DICOM bytes as base64 in JSON)"
+                    400, f"{where}: not base64 (send the file's bytes as base64 in JSON)"
                 ) from None
         try:
             record = json.loads(element)

@@ -22,6 +22,7 @@ import torch
 
 from edge_agent.data.dicom import DicomError
 from edge_agent.data.inputs import FeatureInput, ImageInput, InputError
+from edge_agent.data.pictures import PictureError
 from edge_agent.model_card import CardError, ModelCard
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME
 
@@ -110,7 +111,8 @@ class Predictor:
     def classes(self) -> list[str]:
         return self.card.data.classes
 
-    def from_dicom(self, data: bytes, source: str = "upload") -> torch.Tensor:
+    def from_file(self, data: bytes, source: str = "upload") -> torch.Tensor:
+        """An uploaded image file -- DICOM, or PNG/JPEG for a model trained on pictures."""
         encoding = self.card.data.input
         if not isinstance(encoding, ImageInput):
             raise InputError(
@@ -118,15 +120,15 @@ class Predictor:
                 f"{source}: this model takes a feature vector ({len(encoding.features)} values), "
                 "not an image; send JSON with 'features' or 'record'",
             )
+        unusable = f"not a usable {encoding.file_format} file"
         try:
-            return encoding.from_dicom(data, source)
-        except DicomError as exc:
-            raise InputError("not a usable DICOM file", str(exc)) from None
+            return encoding.from_file(data, source)
+        except (DicomError, PictureError) as exc:
+            raise InputError(unusable, str(exc)) from None
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             # pydicom's LUT code on attributes a malformed file gets wrong
             raise InputError(
-                "not a usable DICOM file",
-                f"{source}: cannot decode the image ({type(exc).__name__}: {exc})",
+                unusable, f"{source}: cannot decode the image ({type(exc).__name__}: {exc})"
             ) from None
 
     def from_json(self, item: object, field: str = "body") -> torch.Tensor:
@@ -142,8 +144,8 @@ class Predictor:
             if key != "image":
                 raise InputError(
                     "wrong input kind",
-                    f"{where}: this model takes images {list(encoding.shape)}: upload DICOM, or "
-                    "send 'image' already preprocessed",
+                    f"{where}: this model takes images {list(encoding.shape)}: upload "
+                    f"{encoding.file_format}, or send 'image' already preprocessed",
                 )
             return encoding.from_array(value, where)
         if key == "image":

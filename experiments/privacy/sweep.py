@@ -111,7 +111,7 @@ def standardised_like(x: torch.Tensor, card: DataCard | None) -> torch.Tensor:
         raise ValueError("the sites' data has no card: cannot encode the auxiliary slice")
     if isinstance(card.input, ImageInput):
         pre = card.input.preprocessing
-        return (x - pre.mean) / pre.std
+        return torch.stack([pre.standardise(image) for image in x])
     assert isinstance(card.input, FeatureInput)
     return (x - torch.tensor(card.input.mean)) / torch.tensor(card.input.std)
 

@@ -121,7 +121,7 @@ def test_typed_contents_and_dicom_files_over_the_protocol_stub(
     state, folder = image_site
     files = sorted(folder.glob("*.dcm"))[:2]
     images = Predictor(state / "model.onnx")
-    expected = images.probabilities(torch.stack([images.from_dicom(f.read_bytes()) for f in files]))
+    expected = images.probabilities(torch.stack([images.from_file(f.read_bytes()) for f in files]))
     dicom = np.array([f.read_bytes() for f in files], dtype=np.object_)
     with (
         serve_process(state / "model.onnx") as up,

@@ -71,7 +71,7 @@ def test_dicom_uploads_are_preprocessed_as_in_training(tmp_path: Path) -> None:
     )
     assert isinstance(data.card.input, ImageInput)
     files = sorted(p for p in folder.iterdir() if p.suffix == ".dcm")
-    served = torch.stack([data.card.input.from_dicom(p.read_bytes(), p.name) for p in files])
+    served = torch.stack([data.card.input.from_file(p.read_bytes(), p.name) for p in files])
     trained = torch.cat([data.x_train, data.x_test])
     assert served.shape[1:] == (1, 32, 32)
     assert _nearest(trained.flatten(1), served.flatten(1)) < 1e-5
@@ -82,7 +82,7 @@ def test_the_builtin_images_fold_their_standardisation_into_the_preprocessing() 
     assert share.card is not None and isinstance(share.card.input, ImageInput)
     folder = cache_root() / "synthetic-cxr-1200x64-seed0-v1"
     files = sorted(p for p in folder.iterdir() if p.suffix == ".dcm")[:40]
-    served = torch.stack([share.card.input.from_dicom(p.read_bytes()) for p in files])
+    served = torch.stack([share.card.input.from_file(p.read_bytes()) for p in files])
     trained = torch.cat([share.x_train, share.x_test])
     assert _nearest(served.flatten(1), trained.flatten(1)) < 1e-5
 
