@@ -30,6 +30,7 @@ from edge_agent.data.settings import (
     DicomData,
     DicomWebData,
     PictureData,
+    VolumeData,
 )
 from medsplit.config import BrokerConfig, DeviceChoice, FileSettings, WaitSettings
 from medsplit.health import HttpSettings
@@ -50,6 +51,7 @@ SiteDataConfig = Annotated[
     | Annotated[DicomData, Tag("dicom")]
     | Annotated[DicomWebData, Tag("dicomweb")]
     | Annotated[PictureData, Tag("images")]
+    | Annotated[VolumeData, Tag("volumes")]
     | Annotated[CsvData, Tag("csv")],
     Discriminator(_data_source),
 ]

@@ -16,10 +16,19 @@ from edge_agent.config import SiteConfig
 from edge_agent.data import datasets
 from edge_agent.data.csv_source import load_csv_site
 from edge_agent.data.datasets import SiteData
-from edge_agent.data.dicom_source import load_dicom_site, load_dicomweb_site
+from edge_agent.data.dicom_source import load_dicom_site
+from edge_agent.data.pacs_source import load_dicomweb_site
 from edge_agent.data.picture_source import load_picture_site
-from edge_agent.data.settings import CsvData, DicomData, DicomWebData, PictureData
+from edge_agent.data.settings import (
+    BuiltinData,
+    CsvData,
+    DicomData,
+    DicomWebData,
+    PictureData,
+    VolumeData,
+)
 from edge_agent.data.site_data import LoadSummary
+from edge_agent.data.volume_source import load_volume_site
 from edge_agent.observability import AgentCollector
 from edge_agent.sealing import SiteSealing
 from medsplit.devices import pick_device
@@ -38,6 +47,7 @@ _LOADERS: dict[type, Callable[[Any], tuple[SiteData, LoadSummary]]] = {
     DicomData: load_dicom_site,
     DicomWebData: load_dicomweb_site,
     PictureData: load_picture_site,
+    VolumeData: load_volume_site,
     CsvData: load_csv_site,
 }
 
@@ -45,7 +55,7 @@ _LOADERS: dict[type, Callable[[Any], tuple[SiteData, LoadSummary]]] = {
 def load_data(config: SiteConfig) -> SiteData:
     """The site's training data: a DICOM folder or PACS, an EHR table, or a built-in share."""
     spec = config.data
-    if isinstance(spec, DicomData | DicomWebData | PictureData | CsvData):
+    if not isinstance(spec, BuiltinData):
         data, summary = _LOADERS[type(spec)](spec)
         log.info("%s: %s", config.site_id, summary.describe())
         for problem in summary.problems:  # file names stay in this site's own log

@@ -10,13 +10,16 @@ always starts from the data as loaded, so a repeated ``normalization`` message c
 from __future__ import annotations
 
 import dataclasses
+from typing import TypeVar
 
 import torch
 
-from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
-from edge_agent.data.settings import Preprocessing
+from edge_agent.data.inputs import DataCard, FeatureInput, InputSpec
+from edge_agent.data.settings import Standardisation
 from edge_agent.data.site_data import SiteData
 from medsplit.statistics import FeatureSums
+
+S = TypeVar("S", bound=Standardisation)
 
 
 def site_sums(data: SiteData) -> FeatureSums:
@@ -54,9 +57,7 @@ def _apply(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, width: int) -
     return out
 
 
-def _fold_images(
-    pre: Preprocessing, mean: torch.Tensor, std: torch.Tensor, channels: int
-) -> Preprocessing:
+def _fold_images(pre: S, mean: torch.Tensor, std: torch.Tensor, channels: int) -> S:
     """The same fold per channel: one value for a one-channel image, a list for RGB."""
     m0, s0 = _per_channel(pre.mean, channels), _per_channel(pre.std, channels)
     means = [a + float(m) * b for a, b, m in zip(m0, s0, mean[:channels], strict=True)]
@@ -78,7 +79,7 @@ def _fold(card: DataCard, mean: torch.Tensor, std: torch.Tensor) -> DataCard:
         width = len(spec.numeric)
         pairs = zip(spec.mean, spec.std, mean[:width].tolist(), std[:width].tolist(), strict=True)
         folded = [(m0 + m * s0, s0 * s) for m0, s0, m, s in pairs]
-        new_input: FeatureInput | ImageInput = spec.model_copy(
+        new_input: InputSpec = spec.model_copy(
             update={"mean": [f[0] for f in folded], "std": [f[1] for f in folded]}
         )
     else:

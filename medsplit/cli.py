@@ -156,11 +156,12 @@ def _run_privacy(config: Any, command: str, *, docs: bool) -> int:
 
 def _cmd_dicom_synth(args: argparse.Namespace) -> int:
     from edge_agent.data.dicom_synth import synthesize
+    from edge_agent.data.volume_synth import synthesize_volumes
 
+    make = synthesize_volumes if args.volumes else synthesize
+    size = args.size or (32 if args.volumes else 64)
     try:
-        folders = synthesize(
-            Path(args.out), args.sites, args.per_site, seed=args.seed, size=args.size
-        )
+        folders = make(Path(args.out), args.sites, args.per_site, seed=args.seed, size=size)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -180,8 +181,17 @@ def _describe_synth(folder: Path) -> str:
     with (folder / "labels.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     counts = collections.Counter(row["label"] for row in rows)
-    ds = pydicom.dcmread(folder / rows[0]["file"], stop_before_pixels=True)
     labels = ", ".join(f"{n} {label}" for label, n in sorted(counts.items()))
+    if "folder" in rows[0]:  # volumes: one series per study folder
+        slices = sorted((folder / rows[0]["folder"]).glob("*.dcm"))
+        ds = pydicom.dcmread(slices[0], stop_before_pixels=True)
+        return (
+            f"{folder.name}: {len(rows)} {ds.Modality} series of {len(slices)} slices "
+            f"{ds.Rows}x{ds.Columns}, {float(ds.SliceThickness):g} mm apart "
+            f"({ds.BitsStored}-bit, rescale {float(ds.RescaleSlope):g}/"
+            f"{float(ds.RescaleIntercept):g}) and labels.csv ({labels})"
+        )
+    ds = pydicom.dcmread(folder / rows[0]["file"], stop_before_pixels=True)
     return (
         f"{folder.name}: {len(rows)} {ds.Modality} images {ds.Rows}x{ds.Columns} "
         f"({ds.BitsStored}-bit, {ds.PhotometricInterpretation}, rescale {float(ds.RescaleSlope):g}/"
@@ -484,12 +494,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_experiment_commands(commands)
     synth = commands.add_parser(
-        "dicom-synth", help="write chest-radiograph-like DICOM files, one scanner per site"
+        "dicom-synth",
+        help="write chest-radiograph-like DICOM files (or CT series), one scanner per site",
     )
     synth.add_argument("--out", required=True, help="output folder (site-N/ subfolders)")
     synth.add_argument("--sites", type=int, default=3)
-    synth.add_argument("--per-site", type=int, default=100, help="images per site")
-    synth.add_argument("--size", type=int, default=64, help="image rows and columns")
+    synth.add_argument("--per-site", type=int, default=100, help="images (or series) per site")
+    synth.add_argument(
+        "--size", type=int, default=None, help="image rows and columns (default 64; 32 volumes)"
+    )
+    synth.add_argument(
+        "--volumes", action="store_true", help="CT series (3-D volumes) instead of radiographs"
+    )
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=_cmd_dicom_synth)
 

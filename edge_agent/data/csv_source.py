@@ -53,7 +53,7 @@ def read_rows(config: CsvData) -> tuple[list[dict[str, str]], list[int]]:
 
 def load_csv_site(config: CsvData) -> tuple[SiteData, LoadSummary]:
     rows, lines = read_rows(config)
-    summary = LoadSummary()
+    summary = LoadSummary(unit="records")
     collect = Collector(config.on_bad_input, summary)
     vectors, labels, patients = [], [], []
     for row, line in zip(rows, lines, strict=True):

@@ -82,7 +82,7 @@ def read_dataset(path: str | Path | BinaryIO, source: str | None = None) -> Data
 def to_image(
     ds: Dataset, preprocessing: Preprocessing, *, source: str = "<dataset>"
 ) -> torch.Tensor:
-    stored = _stored_pixels(ds, preprocessing.frame, source)
+    stored = stored_pixels(ds, preprocessing.frame, source)
     physical = np.asarray(apply_modality_lut(stored, ds), dtype=np.float64)
     low, high, windowed = _window(physical, ds, preprocessing)
     scaled = (np.clip(windowed, low, high) - low) / max(high - low, 1e-12)
@@ -102,7 +102,7 @@ def to_image(
     return preprocessing.standardise(image[0].clamp(0, 1))
 
 
-def _stored_pixels(ds: Dataset, frame: int, source: str) -> np.ndarray:
+def stored_pixels(ds: Dataset, frame: int, source: str) -> np.ndarray:
     if "PixelData" not in ds:
         raise DicomError(f"{source}: no pixel data (is it a structured report or a dose file?)")
     photometric = ds.get("PhotometricInterpretation", "")
@@ -146,7 +146,7 @@ def site_range(samples: list[np.ndarray]) -> tuple[float, float]:
 
 def physical_sample(ds: Dataset, frame: int, source: str, every: int = 7) -> np.ndarray:
     """A thinned sample of a file's physical pixel values (for ``site_range``)."""
-    stored = _stored_pixels(ds, frame, source)
+    stored = stored_pixels(ds, frame, source)
     return np.asarray(apply_modality_lut(stored.ravel()[::every], ds), dtype=np.float64)
 
 

@@ -30,8 +30,12 @@ from edge_agent.data.dicom import (
 )
 from edge_agent.data.image_cache import ImageCache
 from edge_agent.data.inputs import DataCard, ImageInput
-from edge_agent.data.pacs import retrieve_labelled
-from edge_agent.data.settings import DicomData, DicomWebData, LabelledImages, PictureData
+from edge_agent.data.settings import (
+    DicomData,
+    DicomWebData,
+    PictureData,
+    VolumeData,
+)
 from edge_agent.data.site_data import (
     Collector,
     DataError,
@@ -42,7 +46,7 @@ from edge_agent.data.site_data import (
 )
 
 
-def read_labels(config: DicomData | DicomWebData | PictureData) -> dict[str, str]:
+def read_labels(config: DicomData | DicomWebData | PictureData | VolumeData) -> dict[str, str]:
     """Key -> label value from the labels CSV, validated row by row."""
     path = config.labels_path
     key_column = config.key_column or config.key
@@ -72,31 +76,29 @@ def read_labels(config: DicomData | DicomWebData | PictureData) -> dict[str, str
     return labels
 
 
+def read_patients(config: PictureData | VolumeData) -> dict[str, str]:
+    """Key -> patient from the labels table's ``patient_column``; empty without one."""
+    if config.patient_column is None:
+        return {}
+    key_column = config.key_column or config.key
+    with config.labels_path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if config.patient_column not in (reader.fieldnames or []):
+            raise DataError(
+                f"{config.labels_path}: no column {config.patient_column!r} (patient_column); "
+                f"found {reader.fieldnames}"
+            )
+        return {
+            (row[key_column] or "").strip(): (row[config.patient_column] or "").strip()
+            for row in reader
+        }
+
+
 def load_dicom_site(config: DicomData) -> tuple[SiteData, LoadSummary]:
     """Decode, label, validate and split one site's DICOM folder."""
     config = with_site_range(config)
     x, y, patients, summary = load_dicom_folder(config)
-    return _patient_split(x, y, patients, config), summary
-
-
-def load_dicomweb_site(config: DicomWebData) -> tuple[SiteData, LoadSummary]:
-    """Retrieve one site's labelled instances from its PACS, then load them as a folder."""
-    labels = read_labels(config)
-    summary = LoadSummary()
-    retrieval = retrieve_labelled(config, labels, Collector(config.on_bad_input, summary))
-    summary.retrieval = retrieval.describe()
-    mirror = DicomData(
-        folder=config.cache_dir / "instances",
-        labels=config.labels,
-        key="sop_instance_uid",
-        cache_dir=config.cache_dir / "decoded",
-        **config.model_dump(include=set(LabelledImages.model_fields)),
-    )
-    files = sorted(retrieval.files.values())
-    mirror = with_site_range(mirror, files)
-    kept = {uid: labels[uid] for uid in retrieval.files}
-    x, y, patients, summary = load_dicom_folder(mirror, files=files, labels=kept, summary=summary)
-    return _patient_split(x, y, patients, mirror), summary
+    return patient_split(x, y, patients, config), summary
 
 
 def with_site_range(config: DicomData, files: list[Path] | None = None) -> DicomData:
@@ -110,7 +112,7 @@ def with_site_range(config: DicomData, files: list[Path] | None = None) -> Dicom
     if pre.range is not None or isinstance(pre.window, tuple):
         return config
     samples = []
-    for path in _candidate_files(config) if files is None else files:
+    for path in candidate_files(config.folder) if files is None else files:
         try:
             header = pydicom.dcmread(path, stop_before_pixels=True)
             if pre.window != "auto" and has_window(header):
@@ -147,7 +149,7 @@ def load_dicom_folder(
         key_name=config.key,
     )
     cache = None if config.cache_dir is None else ImageCache(config.cache_dir, config.preprocessing)
-    for path in _candidate_files(config) if files is None else files:
+    for path in candidate_files(config.folder) if files is None else files:
         relative = path.relative_to(config.folder).as_posix()
         try:
             # Keyed by file name, an unlabelled file is not read at all.
@@ -165,11 +167,11 @@ def load_dicom_folder(
     return x, y, patients, summary
 
 
-def _candidate_files(config: DicomData) -> list[Path]:
+def candidate_files(folder: Path) -> list[Path]:
     """Every file under the folder but tables (.csv), hidden files and DICOMDIR indexes."""
     return sorted(
         p
-        for p in config.folder.rglob("*")
+        for p in folder.rglob("*")
         if p.is_file()
         and p.suffix.lower() != ".csv"
         and not p.name.startswith(".")
@@ -211,7 +213,7 @@ def _reason(exc: DicomError) -> str:
     return "unreadable"
 
 
-def _patient_split(
+def patient_split(
     x: torch.Tensor, y: torch.Tensor, patients: list[str], config: DicomData
 ) -> SiteData:
     if len(set(patients)) < 2:

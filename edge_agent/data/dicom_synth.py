@@ -66,9 +66,55 @@ class Encoding:
     def stored_values(self, image: np.ndarray) -> np.ndarray:
         """Image (0..1, bright = dense) to the uint16 values this scanner writes."""
         shown = 1.0 - image if self.photometric == "MONOCHROME1" else image
-        physical = shown * PHYSICAL_MAX
+        return self.stored_from_physical(shown * PHYSICAL_MAX)
+
+    def stored_from_physical(self, physical: np.ndarray) -> np.ndarray:
+        """Physical values (e.g. Hounsfield units) to stored values, clipped to BitsStored."""
         stored = np.rint((physical - self.intercept) / self.slope)
         return np.clip(stored, 0, 2**self.bits_stored - 1).astype(np.uint16)
+
+
+def new_dataset(
+    stored: np.ndarray,
+    encoding: Encoding,
+    *,
+    sop_class: UID,
+    modality: str,
+    patient_id: str,
+    patient_name: str,
+    study_date: str,
+) -> FileDataset:
+    """A valid single-frame image of ``stored`` values: file meta, fresh UIDs, the patient,
+    the study, the pixel encoding. Callers add what their IOD needs (geometry, series)."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = modality
+    ds.PatientID, ds.PatientName = patient_id, patient_name
+    ds.PatientBirthDate, ds.PatientSex = "", ""  # Type 2: present, unknown
+    ds.StudyDate, ds.StudyTime = study_date, "120000"
+    ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", ""
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds.Manufacturer = "medsplit dicom-synth"
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = encoding.photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, encoding.bits_stored, encoding.bits_stored - 1
+    ds.PixelRepresentation = 0
+    ds.RescaleSlope, ds.RescaleIntercept = encoding.slope, encoding.intercept
+    ds.PixelData = stored.astype("<u2").tobytes()
+    return ds
+
+
+def save_dataset(path: Path, ds: FileDataset) -> None:
+    encoded = io.BytesIO()
+    ds.save_as(encoded, enforce_file_format=True)
+    atomic_write(path, encoded.getvalue())
 
 
 def write_dicom(
@@ -81,36 +127,21 @@ def write_dicom(
     study_date: str,
 ) -> str:
     """Write one CR image; returns its SOPInstanceUID."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "CR"
-    ds.PatientID, ds.PatientName = patient_id, patient_name
-    ds.PatientBirthDate, ds.PatientSex = "", ""  # Type 2: present, unknown
-    ds.StudyDate, ds.StudyTime = study_date, "120000"
-    ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", ""
-    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    ds = new_dataset(
+        stored,
+        encoding,
+        sop_class=CR_IMAGE_STORAGE,
+        modality="CR",
+        patient_id=patient_id,
+        patient_name=patient_name,
+        study_date=study_date,
+    )
     ds.BodyPartExamined, ds.ViewPosition = "CHEST", "PA"
-    ds.Manufacturer = "medsplit dicom-synth"
     ds.PatientOrientation = ["L", "F"]  # Type 2C: required without image orientation
     ds.RescaleType = "US"  # Type 1C with a rescale: unspecified units
-    ds.Rows, ds.Columns = stored.shape
     ds.PixelSpacing = [encoding.pixel_spacing, encoding.pixel_spacing]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = encoding.photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, encoding.bits_stored, encoding.bits_stored - 1
-    ds.PixelRepresentation = 0
-    ds.RescaleSlope, ds.RescaleIntercept = encoding.slope, encoding.intercept
     ds.WindowCenter, ds.WindowWidth = PHYSICAL_MAX / 2, PHYSICAL_MAX
-    ds.PixelData = stored.astype("<u2").tobytes()
-    encoded = io.BytesIO()
-    ds.save_as(encoded, enforce_file_format=True)
-    atomic_write(path, encoded.getvalue())
+    save_dataset(path, ds)
     return str(ds.SOPInstanceUID)
 
 

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, model_validato
 
 from edge_agent.data.dicom import read_dataset, to_image
 from edge_agent.data.pictures import read_picture
-from edge_agent.data.settings import Preprocessing
+from edge_agent.data.settings import Preprocessing, VolumePreprocessing
+from edge_agent.data.volumes import nifti_volume, to_tensor
 
 
 class InputError(ValueError):
@@ -72,6 +73,43 @@ class ImageInput(BaseModel):
                 f"{field}: expected a preprocessed image of shape {list(self.shape)}"
                 + (f" (or {list(self.shape[1:])})" if self.channels == 1 else "")
                 + f", got {given}",
+            )
+        return tensor
+
+
+class VolumeInput(BaseModel):
+    """3-D volumes sampled onto one grid by ``edge_agent.data.volumes`` with this preprocessing;
+    an upload is one NIfTI file (a DICOM series is many files: send it prepared, as ``image``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["volume"] = "volume"
+    channels: Literal[1] = 1
+    preprocessing: VolumePreprocessing
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, *self.preprocessing.size)
+
+    @property
+    def file_format(self) -> str:
+        return "NIfTI"
+
+    def from_file(self, data: bytes, source: str = "upload") -> torch.Tensor:
+        """A NIfTI file's bytes (gzipped or not) as the model's input [1, D, H, W]."""
+        return to_tensor(nifti_volume(data, source), self.preprocessing, source)
+
+    def from_array(self, values: object, field: str = "image") -> torch.Tensor:
+        """A volume prepared elsewhere, checked against the model's shape."""
+        tensor = _float_tensor(values, field)
+        given = list(tensor.shape)
+        if tensor.dim() == 3:
+            tensor = tensor[None]
+        if tuple(tensor.shape) != self.shape:
+            raise InputError(
+                "wrong image size",
+                f"{field}: expected a prepared volume of shape {list(self.shape)} "
+                f"(or {list(self.shape[1:])}), got {given}",
             )
         return tensor
 
@@ -166,7 +204,9 @@ class FeatureInput(BaseModel):
         return torch.cat([(numeric - mean) / std, x[:, width:]], dim=1)
 
 
-InputSpec = Annotated[ImageInput | FeatureInput, Discriminator("kind")]
+# Inputs read from an uploaded file (DICOM, PNG/JPEG, NIfTI) rather than from a record.
+FileInput = ImageInput | VolumeInput
+InputSpec = Annotated[ImageInput | VolumeInput | FeatureInput, Discriminator("kind")]
 
 
 class DataCard(BaseModel):

@@ -1,14 +1,17 @@
 """Studies from the hospital's PACS over DICOMweb, into a mirror on the site's own disk.
 
-The labels table names the instances (SOP Instance UIDs); QIDO-RS finds where each lives (its
-study and series, many UIDs per query as a UID list) and WADO-RS retrieves it, through
+The labels table names the instances (SOP Instance UIDs) -- or, for 3-D volumes, the series
+(Series Instance UIDs); QIDO-RS finds where each lives (its study, and series, many UIDs per
+query as a UID list) and WADO-RS retrieves it, through
 ``dicomweb-client`` on a ``requests`` session that carries the site's credentials (a bearer
 token, basic authentication, a client certificate) and retries connection errors and 502/503/504
 with backoff (urllib3's ``Retry``). Each instance is written atomically as
-``CACHE_DIR/instances/<SOP Instance UID>.dcm``: an agent killed mid-download leaves only whole
-files (and stray temporaries, removed on the next start), and started again fetches only what is
-not there yet. Everything downstream -- the site's intensity range, decoding, the decoded-image
-cache, validation, the patient split -- is the DICOM folder's code on the mirror.
+``CACHE_DIR/instances/<SOP Instance UID>.dcm``, each series into a hidden folder renamed to
+``CACHE_DIR/series/<Series Instance UID>/`` once every slice is on disk: an agent killed
+mid-download leaves only whole instances and whole series (and stray temporaries, removed on the
+next start), and started again fetches only what is not there yet. Everything downstream -- the
+site's intensity range, decoding, the decoded cache, validation, the patient split -- is the
+DICOM folder's (or the volume folder's) code on the mirror.
 
 Credentials the PACS refuses (401/403) or a PACS that cannot be reached stop the agent at
 start-up whatever ``on_bad_input`` says; an instance that is not in the PACS, that the PACS
@@ -19,6 +22,8 @@ by its UID.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,20 +57,26 @@ class PacsError(DataError):
 class Location:
     study: str
     series: str
-    sop: str
+    sop: str | None = None  # None: the whole series
+
+    @property
+    def uid(self) -> str:
+        """The UID the labels table names: the instance's, or the series'."""
+        return self.series if self.sop is None else self.sop
 
 
 @dataclass
 class Retrieval:
     """What one start-up took from the PACS and what it found already on disk."""
 
-    files: dict[str, Path]  # SOP Instance UID -> its file in the mirror
+    files: dict[str, Path]  # labelled UID -> its file (an instance) or folder (a series)
     retrieved: int = 0
     reused: int = 0
+    unit: str = "instances"
 
     def describe(self) -> str:
         return (
-            f"{len(self.files)} instances from the PACS "
+            f"{len(self.files)} {self.unit} from the PACS "
             f"({self.retrieved} retrieved, {self.reused} already on disk)"
         )
 
@@ -131,6 +142,7 @@ class Pacs:
 
     def __init__(self, config: DicomWebData) -> None:
         self.config = config
+        self.series_level = config.key == "series_instance_uid"
         self._local = threading.local()
 
     def client(self) -> DICOMwebClient:
@@ -143,7 +155,8 @@ class Pacs:
         return client
 
     def locate(self, uids: list[str]) -> tuple[dict[str, Location], dict[str, str]]:
-        """Where each instance lives, and why the PACS could not say for those it failed on.
+        """Where each instance (or series) lives, and why the PACS could not say for those it
+        failed on.
 
         UIDs the PACS does not hold are in neither. A query the PACS fails (a 5xx: one broken
         study can fail a whole answer) is split in halves down to single UIDs, so one bad
@@ -165,23 +178,31 @@ class Pacs:
                 else:
                     pending += [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
                 continue
+            tags = (STUDY, SERIES) if self.series_level else (STUDY, SERIES, SOP)
             for answer in answers:
                 try:
-                    location = Location(
-                        *(str(answer[tag]["Value"][0]) for tag in (STUDY, SERIES, SOP))
-                    )
+                    location = Location(*(str(answer[tag]["Value"][0]) for tag in tags))
                 except (KeyError, IndexError, TypeError):
-                    continue  # an answer without the three UIDs names nothing we can retrieve
-                found[location.sop] = location
+                    continue  # an answer without its UIDs names nothing we can retrieve
+                found[location.uid] = location
         return found, failed
 
     def _search(self, uids: list[str]) -> list[dict[str, Any]]:
-        """One QIDO-RS query matching a list of SOP Instance UIDs."""
+        """One QIDO-RS query matching a list of SOP (or Series) Instance UIDs."""
+        client, listed = self.client(), ",".join(uids)
         try:
-            answers: list[dict[str, Any]] = self.client().search_for_instances(
-                search_filters={"SOPInstanceUID": ",".join(uids)},
-                fields=["StudyInstanceUID", "SeriesInstanceUID"],
-                get_remaining=True,
+            answers: list[dict[str, Any]] = (
+                client.search_for_series(
+                    search_filters={"SeriesInstanceUID": listed},
+                    fields=["StudyInstanceUID"],
+                    get_remaining=True,
+                )
+                if self.series_level
+                else client.search_for_instances(
+                    search_filters={"SOPInstanceUID": listed},
+                    fields=["StudyInstanceUID", "SeriesInstanceUID"],
+                    get_remaining=True,
+                )
             )
         except requests.HTTPError as exc:
             status = _status(exc)
@@ -194,9 +215,13 @@ class Pacs:
             ) from None
         return answers
 
-    def retrieve(self, location: Location) -> Dataset:
-        """One instance over WADO-RS; ``requests.HTTPError`` names the status on failure."""
-        return self.client().retrieve_instance(location.study, location.series, location.sop)
+    def retrieve(self, location: Location) -> list[Dataset]:
+        """One instance, or every instance of a series, over WADO-RS; ``requests.HTTPError``
+        names the status on failure."""
+        if location.sop is None:
+            series: list[Dataset] = self.client().retrieve_series(location.study, location.series)
+            return series
+        return [self.client().retrieve_instance(location.study, location.series, location.sop)]
 
 
 def root_cause(exc: BaseException) -> str:
@@ -235,6 +260,12 @@ def _fatal(url: str, what: str, exc: requests.HTTPError) -> PacsError:
     return PacsError(f"data.url: the PACS at {url} failed {what} (HTTP {status} {reason})")
 
 
+def _encoded(dataset: Dataset) -> bytes:
+    buffer = BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 class Mirror:
     """Retrieved instances on the site's disk, one whole file per SOP Instance UID."""
 
@@ -252,44 +283,80 @@ class Mirror:
             stray.unlink(missing_ok=True)
         return {p.stem for p in self.folder.glob("*.dcm")}
 
-    def keep(self, uid: str, dataset: Dataset) -> Path:
-        buffer = BytesIO()
-        dataset.save_as(buffer, enforce_file_format=True)
+    def keep(self, uid: str, datasets: list[Dataset]) -> Path:
+        (dataset,) = datasets
         path = self.path(uid)
-        atomic_write(path, buffer.getvalue())
+        atomic_write(path, _encoded(dataset))
+        return path
+
+
+class SeriesMirror(Mirror):
+    """Retrieved series on the site's disk, one folder per Series Instance UID, renamed into
+    place only once every instance is written (a hidden ``.UID.partial`` folder until then)."""
+
+    def path(self, uid: str) -> Path:
+        return self.folder / uid
+
+    def held(self) -> set[str]:
+        if not self.folder.is_dir():
+            return set()
+        for stray in self.folder.glob(".*.partial"):
+            shutil.rmtree(stray, ignore_errors=True)
+        return {p.name for p in self.folder.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+    def keep(self, uid: str, datasets: list[Dataset]) -> Path:
+        partial = self.folder / f".{uid}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        for dataset in datasets:
+            (partial / f"{dataset.SOPInstanceUID}.dcm").write_bytes(_encoded(dataset))
+        path = self.path(uid)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(partial, path)
         return path
 
 
 def retrieve_labelled(config: DicomWebData, uids: Iterable[str], collect: Collector) -> Retrieval:
-    """Every labelled instance in the mirror, retrieving what is missing; failures collected."""
-    mirror = Mirror(config.cache_dir / "instances")
+    """Every labelled instance (or series) in the mirror, retrieving what is missing; failures
+    collected."""
+    series = config.key == "series_instance_uid"
+    mirror = (
+        SeriesMirror(config.cache_dir / "series")
+        if series
+        else Mirror(config.cache_dir / "instances")
+    )
+    unit = "series" if series else "instances"
     wanted = sorted(set(uids))
     held = mirror.held()
     files = {uid: mirror.path(uid) for uid in wanted if uid in held}
-    result = Retrieval(files, reused=len(files))
+    result = Retrieval(files, reused=len(files), unit=unit)
     missing = [uid for uid in wanted if uid not in held]
     if not missing:
         return result
     pacs = Pacs(config)
-    log.info("looking up %d instances in the PACS at %s (QIDO-RS)", len(missing), config.url)
+    log.info("looking up %d %s in the PACS at %s (QIDO-RS)", len(missing), unit, config.url)
     locations, failed = pacs.locate(missing)
     for uid, why in sorted(failed.items()):
-        collect.problem("retrieval failed", f"instance {uid}: {why}")
+        collect.problem("retrieval failed", f"{_what(series)} {uid}: {why}")
     for uid in missing:
         if uid not in locations and uid not in failed:
             collect.problem(
                 "not in the PACS",
-                f"{config.labels}: sop_instance_uid {uid} has a label but the PACS at "
-                f"{config.url} holds no such instance",
+                f"{config.labels}: {config.key} {uid} has a label but the PACS at "
+                f"{config.url} holds no such {_what(series)}",
             )
-    log.info("retrieving %d instances from the PACS (WADO-RS)", len(locations))
+    log.info("retrieving %d %s from the PACS (WADO-RS)", len(locations), unit)
     for uid, outcome in _retrieve_all(pacs, mirror, list(locations.values())):
         if isinstance(outcome, Path):
             files[uid] = outcome
             result.retrieved += 1
         else:
-            collect.problem("retrieval failed", f"instance {uid}: {outcome}")
+            collect.problem("retrieval failed", f"{_what(series)} {uid}: {outcome}")
     return result
+
+
+def _what(series: bool) -> str:
+    return "series" if series else "instance"
 
 
 def _retrieve_all(
@@ -299,19 +366,21 @@ def _retrieve_all(
 
     def one(location: Location) -> tuple[str, Path | str]:
         try:
-            dataset = pacs.retrieve(location)
+            datasets = pacs.retrieve(location)
         except requests.HTTPError as exc:
             status = _status(exc)
             if status in (401, 403):
                 raise _fatal(pacs.config.url, "WADO-RS retrieve", exc) from None
-            return location.sop, f"the PACS did not serve it (HTTP {status})"
+            return location.uid, f"the PACS did not serve it (HTTP {status})"
         except requests.RequestException as exc:
             raise PacsError(
                 f"data.url: lost the PACS at {pacs.config.url} ({root_cause(exc)})"
             ) from None
         except (ValueError, AttributeError, EOFError) as exc:
-            return location.sop, f"the PACS's answer is not a DICOM instance ({exc})"
-        return location.sop, mirror.keep(location.sop, dataset)
+            return location.uid, f"the PACS's answer is not a DICOM instance ({exc})"
+        if not datasets:
+            return location.uid, "the PACS answered with no instances"
+        return location.uid, mirror.keep(location.uid, datasets)
 
     with ThreadPoolExecutor(RETRIEVERS, thread_name_prefix="wado") as pool:
         yield from pool.map(one, locations)

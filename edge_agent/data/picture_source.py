@@ -9,10 +9,9 @@ load summary reports the decoded intensities. Train and test are split by the ta
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
-from edge_agent.data.dicom_source import read_labels
+from edge_agent.data.dicom_source import read_labels, read_patients
 from edge_agent.data.inputs import DataCard, ImageInput
 from edge_agent.data.pictures import SUFFIXES, PictureError, read_picture, sixteen_bit_range
 from edge_agent.data.settings import PictureData
@@ -37,7 +36,7 @@ def load_picture_site(config: PictureData) -> tuple[SiteData, LoadSummary]:
             pre = config.preprocessing.model_copy(update={"range": fixed})
             config = config.model_copy(update={"preprocessing": pre})
     labels = read_labels(config)
-    patients_of = _patients(config)
+    patients_of = read_patients(config)
     found = LabelledSet(
         labels,
         config.classes,
@@ -73,21 +72,3 @@ def _picture_files(folder: Path) -> list[Path]:
         for p in folder.rglob("*")
         if p.is_file() and p.suffix.lower() in SUFFIXES and not p.name.startswith(".")
     )
-
-
-def _patients(config: PictureData) -> dict[str, str]:
-    """File -> patient from the labels table's ``patient_column``; empty without one."""
-    if config.patient_column is None:
-        return {}
-    key_column = config.key_column or "file"
-    with config.labels_path.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        if config.patient_column not in (reader.fieldnames or []):
-            raise DataError(
-                f"{config.labels_path}: no column {config.patient_column!r} (patient_column); "
-                f"found {reader.fieldnames}"
-            )
-        return {
-            (row[key_column] or "").strip(): (row[config.patient_column] or "").strip()
-            for row in reader
-        }

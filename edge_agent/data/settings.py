@@ -18,29 +18,10 @@ if TYPE_CHECKING:
     import torch
 
 
-class Preprocessing(BaseModel):
-    """How images are prepared: the same in training, at every site, and when serving."""
+class Standardisation(BaseModel):
+    """``(x - mean) / std`` after scaling to [0, 1]: what the statistics round fixes."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-    size: int = Field(64, ge=8, le=4096, description="images are resized to size x size")
-    window: tuple[float, float] | Literal["auto"] | None = Field(
-        None,
-        description="(center, width) in physical units, fixed for every file; 'auto' ignores "
-        "the files' stored windows and uses range; default: each file's own window, else range",
-    )
-    range: tuple[float, float] | None = Field(
-        None,
-        description="physical values shown as 0..1 for files without a window (or with "
-        "window: auto); default: fixed per site, from the 0.5-99.5 percentiles of its images",
-    )
-    frame: int = Field(0, ge=0, description="which frame of a multi-frame file")
-
-    @model_validator(mode="after")
-    def _ordered_range(self) -> Preprocessing:
-        if self.range is not None and not self.range[0] < self.range[1]:
-            raise ValueError(f"range: the low end must be below the high end, got {self.range}")
-        return self
 
     mean: float | list[float] = Field(
         0.0, description="subtracted after scaling to [0, 1] (one value, or one per channel)"
@@ -48,7 +29,7 @@ class Preprocessing(BaseModel):
     std: float | list[float] = Field(1.0, description="then divided by (positive)")
 
     @model_validator(mode="after")
-    def _positive_std(self) -> Preprocessing:
+    def _positive_std(self) -> Standardisation:
         stds = self.std if isinstance(self.std, list) else [self.std]
         if not stds or any(not s > 0 for s in stds):
             raise ValueError(f"std: every value must be positive, got {self.std}")
@@ -68,6 +49,66 @@ class Preprocessing(BaseModel):
             return torch.tensor(value, dtype=image.dtype).reshape(shape)
 
         return (image - per_channel(self.mean)) / per_channel(self.std)
+
+
+Window = tuple[float, float] | Literal["auto"] | None
+
+
+class Windowed(Standardisation):
+    """Which physical values become 0..1: a window, a file's own, or the site's range."""
+
+    window: Window = Field(
+        None,
+        description="(center, width) in physical units, fixed for every file (e.g. [40, 400] "
+        "for soft-tissue CT); 'auto' ignores the files' stored windows and uses range; "
+        "default: each file's (or series') own window, else range",
+    )
+    range: tuple[float, float] | None = Field(
+        None,
+        description="physical values shown as 0..1 without a window (or with window: auto); "
+        "default: fixed per site, from the 0.5-99.5 percentiles of its images or volumes",
+    )
+
+    @model_validator(mode="after")
+    def _ordered_range(self) -> Windowed:
+        if self.range is not None and not self.range[0] < self.range[1]:
+            raise ValueError(f"range: the low end must be below the high end, got {self.range}")
+        return self
+
+
+class Preprocessing(Windowed):
+    """How images are prepared: the same in training, at every site, and when serving."""
+
+    size: int = Field(64, ge=8, le=4096, description="images are resized to size x size")
+    frame: int = Field(0, ge=0, description="which frame of a multi-frame file")
+
+
+class VolumePreprocessing(Windowed):
+    """How 3-D volumes are prepared: resampled onto one grid, the same at every site."""
+
+    spacing: tuple[float, float, float] = Field(
+        (2.0, 2.0, 2.0),
+        description="voxel size in mm along (inferior-superior, posterior-anterior, right-left)",
+    )
+    size: tuple[int, int, int] = Field(
+        (32, 64, 64),
+        description="voxels (depth, height, width) kept around the volume's centre: cropped "
+        "or padded to this; must match the plan's model input",
+    )
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, spacing: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not s > 0 for s in spacing):
+            raise ValueError(f"every spacing must be positive (mm), got {list(spacing)}")
+        return spacing
+
+    @field_validator("size")
+    @classmethod
+    def _sane_size(cls, size: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 4 <= s <= 1024 for s in size):
+            raise ValueError(f"every size must be 4..1024 voxels, got {list(size)}")
+        return size
 
 
 Key = Literal["file", "sop_instance_uid", "patient_id"]
@@ -140,6 +181,39 @@ class PictureData(LabelledImages):
         return self.labels or self.folder / "labels.csv"
 
 
+class VolumeData(LabelledImages):
+    """A site's ``data`` section for 3-D volumes: DICOM series or NIfTI files. See docs/data.md."""
+
+    source: Literal["volumes"] = "volumes"
+    format: Literal["dicom", "nifti"] = Field(
+        "dicom",
+        description="dicom: the folder's files grouped into series by SeriesInstanceUID; "
+        "nifti: each .nii or .nii.gz file is one volume",
+    )
+    folder: Path
+    labels: Path | None = Field(None, description="default: FOLDER/labels.csv")
+    key_column: str | None = Field(
+        None,
+        description="default: series_instance_uid (dicom) or file, the path relative to the "
+        "folder (nifti)",
+    )
+    patient_column: str | None = Field(
+        None, description="nifti: split train/test by this column (dicom: by PatientID)"
+    )
+    preprocessing: VolumePreprocessing = VolumePreprocessing()  # type: ignore[assignment]
+    cache_dir: Path | None = Field(
+        None, description="keep decoded volumes here (on the site) to skip decoding on restart"
+    )
+
+    @property
+    def key(self) -> Literal["series_instance_uid", "file"]:
+        return "series_instance_uid" if self.format == "dicom" else "file"
+
+    @property
+    def labels_path(self) -> Path:
+        return self.labels or self.folder / "labels.csv"
+
+
 class PacsAuth(BaseModel):
     """How the agent proves itself to the PACS: a bearer token, a user and password, and/or a
     client certificate; secrets are read from files (a mounted Secret), never written inline."""
@@ -174,10 +248,13 @@ class DicomWebData(LabelledImages):
         pattern=r"^https?://\S+$",
         description="the PACS's DICOMweb root, e.g. https://pacs.example.org/dicom-web",
     )
-    labels: Path = Field(description="the labels table, keyed by SOP Instance UID")
-    key: Literal["sop_instance_uid"] = Field(
-        "sop_instance_uid", description="what the key column holds"
+    labels: Path = Field(description="the labels table, keyed by SOP (or Series) Instance UID")
+    key: Literal["sop_instance_uid", "series_instance_uid"] = Field(
+        "sop_instance_uid",
+        description="what the key column holds: instances (2-D images), or series (3-D "
+        "volumes, with the volume preprocessing: spacing, size [depth, height, width])",
     )
+    preprocessing: Preprocessing | VolumePreprocessing = Preprocessing()  # type: ignore[assignment]
     auth: PacsAuth = PacsAuth()
     cache_dir: Path = Field(
         description="where retrieved instances and decoded images are kept, on the site's disk"
@@ -189,6 +266,26 @@ class DicomWebData(LabelledImages):
     query_batch: int = Field(
         40, ge=1, le=200, description="UIDs matched per QIDO-RS query (a list of UIDs)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _volume_preprocessing(cls, data: object) -> object:
+        """Series are volumes: their preprocessing is read as a volume's (an empty one too)."""
+        if isinstance(data, dict) and data.get("key") == "series_instance_uid":
+            given = data.get("preprocessing")
+            if given is None or isinstance(given, dict):
+                return {**data, "preprocessing": VolumePreprocessing.model_validate(given or {})}
+        return data
+
+    @model_validator(mode="after")
+    def _preprocessing_fits_key(self) -> DicomWebData:
+        volumes = self.key == "series_instance_uid"
+        if volumes != isinstance(self.preprocessing, VolumePreprocessing):
+            raise ValueError(
+                "preprocessing: series_instance_uid keys take a volume's (spacing, size as "
+                "[depth, height, width]); sop_instance_uid keys an image's (size as one number)"
+            )
+        return self
 
     @property
     def labels_path(self) -> Path:

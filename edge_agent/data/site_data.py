@@ -67,9 +67,10 @@ class LoadSummary:
     problems: list[str] = field(default_factory=list)  # with file names: for the local log only
     intensity: Intensity | None = None  # images only
     retrieval: str | None = None  # from a PACS: what was retrieved, what was on disk already
+    unit: str = "images"  # what ``loaded`` counts: images, volumes, records
 
     def describe(self) -> str:
-        parts = [f"{self.loaded} images of {self.patients} patients loaded"]
+        parts = [f"{self.loaded} {self.unit} of {self.patients} patients loaded"]
         if self.retrieval is not None:
             parts.append(self.retrieval)
         if self.intensity is not None:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from edge_agent.data.inputs import ImageInput, InputError
+from edge_agent.data.inputs import FileInput, InputError
 from edge_agent.serving.bodies import HttpError
 from edge_agent.serving.oip_binary import BinaryError, Blobs, bytes_elements
 from edge_agent.serving.predictor import Predictor, softmax
@@ -62,10 +62,10 @@ class ServedModel:
 
     @property
     def raw_input(self) -> str:
-        """The BYTES input of this model's raw records: DICOM files, PNG/JPEG files (a model
-        trained on pictures) or table records."""
+        """The BYTES input of this model's raw records: DICOM, PNG/JPEG (``picture``) or NIfTI
+        (``volume``) files, or table records."""
         encoding = self.predictor.card.data.input
-        return encoding.kind if isinstance(encoding, ImageInput) else "record"
+        return encoding.kind if isinstance(encoding, FileInput) else "record"
 
     @property
     def class_count(self) -> int:

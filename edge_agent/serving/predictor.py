@@ -21,8 +21,9 @@ import onnxruntime
 import torch
 
 from edge_agent.data.dicom import DicomError
-from edge_agent.data.inputs import FeatureInput, ImageInput, InputError
+from edge_agent.data.inputs import FeatureInput, FileInput, InputError
 from edge_agent.data.pictures import PictureError
+from edge_agent.data.volumes import VolumeError
 from edge_agent.model_card import CardError, ModelCard
 from models.onnx_export import INPUT_NAME, OUTPUT_NAME
 
@@ -112,9 +113,9 @@ class Predictor:
         return self.card.data.classes
 
     def from_file(self, data: bytes, source: str = "upload") -> torch.Tensor:
-        """An uploaded image file -- DICOM, or PNG/JPEG for a model trained on pictures."""
+        """An uploaded image file: DICOM, PNG/JPEG or NIfTI, as the model was trained on."""
         encoding = self.card.data.input
-        if not isinstance(encoding, ImageInput):
+        if not isinstance(encoding, FileInput):
             raise InputError(
                 "wrong input kind",
                 f"{source}: this model takes a feature vector ({len(encoding.features)} values), "
@@ -123,7 +124,7 @@ class Predictor:
         unusable = f"not a usable {encoding.file_format} file"
         try:
             return encoding.from_file(data, source)
-        except (DicomError, PictureError) as exc:
+        except (DicomError, PictureError, VolumeError) as exc:
             raise InputError(unusable, str(exc)) from None
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
             # pydicom's LUT code on attributes a malformed file gets wrong
@@ -140,7 +141,7 @@ class Predictor:
             )
         (key, value), encoding = next(iter(item.items())), self.card.data.input
         where = f"{field}.{key}"
-        if isinstance(encoding, ImageInput):
+        if isinstance(encoding, FileInput):
             if key != "image":
                 raise InputError(
                     "wrong input kind",

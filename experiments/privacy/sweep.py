@@ -29,7 +29,7 @@ from aggregator.config import JobConfig
 from aggregator.wire_tap import WireTap
 from edge_agent.data import datasets
 from edge_agent.data.datasets import Dataset, SiteData
-from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
+from edge_agent.data.inputs import DataCard, FeatureInput, FileInput
 from experiments.config import BASELINES, Cell, ExperimentConfig, PrivacySettings
 from experiments.inprocess import JobResult, run_job
 from experiments.privacy import attacks
@@ -109,7 +109,7 @@ def standardised_like(x: torch.Tensor, card: DataCard | None) -> torch.Tensor:
     """``x`` in the sites' encoding: the mean and std their data card records."""
     if card is None:
         raise ValueError("the sites' data has no card: cannot encode the auxiliary slice")
-    if isinstance(card.input, ImageInput):
+    if isinstance(card.input, FileInput):
         pre = card.input.preprocessing
         return torch.stack([pre.standardise(image) for image in x])
     assert isinstance(card.input, FeatureInput)

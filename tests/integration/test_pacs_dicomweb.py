@@ -22,10 +22,13 @@ import pytest
 import torch
 import yaml
 
-from edge_agent.data.dicom_source import load_dicom_site, load_dicomweb_site
+from edge_agent.data.dicom_source import load_dicom_site
 from edge_agent.data.dicom_synth import synthesize_site
-from edge_agent.data.settings import DicomData, DicomWebData
+from edge_agent.data.pacs_source import load_dicomweb_site
+from edge_agent.data.settings import DicomData, DicomWebData, VolumeData
 from edge_agent.data.site_data import DataError, SiteData
+from edge_agent.data.volume_source import load_volume_site
+from edge_agent.data.volume_synth import synthesize_volumes
 from experiments.orthanc import Orthanc, OrthancTls
 from tests.support.certs import CertificateAuthority
 
@@ -155,6 +158,34 @@ def test_an_agent_killed_mid_download_fetches_only_what_it_lacks(
     assert f"({240 - len(kept)} retrieved, {len(kept)} already on disk)" in done.stderr
     assert {p.name: p.stat().st_mtime_ns for p in mirror.glob("*.dcm") if p.name in kept} == kept
     assert len(list(mirror.glob("*.dcm"))) == 240 and not list(mirror.glob(".*"))
+
+
+def test_a_site_retrieves_whole_series_as_volumes_as_from_disk(
+    orthanc: Orthanc, tmp_path: Path
+) -> None:
+    """Labels keyed by Series Instance UID: each series is retrieved whole (WADO-RS), kept in
+    one folder, and decoded into the volume reading the same files from disk gives."""
+    (folder,) = synthesize_volumes(tmp_path / "ct", 1, 6, size=16)
+    orthanc.upload(sorted(folder.rglob("*.dcm")))
+    grid = {"spacing": [10, 10, 10], "size": [16, 16, 16], "window": [40, 400]}
+    config = _config(orthanc, folder, tmp_path, key="series_instance_uid", preprocessing=grid)
+    from_pacs, summary = load_dicomweb_site(config)
+    assert summary.retrieval == "6 series from the PACS (6 retrieved, 0 already on disk)"
+    assert summary.loaded == 6 and summary.unit == "volumes"
+    from_disk, _ = load_volume_site(
+        VolumeData.model_validate({"folder": folder, "classes": CLASSES, "preprocessing": grid})
+    )
+    assert _by_image(from_pacs) == _by_image(from_disk)
+    mirror = tmp_path / "cache" / "series"
+    slices = sorted(len(list(p.glob("*.dcm"))) for p in mirror.iterdir())
+    assert slices == sorted(len(list((folder / r["folder"]).glob("*.dcm"))) for r in _rows(folder))
+    # A killed agent leaves a series half-written in its hidden folder, never in place.
+    lost = next(mirror.iterdir())
+    lost.rename(mirror / f".{lost.name}.partial")
+    (mirror / f".{lost.name}.partial" / "extra.dcm").write_bytes(b"half a file")
+    again, summary = load_dicomweb_site(config)
+    assert summary.retrieval == "6 series from the PACS (1 retrieved, 5 already on disk)"
+    assert not list(mirror.glob(".*")) and torch.equal(again.x_train, from_pacs.x_train)
 
 
 def test_a_pacs_that_asks_for_a_client_certificate(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from cryptography import x509
 
 from aggregator.config import JobConfig
 from edge_agent.config import SiteConfig
+from edge_agent.data.settings import VolumeData
 from medsplit.cli import main
 from medsplit.health import HttpSettings
 from medsplit.security import helm_files, mosquitto_files
@@ -134,6 +135,16 @@ EDGE_SETS = {
                 "clientCertificate": True,
                 "ca": True,
                 "cidrs": ["10.20.0.15/32"],
+            },
+        },
+    },
+    "CT volumes": {
+        "data": {
+            "hostPath": "/srv/ct-export",
+            "config": {
+                "source": "volumes",
+                "classes": ["normal", "lesion"],
+                "preprocessing": {"spacing": [2, 2, 2], "size": [32, 64, 64]},
             },
         },
     },
@@ -278,6 +289,11 @@ def test_the_edge_chart_renders_valid_hardened_manifests(kit: Path, case: str) -
         assert site["device"] == "cpu"
     if case == "a PACS over DICOMweb":
         _assert_reads_its_pacs(site, pod, documents)
+    if case == "CT volumes":
+        config = SiteConfig.from_mapping(_localized(site, kit / "hospital-a"), "site.yaml")
+        assert isinstance(config.data, VolumeData) and config.data.folder == Path("/data")
+        state = next(m for m in container["volumeMounts"] if m["name"] == "state")
+        assert str(config.data.cache_dir).startswith(state["mountPath"])
     if case == "existing claims, csv":
         volume = next(v for v in pod["volumes"] if v["name"] == "data")
         assert volume["persistentVolumeClaim"] == {"claimName": "ehr", "readOnly": True}

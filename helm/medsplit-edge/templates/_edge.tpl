@@ -12,8 +12,11 @@
 {{- $_ := set $site "sealing" (dict "key_file" "/etc/medsplit/tls/seal.key" "ca_file" "/etc/medsplit/tls/ca.pem") -}}
 {{- end -}}
 {{- $data := deepCopy .Values.data.config -}}
-{{- if eq (default "dicom" $data.source) "dicom" -}}
+{{- if has (default "dicom" $data.source) (list "dicom" "images" "volumes") -}}
 {{- $_ := set $data "folder" "/data" -}}
+{{- if eq $data.source "volumes" -}}
+{{- $_ := set $data "cache_dir" "/var/lib/medsplit/volume-cache" -}}
+{{- end -}}
 {{- else if eq $data.source "csv" -}}
 {{- $_ := set $data "path" (printf "/data/%s" (required "data.config.path is required for a CSV table (relative to the data folder)" $data.path)) -}}
 {{- else if eq $data.source "dicomweb" -}}
