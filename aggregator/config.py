@@ -92,6 +92,13 @@ class TrainingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     local_epochs: int = Field(1, ge=1, le=1000, description="passes over local data per round")
+    threshold: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="binary tasks: a record is called positive when the positive class's "
+        "probability reaches this; sensitivity and specificity are read here",
+    )
     batch_size: int = Field(32, ge=1, le=65_536, description="samples per training step")
     optimizer: OptimizerConfig = OptimizerConfig()
     wire_dtype: WireDtype = Field(

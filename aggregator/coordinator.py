@@ -43,6 +43,7 @@ from aggregator.observability import CUT_LAYER_KINDS, StepTimes
 from aggregator.requests import OpenRequests
 from aggregator.sealed_relay import SealedRelay, no_seals, seal_refusal
 from aggregator.state import (
+    TALLY,
     Checkpoint,
     CloseTurn,
     Evaluated,
@@ -73,6 +74,7 @@ from aggregator.trunk_service import Answer, TrunkService
 from aggregator.wire_tap import WireTap
 from medsplit.aggregation import Aggregation
 from medsplit.channel import Endpoint, Received
+from medsplit.evaluation import Tally
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import MODES, Orchestration
 from medsplit.protocol import (
@@ -210,6 +212,7 @@ class Coordinator:
             aggregation=config.aggregation,
             precision=config.training.precision,
             deterministic=config.training.deterministic,
+            threshold=config.training.threshold,
         )
         specs = TensorSpecs(
             plan, config.mode, release_trunk=config.release_trunk, sealed=self.sealed
@@ -509,7 +512,14 @@ class Coordinator:
         if not self._answers_request(site, env):
             return
         metrics = read_meta(MetricsMeta, env)
-        self._step(Evaluated(site, env.round, metrics.model_dump(exclude={"epoch"})))
+        summary: dict[str, Any] = metrics.model_dump(exclude={"epoch"})
+        if env.tensors:
+            try:
+                summary[TALLY] = Tally.from_tensors(dict(env.tensors), metrics.samples)
+            except ValueError as exc:
+                self._step(ReplyRejected(site, Kind.METRICS, "UnusableReply", str(exc)))
+                return
+        self._step(Evaluated(site, env.round, summary))
 
     def _on_finished(self, site: str, env: Envelope) -> None:
         if not self._answers_request(site, env):

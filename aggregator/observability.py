@@ -127,6 +127,8 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
         "round": state.round,
         "rounds": config.rounds.count,
         "rounds_completed": len(state.history),
+        # The newest round's metrics of every site's held-out records together (from counts).
+        "pooled": dict(last.pooled) if last else {},
         "waiting_for": waiting,
         "late": late,
         "sites": {
@@ -149,6 +151,7 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
             {
                 "round": record.round,
                 "mean": record.mean(),
+                "pooled": dict(record.pooled),
                 "sites": {s: dict(m) for s, m in record.metrics.items()},
                 "train_loss": dict(record.train_loss),
                 "seconds": record.seconds,

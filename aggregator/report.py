@@ -19,6 +19,7 @@ from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
 from aggregator.report_page import write_pages
 from aggregator.state import RoundRecord
+from medsplit.evaluation import NAMES as CLINICAL
 from medsplit.modes import MODES
 from medsplit.storage import atomic_write
 
@@ -129,12 +130,13 @@ def report_dict(
 
 
 def _round(record: RoundRecord) -> dict[str, Any]:
-    keep = ("loss", "accuracy", "auroc", "samples", "epsilon")
+    keep = ("loss", "accuracy", "auroc", *CLINICAL, "samples", "epsilon")
     return {
         "round": record.round,
         "seconds": round(record.seconds, 3),
         "train_seconds": round(record.train_seconds, 3),
         "mean": record.mean(),
+        "pooled": record.pooled,
         "sites": {s: {k: m.get(k) for k in keep} for s, m in record.metrics.items()},
         "train_loss": record.train_loss,
         "compute_seconds": {s: round(v, 4) for s, v in record.compute_seconds.items()},

@@ -206,21 +206,51 @@ def _final_table(report: Mapping[str, Any]) -> str:
     final = report.get("final")
     if not final:
         return "<p class='none'>no round closed</p>"
+    clinical = ("balanced_accuracy", "macro_auroc", "sensitivity", "specificity", "ece")
     rows: list[tuple[object, ...]] = [
         (
             site,
             m.get("samples"),
             m.get("accuracy"),
-            m.get("auroc"),
+            *(m.get(name) for name in clinical),
             m.get("loss"),
             "-" if m.get("epsilon") is None else f"{m['epsilon']:.3g}",
         )
         for site, m in final["sites"].items()
     ]
     mean = final["mean"]
-    rows.append(("mean", None, mean.get("accuracy"), mean.get("auroc"), mean.get("loss"), None))
-    title = f"<p>round {final['round']}</p>"
-    columns = ("site", "held-out samples", "accuracy", "AUROC", "loss", "epsilon")
+    rows.append(
+        (
+            "mean",
+            None,
+            mean.get("accuracy"),
+            *(mean.get(n) for n in clinical),
+            mean.get("loss"),
+            None,
+        )
+    )
+    pooled = final.get("pooled") or {}
+    if pooled:
+        samples = pooled.get("samples")
+        rows.append(
+            (
+                "pooled",
+                None if samples is None else int(samples),
+                None,
+                *(pooled.get(name) for name in clinical),
+                None,
+                None,
+            )
+        )
+    title = (
+        f"<p>round {final['round']}. <em>pooled</em>: the metrics of every site's held-out "
+        "records together, from the counts each site sent (no prediction left a site); "
+        "<em>mean</em>: the plain mean of the sites' own.</p>"
+    )
+    columns = (
+        *("site", "held-out samples", "accuracy", "balanced accuracy", "macro AUROC"),
+        *("sensitivity", "specificity", "ECE", "loss", "epsilon"),
+    )
     return title + _table(columns, rows)
 
 

@@ -44,11 +44,14 @@ from typing import Any
 import torch
 
 from aggregator.strategy import Reply, Strategy, mean_metrics
+from medsplit.evaluation import pooled_tallies
 from medsplit.modes import TextEnum
 from medsplit.protocol import Kind
 from medsplit.statistics import FeatureSums
 
 Tensors = Mapping[str, torch.Tensor]
+
+TALLY = "tally"  # an evaluation's counts (medsplit.evaluation.Tally), pooled at close
 
 
 class Phase(TextEnum):
@@ -107,6 +110,8 @@ class RoundRecord:
     seconds: float = 0.0
     train_seconds: float = 0.0
     resumed: bool = False  # an aggregator restarted from a checkpoint ran (the rest of) it
+    # The pooled test set's metrics, from the sites' tallies added up (medsplit.evaluation).
+    pooled: dict[str, float | None] = field(default_factory=dict)
 
     def mean(self) -> dict[str, float | None]:
         return mean_metrics(self.metrics)
@@ -758,7 +763,10 @@ class JobMachine:
             sites[site] = replace(entry, bytes_up=up, bytes_down=down)
         record = replace(
             state.record,
-            metrics={s: dict(m) for s, m in state.evaluations.items()},
+            metrics={
+                s: {k: v for k, v in m.items() if k != TALLY} for s, m in state.evaluations.items()
+            },
+            pooled=pooled_tallies([m[TALLY] for m in state.evaluations.values() if TALLY in m]),
             bytes=traffic,
             seconds=now - state.round_started,
         )

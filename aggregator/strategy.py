@@ -33,6 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from medsplit.aggregation import Aggregation
+from medsplit.evaluation import NAMES as CLINICAL
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Strategy(Protocol):
 def mean_metrics(metrics: Mapping[str, Metrics]) -> dict[str, float | None]:
     """Each metric's plain mean over the sites that reported it (None when nobody did)."""
     out: dict[str, float | None] = {}
-    for name in ("loss", "accuracy", "auroc"):
+    for name in ("loss", "accuracy", "auroc", *CLINICAL):
         values = [float(m[name]) for m in metrics.values() if m.get(name) is not None]
         out[name] = sum(values) / len(values) if values else None
     return out

@@ -663,7 +663,8 @@ class Agent:
         self.learner.segments.train(False)
         logits = self.learner.logits(env.round, self.data.x_test.to(self.device))
         self._save()
-        metrics = evaluate_logits(logits.cpu(), self.data.y_test)
+        threshold = self.spec.threshold if self.spec is not None else 0.5
+        metrics = evaluate_logits(logits.cpu(), self.data.y_test, threshold)
         stats = self.endpoint.stats
         meta = {
             **metrics.as_meta(),
@@ -671,19 +672,25 @@ class Agent:
             "bytes_down": stats.received_bytes,
             "epsilon": finite_or_none(self.ledger.epsilon()),
         }
-        self._publish(env.reply(self.site_id, Kind.METRICS, meta=meta))
+        tensors = metrics.tally.tensors() if metrics.tally is not None else None
+        self._publish(env.reply(self.site_id, Kind.METRICS, tensors=tensors, meta=meta))
         loss = self.progress.last_train_loss
         log.info(  # one line per round, for a person following the site's log
-            "%s round %d: train loss %s, held-out accuracy %.3f, AUROC %s, loss %.4f "
-            "(%d samples); %.1f s training in all; %.2f MB up, %.2f MB down",
+            "%s round %d: train loss %s, held-out accuracy %.3f, balanced %s, AUROC %s, "
+            "loss %.4f (%d samples); %.1f s training in all; %.2f MB up, %.2f MB down",
             self.site_id,
             env.round,
             "n/a" if loss is None else f"{loss:.4f}",
             metrics.accuracy,
-            "n/a" if metrics.auroc is None else f"{metrics.auroc:.3f}",
+            _shown(metrics.clinical.get("balanced_accuracy")),
+            _shown(metrics.clinical.get("macro_auroc")),
             metrics.loss,
             metrics.samples,
             self.progress.compute_seconds,
             stats.sent_bytes / 1e6,
             stats.received_bytes / 1e6,
         )
+
+
+def _shown(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

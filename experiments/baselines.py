@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import time
 
+from torch import nn
+
 from aggregator.config import JobConfig
 from aggregator.state import RoundRecord
 from edge_agent.data.datasets import SiteData, pooled
+from medsplit.evaluation import pooled_tallies
 from medsplit.training import evaluate_model, make_optimizer, train_epochs
 
 
@@ -38,10 +41,7 @@ def run_centralized(config: JobConfig, sites: dict[str, SiteData]) -> list[Round
         )
         record = RoundRecord(round, train_loss={"pooled": sum(losses) / len(losses)})
         record.train_seconds = time.perf_counter() - started
-        record.metrics = {
-            site: evaluate_model(model, data.x_test, data.y_test).as_meta()
-            for site, data in sites.items()
-        }
+        _evaluate(record, dict.fromkeys(sites, model), sites, config.training.threshold)
         record.seconds = time.perf_counter() - started
         history.append(record)
     return history
@@ -70,10 +70,19 @@ def run_local(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord
             )
             record.train_loss[site] = sum(losses) / len(losses)
         record.train_seconds = time.perf_counter() - started
-        record.metrics = {
-            site: evaluate_model(models[site], data.x_test, data.y_test).as_meta()
-            for site, data in sites.items()
-        }
+        _evaluate(record, models, sites, config.training.threshold)
         record.seconds = time.perf_counter() - started
         history.append(record)
     return history
+
+
+def _evaluate(
+    record: RoundRecord, models: dict[str, nn.Module], sites: dict[str, SiteData], threshold: float
+) -> None:
+    """Every site's held-out metrics, and the pooled test set's from their tallies."""
+    results = {
+        site: evaluate_model(models[site], data.x_test, data.y_test, threshold)
+        for site, data in sites.items()
+    }
+    record.metrics = {site: metrics.as_meta() for site, metrics in results.items()}
+    record.pooled = pooled_tallies([m.tally for m in results.values() if m.tally is not None])

@@ -54,6 +54,8 @@ class Row:
     failed: int
     accuracy: Spread
     auroc: Spread
+    balanced: Spread  # pooled over the sites' held-out records
+    pooled_auroc: Spread
     mb_up: Spread
     mb_down: Spread
     seconds: Spread
@@ -77,6 +79,8 @@ def summarize(results: list[CellResult]) -> list[Row]:
                 failed=len(members) - len(done),
                 accuracy=Spread.of([r.final()["accuracy"] for r in done]),
                 auroc=Spread.of([r.final()["auroc"] for r in done]),
+                balanced=Spread.of([r.pooled().get("balanced_accuracy") for r in done]),
+                pooled_auroc=Spread.of([r.pooled().get("macro_auroc") for r in done]),
                 mb_up=Spread.of([r.bytes_per_site("up") / 1e6 for r in done]),
                 mb_down=Spread.of([r.bytes_per_site("down") / 1e6 for r in done]),
                 seconds=Spread.of([r.wall_time_s for r in done]),
@@ -108,6 +112,8 @@ def markdown(config: ExperimentConfig, rows: list[Row]) -> str:
         f"batch {config.batch_size}, {config.optimizer.name} lr {config.optimizer.lr:g}, "
         f"seeds {config.seeds}, wire {', '.join(config.wire_dtypes)}. Accuracy and AUROC: mean "
         "over sites of the held-out metrics after the last round, then mean ± std over seeds. "
+        "Pooled: balanced accuracy and macro AUROC of every site's held-out records together "
+        "(from the counts the sites sent). "
         "vs float32: accuracy points against the same method with a float32 wire. MB: bytes "
         "each site sent (up) and received (down) over the whole job, mean per site.",
         "",
@@ -119,16 +125,16 @@ def markdown(config: ExperimentConfig, rows: list[Row]) -> str:
         lines += [
             f"## {partition}, {sites} sites",
             "",
-            "| method | accuracy | vs float32 | AUROC | MB up / site | MB down / site | wall s "
-            "| runs |",
-            "|---|---|---|---|---|---|---|---|",
+            "| method | accuracy | vs float32 | AUROC | pooled balanced accuracy | pooled AUROC "
+            "| MB up / site | MB down / site | wall s | runs |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         accuracy = {row.method: row.accuracy for row in members}
         for row in members:
             runs = f"{row.runs - row.failed}/{row.runs}"
             lines.append(
                 f"| {row.method} | {row.accuracy.text()} | {_cost(row, accuracy)} | "
-                f"{row.auroc.text()} | "
+                f"{row.auroc.text()} | {row.balanced.text()} | {row.pooled_auroc.text()} | "
                 f"{row.mb_up.text(2)} | {row.mb_down.text(2)} | {row.seconds.text(1)} | {runs} |"
             )
         lines.append("")
@@ -156,12 +162,13 @@ def _write_csv(path: Path, rows: list[list[object]]) -> None:
 
 def _write_summary_csv(path: Path, rows: list[Row]) -> None:
     header = ["partition", "sites", "method", "runs", "failed"]
-    for name in ("accuracy", "auroc", "mb_up", "mb_down", "seconds"):
+    for name in ("accuracy", "auroc", "balanced", "pooled_auroc", "mb_up", "mb_down", "seconds"):
         header += [f"{name}_mean", f"{name}_std"]
     table: list[list[object]] = [list(header)]
     for row in rows:
         values: list[object] = [row.partition, row.sites, row.method, row.runs, row.failed]
-        for spread in (row.accuracy, row.auroc, row.mb_up, row.mb_down, row.seconds):
+        spreads = (row.accuracy, row.auroc, row.balanced, row.pooled_auroc, row.mb_up)
+        for spread in (*spreads, row.mb_down, row.seconds):
             values += [spread.mean, spread.std]
         table.append(values)
     _write_csv(path, table)

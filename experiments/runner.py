@@ -52,6 +52,10 @@ class CellResult:
             return {"loss": None, "accuracy": None, "auroc": None}
         return self.history[-1].mean()
 
+    def pooled(self) -> dict[str, float | None]:
+        """The last round's metrics of every site's held-out records together."""
+        return dict(self.history[-1].pooled) if self.history else {}
+
     def bytes_per_site(self, direction: str) -> float:
         if not self.traffic:
             return 0.0

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from medsplit.config import OptimizerConfig
+from medsplit.evaluation import NAMES, Tally
 from medsplit.precision import MixedPrecision
 
 
@@ -57,6 +58,9 @@ class Metrics:
     accuracy: float
     auroc: float | None  # binary tasks with both classes present; None otherwise
     samples: int
+    # The clinicians' metrics (medsplit.evaluation.NAMES) and the counts they come from.
+    clinical: dict[str, float | None] = field(default_factory=dict)
+    tally: Tally | None = None
 
     def as_meta(self) -> dict[str, float | int | None]:
         return {
@@ -64,10 +68,13 @@ class Metrics:
             "accuracy": self.accuracy,
             "auroc": self.auroc,
             "samples": self.samples,
+            **self.clinical,
         }
 
 
-def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
+def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> Metrics:
+    """Held-out metrics of ``logits`` [N, C]; ``threshold`` is the decision rule's for a
+    binary task's positive class (sensitivity and specificity are read there)."""
     with torch.no_grad():
         loss = float(loss_fn(logits, labels))
         accuracy = float((logits.argmax(1) == labels).float().mean())
@@ -75,12 +82,17 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor) -> Metrics:
         # A model poisoned into non-finite outputs still gets its metrics (not an exception
         # that stalls the round): its accuracy says what it is worth, and AUROC is undefined.
         finite = bool(torch.isfinite(logits).all())
-        if logits.shape[1] == 2 and len(labels.unique()) == 2 and finite:
-            scores = logits.softmax(1)[:, 1].numpy()
+        probabilities = logits.float().softmax(1) if finite else None
+        if probabilities is not None and logits.shape[1] == 2 and len(labels.unique()) == 2:
+            scores = probabilities[:, 1].numpy()
             from sklearn.metrics import roc_auc_score  # noqa: PLC0415 - only sites evaluate
 
             auroc = float(roc_auc_score(labels.numpy(), scores))
-    return Metrics(loss if math.isfinite(loss) else float("nan"), accuracy, auroc, len(labels))
+    tally = None if probabilities is None else Tally.of(logits, labels, threshold)
+    clinical = dict.fromkeys(NAMES) if tally is None else tally.summary()
+    return Metrics(
+        loss if math.isfinite(loss) else float("nan"), accuracy, auroc, len(labels), clinical, tally
+    )
 
 
 def train_centralized(
@@ -131,9 +143,11 @@ def train_epochs(
     return losses
 
 
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Metrics:
+def evaluate_model(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, threshold: float = 0.5
+) -> Metrics:
     """Held-out metrics of a whole model, in evaluation mode."""
     model.eval()
     with torch.no_grad():
         logits = model(x)
-    return evaluate_logits(logits, y)
+    return evaluate_logits(logits, y, threshold)

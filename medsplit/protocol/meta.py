@@ -72,6 +72,12 @@ class MetricsMeta(Meta):
     loss: Loss | None = None
     accuracy: Fraction | None = None
     auroc: Fraction | None = None
+    # The clinicians' metrics (medsplit.evaluation); the tally they come from are its tensors.
+    balanced_accuracy: Fraction | None = None
+    macro_auroc: Fraction | None = None
+    sensitivity: Fraction | None = None
+    specificity: Fraction | None = None
+    ece: Fraction | None = None
     samples: Count = 0
     bytes_up: Annotated[int, Field(ge=0, le=MAX_BYTES)] = 0
     bytes_down: Annotated[int, Field(ge=0, le=MAX_BYTES)] = 0

@@ -29,6 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from medsplit.config import AggregationSettings, DefenseSettings, OptimizerConfig, Precision
+from medsplit.evaluation import CALIBRATION_BINS, SCORE_BINS
 from medsplit.modes import MODES, Mode, Orchestration, traits
 from medsplit.protocol.kinds import Kind
 from medsplit.wire import TensorSpec, WireDtype
@@ -61,6 +62,7 @@ class JobSpec(BaseModel):
     aggregation: AggregationSettings = AggregationSettings()
     precision: Precision = "fp32"
     deterministic: bool = False
+    threshold: float = 0.5  # a binary task's decision rule, for sensitivity and specificity
 
     def to_meta(self) -> str:
         """The spec as JSON. Settings at their "off" value are left out, so an agent from
@@ -75,6 +77,8 @@ class JobSpec(BaseModel):
             exclude.add("precision")
         if not self.deterministic:
             exclude.add("deterministic")
+        if self.threshold == 0.5:
+            exclude.add("threshold")
         data = self.model_dump(mode="json", exclude=exclude)
         model = data["plan"]["model"]
         if model.get("name") is not None:
@@ -200,6 +204,12 @@ class TensorSpecs:
         self.by_kind[K.STATS] = {
             "sum": TensorSpec(torch.float64, channels),
             "sum_sq": TensorSpec(torch.float64, channels),
+        }
+        # Held-out results as counts (medsplit.evaluation.Tally); any number of classes.
+        self.by_kind[K.METRICS] = {
+            "confusion": TensorSpec(torch.int64, (None, 2, 2)),
+            "scores": TensorSpec(torch.int32, (None, 2, SCORE_BINS)),
+            "calibration": TensorSpec(torch.float64, (CALIBRATION_BINS, 3)),
         }
         self.by_kind[K.NORMALIZATION] = {
             "mean": TensorSpec(torch.float32, channels),

@@ -18,6 +18,7 @@ from edge_agent.data import datasets
 from edge_agent.local_model import LocalModel
 from experiments.inprocess import run_job
 from medsplit.config import OptimizerConfig
+from medsplit.evaluation import Tally
 from medsplit.protocol import Kind, topics
 from medsplit.training import train_centralized
 from medsplit.transport import MemoryBroker
@@ -230,11 +231,13 @@ def test_federated_traffic_per_round_is_the_shared_parameters_times_four(mode: s
     done = [(c, e) for c, e in _uplink(broker) if e.kind == Kind.DONE]
     assert len(done) == len(names) * config.rounds.count
     assert all(e.payload_nbytes() == analytic for _, e in done)
+    tally = sum(t.numel() * t.element_size() for t in _tally(config).values())
     for record in result.history[1:]:  # round 0 also carries the hello
         for site in names:
             up = record.bytes[site]["up"]
-            # done (the weights) plus metrics; framing costs a few hundred bytes per message.
-            assert analytic < up < analytic + 4096, (site, up, analytic)
+            # done (the weights) plus metrics and their tally; framing costs a few hundred
+            # bytes per message.
+            assert analytic + tally < up < analytic + tally + 4096, (site, up, analytic)
     for site in names:
         total = sum(r.bytes[site]["up"] for r in result.history)
         assert total == result.coordinator.sites[site].bytes_up
@@ -300,3 +303,10 @@ class _FromRound2(Agent):
             self._publish(answer)
             return
         super()._train(env)
+
+
+def _tally(config: JobConfig) -> dict[str, torch.Tensor]:
+    """The counts a site's metrics carry for the job's classes."""
+    classes = cut_shapes(config.plan, 1)["logits"][1]
+    labels = torch.arange(classes)
+    return Tally.of(torch.eye(classes), labels).tensors()

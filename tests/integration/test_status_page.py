@@ -71,6 +71,7 @@ return {
   points: Array.from(document.querySelectorAll("#curve-accuracy polyline"))
     .reduce((sum, line) => sum + parseInt(line.dataset.points || "0", 10), 0),
   sites: Array.from(document.querySelectorAll("#sites tbody tr")).map(row => row.dataset.site),
+  pooled: parseFloat(document.querySelectorAll("#pooled td")[7].textContent),
 };
 """
 
@@ -80,6 +81,12 @@ def _reading(driver: webdriver.Chrome) -> tuple[int, int, list[str]]:
     page = driver.execute_script(_READ_PAGE)
     counter = page["round"]
     return (counter if isinstance(counter, int) else -1), page["points"], page["sites"]
+
+
+def _pooled_balanced_accuracy(driver: webdriver.Chrome) -> float:
+    """The pooled row's balanced accuracy (NaN while no round has closed)."""
+    value = driver.execute_script(_READ_PAGE)["pooled"]
+    return float(value) if isinstance(value, int | float) else float("nan")
 
 
 def test_the_status_page_follows_a_job_and_asks_only_the_aggregator(
@@ -103,6 +110,7 @@ def test_the_status_page_follows_a_job_and_asks_only_the_aggregator(
         wait.until(lambda d: _reading(d)[0] > first[0])
         second = _reading(browser)
         assert second[1] > first[1]  # the curves grew with the rounds
+        assert 0.0 <= _pooled_balanced_accuracy(browser) <= 1.0  # pooled from the sites' counts
         assert "medsplit" in browser.title
         browser.save_screenshot(str(out / "status-page.png"))
         requests = [
