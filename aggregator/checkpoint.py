@@ -85,6 +85,8 @@ class CheckpointStore:
         tensors = {f"weights/{k}": v for k, v in point.weights.items()}
         if point.normalization is not None:
             tensors["normalization/mean"], tensors["normalization/std"] = point.normalization
+        if point.class_weights is not None:
+            tensors["normalization/class_weights"] = point.class_weights
         tensors |= rng_states()
         trunk_doc: dict[str, object] = {}
         if trunk is not None:
@@ -146,6 +148,7 @@ def _loaded(path: Path, tensors: dict[str, torch.Tensor], document: dict[str, An
         normalization=normalization,
         sites={s: _site(e) for s, e in document["sites"].items()},
         late_messages=int(document["late_messages"]),
+        class_weights=tensors.get("normalization/class_weights"),
         resumed_at=tuple(int(r) for r in document.get("resumed_at", [])),
         turn=int(document.get("turn", 0)),
         step=int(document.get("step", 0)),

@@ -92,6 +92,12 @@ class TrainingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     local_epochs: int = Field(1, ge=1, le=1000, description="passes over local data per round")
+    class_weights: Literal["none", "balanced"] = Field(
+        "none",
+        description="balanced: weigh each class in the loss by N / (classes x its records) "
+        "(multi-label: (N - positives) / positives), from class counts the statistics round "
+        "gathers (counts only); needs normalization: federated",
+    )
     threshold: float = Field(
         0.5,
         gt=0,
@@ -324,6 +330,11 @@ class JobConfig(FileSettings):
             raise ValueError(
                 f"rounds.min_sites: {rounds.min_sites} is more than the {len(self.sites)} sites "
                 "listed"
+            )
+        if self.training.class_weights == "balanced" and self.normalization != "federated":
+            raise ValueError(
+                "training.class_weights: balanced weights come from the statistics round; "
+                "set normalization: federated"
             )
         if self.checkpoint.every_steps and not (
             MODES[self.mode].cut_layer and self.orchestration == Orchestration.SEQUENTIAL

@@ -182,6 +182,7 @@ class Coordinator:
             round_deadline_s=config.rounds.deadline_s,
             local_epochs=config.training.local_epochs,
             normalization=_fixed_normalization(config),
+            class_weights=config.training.class_weights == "balanced",
             finish_linger_s=config.rounds.finish_deadline_s,
             snapshot_every=config.checkpoint.every_steps,
             sample_slack=config.security.sample_slack,
@@ -213,9 +214,14 @@ class Coordinator:
             precision=config.training.precision,
             deterministic=config.training.deterministic,
             threshold=config.training.threshold,
+            class_weights=config.training.class_weights,
         )
         specs = TensorSpecs(
-            plan, config.mode, release_trunk=config.release_trunk, sealed=self.sealed
+            plan,
+            config.mode,
+            release_trunk=config.release_trunk,
+            sealed=self.sealed,
+            class_weights=config.training.class_weights == "balanced",
         )
         endpoint.set_expected(
             lambda header: specs.expected(header.kind), MessageRules.aggregator(config.mode)
@@ -344,6 +350,8 @@ class Coordinator:
         except Exception as exc:
             self.conduct.dropped(event, getattr(event, "site", None) or "-", exc)
             return
+        if self.trunk is not None:  # vanilla split's loss is computed here
+            self.trunk.class_weights = self.state.class_weights
         for message in out:
             self._execute(message)
         self._report_progress(before, self.state)
@@ -367,7 +375,9 @@ class Coordinator:
         elif message.kind == Kind.FINISH:
             tensors = self.final_tensors()
         elif message.kind in (Kind.TRAIN, Kind.EVALUATE) and self.state.normalization:
-            meta["normalization"] = normalization_digest(*self.state.normalization)
+            meta["normalization"] = normalization_digest(
+                *self.state.normalization, self.state.class_weights
+            )
         envelope = self._envelope(message.kind, message.round, tensors, meta)
         if message.kind in REQUEST_KINDS and not self.requests.open(message.site, envelope):
             return  # the same request went out less than a retry interval ago: it waits
@@ -485,10 +495,14 @@ class Coordinator:
     def _on_stats(self, site: str, env: Envelope) -> None:
         if not self._answers_request(site, env):
             return
-        count = read_meta(StatsMeta, env).count
-        self._step(
-            StatsReported(site, FeatureSums(count, env.tensors["sum"], env.tensors["sum_sq"]))
-        )
+        meta = read_meta(StatsMeta, env)
+        classes, records = env.tensors["classes"], meta.records or 0
+        if bool((classes < 0).any()) or bool((classes > records).any()):
+            detail = f"classes: counts must lie between 0 and the {records} records reported"
+            self._step(ReplyRejected(site, Kind.STATS, "UnusableReply", detail))
+            return
+        sums = FeatureSums(meta.count, env.tensors["sum"], env.tensors["sum_sq"], classes, records)
+        self._step(StatsReported(site, sums))
 
     def _on_done(self, site: str, env: Envelope) -> None:
         if not self._answers_request(site, env):
@@ -513,12 +527,11 @@ class Coordinator:
             return
         metrics = read_meta(MetricsMeta, env)
         summary: dict[str, Any] = metrics.model_dump(exclude={"epoch"})
-        if env.tensors:
-            try:
-                summary[TALLY] = Tally.from_tensors(dict(env.tensors), metrics.samples)
-            except ValueError as exc:
-                self._step(ReplyRejected(site, Kind.METRICS, "UnusableReply", str(exc)))
-                return
+        try:
+            summary[TALLY] = Tally.from_tensors(dict(env.tensors), metrics.samples)
+        except ValueError as exc:
+            self._step(ReplyRejected(site, Kind.METRICS, "UnusableReply", str(exc)))
+            return
         self._step(Evaluated(site, env.round, summary))
 
     def _on_finished(self, site: str, env: Envelope) -> None:

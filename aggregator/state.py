@@ -47,7 +47,7 @@ from aggregator.strategy import Reply, Strategy, mean_metrics
 from medsplit.evaluation import pooled_tallies
 from medsplit.modes import TextEnum
 from medsplit.protocol import Kind
-from medsplit.statistics import FeatureSums
+from medsplit.statistics import FeatureSums, class_weights
 
 Tensors = Mapping[str, torch.Tensor]
 
@@ -250,6 +250,7 @@ class ResumePoint:
     normalization: tuple[torch.Tensor, torch.Tensor] | None
     sites: Mapping[str, SiteEntry]
     late_messages: int = 0
+    class_weights: torch.Tensor | None = None  # training.class_weights: balanced
     resumed_at: tuple[int, ...] = ()
     # Mid-round (a step checkpoint of sequential split rounds): the turn in progress, the
     # site's step to go on from, and the round so far.
@@ -313,6 +314,7 @@ class JobState:
     failure: str | None = None
     statistics: Mapping[str, FeatureSums] = field(default_factory=dict)
     normalization: tuple[torch.Tensor, torch.Tensor] | None = None  # mean, std for every site
+    class_weights: torch.Tensor | None = None  # the loss's per class, with the normalization
     resume: ResumePoint | None = None  # resumed from a checkpoint: where to go on from
     resumed_at: tuple[int, ...] = ()  # rounds at which this job was resumed, for the report
     from_step: int = 0  # the current turn's site goes on from this step (a mid-round resume)
@@ -364,6 +366,7 @@ class JobState:
             sites=self.sites,
             late_messages=self.late_messages,
             resumed_at=self.resumed_at,
+            class_weights=self.class_weights,
         )
 
     @property
@@ -405,6 +408,7 @@ def resumed_state(
         history=point.history,
         late_messages=point.late_messages,
         normalization=point.normalization,
+        class_weights=point.class_weights,
         resume=point,
         resumed_at=(*point.resumed_at, point.round),
     )
@@ -421,6 +425,9 @@ class JobMachine:
     local_epochs: int
     # None: run the statistics round; otherwise the fixed (mean, std) of the job, or () for none.
     normalization: tuple[torch.Tensor, torch.Tensor] | tuple[()] | None = None
+    # The statistics round also weighs the classes (training.class_weights: balanced).
+    class_weights: bool = False
+    multilabel: bool = False
     finish_linger_s: float = 0.0  # how long to wait for every site to acknowledge finish
     snapshot_every: int = 0  # sequential split: sites keep their state every this many steps
     sample_slack: float = 1.0  # a reply may claim this many times the samples declared at join
@@ -630,17 +637,27 @@ class JobMachine:
                 f"only {len(state.statistics)} sites sent their statistics before the deadline "
                 f"(min_sites={self.quorum}); missing {', '.join(state.waiting_for)}",
             )
-        mean, std = FeatureSums.combine(
-            [state.statistics[s] for s in state.asked if s in state.statistics]
-        )
-        state = replace(state, normalization=(mean, std), asked=())
+        reported = [state.statistics[s] for s in state.asked if s in state.statistics]
+        mean, std = FeatureSums.combine(reported)
+        weights = None
+        if self.class_weights:
+            counts = [r.classes for r in reported if r.classes is not None]
+            records = sum(r.records or 0 for r in reported)
+            try:
+                weights = class_weights(counts, records, self.multilabel)
+            except ValueError as exc:
+                return _failed(state, f"the statistics round's {exc}")
+        state = replace(state, normalization=(mean, std), class_weights=weights, asked=())
         out.extend(self._normalization(state, site) for site in state.joined)
         return self._start_round(state, 0, now, out)
 
     def _normalization(self, state: JobState, site: str) -> Send:
         assert state.normalization is not None
         mean, std = state.normalization
-        return Send(site, Kind.NORMALIZATION, 0, {"mean": mean, "std": std})
+        tensors = {"mean": mean, "std": std}
+        if state.class_weights is not None:
+            tensors["class_weights"] = state.class_weights
+        return Send(site, Kind.NORMALIZATION, 0, tensors)
 
     def _start_round(
         self, state: JobState, round: int, now: float, out: list[Out], *, resumed: bool = False

@@ -51,6 +51,8 @@ class Trunk:
         precision: str = "fp32",
     ) -> None:
         self.module = trunk.to(device)
+        # Vanilla split computes the loss here: with the job's class weights, once known.
+        self.class_weights: torch.Tensor | None = None
         self.precision = precision
         self.device = device
         self.parallel = parallel
@@ -119,7 +121,7 @@ class Trunk:
         h = to_device(h, self.device).requires_grad_()
         optimizer.zero_grad()
         with amp.autocast():
-            loss = loss_fn(module(entry(h)), to_device(y, self.device))
+            loss = loss_fn(module(entry(h)), to_device(y, self.device), self.class_weights)
         amp.backward(loss)
         assert h.grad is not None
         grad = amp.unscaled(h.grad).cpu()

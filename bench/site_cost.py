@@ -38,8 +38,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from aggregator.config import JobConfig
 from bench._report import bench_main, machine
 from edge_agent.data import datasets
-from experiments.config import DEFAULT_PLANS
 from experiments.inprocess import run_job
+from experiments.table_plans import BUILTIN
 from medsplit.modes import MODES, Mode
 from medsplit.transport import MemoryBroker
 from medsplit.wiring import memory_connector
@@ -52,7 +52,7 @@ BATCH = 32
 
 
 def _plan(dataset: str, mode: str) -> str:
-    plans = DEFAULT_PLANS[dataset]
+    plans = BUILTIN[dataset]
     return (
         plans["split-u"]
         if mode == "split-u"

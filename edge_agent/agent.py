@@ -29,6 +29,7 @@ Surviving faults:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import threading
@@ -58,11 +59,12 @@ from medsplit.protocol.meta import MessageRules
 from medsplit.protocol.presence import Presence, new_incarnation
 from medsplit.protocol.spec import SEAL, SEALS
 from medsplit.security.seal import SealError
-from medsplit.statistics import normalization_digest
+from medsplit.statistics import class_counts, normalization_digest
 from medsplit.throttle import error_replies
 from medsplit.training import evaluate_logits
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
 from medsplit.wire.frame import MetaValue
+from models import cut_shapes
 from models.factory import FactoryError
 
 log = logging.getLogger(__name__)
@@ -438,17 +440,31 @@ class Agent:
     def _send_stats(self, env: Envelope) -> None:
         """Counts and sums of this site's training inputs: never a value leaves the site."""
         sums = site_sums(self.loaded)
-        tensors = {"sum": sums.total, "sum_sq": sums.total_sq}
+        counts = class_counts(self.loaded.y_train, self._class_count())
+        tensors = {"sum": sums.total, "sum_sq": sums.total_sq, "classes": counts}
         self._publish(
-            env.reply(self.site_id, Kind.STATS, tensors=tensors, meta={"count": sums.count})
+            env.reply(
+                self.site_id,
+                Kind.STATS,
+                tensors=tensors,
+                meta={"count": sums.count, "records": self.loaded.train_samples},
+            )
         )
+
+    def _class_count(self) -> int:
+        """How many classes the job's model tells apart: the data card's, else the model's."""
+        if self.loaded.card is not None:
+            return len(self.loaded.card.classes)
+        assert self.spec is not None
+        return int(cut_shapes(self.spec.plan, 1)["logits"][-1])
 
     def _normalise(self, env: Envelope) -> None:
         mean, std = env.tensors["mean"], env.tensors["std"]
-        digest = normalization_digest(mean, std)
+        weights = env.tensors.get("class_weights")
+        digest = normalization_digest(mean, std, weights)
         if digest == self.normalization:
             return  # sent again with a repeated request: already applied
-        self.data = normalise(self.loaded, mean, std)
+        self.data = dataclasses.replace(normalise(self.loaded, mean, std), class_weights=weights)
         self.normalization = digest
         log.info(
             "%s: inputs normalised with the federation's statistics (mean %s, std %s)",
@@ -483,7 +499,11 @@ class Agent:
             self._accept_roster(spec, env)
         self.spec = spec
         self.specs = TensorSpecs(
-            spec.plan, spec.mode, release_trunk=spec.release_trunk, sealed=spec.sealed
+            spec.plan,
+            spec.mode,
+            release_trunk=spec.release_trunk,
+            sealed=spec.sealed,
+            class_weights=spec.class_weights == "balanced",
         )
         self.recovery = Recovery(self.site_id, self.job_id, self.state_dir)
         self.learner = (

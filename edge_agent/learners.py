@@ -90,6 +90,7 @@ class FederatedLearner:
             seed=self.spec.seed,
             first_epoch=round * epochs,
             amp=model.amp,
+            class_weights=data.class_weights,
         )
         steps = -(-data.train_samples // self.spec.batch_size) * epochs
         self.progress.steps += steps
@@ -120,6 +121,7 @@ class SplitLearner:
         self.segments = EdgeSegments(spec, device)
         self.initial = self.segments.state()  # the job's first turn starts from these
         self._sent_labels: torch.Tensor | None = None
+        self.class_weights: torch.Tensor | None = None  # the job's, once normalised
 
     def train_round(
         self,
@@ -136,6 +138,7 @@ class SplitLearner:
         checkpoints at the same steps); from ``resumed`` it goes on at that step.
         """
         x, y = data.x_train, data.y_train
+        self.class_weights = data.class_weights
         sent_labels = self._labels_to_send(y)
         step, total_loss, seen, taken = 0, 0.0, 0, 0
         first = 0
@@ -191,7 +194,7 @@ class SplitLearner:
         t = self._exchange(Kind.ACTIVATIONS, sent, Kind.TRUNK_OUT, round, step).tensors["t"]
         t = to_device(t, self.device).requires_grad_()
         with amp.autocast():
-            loss = loss_fn(seg.tail(entry(t)), yb)
+            loss = loss_fn(seg.tail(entry(t)), yb, self.class_weights)
         amp.backward(loss)
         assert t.grad is not None
         returned = {"g": defenses.gradient(amp.unscaled(t.grad))}

@@ -13,17 +13,32 @@ from __future__ import annotations
 
 import time
 
+import torch
 from torch import nn
 
 from aggregator.config import JobConfig
 from aggregator.state import RoundRecord
 from edge_agent.data.datasets import SiteData, pooled
 from medsplit.evaluation import pooled_tallies
+from medsplit.statistics import class_counts, class_weights
 from medsplit.training import evaluate_model, make_optimizer, train_epochs
+from models import cut_shapes
+
+
+def _weights(config: JobConfig, sites: dict[str, SiteData]) -> torch.Tensor | None:
+    """The job's class weights, as its statistics round would combine them."""
+    if config.training.class_weights != "balanced":
+        return None
+    shares = list(sites.values())
+    multilabel = shares[0].y_train.dim() == 2
+    classes = int(cut_shapes(config.plan, 1)["logits"][-1])
+    counts = [class_counts(s.y_train, classes) for s in shares]
+    return class_weights(counts, sum(len(s.y_train) for s in shares), multilabel)
 
 
 def run_centralized(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord]:
     model = config.plan.model.build(seed=config.seed)
+    weights = _weights(config, sites)
     optimizer = make_optimizer(model.parameters(), config.training.optimizer)
     everything = pooled(list(sites.values()))
     history = []
@@ -38,6 +53,7 @@ def run_centralized(config: JobConfig, sites: dict[str, SiteData]) -> list[Round
             batch_size=config.training.batch_size,
             seed=config.seed,
             first_epoch=round * config.training.local_epochs,
+            class_weights=weights,
         )
         record = RoundRecord(round, train_loss={"pooled": sum(losses) / len(losses)})
         record.train_seconds = time.perf_counter() - started
@@ -53,6 +69,7 @@ def run_local(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord
         site: make_optimizer(model.parameters(), config.training.optimizer)
         for site, model in models.items()
     }
+    weights = _weights(config, sites)
     history = []
     for round in range(config.rounds.count):
         started = time.perf_counter()
@@ -67,6 +84,7 @@ def run_local(config: JobConfig, sites: dict[str, SiteData]) -> list[RoundRecord
                 batch_size=config.training.batch_size,
                 seed=config.seed,
                 first_epoch=round * config.training.local_epochs,
+                class_weights=weights,
             )
             record.train_loss[site] = sum(losses) / len(losses)
         record.train_seconds = time.perf_counter() - started

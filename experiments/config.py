@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from aggregator.config import JobConfig
 from edge_agent.data.names import check_name, parse_scheme
+from experiments.table_plans import dataset_plan
 from medsplit.config import BrokerConfig, DefenseSettings, OptimizerConfig
 from medsplit.ids import ID_PATTERN
 from medsplit.modes import MODES, SPLIT_MODES, Mode, Orchestration, WireDtype
@@ -33,12 +34,6 @@ ALL_MODES: tuple[ExperimentMode, ...] = (
     "split-u",
 )
 BASELINES = ("centralized", "local")
-
-# Plans per dataset: one architecture per dataset, cut (or not) as each mode needs.
-DEFAULT_PLANS: dict[str, dict[str, str]] = {
-    "breast-cancer": {"federated": "mlp-ehr", "split": "mlp-ehr", "split-u": "mlp-ehr-u"},
-    "synthetic-cxr": {"federated": "cnn-cxr", "split": "cnn-cxr", "split-u": "cnn-cxr-u"},
-}
 
 
 class Plans(BaseModel):
@@ -185,13 +180,12 @@ class ExperimentConfig(BaseModel):
     def privacy_settings(self) -> PrivacySettings:
         return self.privacy or PrivacySettings()
 
-    def plan_for(self, mode: str) -> str:
-        defaults = DEFAULT_PLANS.get(self.dataset, DEFAULT_PLANS["breast-cancer"])
+    def plan_for(self, mode: str) -> str | dict[str, Any]:
         family = mode if mode in SPLIT_MODES else "federated"
         chosen = {"federated": self.plans.federated, "split": self.plans.split}.get(
             family, self.plans.split_u
         )
-        return chosen or defaults[family]
+        return chosen or dataset_plan(self.dataset, family)
 
     def cells(self) -> list[Cell]:
         """Every run of the grid, baselines first, in a stable order."""

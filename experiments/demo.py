@@ -26,6 +26,7 @@ from rich.table import Table
 
 from experiments.demo_options import DemoOptions
 from experiments.progress import progress_bar
+from experiments.table_plans import dataset_plan
 from medsplit.brokers.embedded import LocalBroker, start_local_broker
 from medsplit.brokers.mosquitto import free_port
 from medsplit.ids import AGGREGATOR_ID
@@ -34,16 +35,10 @@ from medsplit.security.seal_kit import sealing_files
 from medsplit.storage import atomic_write
 from models.config_errors import ConfigError
 
-PLANS = {
-    ("breast-cancer", "split"): "mlp-ehr",
-    ("breast-cancer", "split-u"): "mlp-ehr-u",
-    ("synthetic-cxr", "split"): "cnn-cxr",
-    ("synthetic-cxr", "split-u"): "cnn-cxr-u",
-    ("breast-cancer", "fedavg"): "mlp-ehr",
-    ("breast-cancer", "flop"): "mlp-ehr",
-    ("synthetic-cxr", "fedavg"): "cnn-cxr",
-    ("synthetic-cxr", "flop"): "cnn-cxr",
-}
+
+def _plan(options: DemoOptions) -> str | dict[str, Any]:
+    family = options.mode if options.mode in SPLIT_MODES else "federated"
+    return dataset_plan(options.dataset, family)
 
 
 def write_configs(
@@ -54,7 +49,7 @@ def write_configs(
     factory = demo_plan_factory(options)
     job = {
         "job_id": job_id,
-        "plan": str(options.plan) if options.plan else PLANS[(options.dataset, options.mode)],
+        "plan": str(options.plan) if options.plan else _plan(options),
         "mode": options.mode,
         "orchestration": options.orchestration,
         "seed": options.seed,

@@ -24,6 +24,9 @@ class FeatureSums:
     count: int
     total: torch.Tensor  # float64, one value per feature (tables) or channel (images)
     total_sq: torch.Tensor
+    # float64, per class: training records of each class (multi-label: with each label).
+    classes: torch.Tensor | None = None
+    records: int | None = None  # the training records the class counts are of
 
     @classmethod
     def of(cls, columns: torch.Tensor) -> FeatureSums:
@@ -50,10 +53,44 @@ class FeatureSums:
         return mean.float(), var.clamp_min(0).sqrt().float().clamp_min(MIN_STD)
 
 
-def normalization_digest(mean: torch.Tensor, std: torch.Tensor) -> str:
-    """A short fingerprint of a normalisation: requests name the one they need, so a site whose
-    ``normalization`` message was lost waits for it instead of training on raw inputs."""
+def class_counts(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    """Records per class (float64 [classes]): of class indices, or of each label of multi-hot
+    targets [N, classes]."""
+    if labels.dim() == 2:
+        return (labels > 0.5).double().sum(0)
+    return torch.bincount(labels, minlength=classes)[:classes].double()
+
+
+def class_weights(
+    counts: list[torch.Tensor], records: int, multilabel: bool = False
+) -> torch.Tensor:
+    """Loss weights from every site's class counts and the records they came from (float32).
+
+    One label per record: scikit-learn's "balanced", ``N / (classes * n_c)``, so that every
+    class weighs as much in the loss as it would if the classes were even. Multi-label: each
+    label's positive weight, ``(N - n_c) / n_c``. A class that no site holds gets 1.
+    """
+    widths = {len(c) for c in counts}
+    if len(widths) != 1:
+        raise ValueError(
+            f"class counts: every site must count the same classes, got {sorted(widths)}"
+        )
+    per_class = torch.stack(counts).sum(0)
+    present = per_class > 0
+    if multilabel:
+        weights = (records - per_class) / per_class.clamp_min(1)
+    else:
+        weights = records / (len(per_class) * per_class.clamp_min(1))
+    return torch.where(present, weights, torch.ones_like(weights)).float()
+
+
+def normalization_digest(
+    mean: torch.Tensor, std: torch.Tensor, weights: torch.Tensor | None = None
+) -> str:
+    """A short fingerprint of a normalisation (and the job's class weights): requests name the
+    one they need, so a site whose ``normalization`` message was lost waits for it instead of
+    training on raw inputs."""
     sha = hashlib.sha256()
-    for values in (mean, std):
+    for values in (mean, std, *(() if weights is None else (weights,))):
         sha.update(values.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
     return sha.hexdigest()[:16]

@@ -48,8 +48,17 @@ def entry(received: torch.Tensor) -> torch.Tensor:
     return received.clone() if received.requires_grad else received
 
 
-def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cross_entropy(logits, labels)
+def loss_fn(
+    logits: torch.Tensor, labels: torch.Tensor, class_weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Cross-entropy of class indices, or binary cross-entropy per label of multi-hot targets
+    [N, C]; ``class_weights`` weigh each class (multi-label: each label's positives)."""
+    weights = None if class_weights is None else class_weights.to(logits.device, logits.dtype)
+    if labels.dim() == 2:
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits, labels.to(logits.dtype), pos_weight=weights
+        )
+    return nn.functional.cross_entropy(logits, labels, weight=weights)
 
 
 @dataclass(frozen=True)
@@ -88,8 +97,10 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, threshold: float
             from sklearn.metrics import roc_auc_score  # noqa: PLC0415 - only sites evaluate
 
             auroc = float(roc_auc_score(labels.numpy(), scores))
-    tally = None if probabilities is None else Tally.of(logits, labels, threshold)
-    clinical = dict.fromkeys(NAMES) if tally is None else tally.summary()
+    # Always a tally, so the aggregator's counts add up; a poisoned model's non-finite logits
+    # are clamped first (its metrics then say what it is worth).
+    tally = Tally.of(torch.nan_to_num(logits.double(), 0.0, 1e4, -1e4), labels, threshold)
+    clinical = tally.summary() if probabilities is not None else dict.fromkeys(NAMES)
     return Metrics(
         loss if math.isfinite(loss) else float("nan"), accuracy, auroc, len(labels), clinical, tally
     )
@@ -124,9 +135,10 @@ def train_epochs(
     seed: int,
     first_epoch: int = 0,
     amp: MixedPrecision | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> list[float]:
     """Plain local training with a given optimizer (kept by the caller across calls), in
-    ``amp``'s precision (default float32)."""
+    ``amp``'s precision (default float32), the loss weighted by ``class_weights``."""
     amp = amp or MixedPrecision("fp32", x.device)
     losses = []
     model.train()
@@ -135,7 +147,7 @@ def train_epochs(
         for idx in batch_order(len(y), batch_size, seed=seed, epoch=epoch):
             opt.zero_grad()
             with amp.autocast():
-                loss = loss_fn(model(x[idx]), y[idx])
+                loss = loss_fn(model(x[idx]), y[idx], class_weights)
             amp.backward(loss)
             amp.step(opt)
             total += float(loss.detach()) * len(idx)

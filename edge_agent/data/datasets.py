@@ -2,6 +2,8 @@
 
 * ``breast-cancer``: scikit-learn's Wisconsin diagnostic set (569 real patients x 30 features,
   binary). Shipped inside scikit-learn, so nothing is downloaded.
+* ``gbsg2-recurrence``, ``whas500-death``, ``flchain-death``: real cohorts that
+  scikit-survival ships, as "event within a horizon" tasks (``edge_agent.data.clinical_tables``).
 * ``synthetic-cxr``: chest-radiograph-like 1x64x64 images with or without a round lesion,
   generated from a seed, written as DICOM once and read back through the ``dicom`` source
   (``edge_agent.data.builtin_dicom``), as a hospital's images are.
@@ -22,6 +24,7 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
 from edge_agent.data.builtin_dicom import BUILTIN_PREPROCESSING, LABELS, synthetic_cxr_from_dicom
+from edge_agent.data.clinical_tables import CLASSES, TABLES, load_table
 from edge_agent.data.inputs import DataCard, FeatureInput, ImageInput
 from edge_agent.data.names import DATASETS, check_name, parse_scheme
 from edge_agent.data.partitions import Scanner, partition
@@ -71,6 +74,11 @@ def load(name: str, *, seed: int = 0) -> Dataset:
             num_classes=2,
             classes=tuple(str(c) for c in bunch.target_names),
             feature_names=tuple(str(f) for f in bunch.feature_names),
+        )
+    if name in TABLES:
+        table = load_table(name)
+        return Dataset(
+            name, table.x, table.y, num_classes=2, classes=CLASSES, feature_names=table.features
         )
     # synthetic-cxr: generated, written as DICOM once, read back through the dicom source.
     x, y = synthetic_cxr_from_dicom(1200, seed=seed)

@@ -9,8 +9,12 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-DATASETS = ("breast-cancer", "synthetic-cxr")
-DatasetName = Literal["breast-cancer", "synthetic-cxr"]
+# The real patient tables (edge_agent.data.clinical_tables) by name, with their feature counts.
+TABLE_FEATURES = {"gbsg2-recurrence": 10, "whas500-death": 14, "flchain-death": 9}
+DATASETS = ("breast-cancer", "synthetic-cxr", *TABLE_FEATURES)
+DatasetName = Literal[
+    "breast-cancer", "synthetic-cxr", "gbsg2-recurrence", "whas500-death", "flchain-death"
+]
 
 
 def check_name(name: str) -> str:

@@ -21,6 +21,8 @@ class SiteData:
     x_test: torch.Tensor
     y_test: torch.Tensor
     card: DataCard | None = None
+    # The job's loss weight per class (training.class_weights), from the statistics round.
+    class_weights: torch.Tensor | None = None
 
     @property
     def train_samples(self) -> int:

@@ -54,7 +54,8 @@ class HelloMeta(Meta):
 
 
 class StatsMeta(Meta):
-    count: Annotated[int, Field(ge=1, le=MAX_COUNT)]
+    count: Annotated[int, Field(ge=1, le=MAX_COUNT)]  # values summed: records, or pixels
+    records: Annotated[int, Field(ge=1, le=MAX_COUNT)] | None = None  # training records
 
 
 class DoneMeta(Meta):

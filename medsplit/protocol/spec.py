@@ -23,7 +23,7 @@ refuses anything else before it reaches a model.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -63,6 +63,8 @@ class JobSpec(BaseModel):
     precision: Precision = "fp32"
     deterministic: bool = False
     threshold: float = 0.5  # a binary task's decision rule, for sensitivity and specificity
+    # balanced: the normalization message also carries the job's class weights.
+    class_weights: Literal["none", "balanced"] = "none"
 
     def to_meta(self) -> str:
         """The spec as JSON. Settings at their "off" value are left out, so an agent from
@@ -79,6 +81,8 @@ class JobSpec(BaseModel):
             exclude.add("deterministic")
         if self.threshold == 0.5:
             exclude.add("threshold")
+        if self.class_weights == "none":
+            exclude.add("class_weights")
         data = self.model_dump(mode="json", exclude=exclude)
         model = data["plan"]["model"]
         if model.get("name") is not None:
@@ -185,6 +189,7 @@ class TensorSpecs:
         *,
         release_trunk: bool = True,
         sealed: bool = False,
+        class_weights: bool = False,
     ) -> None:
         weights = _state_specs(plan, exchanged_keys(plan, mode))
         final = _state_specs(plan, final_keys(plan, mode, release_trunk))
@@ -204,6 +209,7 @@ class TensorSpecs:
         self.by_kind[K.STATS] = {
             "sum": TensorSpec(torch.float64, channels),
             "sum_sq": TensorSpec(torch.float64, channels),
+            "classes": TensorSpec(torch.float64, (None,)),  # training records per class
         }
         # Held-out results as counts (medsplit.evaluation.Tally); any number of classes.
         self.by_kind[K.METRICS] = {
@@ -215,6 +221,8 @@ class TensorSpecs:
             "mean": TensorSpec(torch.float32, channels),
             "std": TensorSpec(torch.float32, channels),
         }
+        if class_weights:
+            self.by_kind[K.NORMALIZATION]["class_weights"] = TensorSpec(torch.float32, (None,))
         if traits(mode).cut_layer:
             self.by_kind.update(_cut_layer_specs(plan, traits(mode).labels_travel))
 

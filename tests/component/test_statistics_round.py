@@ -56,9 +56,13 @@ def test_dicom_sites_share_sums_and_train_on_one_federated_scale(tmp_path: Path)
         ]
         assert len(stats) == 1 and stats[0] is not None
         envelope = stats[0]
-        assert set(envelope.tensors) == {"sum", "sum_sq"}
-        assert all(t.shape == (1,) for t in envelope.tensors.values())
-        assert envelope.meta == {"count": data.x_train.numel()}
+        assert set(envelope.tensors) == {"sum", "sum_sq", "classes"}
+        assert envelope.tensors["sum"].shape == envelope.tensors["sum_sq"].shape == (1,)
+        # ... and how many of its records are of each class: counts, never a record.
+        counts = torch.bincount(data.y_train, minlength=2).double()
+        assert torch.equal(envelope.tensors["classes"], counts)
+        records = len(data.y_train)
+        assert envelope.meta == {"count": data.x_train.numel(), "records": records}
     # Each site's card holds the folded normalisation: a file decoded as serving decodes it
     # is what training saw.
     agent = result.agents["site-1"]

@@ -33,12 +33,14 @@ def _point(round: int = 2) -> ResumePoint:
         bytes={"a": {"up": 10, "down": 20}},
         seconds=1.5,
         resumed=True,
+        pooled={"samples": 5.0, "balanced_accuracy": 0.85, "macro_auroc": None},
     )
     return ResumePoint(
         round=round,
         weights={"head.0.weight": torch.randn(4, 3), "head.0.bias": torch.randn(4)},
         history=(record,) * round,
         normalization=(torch.randn(30), torch.rand(30) + 0.5),
+        class_weights=torch.tensor([0.7, 1.9]),
         sites={
             "a": SiteEntry(
                 "a", joined=True, incarnation="i2", past_incarnations=("i1",), bytes_up=7
@@ -80,6 +82,8 @@ def test_a_checkpoint_reads_back_exactly(tmp_path: Path, parallel: bool) -> None
     assert all(
         torch.equal(x, y) for x, y in zip(back.normalization, point.normalization, strict=True)
     )
+    assert back.class_weights is not None and point.class_weights is not None
+    assert torch.equal(back.class_weights, point.class_weights)
     again = Trunk(
         nn.Sequential(nn.Linear(4, 3)), OptimizerConfig(), torch.device("cpu"), parallel=parallel
     )
