@@ -92,6 +92,11 @@ class TrainingSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     local_epochs: int = Field(1, ge=1, le=1000, description="passes over local data per round")
+    multilabel: bool = Field(
+        False,
+        description="multi-label targets: each record may have any of the classes (one "
+        "sigmoid and binary cross-entropy per label); the sites' data must say multilabel too",
+    )
     class_weights: Literal["none", "balanced"] = Field(
         "none",
         description="balanced: weigh each class in the loss by N / (classes x its records) "
@@ -330,6 +335,11 @@ class JobConfig(FileSettings):
             raise ValueError(
                 f"rounds.min_sites: {rounds.min_sites} is more than the {len(self.sites)} sites "
                 "listed"
+            )
+        if self.training.multilabel and self.defenses.label_epsilon is not None:
+            raise ValueError(
+                "defenses.label_epsilon: randomised response draws one class per record; it "
+                "does not apply to multi-label targets"
             )
         if self.training.class_weights == "balanced" and self.normalization != "federated":
             raise ValueError(

@@ -183,6 +183,7 @@ class Coordinator:
             local_epochs=config.training.local_epochs,
             normalization=_fixed_normalization(config),
             class_weights=config.training.class_weights == "balanced",
+            multilabel=config.training.multilabel,
             finish_linger_s=config.rounds.finish_deadline_s,
             snapshot_every=config.checkpoint.every_steps,
             sample_slack=config.security.sample_slack,
@@ -215,6 +216,7 @@ class Coordinator:
             deterministic=config.training.deterministic,
             threshold=config.training.threshold,
             class_weights=config.training.class_weights,
+            multilabel=config.training.multilabel,
         )
         specs = TensorSpecs(
             plan,
@@ -222,6 +224,7 @@ class Coordinator:
             release_trunk=config.release_trunk,
             sealed=self.sealed,
             class_weights=config.training.class_weights == "balanced",
+            multilabel=config.training.multilabel,
         )
         endpoint.set_expected(
             lambda header: specs.expected(header.kind), MessageRules.aggregator(config.mode)
@@ -528,7 +531,9 @@ class Coordinator:
         metrics = read_meta(MetricsMeta, env)
         summary: dict[str, Any] = metrics.model_dump(exclude={"epoch"})
         try:
-            summary[TALLY] = Tally.from_tensors(dict(env.tensors), metrics.samples)
+            summary[TALLY] = Tally.from_tensors(
+                dict(env.tensors), metrics.samples, self.config.training.multilabel
+            )
         except ValueError as exc:
             self._step(ReplyRejected(site, Kind.METRICS, "UnusableReply", str(exc)))
             return

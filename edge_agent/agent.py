@@ -491,6 +491,14 @@ class Agent:
         if spec == self.spec:
             self.lifecycle = self.lifecycle.set_up()
             return  # a repeated setup (we said hello more than once): nothing to rebuild
+        if spec.multilabel != (self.loaded.y_train.dim() == 2):
+            raise ValueError(
+                "the job is multi-label but this site's labels are one class per record (set "
+                "data.multilabel)"
+                if spec.multilabel
+                else "this site's labels are multi-label but the job is not "
+                "(training.multilabel in job.yaml)"
+            )
         if spec.deterministic:
             use_deterministic_algorithms()
         self.defenses = SiteDefenses(spec.defenses)
@@ -504,6 +512,7 @@ class Agent:
             release_trunk=spec.release_trunk,
             sealed=spec.sealed,
             class_weights=spec.class_weights == "balanced",
+            multilabel=spec.multilabel,
         )
         self.recovery = Recovery(self.site_id, self.job_id, self.state_dir)
         self.learner = (

@@ -71,6 +71,8 @@ class ModelCard(BaseModel):
         }
         if self.weights_sha256 is not None:
             fields["weights_sha256"] = self.weights_sha256
+        if self.data.multilabel:  # absent: one class per record, as every card before it
+            fields["multilabel"] = "true"
         return {PREFIX + key: value for key, value in fields.items()}
 
     @classmethod
@@ -92,6 +94,7 @@ class ModelCard(BaseModel):
                 "data": {
                     "input": json.loads(get("preprocessing")),
                     "classes": json.loads(get("classes")),
+                    "multilabel": metadata.get(PREFIX + "multilabel") == "true",
                 },
                 "weights_sha256": metadata.get(PREFIX + "weights_sha256"),
                 "version": get("version"),

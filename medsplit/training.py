@@ -84,6 +84,8 @@ class Metrics:
 def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> Metrics:
     """Held-out metrics of ``logits`` [N, C]; ``threshold`` is the decision rule's for a
     binary task's positive class (sensitivity and specificity are read there)."""
+    if labels.dim() == 2:
+        return _evaluate_multilabel(logits, labels, threshold)
     with torch.no_grad():
         loss = float(loss_fn(logits, labels))
         accuracy = float((logits.argmax(1) == labels).float().mean())
@@ -103,6 +105,20 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, threshold: float
     clinical = tally.summary() if probabilities is not None else dict.fromkeys(NAMES)
     return Metrics(
         loss if math.isfinite(loss) else float("nan"), accuracy, auroc, len(labels), clinical, tally
+    )
+
+
+def _evaluate_multilabel(logits: torch.Tensor, labels: torch.Tensor, threshold: float) -> Metrics:
+    """Multi-label: accuracy is the share of (record, label) decisions right at the threshold."""
+    with torch.no_grad():
+        loss = float(loss_fn(logits, labels))
+        decided = torch.sigmoid(logits.float()) >= threshold
+        accuracy = float((decided == (labels > 0.5)).float().mean())
+    finite = bool(torch.isfinite(logits).all())
+    tally = Tally.of(torch.nan_to_num(logits.double(), 0.0, 1e4, -1e4), labels, threshold)
+    clinical = tally.summary() if finite else dict.fromkeys(NAMES)
+    return Metrics(
+        loss if math.isfinite(loss) else float("nan"), accuracy, None, len(labels), clinical, tally
     )
 
 

@@ -19,7 +19,17 @@ import torch
 
 from edge_agent.data.inputs import DataCard, FeatureInput, InputError
 from edge_agent.data.settings import CsvData
-from edge_agent.data.site_data import Collector, DataError, LoadSummary, SiteData, split_by_patient
+from edge_agent.data.site_data import (
+    Collector,
+    DataError,
+    LoadSummary,
+    SiteData,
+    Target,
+    absent_classes,
+    parse_target,
+    split_by_patient,
+    targets_tensor,
+)
 from medsplit.statistics import FeatureSums
 
 
@@ -71,26 +81,27 @@ def load_csv_site(config: CsvData) -> tuple[SiteData, LoadSummary]:
     if not vectors:
         raise DataError(f"{config.path}: no usable rows ({summary.describe()})")
     x, encoding = _impute_and_normalise(torch.tensor(vectors, dtype=torch.float32), config)
-    y = torch.tensor(labels, dtype=torch.int64)
-    absent = [name for i, name in enumerate(config.classes) if not bool((y == i).any())]
+    y = targets_tensor(labels)
+    absent = absent_classes(y, config.classes)
     if absent:
         collect.problem(
             "class absent at this site", f"{config.path}: no row of class(es) {absent} at this site"
         )
     summary.loaded, summary.patients = len(y), len(set(patients))
     train, test = split_by_patient(patients, config.test_fraction, config.seed)
-    card = DataCard(input=encoding, classes=config.classes)
+    card = DataCard(input=encoding, classes=config.classes, multilabel=config.multilabel)
     return SiteData(x[train], y[train], x[test], y[test], card), summary
 
 
-def _label(row: dict[str, str], line: int, config: CsvData) -> int:
+def _label(row: dict[str, str], line: int, config: CsvData) -> Target:
     label = (row[config.label_column] or "").strip()
-    if label not in config.classes:
+    separator = config.label_separator if config.multilabel else None
+    try:
+        return parse_target(label, config.classes, separator)
+    except ValueError as exc:
         raise _RowError(
-            "unknown label value",
-            f"{config.path}, row {line}: {config.label_column} {label!r} is not one of {config.classes}",
-        )
-    return config.classes.index(label)
+            "unknown label value", f"{config.path}, row {line}: {config.label_column} {exc}"
+        ) from None
 
 
 def _encode(row: dict[str, str], line: int, config: CsvData) -> list[float]:

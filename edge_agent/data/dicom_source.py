@@ -37,7 +37,6 @@ from edge_agent.data.settings import (
     VolumeData,
 )
 from edge_agent.data.site_data import (
-    Collector,
     DataError,
     LabelledSet,
     LoadSummary,
@@ -141,13 +140,7 @@ def load_dicom_folder(
         raise DataError(f"{config.folder}: not a folder")
     labels = read_labels(config) if labels is None else labels
     summary = LoadSummary() if summary is None else summary
-    found = LabelledSet(
-        labels,
-        config.classes,
-        str(config.labels_path),
-        Collector(config.on_bad_input, summary),
-        key_name=config.key,
-    )
+    found = LabelledSet.of(config, labels, summary)
     cache = None if config.cache_dir is None else ImageCache(config.cache_dir, config.preprocessing)
     for path in candidate_files(config.folder) if files is None else files:
         relative = path.relative_to(config.folder).as_posix()
@@ -221,5 +214,6 @@ def patient_split(
             f"{config.folder}: images of {len(set(patients))} patient(s); a train/test split needs at least 2"
         )
     train, test = split_by_patient(patients, config.test_fraction, config.seed)
-    card = DataCard(input=ImageInput(preprocessing=config.preprocessing), classes=config.classes)
+    encoding = ImageInput(preprocessing=config.preprocessing)
+    card = DataCard(input=encoding, classes=config.classes, multilabel=config.multilabel)
     return SiteData(x[train], y[train], x[test], y[test], card)

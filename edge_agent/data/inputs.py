@@ -216,6 +216,9 @@ class DataCard(BaseModel):
 
     input: InputSpec
     classes: list[str] = Field(min_length=2)
+    multilabel: bool = Field(
+        False, description="any of the classes per record: one sigmoid per class, not a softmax"
+    )
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -16,7 +16,6 @@ from edge_agent.data.inputs import DataCard, ImageInput
 from edge_agent.data.pictures import SUFFIXES, PictureError, read_picture, sixteen_bit_range
 from edge_agent.data.settings import PictureData
 from edge_agent.data.site_data import (
-    Collector,
     DataError,
     LabelledSet,
     LoadSummary,
@@ -37,12 +36,7 @@ def load_picture_site(config: PictureData) -> tuple[SiteData, LoadSummary]:
             config = config.model_copy(update={"preprocessing": pre})
     labels = read_labels(config)
     patients_of = read_patients(config)
-    found = LabelledSet(
-        labels,
-        config.classes,
-        str(config.labels_path),
-        Collector(config.on_bad_input, LoadSummary()),
-    )
+    found = LabelledSet.of(config, labels, LoadSummary())
     for path in files:
         key = path.relative_to(config.folder).as_posix()
         target = found.target(key, str(path))
@@ -62,7 +56,7 @@ def load_picture_site(config: PictureData) -> tuple[SiteData, LoadSummary]:
     encoding = ImageInput(
         kind="picture", channels=config.channels, preprocessing=config.preprocessing
     )
-    card = DataCard(input=encoding, classes=config.classes)
+    card = DataCard(input=encoding, classes=config.classes, multilabel=config.multilabel)
     return SiteData(x[train], y[train], x[test], y[test], card), summary
 
 

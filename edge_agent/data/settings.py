@@ -122,6 +122,12 @@ class LabelledImages(BaseModel):
     key_column: str | None = Field(None, description="default: the key's name")
     label_column: str = "label"
     classes: list[str] = Field(min_length=2, description="label values, in class-index order")
+    multilabel: bool = Field(
+        False,
+        description="the label column lists any of the classes per record, separated by "
+        "label_separator (empty: none of them); the job sets training.multilabel too",
+    )
+    label_separator: str = Field("|", min_length=1, max_length=3)
     preprocessing: Preprocessing = Preprocessing()
     on_bad_input: Literal["skip", "fail"] = "fail"
     test_fraction: float = Field(0.2, gt=0, lt=1)
@@ -308,6 +314,13 @@ class CsvData(BaseModel):
     path: Path
     label_column: str
     classes: list[str] = Field(min_length=2, description="label values, in class-index order")
+    multilabel: bool = Field(
+        False,
+        description="the label column lists any of the classes per record, separated by "
+        "label_separator (empty: none of them); the job sets training.multilabel too",
+    )
+    label_separator: str = Field("|", min_length=1, max_length=3)
+
     numeric: list[str] = Field(default_factory=list, description="numeric feature columns")
     categorical: dict[str, list[str]] = Field(
         default_factory=dict, description="column -> its categories, one-hot in this order"

@@ -10,6 +10,7 @@ import torch
 from sklearn.model_selection import GroupShuffleSplit
 
 from edge_agent.data.inputs import DataCard
+from edge_agent.data.settings import DicomData, PictureData, VolumeData
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,37 @@ class Collector:
         self.summary.problems.append(detail)
 
 
+Target = int | list[float]  # a class index, or multi-hot over the classes
+
+
+def parse_target(value: str, classes: list[str], separator: str | None) -> Target:
+    """A label cell as a target: one of ``classes`` (its index), or with ``separator`` any of
+    them (multi-hot; empty is none). ``ValueError`` names the value the job does not know."""
+    if separator is None:
+        if value not in classes:
+            raise ValueError(f"{value!r} is not one of the job's classes {classes}")
+        return classes.index(value)
+    named = [part.strip() for part in value.split(separator) if part.strip()]
+    unknown = [name for name in named if name not in classes]
+    if unknown:
+        raise ValueError(f"{unknown} in {value!r} are not among the job's classes {classes}")
+    return [1.0 if name in named else 0.0 for name in classes]
+
+
+def targets_tensor(targets: list[Target]) -> torch.Tensor:
+    """Class indices as int64 [N], multi-hot targets as float32 [N, C]."""
+    if targets and isinstance(targets[0], list):
+        return torch.tensor(targets, dtype=torch.float32)
+    return torch.tensor(targets, dtype=torch.int64)
+
+
+def absent_classes(y: torch.Tensor, classes: list[str]) -> list[str]:
+    """The classes no record here has."""
+    if y.dim() == 2:
+        return [name for i, name in enumerate(classes) if not bool((y[:, i] > 0.5).any())]
+    return [name for i, name in enumerate(classes) if not bool((y == i).any())]
+
+
 @dataclass
 class LabelledSet:
     """Images gathered against a labels table, by every image source alike.
@@ -122,13 +154,31 @@ class LabelledSet:
     labels_path: str
     collect: Collector
     key_name: str = "file"
+    separator: str | None = None  # multi-label: what separates the classes of one record
     images: list[torch.Tensor] = field(default_factory=list)
-    targets: list[int] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
     patients: list[str] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
 
-    def target(self, key: str, source: str) -> int | None:
-        """The class index labelled for ``key`` (None once reported as a problem)."""
+    @classmethod
+    def of(
+        cls,
+        config: DicomData | PictureData | VolumeData,
+        labels: dict[str, str],
+        summary: LoadSummary,
+    ) -> LabelledSet:
+        """The set an image source gathers into, as its data section says."""
+        return cls(
+            labels,
+            config.classes,
+            str(config.labels_path),
+            Collector(config.on_bad_input, summary),
+            key_name=config.key,
+            separator=config.label_separator if config.multilabel else None,
+        )
+
+    def target(self, key: str, source: str) -> Target | None:
+        """The target labelled for ``key`` (None once reported as a problem)."""
         value = self.labels.get(key)
         if value is None:
             self.collect.problem(
@@ -137,15 +187,13 @@ class LabelledSet:
             )
             return None
         self.seen.add(key)
-        if value not in self.classes:
-            self.collect.problem(
-                "unknown label value",
-                f"{source}: label {value!r} is not one of the job's classes {self.classes}",
-            )
+        try:
+            return parse_target(value, self.classes, self.separator)
+        except ValueError as exc:
+            self.collect.problem("unknown label value", f"{source}: label {exc}")
             return None
-        return self.classes.index(value)
 
-    def add(self, image: torch.Tensor, target: int, patient: str) -> None:
+    def add(self, image: torch.Tensor, target: Target, patient: str) -> None:
         self.images.append(image)
         self.targets.append(target)
         self.patients.append(patient)
@@ -161,12 +209,11 @@ class LabelledSet:
         summary = self.collect.summary
         if not self.images:
             raise DataError(f"{folder}: no usable images ({summary.describe()})")
-        y = torch.tensor(self.targets, dtype=torch.int64)
-        for index, name in enumerate(self.classes):
-            if not bool((y == index).any()):
-                self.collect.problem(
-                    "class absent at this site", f"{folder}: no image of class {name!r}"
-                )
+        y = targets_tensor(self.targets)
+        for name in absent_classes(y, self.classes):
+            self.collect.problem(
+                "class absent at this site", f"{folder}: no image of class {name!r}"
+            )
         summary.loaded, summary.patients = len(self.images), len(set(self.patients))
         x = torch.stack(self.images)
         summary.intensity = Intensity.of(x)

@@ -76,13 +76,7 @@ def load_volume_site(
     if summary is None:
         summary = LoadSummary()
     summary.unit = "volumes"
-    found = LabelledSet(
-        read_labels(config) if labels is None else labels,
-        config.classes,
-        str(config.labels_path),
-        Collector(config.on_bad_input, summary),
-        key_name=config.key,
-    )
+    found = LabelledSet.of(config, read_labels(config) if labels is None else labels, summary)
     items = list(_items(config, found.collect, files))
     config = _with_site_range(config, items)
     cache = None
@@ -109,7 +103,8 @@ def load_volume_site(
     if len(set(patients)) < 2:
         raise DataError(f"{config.folder}: volumes of one patient; a train/test split needs two")
     train, test = split_by_patient(patients, config.test_fraction, config.seed)
-    card = DataCard(input=VolumeInput(preprocessing=config.preprocessing), classes=config.classes)
+    encoding = VolumeInput(preprocessing=config.preprocessing)
+    card = DataCard(input=encoding, classes=config.classes, multilabel=config.multilabel)
     return SiteData(x[train], y[train], x[test], y[test], card), summary
 
 

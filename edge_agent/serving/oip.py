@@ -32,7 +32,7 @@ import torch
 from edge_agent.data.inputs import FileInput, InputError
 from edge_agent.serving.bodies import HttpError
 from edge_agent.serving.oip_binary import BinaryError, Blobs, bytes_elements
-from edge_agent.serving.predictor import Predictor, softmax
+from edge_agent.serving.predictor import Predictor, probabilities
 from medsplit import __version__
 
 VERSION = "1"
@@ -109,7 +109,8 @@ class ServedModel:
         logits = self.predictor.logits(batch)
         outputs, data = [], []
         for name, in_binary in wanted:
-            result = logits if name == "logits" else softmax(logits)
+            multilabel = self.predictor.card.data.multilabel
+            result = logits if name == "logits" else probabilities(logits, multilabel)
             values = np.ascontiguousarray(result, dtype="<f4")
             output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
             if in_binary:

@@ -44,9 +44,13 @@ class ProviderUnavailable(RuntimeError):
 class Prediction:
     label: str
     probabilities: dict[str, float]
+    labels: list[str] | None = None  # multi-label: every class at or above one half
 
     def as_json(self) -> dict[str, Any]:
-        return {"class": self.label, "probabilities": self.probabilities}
+        answer: dict[str, Any] = {"class": self.label, "probabilities": self.probabilities}
+        if self.labels is not None:
+            answer["labels"] = self.labels
+        return answer
 
 
 def providers_for(device: Device, available: Sequence[str] | None = None) -> list[str]:
@@ -169,8 +173,9 @@ class Predictor:
         return result
 
     def probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        """Class probabilities for a batch of prepared inputs, shape (batch, classes)."""
-        return softmax(self.logits(batch))
+        """Class probabilities for a batch of prepared inputs, shape (batch, classes): a
+        softmax, or for a multi-label model each class's own sigmoid."""
+        return probabilities(self.logits(batch), self.card.data.multilabel)
 
     def predict(self, inputs: Sequence[torch.Tensor]) -> list[Prediction]:
         if not inputs:
@@ -180,6 +185,9 @@ class Predictor:
             Prediction(
                 self.classes[int(row.argmax())],
                 {name: float(p) for name, p in zip(self.classes, row, strict=True)},
+                [n for n, p in zip(self.classes, row, strict=True) if p >= 0.5]
+                if self.card.data.multilabel
+                else None,
             )
             for row in probabilities
         ]
@@ -203,6 +211,14 @@ class Predictor:
         if isinstance(encoding, FeatureInput):
             described["features"] = encoding.features
         return described
+
+
+def probabilities(logits: np.ndarray, multilabel: bool = False) -> np.ndarray:
+    """Softmax over the classes, or a sigmoid per class for a multi-label model."""
+    if multilabel:
+        result: np.ndarray = (1.0 / (1.0 + np.exp(-logits))).astype(np.float32)
+        return result
+    return softmax(logits)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -65,6 +65,7 @@ class JobSpec(BaseModel):
     threshold: float = 0.5  # a binary task's decision rule, for sensitivity and specificity
     # balanced: the normalization message also carries the job's class weights.
     class_weights: Literal["none", "balanced"] = "none"
+    multilabel: bool = False  # multi-hot targets, one sigmoid per label
 
     def to_meta(self) -> str:
         """The spec as JSON. Settings at their "off" value are left out, so an agent from
@@ -83,6 +84,8 @@ class JobSpec(BaseModel):
             exclude.add("threshold")
         if self.class_weights == "none":
             exclude.add("class_weights")
+        if not self.multilabel:
+            exclude.add("multilabel")
         data = self.model_dump(mode="json", exclude=exclude)
         model = data["plan"]["model"]
         if model.get("name") is not None:
@@ -190,6 +193,7 @@ class TensorSpecs:
         release_trunk: bool = True,
         sealed: bool = False,
         class_weights: bool = False,
+        multilabel: bool = False,
     ) -> None:
         weights = _state_specs(plan, exchanged_keys(plan, mode))
         final = _state_specs(plan, final_keys(plan, mode, release_trunk))
@@ -224,18 +228,24 @@ class TensorSpecs:
         if class_weights:
             self.by_kind[K.NORMALIZATION]["class_weights"] = TensorSpec(torch.float32, (None,))
         if traits(mode).cut_layer:
-            self.by_kind.update(_cut_layer_specs(plan, traits(mode).labels_travel))
+            self.by_kind.update(_cut_layer_specs(plan, traits(mode).labels_travel, multilabel))
 
     def expected(self, kind: str) -> dict[str, TensorSpec] | None:
         """Specs for ``kind``; any other kind carries no tensors, so any tensor is refused."""
         return self.by_kind.get(kind, {})
 
 
-def _cut_layer_specs(plan: SplitPlan, labels_travel: bool) -> dict[str, dict[str, TensorSpec]]:
+def _cut_layer_specs(
+    plan: SplitPlan, labels_travel: bool, multilabel: bool = False
+) -> dict[str, dict[str, TensorSpec]]:
     """Specs of the step-by-step messages of split learning (batch dimension free)."""
     shapes = cut_shapes(plan, 1)
     head_out = TensorSpec(torch.float32, (None, *shapes["head_out"][1:]))
-    labels = TensorSpec(torch.int64, (None,))
+    labels = (
+        TensorSpec(torch.float32, (None, shapes["logits"][-1]))
+        if multilabel
+        else TensorSpec(torch.int64, (None,))
+    )
     trunk_shape = shapes.get("trunk_out", shapes["logits"])  # vanilla: trunk ends in logits
     trunk_out = TensorSpec(torch.float32, (None, *trunk_shape[1:]))
     return {

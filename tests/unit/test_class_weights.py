@@ -14,6 +14,7 @@ from medsplit.statistics import class_counts, class_weights
 from medsplit.training import loss_fn
 from medsplit.transport import MemoryBroker
 from medsplit.wiring import memory_connector
+from models import ConfigError
 from tests.support.configs import job_config
 
 NAMES = ["site-a", "site-b", "site-c"]
@@ -78,8 +79,6 @@ def test_a_job_weighs_its_classes_at_every_site_and_at_the_aggregator(mode: str)
 
 
 def test_balanced_weights_need_the_statistics_round() -> None:
-    from models import ConfigError
-
     with pytest.raises(
         ConfigError, match="class_weights: balanced weights come from the statistics"
     ):
