@@ -1,4 +1,6 @@
-"""Images per second through the DICOM source, against the training step rate of the ``cnn``.
+"""Images per second through the DICOM source, against the training step rate of the ``cnn``;
+studies per second from a PACS over DICOMweb against the same files on disk; 3-D volumes per
+second, first load and cached.
 
     python bench/data_loading.py [--write-docs] [--quick]
 
@@ -8,6 +10,11 @@ Modality and VOI LUT, MONOCHROME1 inversion, resizing to 64x64, labels and the p
 Measured without a cache, while filling the decoded-image cache, and from it. The training rate is images per second of
 centralized ``cnn`` training steps (batch 32) measured in the same run, with the same number of
 threads (all cores). Loading keeps up when its rate is at least the training rate.
+
+The PACS is a real Orthanc with its DICOMweb plugin on loopback (``experiments/orthanc.py``),
+filled with the same 512x512 files: the site's first start retrieves every instance (QIDO-RS
+lookups, four WADO-RS retrievals at a time, written to the mirror) and decodes it; a restart
+finds them on disk. Volumes are ``dicom-synth --volumes`` CT series sampled onto a 32x64x64 grid.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._report import bench_main, machine
 from edge_agent.data.dicom_source import DicomData, load_dicom_site
 from edge_agent.data.dicom_synth import synthesize_site
+from edge_agent.data.pacs_source import load_dicomweb_site
+from edge_agent.data.settings import DicomWebData, VolumeData
+from edge_agent.data.volume_source import load_volume_site
+from edge_agent.data.volume_synth import synthesize_volumes
+from experiments.orthanc import Orthanc
 from medsplit.config import OptimizerConfig
 from medsplit.training import make_optimizer, train_epochs
 from models import load_plan
@@ -55,6 +67,73 @@ def training_rate(images: int, repeats: int) -> float:
     return statistics.median(rates[1:])
 
 
+def _timed(load: object) -> tuple[int, float]:
+    """(items loaded, seconds) of one call of ``load``."""
+    started = time.perf_counter()
+    data, summary = load()  # type: ignore[operator]
+    elapsed = time.perf_counter() - started
+    assert summary.loaded == len(data.y_train) + len(data.y_test)
+    return summary.loaded, elapsed
+
+
+def pacs_rows(tmp: Path, count: int) -> list[str]:
+    """Studies per second from Orthanc over DICOMweb, first start and restart, and from disk."""
+    folder = synthesize_site(tmp / "pacs-site", 0, count, seed=2, size=512)
+    lines = [
+        "| source | studies | first start (studies/s) | restart (studies/s) | vs disk, first | vs disk, restart |",
+        "|---|---|---|---|---|---|",
+    ]
+    disk_n, disk_s = _timed(
+        lambda: load_dicom_site(DicomData(folder=folder, key="sop_instance_uid", classes=CLASSES))
+    )
+    disk = disk_n / disk_s
+    with Orthanc(tmp / "orthanc") as pacs:
+        pacs.upload(sorted(folder.glob("*.dcm")))
+        password = tmp / "password"
+        password.write_text(pacs.password)
+        config = DicomWebData.model_validate(
+            {
+                "url": pacs.url,
+                "labels": folder / "labels.csv",
+                "classes": CLASSES,
+                "cache_dir": tmp / "pacs-cache",
+                "auth": {"username": pacs.user, "password_file": password},
+            }
+        )
+        first_n, first_s = _timed(lambda: load_dicomweb_site(config))
+        again_n, again_s = _timed(lambda: load_dicomweb_site(config))
+    first, again = first_n / first_s, again_n / again_s
+    lines.append(f"| disk (the same files) | {disk_n} | {disk:.0f} | - | 1.0x | - |")
+    lines.append(
+        f"| Orthanc over DICOMweb | {first_n} | {first:.0f} | {again:.0f} | "
+        f"{first / disk:.2f}x | {again / disk:.2f}x |"
+    )
+    return lines
+
+
+def volume_rows(tmp: Path, count: int) -> list[str]:
+    """CT series per second onto a 32x64x64 grid: first load, filling the cache, from it."""
+    (folder,) = synthesize_volumes(tmp / "ct", 1, count, seed=3, size=64)
+    grid = {"spacing": [5, 3.5, 3.5], "size": [32, 64, 64], "window": [40, 400]}
+
+    def config(cache: Path | None) -> VolumeData:
+        fields = {"folder": folder, "classes": CLASSES, "preprocessing": grid, "cache_dir": cache}
+        return VolumeData.model_validate(fields)
+
+    (small,) = synthesize_volumes(tmp / "warm-up-ct", 1, 2, seed=4, size=16)
+    load_volume_site(VolumeData(folder=small, classes=CLASSES))  # imports, first-call costs
+    plain = _timed(lambda: load_volume_site(config(None)))
+    filling = _timed(lambda: load_volume_site(config(tmp / "volume-cache")))
+    warm = _timed(lambda: load_volume_site(config(tmp / "volume-cache")))
+    rates = [n / s for n, s in (plain, filling, warm)]
+    return [
+        "| series | first load (volumes/s) | filling the cache | from the cache | cached / first |",
+        "|---|---|---|---|---|",
+        f"| {plain[0]} | {rates[0]:.1f} | {rates[1]:.1f} | {rates[2]:.0f} | "
+        f"{rates[2] / rates[0]:.0f}x |",
+    ]
+
+
 def run(quick: bool) -> str:
     count = 64 if quick else 1024
     lines = [
@@ -76,7 +155,24 @@ def run(quick: bool) -> str:
             )
             print(row, flush=True)
             lines.append(row)
-    return "\n".join(lines)
+        pacs = pacs_rows(Path(tmp), 32 if quick else 256)
+        volumes = volume_rows(Path(tmp), 4 if quick else 24)
+    print("\n".join([*pacs, "", *volumes]), flush=True)
+    return "\n".join(
+        [
+            *lines,
+            "",
+            "Studies from a PACS: one 512x512 radiograph per study, retrieved from Orthanc and "
+            "decoded, against reading the same files from disk:",
+            "",
+            *pacs,
+            "",
+            "3-D volumes: `dicom-synth --volumes` CT series (site 1's scanner: 64x64 slices, 32 to "
+            "64 per series) sampled onto a 32x64x64 grid of 5x3.5x3.5 mm:",
+            "",
+            *volumes,
+        ]
+    )
 
 
 def intro() -> str:
@@ -87,7 +183,8 @@ def intro() -> str:
         "`dicom` source (decode, Modality/VOI LUT, MONOCHROME1, resize to 64x64, labels, patient "
         "split); without a cache, while filling the decoded-image cache, and from it. Training: centralized "
         "`cnn` steps of batch 32 on 64x64 images, in the same run. A ratio of 1x or more means "
-        "loading keeps up with training."
+        "loading keeps up with training. The PACS is a real Orthanc 1.10 with its DICOMweb "
+        "plugin on loopback, started by the benchmark."
     )
 
 

@@ -108,6 +108,10 @@ class ExperimentConfig(BaseModel):
     local_epochs: int = Field(1, ge=1, le=1000)
     batch_size: int = Field(32, ge=1, le=65_536)
     optimizer: OptimizerConfig = OptimizerConfig()
+    class_weights: Literal["none", "balanced"] = Field(
+        "none", description="the jobs' training.class_weights (baselines use the same)"
+    )
+    threshold: float = Field(0.5, gt=0, lt=1, description="the jobs' training.threshold")
     sample_fraction: float = Field(1.0, gt=0, le=1)
     wire_dtypes: list[WireDtype] = Field(
         default_factory=lambda: list[WireDtype](["float32"]),
@@ -226,6 +230,8 @@ class ExperimentConfig(BaseModel):
                 "batch_size": self.batch_size,
                 "optimizer": self.optimizer.model_dump(),
                 "wire_dtype": cell.wire_dtype,
+                "class_weights": self.class_weights,
+                "threshold": self.threshold,
             },
             # Every party of an experiment runs in this process under one identity: the
             # broker is a loopback one, plaintext, and the config says so (docs/security.md).
