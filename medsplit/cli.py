@@ -298,8 +298,9 @@ def _cmd_provision(args: argparse.Namespace) -> int:
                 )
             if args.helm and args.federation:
                 federation = federation.model_copy(update={"helm_namespace": args.helm_namespace})
-            Provisioner.create(federation, out)
+            kit = Provisioner.create(federation, out)
             lines = _provisioned(out, federation)
+        lines += kit.notes
     except PkiError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

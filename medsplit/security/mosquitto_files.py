@@ -59,9 +59,12 @@ def acl(federation: Federation) -> str:
     return "\n".join(lines) + "\n"
 
 
-def config(federation: Federation, folder: Path, data: Path | None = None) -> str:
+def config(
+    federation: Federation, folder: Path, data: Path | None = None, user: str | None = None
+) -> str:
     """``mosquitto.conf`` whose files are in ``folder`` and persistence in ``data`` (default
-    ``folder/data``), both as the broker sees them."""
+    ``folder/data``), both as the broker sees them; ``user``: its ``user`` option (default the
+    federation's ``broker_user``)."""
     listener = f"listener {federation.port}"
     if federation.bind_address:
         listener += f" {federation.bind_address}"
@@ -100,6 +103,7 @@ def config(federation: Federation, folder: Path, data: Path | None = None) -> st
         "log_type information",  # includes "Reloading config.", which says SIGHUP was taken
         "connection_messages true",
     ]
-    if federation.broker_user:
-        lines.append(f"user {federation.broker_user}")
+    user = user or federation.broker_user
+    if user:
+        lines.append(f"user {user}")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 from medsplit.ids import AGGREGATOR_ID, ID_PATTERN, RESERVED_IDS, check_site_ids
 from medsplit.security import helm_files, mosquitto_files
+from medsplit.security.broker_user import broker_user
 from medsplit.security.pki import (
     CertificateAuthority,
     Issued,
@@ -111,6 +112,7 @@ class Provisioner:
 
     def __init__(self, out: Path) -> None:
         self.out = out
+        self.notes: list[str] = []  # what the last change has to say about the broker's files
         self.federation = load_federation(out / "federation.yaml")
         self.ca = CertificateAuthority(out / "ca")
 
@@ -222,9 +224,13 @@ class Provisioner:
         atomic_write(broker / "crl.pem", self.ca.crl_path.read_bytes())
         atomic_write(broker / "acl", mosquitto_files.acl(self.federation).encode())
         fed = self.federation
-        config = mosquitto_files.config(fed, fed.broker_dir or broker, fed.broker_data_dir)
-        atomic_write(broker / "mosquitto.conf", config.encode())
         (broker / "data").mkdir(exist_ok=True)
+        runs_as = broker_user(fed.broker_user, broker, in_place=fed.broker_dir is None)
+        self.notes = [runs_as.note] if runs_as.note else []
+        config = mosquitto_files.config(
+            fed, fed.broker_dir or broker, fed.broker_data_dir, runs_as.name
+        )
+        atomic_write(broker / "mosquitto.conf", config.encode())
         revocations = {
             "updated": now().isoformat(),
             "identities": sorted(self._revoked_sites),
