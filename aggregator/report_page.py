@@ -22,6 +22,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medsplit.evaluation import NAMES as CLINICAL
 from medsplit.storage import atomic_write
 from models.config_errors import ConfigError
 
@@ -206,7 +207,7 @@ def _final_table(report: Mapping[str, Any]) -> str:
     final = report.get("final")
     if not final:
         return "<p class='none'>no round closed</p>"
-    clinical = ("balanced_accuracy", "macro_auroc", "sensitivity", "specificity", "ece")
+    clinical = CLINICAL
     rows: list[tuple[object, ...]] = [
         (
             site,

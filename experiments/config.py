@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from aggregator.config import JobConfig
 from edge_agent.data.names import check_name, parse_scheme
-from experiments.table_plans import dataset_plan
+from experiments.table_plans import dataset_plan, plan_family
 from medsplit.config import BrokerConfig, DefenseSettings, OptimizerConfig
 from medsplit.ids import ID_PATTERN
 from medsplit.modes import MODES, SPLIT_MODES, Mode, Orchestration, WireDtype
@@ -185,7 +185,7 @@ class ExperimentConfig(BaseModel):
         return self.privacy or PrivacySettings()
 
     def plan_for(self, mode: str) -> str | dict[str, Any]:
-        family = mode if mode in SPLIT_MODES else "federated"
+        family = plan_family(mode)
         chosen = {"federated": self.plans.federated, "split": self.plans.split}.get(
             family, self.plans.split_u
         )

@@ -26,7 +26,7 @@ from rich.table import Table
 
 from experiments.demo_options import DemoOptions
 from experiments.progress import progress_bar
-from experiments.table_plans import dataset_plan
+from experiments.table_plans import dataset_plan, plan_family
 from medsplit.brokers.embedded import LocalBroker, start_local_broker
 from medsplit.brokers.mosquitto import free_port
 from medsplit.ids import AGGREGATOR_ID
@@ -34,11 +34,6 @@ from medsplit.modes import SPLIT_MODES
 from medsplit.security.seal_kit import sealing_files
 from medsplit.storage import atomic_write
 from models.config_errors import ConfigError
-
-
-def _plan(options: DemoOptions) -> str | dict[str, Any]:
-    family = options.mode if options.mode in SPLIT_MODES else "federated"
-    return dataset_plan(options.dataset, family)
 
 
 def write_configs(
@@ -49,7 +44,9 @@ def write_configs(
     factory = demo_plan_factory(options)
     job = {
         "job_id": job_id,
-        "plan": str(options.plan) if options.plan else _plan(options),
+        "plan": str(options.plan)
+        if options.plan
+        else dataset_plan(options.dataset, plan_family(options.mode)),
         "mode": options.mode,
         "orchestration": options.orchestration,
         "seed": options.seed,

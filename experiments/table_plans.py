@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from edge_agent.data.names import TABLE_FEATURES
+from medsplit.modes import SPLIT_MODES
 from models.plan_names import BUILTIN_PLANS_DIR
 
 # The built-in plan of each dataset and family of modes (federated: centralized, local,
@@ -17,6 +18,11 @@ BUILTIN: dict[str, dict[str, str]] = {
     "synthetic-cxr": {"federated": "cnn-cxr", "split": "cnn-cxr", "split-u": "cnn-cxr-u"},
 }
 EHR = BUILTIN["breast-cancer"]
+
+
+def plan_family(mode: str) -> str:
+    """The family of modes whose plan ``mode`` uses: federated, split or split-u."""
+    return mode if mode in SPLIT_MODES else "federated"
 
 
 def dataset_plan(dataset: str, family: str) -> str | dict[str, Any]:

@@ -99,13 +99,7 @@ def evaluate_logits(logits: torch.Tensor, labels: torch.Tensor, threshold: float
             from sklearn.metrics import roc_auc_score  # noqa: PLC0415 - only sites evaluate
 
             auroc = float(roc_auc_score(labels.numpy(), scores))
-    # Always a tally, so the aggregator's counts add up; a poisoned model's non-finite logits
-    # are clamped first (its metrics then say what it is worth).
-    tally = Tally.of(torch.nan_to_num(logits.double(), 0.0, 1e4, -1e4), labels, threshold)
-    clinical = tally.summary() if probabilities is not None else dict.fromkeys(NAMES)
-    return Metrics(
-        loss if math.isfinite(loss) else float("nan"), accuracy, auroc, len(labels), clinical, tally
-    )
+    return _metrics(logits, labels, threshold, loss=loss, accuracy=accuracy, auroc=auroc)
 
 
 def _evaluate_multilabel(logits: torch.Tensor, labels: torch.Tensor, threshold: float) -> Metrics:
@@ -114,12 +108,25 @@ def _evaluate_multilabel(logits: torch.Tensor, labels: torch.Tensor, threshold: 
         loss = float(loss_fn(logits, labels))
         decided = torch.sigmoid(logits.float()) >= threshold
         accuracy = float((decided == (labels > 0.5)).float().mean())
-    finite = bool(torch.isfinite(logits).all())
+    return _metrics(logits, labels, threshold, loss=loss, accuracy=accuracy, auroc=None)
+
+
+def _metrics(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: float,
+    *,
+    loss: float,
+    accuracy: float,
+    auroc: float | None,
+) -> Metrics:
+    """The metrics with their tally. Always a tally, so the aggregator's counts add up; a
+    poisoned model's non-finite logits are clamped first, and its clinical metrics are None."""
     tally = Tally.of(torch.nan_to_num(logits.double(), 0.0, 1e4, -1e4), labels, threshold)
+    finite = bool(torch.isfinite(logits).all())
     clinical = tally.summary() if finite else dict.fromkeys(NAMES)
-    return Metrics(
-        loss if math.isfinite(loss) else float("nan"), accuracy, None, len(labels), clinical, tally
-    )
+    loss = loss if math.isfinite(loss) else float("nan")
+    return Metrics(loss, accuracy, auroc, len(labels), clinical, tally)
 
 
 def train_centralized(

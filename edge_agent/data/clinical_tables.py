@@ -43,8 +43,7 @@ CLASSES = ("no event", "event")
 class ClinicalTable:
     """One cohort as a task: where it comes from, what counts as the event, by when."""
 
-    loader: str  # sksurv.datasets function
-    features: int  # after encoding: what a plan's first layer takes
+    loader: str  # sksurv.datasets function (the encoded width: names.TABLE_FEATURES)
     event: str  # the structured outcome's fields
     time: str
     horizon_days: float
@@ -57,7 +56,6 @@ class ClinicalTable:
 TABLES: dict[str, ClinicalTable] = {
     "gbsg2-recurrence": ClinicalTable(
         "load_gbsg2",
-        10,
         "cens",
         "time",
         3 * 365.25,
@@ -65,7 +63,6 @@ TABLES: dict[str, ClinicalTable] = {
     ),
     "whas500-death": ClinicalTable(
         "load_whas500",
-        14,
         "fstat",
         "lenfol",
         365.25,
@@ -73,7 +70,6 @@ TABLES: dict[str, ClinicalTable] = {
     ),
     "flchain-death": ClinicalTable(
         "load_flchain",
-        9,
         "death",
         "futime",
         5 * 365.25,

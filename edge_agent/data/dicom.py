@@ -164,12 +164,17 @@ def _window(
         bits = int(lut.LUTDescriptor[2])
         return 0.0, float(2**bits - 1), np.asarray(apply_voi_lut(physical, ds), dtype=np.float64)
     if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
-        window = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+        window = stored_window(ds)
     assert isinstance(window, tuple)
     center, width = window
     if width <= 0:
         raise ValueError(f"window width must be positive, got {width}")
     return center - width / 2, center + width / 2, physical
+
+
+def stored_window(ds: Dataset) -> tuple[float, float]:
+    """The file's default (first) (center, width) window."""
+    return _first(ds.WindowCenter), _first(ds.WindowWidth)
 
 
 def _first(value: object) -> float:

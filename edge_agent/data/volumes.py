@@ -40,7 +40,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 from scipy import ndimage
 
-from edge_agent.data.dicom import DicomError, site_range, stored_pixels
+from edge_agent.data.dicom import DicomError, site_range, stored_pixels, stored_window
 from edge_agent.data.settings import VolumePreprocessing
 
 # Gaps between neighbouring slices may differ by this fraction of the median gap (rounding in
@@ -164,12 +164,10 @@ def _physical(ds: Dataset, source: str) -> np.ndarray:
 
 
 def _stored_window(ds: Dataset) -> tuple[float, float] | None:
+    """The series' own display range (low, high), from its first slice's default window."""
     if "WindowCenter" not in ds or "WindowWidth" not in ds:
         return None
-    center, width = (
-        float(v[0]) if hasattr(v, "__len__") and not isinstance(v, str) else float(v)
-        for v in (ds.WindowCenter, ds.WindowWidth)
-    )
+    center, width = stored_window(ds)
     return (center - width / 2, center + width / 2) if width > 0 else None
 
 

@@ -26,7 +26,7 @@ def test_each_table_is_event_within_its_horizon_with_early_censoring_left_out(na
     assert table.excluded == int(censored_early.sum())
     assert len(table.y) == len(frame) - table.excluded
     assert int(table.y.sum()) == int(positive.sum())
-    assert len(table.features) == spec.features == TABLE_FEATURES[name] == table.x.shape[1]
+    assert len(table.features) == TABLE_FEATURES[name] == table.x.shape[1]
     assert bool(np.isfinite(table.x.numpy()).all())
     assert not any(column in spec.dropped for column in table.features)
 

@@ -134,7 +134,7 @@ EDGE_SETS = {
                 "password": True,
                 "clientCertificate": True,
                 "ca": True,
-                "cidrs": ["10.20.0.15/32"],
+                "cidrs": ["198.51.100.15/32"],
             },
         },
     },
@@ -323,7 +323,7 @@ def _assert_reads_its_pacs(
     policy = next(d for d in documents if d["kind"] == "NetworkPolicy")
     assert {
         "ports": [{"port": 443, "protocol": "TCP"}],
-        "to": [{"ipBlock": {"cidr": "10.20.0.15/32"}}],
+        "to": [{"ipBlock": {"cidr": "198.51.100.15/32"}}],
     } in policy["spec"]["egress"]
     SiteConfig.from_mapping({**site, "broker": {"url": "mqtt://localhost:1883"}}, "chart site.yaml")
 
