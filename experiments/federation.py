@@ -208,7 +208,9 @@ class Federation:
                 raise AssertionError(
                     f"{path} did not appear within {timeout:g} s\n{self.tail('aggregator')}"
                 )
-            time.sleep(0.05)
+            # Polled often: a fault injected "after this checkpoint" must land before a fast
+            # round (tens of ms for the tabular jobs) writes the next one.
+            time.sleep(0.002)
 
     def await_log(self, name: str, text: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
