@@ -62,7 +62,9 @@ def run(
         for old in store.paths():
             old.unlink()
         log.info("--fresh: removed the checkpoints of job %s", config.job_id)
-    connector = mqtt_connector(config.broker, AGGREGATOR_ID)  # checks the certificate first
+    connector = mqtt_connector(
+        config.broker, AGGREGATOR_ID, config.job_id
+    )  # checks the certificate first
     parties: list[Party] = []  # the health server's view of the connection, once there is one
     coordinators: list[Coordinator] = []  # and of the job, once it runs
     health = start_health(

@@ -74,7 +74,9 @@ def load_data(config: SiteConfig) -> SiteData:
 def run(config: SiteConfig, *, linger: bool = False) -> int:
     """Take part in the job until it ends; with ``linger``, then stay up serving health until
     SIGTERM (``--after-finish wait``: a pod is not restarted into a finished job)."""
-    connector = mqtt_connector(config.broker, config.site_id)  # checks the certificate first
+    connector = mqtt_connector(
+        config.broker, config.site_id, config.job_id
+    )  # checks the certificate first
     parties: list[Party] = []
     loaded: list[SiteData] = []
     checks: dict[str, Check] = {

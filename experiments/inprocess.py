@@ -23,9 +23,12 @@ from aggregator.wire_tap import WireTap
 from edge_agent.agent import Agent
 from edge_agent.data.datasets import SiteData
 from edge_agent.sealing import SiteSealing
+from medsplit.config import BrokerConfig
+from medsplit.ids import AGGREGATOR_ID
 from medsplit.protocol.spec import SEALS, segments_sealed
+from medsplit.security.federation import Federation, Study
 from medsplit.security.seal_kit import SealKit, throwaway_kit
-from medsplit.wiring import Connector, Party, open_aggregator, open_site
+from medsplit.wiring import Connector, Party, mqtt_connector, open_aggregator, open_site
 
 
 @dataclass
@@ -66,10 +69,11 @@ class _Sites:
         state_root: Path | None,
         agent_kw: dict[str, Any],
         kit: SealKit | None,
+        connect_as: Callable[[str], Connector] | None = None,
     ) -> _Sites:
         sites = cls([], {}, [], [])
         for site, site_data in data.items():
-            party = open_site(job_id, site, connect)
+            party = open_site(job_id, site, connect_as(site) if connect_as else connect)
             sites.parties.append(party)
             if state_root is not None:
                 agent_kw["state_dir"] = state_root / site
@@ -125,6 +129,7 @@ def run_job(
     agent_type: type[Agent] = Agent,
     agents_first: bool = False,
     tap: WireTap | None = None,
+    connect_as: Callable[[str], Connector] | None = None,
     **agent_kw: Any,
 ) -> JobResult:
     """Aggregator in this thread, one thread per agent; every agent must finish.
@@ -136,7 +141,9 @@ def run_job(
     them has said hello twice, as when a deployment's sites come up before its server.
     ``tap`` keeps what the aggregator receives (the privacy sweep). A job that seals segments
     gets sealing keys for every site and a roster made for this run. The sites allow the
-    plan's own model factory, unless ``allow_factories`` says otherwise.
+    plan's own model factory, unless ``allow_factories`` says otherwise. ``connect_as(party)``
+    gives each party (a site id or ``aggregator``) its own connector -- its own certificate on
+    a broker whose ACL tells identities apart; default: ``connect`` for all.
     """
     sealed = segments_sealed(config.mode, config.seal_segments)
     kit = throwaway_kit(config.job_id, list(config.sites)) if sealed else None
@@ -151,13 +158,16 @@ def run_job(
         state_root=state_root,
         agent_kw=agent_kw,
         kit=kit,
+        connect_as=connect_as,
     )
     parties, agents, threads, errors = sites.parties, sites.agents, sites.threads, sites.errors
     if agents_first:
         for thread in threads:
             thread.start()
         _await_hellos(agents, 2, timeout)
-    aggregator = open_aggregator(config.job_id, connect)
+    aggregator = open_aggregator(
+        config.job_id, connect_as(AGGREGATOR_ID) if connect_as else connect
+    )
     parties.insert(0, aggregator)
     if before_run is not None:
         before_run()
@@ -190,3 +200,22 @@ def run_job(
     if unfinished:
         raise RuntimeError(f"agents {unfinished} did not finish the job")
     return JobResult(history, coordinator, agents)
+
+
+def kit_connectors(out: Path, federation: Federation, study: Study) -> Callable[[str], Connector]:
+    """``connect_as`` for ``run_job``: each party of ``study`` connects as its kit of the
+    federation provisioned in ``out`` says -- its own certificate (checked first), and the
+    broker its kit names (a site with a hospital broker connects to that one)."""
+
+    def connect_as(party: str) -> Connector:
+        folder = study.kit(out, party)
+        tls = {
+            "ca_file": folder / "ca.pem",
+            "cert_file": folder / "cert.pem",
+            "key_file": folder / "key.pem",
+        }
+        url = federation.broker_url if party == AGGREGATOR_ID else federation.site_broker_url(party)
+        broker = BrokerConfig.model_validate({"url": url, "tls": tls})
+        return mqtt_connector(broker, party, study.job_id)
+
+    return connect_as

@@ -1,5 +1,7 @@
 """A loopback TCP relay between clients and the broker, whose link a test or ``bench/chaos.py``
-can cut (``sever``) or stall (``stall``/``resume``: bytes wait, the connections stay up).
+can cut (``sever``), stall (``stall``/``resume``: bytes wait, the connections stay up) or take
+down (``go_down``/``come_up``: cut, and every new connection refused until it is up again, as a
+WAN link that is out).
 
 Only the network path is interrupted; the broker on the other side is the real Mosquitto.
 """
@@ -16,18 +18,26 @@ class TcpProxy:
         self.target_port = target_port
         self._server = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._server.getsockname()[1]
+        self._accepting: threading.Thread | None = None
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._running = True
         self._flowing = threading.Event()
         self._flowing.set()
         self.accepted = 0
-        threading.Thread(target=self._accept_loop, daemon=True, name="proxy-accept").start()
+        self._listen(self._server)
 
-    def _accept_loop(self) -> None:
+    def _listen(self, server: socket.socket) -> None:
+        self._server = server
+        self._accepting = threading.Thread(
+            target=self._accept_loop, args=(server,), daemon=True, name="proxy-accept"
+        )
+        self._accepting.start()
+
+    def _accept_loop(self, server: socket.socket) -> None:
         while self._running:
             try:
-                client, _ = self._server.accept()
+                client, _ = server.accept()
             except OSError:
                 return
             try:
@@ -60,6 +70,19 @@ class TcpProxy:
             with suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+    def go_down(self) -> None:
+        """The link is out: every connection is cut, and new ones are refused (nothing listens
+        on the port) until ``come_up``."""
+        with suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it
+        self._server.close()
+        if self._accepting is not None:
+            self._accepting.join()
+        self.sever()
+
+    def come_up(self) -> None:
+        self._listen(socket.create_server(("127.0.0.1", self.port)))
 
     def stall(self) -> None:
         """Hold every byte in flight (a congested or flapping link) until ``resume``."""

@@ -315,8 +315,19 @@ def _provisioned(out: Path, federation: Any) -> list[str]:
     return [
         f"{out / 'ca'}: the CA (ca.key is 0600: move it offline once the kits are out)",
         f"{out / 'mosquitto'}: mosquitto -c {out / 'mosquitto' / 'mosquitto.conf'}",
-        f"{out / 'aggregator'}: certificate, job.yaml fragment, revocations.json",
-        *(f"{out / site}: certificate and site.yaml fragment" for site in federation.sites),
+        *(
+            line
+            for study in federation.studies()
+            for line in (
+                f"{study.kit(out, 'aggregator')}: certificate of {study.identity('aggregator')}, "
+                "job.yaml fragment, revocations.json, roster.json",
+                *(
+                    f"{study.kit(out, site)}: certificate of {study.identity(site)} and "
+                    "site.yaml fragment"
+                    for site in study.sites
+                ),
+            )
+        ),
         f"certificates valid {federation.validity_days:g} days: renew with "
         f"`medsplit provision --out {out} --renew ID`",
         *(describe(out, federation) if federation.helm_namespace else []),
@@ -573,7 +584,9 @@ def _add_provision_command(commands: Any) -> None:
         "or change an existing one with --add-site, --renew or --revoke (docs/security.md).",
     )
     provision.add_argument("--out", required=True, help="the federation's folder")
-    provision.add_argument("--federation", help="federation.yaml (job_id, sites, broker_hosts…)")
+    provision.add_argument(
+        "--federation", help="federation.yaml (job_id and sites, or jobs; broker_hosts…)"
+    )
     provision.add_argument("--job", help="job id")
     provision.add_argument("--sites", help="site ids, comma-separated")
     provision.add_argument(
@@ -584,9 +597,17 @@ def _add_provision_command(commands: Any) -> None:
     provision.add_argument("--bind-address", help="the broker listens on this address only")
     provision.add_argument("--broker-user", help="the OS user Mosquitto runs as")
     change = provision.add_mutually_exclusive_group()
-    change.add_argument("--add-site", metavar="SITE", help="issue a new site's kit")
-    change.add_argument("--renew", metavar="ID", help="renew broker, aggregator or a site")
-    change.add_argument("--revoke", metavar="SITE", help="revoke a site: CRL, ACL, aggregator")
+    change.add_argument(
+        "--add-site", metavar="SITE", help="issue a new site's kit (SITE@JOB with several jobs)"
+    )
+    change.add_argument(
+        "--renew", metavar="ID", help="renew broker, aggregator or a site (PARTY@JOB: one job's)"
+    )
+    change.add_argument(
+        "--revoke",
+        metavar="SITE",
+        help="revoke a site: CRL, ACL, aggregator (SITE@JOB: from one job; SITE: from every job)",
+    )
     provision.add_argument(
         "--helm",
         action="store_true",

@@ -42,13 +42,16 @@ class JobAlreadyCoordinated(RuntimeError):
         self.live = live
 
 
-def mqtt_connector(broker: BrokerConfig, identity: str | None = None) -> Connector:
+def mqtt_connector(
+    broker: BrokerConfig, identity: str | None = None, job: str | None = None
+) -> Connector:
     """Connections to a real broker. With ``identity``, the client certificate is checked
-    first: its CN must be that identity, and it must not have expired (it says when it will)."""
+    first: its CN must be that identity (or ``identity@job``, in a federation of several jobs),
+    and it must not have expired (it says when it will)."""
     from medsplit.transport.mqtt import MqttTransport  # noqa: PLC0415 - loads paho
 
     if identity is not None and broker.tls is not None and broker.tls.cert_file is not None:
-        _check_certificate(broker.tls.cert_file, identity)
+        _check_certificate(broker.tls.cert_file, identity, job)
 
     def connect(
         client_id: str, *, will: Will | None = None, birth: Will | None = None
@@ -58,11 +61,11 @@ def mqtt_connector(broker: BrokerConfig, identity: str | None = None) -> Connect
     return connect
 
 
-def _check_certificate(path: Path, identity: str) -> None:
+def _check_certificate(path: Path, identity: str, job: str | None) -> None:
     from medsplit.security.pki import PkiError, describe_client_certificate  # noqa: PLC0415
 
     try:
-        note, warn = describe_client_certificate(path, identity)
+        note, warn = describe_client_certificate(path, identity, job)
     except PkiError as exc:
         raise ConfigError("broker", [("broker.tls.cert_file", str(exc))]) from None
     (log.warning if warn else log.info)("%s", note)

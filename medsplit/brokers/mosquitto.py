@@ -75,8 +75,10 @@ class Mosquitto:
         port: int | None = None,
         persistence: bool = False,
         config_file: Path | None = None,
+        verbose: bool = False,
     ) -> None:
         self.workdir = workdir
+        self.verbose = verbose  # -v: log every packet (a test reads what reached the broker)
         self.anonymous = anonymous
         self.persistence = persistence
         self.port = port or free_port()
@@ -86,9 +88,10 @@ class Mosquitto:
         self.config_file = config_file  # a complete configuration (medsplit provision's)
 
     @classmethod
-    def provisioned(cls, folder: Path, port: int) -> Mosquitto:
-        """The broker ``medsplit provision`` configured in ``folder`` (its mosquitto/), as is."""
-        return cls(folder, port=port, config_file=folder / "mosquitto.conf")
+    def provisioned(cls, folder: Path, port: int, *, verbose: bool = False) -> Mosquitto:
+        """The broker ``medsplit provision`` configured in ``folder`` (its mosquitto/, or a
+        hospital broker's bridges/SITE), as is."""
+        return cls(folder, port=port, config_file=folder / "mosquitto.conf", verbose=verbose)
 
     @property
     def url(self) -> str:
@@ -129,7 +132,9 @@ class Mosquitto:
             conf.write_text(self.config())
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [find_mosquitto(), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT
+                [find_mosquitto(), "-c", str(conf), *(["-v"] if self.verbose else [])],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         try:
             wait_for_port(self.port, 15.0, self.process)

@@ -63,7 +63,7 @@ def broker_user(configured: str | None, folder: Path, *, in_place: bool) -> Brok
             "(e.g. under /srv) to drop privileges",
         )
     _hand_over(folder, entry.pw_uid, entry.pw_gid)
-    return BrokerUser(name, f"{folder}: server.key and data/ belong to {name!r}, the broker user")
+    return BrokerUser(name, f"{folder}: its keys and data/ belong to {name!r}, the broker user")
 
 
 def _closed_parent(folder: Path, uid: int) -> Path | None:
@@ -82,8 +82,10 @@ def _in_group(gid: int, uid: int, mode: int) -> bool:
 
 
 def _hand_over(folder: Path, uid: int, gid: int) -> None:
-    """The key and the persistence folder (and what is in it) to the broker user."""
+    """The keys and the persistence folder (and what is in it) to the broker user: a hospital
+    broker's bridge key too, which Mosquitto reads whenever the link (re)connects."""
     data = folder / "data"
     data.mkdir(exist_ok=True)
-    for path in [folder / "server.key", data, *data.iterdir()]:
+    keys = [folder / name for name in ("server.key", "bridge.key") if (folder / name).exists()]
+    for path in [*keys, data, *data.iterdir()]:
         os.chown(path, uid, gid)

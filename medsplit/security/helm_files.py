@@ -31,24 +31,31 @@ from medsplit.security.pki import write_private
 from medsplit.storage import atomic_write
 
 if TYPE_CHECKING:
-    from medsplit.security.provision import Federation
+    from medsplit.security.federation import Federation, Study
 
 CONFIG_DIR = Path("/mosquitto/config")  # where the chart mounts the broker's files
 DATA_DIR = Path("/mosquitto/data")  # and its persistence volume
 HEADER = "# Written by `medsplit provision --helm`; regenerate it, never edit it.\n"
+SHARED_BROKER = "medsplit-broker"  # the broker release of a several-job federation
 
 
-def fullname(federation: Federation) -> str:
-    """The aggregator release's resource prefix (its fullnameOverride): one per federation, short
-    enough for ``-mosquitto`` and ``-headless`` to stay within a 63-character service name."""
-    return f"medsplit-{federation.job_id}"[:52].rstrip("-")
+def fullname(study: Study) -> str:
+    """A job's release resource prefix (its fullnameOverride), short enough for ``-mosquitto``
+    and ``-headless`` to stay within a 63-character service name."""
+    return f"medsplit-{study.job_id}"[:52].rstrip("-")
+
+
+def broker_fullname(federation: Federation) -> str:
+    """The release that runs the broker: the job's own, or the shared broker release."""
+    studies = federation.studies()
+    return fullname(studies[0]) if not studies[0].qualified else SHARED_BROKER
 
 
 def in_cluster_hosts(federation: Federation) -> list[str]:
-    """The names the aggregator uses for the broker's Service; its certificate carries them."""
+    """The names the aggregators use for the broker's Service; its certificate carries them."""
     if not federation.helm_namespace:
         return []
-    service, namespace = f"{fullname(federation)}-mosquitto", federation.helm_namespace
+    service, namespace = f"{broker_fullname(federation)}-mosquitto", federation.helm_namespace
     return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
             f"{service}.{namespace}.svc.cluster.local"]  # fmt: skip
 
@@ -57,72 +64,139 @@ def broker_url_in_cluster(federation: Federation) -> str:
     return f"mqtts://{in_cluster_hosts(federation)[2]}:{federation.port}"
 
 
-def secret_name(federation: Federation, identity: str) -> str:
-    return f"medsplit-{federation.job_id}-{identity}-tls"
+def secret_name(study: Study, party: str) -> str:
+    return f"medsplit-{study.job_id}-{party}-tls"
 
 
 def write(out: Path, federation: Federation) -> list[Path]:
-    """Every file of ``DIR/helm`` for the federation as provisioned in ``out``."""
+    """Every file of ``DIR/helm`` for the federation as provisioned in ``out``: with one job,
+    its release runs the broker too; with several, ``broker-*`` is a broker-only release and
+    ``JOB/`` holds each job's files."""
     helm = out / "helm"
     helm.mkdir(exist_ok=True)
-    aggregator = _secret(
-        federation, AGGREGATOR_ID, out / AGGREGATOR_ID, ("ca.pem", "cert.pem", "key.pem")
-    )
+    studies = federation.studies()
+    shared = studies[0].qualified
+    broker_name = f"{SHARED_BROKER}-tls" if shared else secret_name(studies[0], "broker")
     broker = _secret(
-        federation, "broker", out / "mosquitto", ("ca.pem", "server.pem", "server.key")
+        federation,
+        broker_name,
+        "broker",
+        out / "mosquitto",
+        ("ca.pem", "server.pem", "server.key"),
+        job=None if shared else studies[0].job_id,
     )
+    written = []
+    if shared:
+        written += [
+            _write_secrets(helm / "broker-secrets.yaml", [broker]),
+            _write_values(helm / "broker-values.yaml", broker_values(out, federation, broker)),
+        ]
+    for study in studies:
+        folder = helm / study.job_id if shared else helm
+        folder.mkdir(exist_ok=True)
+        written += _write_job(out, folder, federation, study, None if shared else broker)
+    return written
+
+
+def _write_job(
+    out: Path, folder: Path, federation: Federation, study: Study, broker: dict[str, Any] | None
+) -> list[Path]:
+    """A job's aggregator values and Secrets (with the broker's, when it runs the broker) and
+    each of its sites'."""
+    tls = ("ca.pem", "cert.pem", "key.pem")
+    aggregator = _secret(
+        federation,
+        secret_name(study, AGGREGATOR_ID),
+        AGGREGATOR_ID,
+        study.kit(out, AGGREGATOR_ID),
+        tls,
+        job=study.job_id,
+    )
+    values = aggregator_values(out, federation, study, aggregator)
+    if broker is not None:
+        values["mosquitto"] = mosquitto_values(out, federation, broker)
+    else:
+        values["mosquitto"] = {"enabled": False, "port": federation.port}
+        values["networkPolicy"] = {
+            "brokerPodLabels": {
+                "app.kubernetes.io/instance": SHARED_BROKER,
+                "app.kubernetes.io/component": "mosquitto",
+            }
+        }
+    secrets = [aggregator] if broker is None else [aggregator, broker]
     written = [
-        _write_secrets(helm / "aggregator-secrets.yaml", [aggregator, broker]),
-        _write_values(helm / "aggregator-values.yaml", aggregator_values(out, federation, aggregator, broker)),
-    ]  # fmt: skip
-    for site in federation.sites:
-        files = ("ca.pem", "cert.pem", "key.pem", "seal.key")
-        secret = _secret(federation, site, out / site, files)
-        written.append(_write_secrets(helm / f"{site}-secret.yaml", [secret]))
-        written.append(
-            _write_values(helm / f"{site}-values.yaml", site_values(federation, site, secret))
+        _write_secrets(folder / "aggregator-secrets.yaml", secrets),
+        _write_values(folder / "aggregator-values.yaml", values),
+    ]
+    for site in study.sites:
+        secret = _secret(
+            federation,
+            secret_name(study, site),
+            site,
+            study.kit(out, site),
+            (*tls, "seal.key"),
+            job=study.job_id,
         )
+        written.append(_write_secrets(folder / f"{site}-secret.yaml", [secret]))
+        values = site_values(federation, study, site, secret)
+        written.append(_write_values(folder / f"{site}-values.yaml", values))
     return written
 
 
 def aggregator_values(
-    out: Path, federation: Federation, aggregator: dict[str, Any], broker: dict[str, Any]
+    out: Path, federation: Federation, study: Study, aggregator: dict[str, Any]
 ) -> dict[str, Any]:
-    config = mosquitto_files.config(
-        federation.model_copy(update={"bind_address": None, "broker_user": None}),
-        CONFIG_DIR,
-        DATA_DIR,
-    )
+    kit = study.kit(out, AGGREGATOR_ID)
     return {
-        "fullnameOverride": fullname(federation),
+        "fullnameOverride": fullname(study),
         "job": {
-            "jobId": federation.job_id,
-            "sites": list(federation.sites),
-            "revocations": (out / AGGREGATOR_ID / "revocations.json").read_text(),
-            "roster": (out / AGGREGATOR_ID / "roster.json").read_text(),
+            "jobId": study.job_id,
+            "sites": list(study.sites),
+            "revocations": (kit / "revocations.json").read_text(),
+            "roster": (kit / "roster.json").read_text(),
         },
         "aggregator": {
             "existingSecret": aggregator["metadata"]["name"],
             "brokerUrl": broker_url_in_cluster(federation),
             "podAnnotations": {"checksum/tls": _checksum(aggregator)},
         },
-        "mosquitto": {
-            "existingSecret": broker["metadata"]["name"],
-            "config": config,
-            "acl": mosquitto_files.acl(federation),
-            "crl": (out / "mosquitto" / "crl.pem").read_text(),
-            "port": federation.port,
-            "service": {"port": federation.port},
-            "podAnnotations": {"checksum/tls": _checksum(broker)},
-        },
     }
 
 
-def site_values(federation: Federation, site: str, secret: dict[str, Any]) -> dict[str, Any]:
+def broker_values(out: Path, federation: Federation, broker: dict[str, Any]) -> dict[str, Any]:
+    """The shared broker's release: the aggregator chart with no aggregator."""
+    return {
+        "fullnameOverride": SHARED_BROKER,
+        "aggregator": {"enabled": False},
+        "persistence": {"enabled": False},
+        "mosquitto": mosquitto_values(out, federation, broker),
+    }
+
+
+def mosquitto_values(out: Path, federation: Federation, broker: dict[str, Any]) -> dict[str, Any]:
+    config = mosquitto_files.config(
+        federation.model_copy(update={"bind_address": None, "broker_user": None}),
+        CONFIG_DIR,
+        DATA_DIR,
+    )
+    return {
+        "existingSecret": broker["metadata"]["name"],
+        "config": config,
+        "acl": mosquitto_files.acl(federation),
+        "crl": (out / "mosquitto" / "crl.pem").read_text(),
+        "port": federation.port,
+        "service": {"port": federation.port},
+        "podAnnotations": {"checksum/tls": _checksum(broker)},
+    }
+
+
+def site_values(
+    federation: Federation, study: Study, site: str, secret: dict[str, Any]
+) -> dict[str, Any]:
     return {
         "site": {
             "siteId": site,
-            "jobId": federation.job_id,
+            "jobId": study.job_id,
             "brokerUrl": federation.broker_url,
             "existingSecret": secret["metadata"]["name"],
         },
@@ -134,33 +208,46 @@ def site_values(federation: Federation, site: str, secret: dict[str, Any]) -> di
 def describe(out: Path, federation: Federation) -> list[str]:
     helm = out / "helm"
     ns = federation.helm_namespace
+    studies = federation.studies()
+    if not studies[0].qualified:
+        return [
+            f"{helm}: Helm values and Secrets for namespace {ns}",
+            f"  kubectl apply -n {ns} -f {helm / 'aggregator-secrets.yaml'}",
+            f"  helm install {fullname(studies[0])} helm/medsplit-aggregator -n {ns} "
+            f"-f {helm / 'aggregator-values.yaml'}",
+            f"  per hospital: kubectl apply -f {helm / 'SITE-secret.yaml'}; helm install SITE "
+            f"helm/medsplit-edge -f {helm / 'SITE-values.yaml'} --set data.hostPath=...",
+        ]
     return [
-        f"{helm}: Helm values and Secrets for namespace {ns}",
-        f"  kubectl apply -n {ns} -f {helm / 'aggregator-secrets.yaml'}",
-        f"  helm install {fullname(federation)} helm/medsplit-aggregator -n {ns} "
-        f"-f {helm / 'aggregator-values.yaml'}",
-        f"  per hospital: kubectl apply -f {helm / 'SITE-secret.yaml'}; helm install SITE "
-        f"helm/medsplit-edge -f {helm / 'SITE-values.yaml'} --set data.hostPath=...",
+        f"{helm}: Helm values and Secrets for namespace {ns}: one broker release, one per job",
+        f"  kubectl apply -n {ns} -f {helm / 'broker-secrets.yaml'}; helm install "
+        f"{SHARED_BROKER} helm/medsplit-aggregator -n {ns} -f {helm / 'broker-values.yaml'}",
+        f"  per job: kubectl apply -n {ns} -f {helm / 'JOB' / 'aggregator-secrets.yaml'}; "
+        f"helm install medsplit-JOB helm/medsplit-aggregator -n {ns} "
+        f"-f {helm / 'JOB' / 'aggregator-values.yaml'}",
+        f"  per hospital and job: {helm / 'JOB' / 'SITE-secret.yaml'} and SITE-values.yaml "
+        "for helm/medsplit-edge",
     ]
 
 
 def _secret(
-    federation: Federation, identity: str, folder: Path, names: tuple[str, ...]
+    federation: Federation,
+    name: str,
+    party: str,
+    folder: Path,
+    files: tuple[str, ...],
+    *,
+    job: str | None = None,
 ) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/part-of": "medsplit", "medsplit.io/identity": party}
+    if job is not None:
+        labels["medsplit.io/job"] = job
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
-        "metadata": {
-            "name": secret_name(federation, identity),
-            "namespace": federation.helm_namespace,
-            "labels": {
-                "app.kubernetes.io/part-of": "medsplit",
-                "medsplit.io/job": federation.job_id,
-                "medsplit.io/identity": identity,
-            },
-        },
-        "data": {name: base64.b64encode((folder / name).read_bytes()).decode() for name in names},
+        "metadata": {"name": name, "namespace": federation.helm_namespace, "labels": labels},
+        "data": {f: base64.b64encode((folder / f).read_bytes()).decode() for f in files},
     }
 
 

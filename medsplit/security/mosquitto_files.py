@@ -11,7 +11,9 @@ and, after a reload, even its open connection can neither publish nor receive:
   any message a site published with the retain flag (the protocol retains only presence), so
   a site cannot park data on the broker; it writes every ``down/+`` and ``all/+``, and reads
   and writes its own presence (the liveness probe);
-* nobody is granted ``#``, and an identity without a block is granted nothing.
+* nobody is granted ``#``, and an identity without a block is granted nothing;
+* in a several-job federation every identity is ``party@job`` and its block names only its
+  job's topics: a hospital's agent of one study reads and writes nothing of another.
 
 ``max_packet_size`` bounds every message a client can make the broker hold to the federation's
 ``max_packet_bytes`` (1 MiB by default: frames are at most 320 KiB).
@@ -25,38 +27,69 @@ from typing import TYPE_CHECKING
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.protocol import topics
 from medsplit.protocol.meta import CUT_LAYER_UPLINK, UPLINK
+from medsplit.security import bridge_files
 
 UPLINK_KINDS = UPLINK | CUT_LAYER_UPLINK
 
 if TYPE_CHECKING:
-    from medsplit.security.provision import Federation
+    from medsplit.security.federation import Federation, Study
 
 
 def acl(federation: Federation) -> str:
-    job = f"{topics.PREFIX}/{federation.job_id}"
     lines = [
-        f"# medsplit ACL for job {federation.job_id}: written by `medsplit provision`; "
+        f"# medsplit ACL for {_jobs(federation)}: written by `medsplit provision`; "
         "regenerate it, never edit it.",
         "# Usernames are certificate CNs. What is not granted here is denied.",
+    ]
+    for study in federation.studies():
+        lines += study_acl(study)
+    lines += bridge_files.central_acl(federation)
+    return "\n".join(lines) + "\n"
+
+
+def study_acl(study: Study) -> list[str]:
+    """One job's blocks: its aggregator's and each of its sites', every topic under the job."""
+    job = f"{topics.PREFIX}/{study.job_id}"
+    lines = [
         "",
-        f"user {AGGREGATOR_ID}",
+        f"user {study.identity(AGGREGATOR_ID)}",
         f"topic readwrite {job}/+/up/+",
         f"topic read {job}/+/presence",
         f"topic write {job}/+/down/+",
         f"topic write {job}/{topics.BROADCAST}/+",
         f"topic readwrite {job}/{AGGREGATOR_ID}/presence",
     ]
-    for site in federation.sites:
-        lines += [
-            "",
-            f"user {site}",
-            *(f"topic write {job}/{site}/up/{kind}" for kind in sorted(UPLINK_KINDS)),
-            f"topic write {job}/{site}/presence",
-            f"topic read {job}/{site}/down/+",
-            f"topic read {job}/{topics.BROADCAST}/+",
-            f"topic read {job}/{AGGREGATOR_ID}/presence",
-        ]
-    return "\n".join(lines) + "\n"
+    for site in study.sites:
+        lines += site_block(study, site)
+    return lines
+
+
+def site_block(study: Study, site: str) -> list[str]:
+    """A site's block: its uplinks and presence to write; its downlink, the broadcasts and the
+    aggregator's presence to read."""
+    job = f"{topics.PREFIX}/{study.job_id}"
+    return [
+        "",
+        f"user {study.identity(site)}",
+        *(f"topic write {topic}" for topic in site_uplinks(study.job_id, site)),
+        f"topic read {job}/{site}/down/+",
+        f"topic read {job}/{topics.BROADCAST}/+",
+        f"topic read {job}/{AGGREGATOR_ID}/presence",
+    ]
+
+
+def site_uplinks(job_id: str, site: str) -> list[str]:
+    """Every topic a site may publish on: its uplink kinds and its presence."""
+    job = f"{topics.PREFIX}/{job_id}"
+    return [
+        *(f"{job}/{site}/up/{kind}" for kind in sorted(UPLINK_KINDS)),
+        f"{job}/{site}/presence",
+    ]
+
+
+def _jobs(federation: Federation) -> str:
+    names = [study.job_id for study in federation.studies()]
+    return f"job {names[0]}" if len(names) == 1 else f"jobs {', '.join(names)}"
 
 
 def config(
@@ -69,7 +102,7 @@ def config(
     if federation.bind_address:
         listener += f" {federation.bind_address}"
     lines = [
-        f"# Mosquitto for medsplit job {federation.job_id}: written by `medsplit provision`.",
+        f"# Mosquitto for medsplit {_jobs(federation)}: written by `medsplit provision`.",
         "# Mutual TLS only: every client presents a certificate of this federation's CA, and",
         "# its CN is its username in the ACL. SIGHUP reloads the ACL and the CRL.",
         "per_listener_settings false",

@@ -26,7 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medsplit.storage import atomic_write
 
-Role = Literal["ca", "broker", "aggregator", "site"]
+Role = Literal["ca", "broker", "aggregator", "site", "bridge"]
 UTC = datetime.timezone.utc
 
 
@@ -282,18 +282,24 @@ def days_left(path: Path) -> float:
     return left.total_seconds() / 86400
 
 
-def describe_client_certificate(path: Path, identity: str) -> tuple[str, bool]:
+def describe_client_certificate(
+    path: Path, identity: str, job: str | None = None
+) -> tuple[str, bool]:
     """What a process says at start about its certificate, and whether it is a warning.
 
-    Raises ``PkiError`` when the certificate cannot work: its CN is not ``identity`` (the broker's
-    ACL would deny every message, silently) or it has expired."""
+    Raises ``PkiError`` when the certificate cannot work: its CN is neither ``identity`` nor, in
+    a several-job federation, ``identity@job`` (the broker's ACL would deny every message,
+    silently), or it has expired."""
     cert = read_certificate(path)
     name = common_name(cert)
-    if name != identity:
+    accepted = [identity] if job is None else [identity, f"{identity}@{job}"]
+    if name not in accepted:
         raise PkiError(
-            f"{path}: the certificate is for {name!r}, this process is {identity!r}; "
-            "the broker would deny all its messages (use this identity's kit)"
+            f"{path}: the certificate is for {name!r}, this process is "
+            f"{' or '.join(map(repr, accepted))}; the broker would deny all its messages "
+            "(use this identity's kit)"
         )
+    identity = name
     left = cert.not_valid_after_utc - now()
     until = cert.not_valid_after_utc.date().isoformat()
     if left.total_seconds() <= 0:
