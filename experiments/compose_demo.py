@@ -10,6 +10,10 @@ What hospital IT does by hand (docs/deployment.md), in one command:
 4. RUN/.env for docker/compose.yaml (run folder, ports, users), then ``docker compose up``, a wait
    for the aggregator to finish, the results table, and ``docker compose down``.
 
+With ``--hospital-broker`` hospital-a has a broker of its own (the compose profile
+``hospital-broker``): its agent connects to that Mosquitto, which is bridged to the central one
+over one connection (``medsplit.security.bridge_files``), as behind a hospital's firewall.
+
 The images come from ``make images`` (run first by ``make compose-demo``). The same functions
 prepare the container test (tests/integration/test_containers.py).
 """
@@ -36,6 +40,7 @@ from medsplit.storage import atomic_write
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker" / "compose.yaml"
 SITES = ("hospital-a", "hospital-b")  # the compose file has one service each
+BRIDGED = "hospital-a"  # the site with a hospital broker, with --hospital-broker
 APP_UID, BROKER_UID = 10001, 1883  # the images' users (docker/Dockerfile; eclipse-mosquitto)
 STATE = Path("/var/lib/medsplit")  # what the containers see (docker/compose.yaml)
 
@@ -48,6 +53,12 @@ class ComposeRun:
     project: str
     broker_port: int
     http_ports: dict[str, int]
+    hospital_broker_port: int | None = None  # with a hospital broker for BRIDGED
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        bridged = ("hospital-broker",) if self.hospital_broker_port else ()
+        return ("broker", *bridged, "aggregator", *SITES)
 
     @property
     def env_file(self) -> Path:
@@ -88,15 +99,35 @@ def compose_command() -> list[str]:
 
 
 def prepare(
-    run: Path, *, rounds: int = 3, per_site: int = 40, seed: int = 0, project: str = "medsplit"
+    run: Path,
+    *,
+    rounds: int = 3,
+    per_site: int = 40,
+    seed: int = 0,
+    project: str = "medsplit",
+    hospital_broker: bool = False,
 ) -> ComposeRun:
-    """Provision, write the data and configs, and RUN/.env; RUN must not exist yet."""
+    """Provision, write the data and configs, and RUN/.env; RUN must not exist yet. With
+    ``hospital_broker`` hospital-a connects through a broker of its own, bridged."""
     if run.exists():
         raise FileExistsError(f"{run} exists: choose a new --out (its CA is another job's)")
     run = run.resolve()
     trial = ComposeRun(
-        run, project, free_port(), {name: free_port() for name in ("aggregator", *SITES)}
+        run,
+        project,
+        free_port(),
+        {name: free_port() for name in ("aggregator", *SITES)},
+        free_port() if hospital_broker else None,
     )
+    bridges = {}
+    if trial.hospital_broker_port is not None:
+        bridges[BRIDGED] = {
+            "hosts": ["127.0.0.1", "localhost"],
+            "port": trial.hospital_broker_port,
+            "bind_address": "127.0.0.1",
+            "broker_dir": "/mosquitto/config",  # as docker/compose.yaml mounts them
+            "broker_data_dir": "/mosquitto/data",
+        }
     federation = Federation(
         job_id="compose-demo",
         sites=list(SITES),
@@ -105,6 +136,7 @@ def prepare(
         bind_address="127.0.0.1",
         broker_dir=Path("/mosquitto/config"),  # as docker/compose.yaml mounts them
         broker_data_dir=Path("/mosquitto/data"),
+        hospital_brokers=bridges,
     )
     pki = run / "pki"
     Provisioner.create(federation, pki)
@@ -118,6 +150,7 @@ def prepare(
     _extend(pki / "aggregator" / "job.yaml", _job_sections(rounds, seed))
     (run / "aggregator").mkdir()
     (run / "broker-data").mkdir()
+    (run / "hospital-broker-data").mkdir()
     uid, broker_uid = _owners(run)
     lines = {
         "COMPOSE_PROJECT_NAME": project,
@@ -130,6 +163,9 @@ def prepare(
         "AGGREGATOR_HTTP_PORT": trial.http_ports["aggregator"],
         **{f"{s.upper().replace('-', '_')}_HTTP_PORT": trial.http_ports[s] for s in SITES},
     }
+    if trial.hospital_broker_port is not None:
+        lines["COMPOSE_PROFILES"] = "hospital-broker"
+        lines["HOSPITAL_BROKER_PORT"] = trial.hospital_broker_port
     text = "".join(f"{key}={value}\n" for key, value in lines.items())
     atomic_write(trial.env_file, text.encode())
     return trial
@@ -177,6 +213,9 @@ def _owners(run: Path) -> tuple[int, int]:
         _chown(run / site, APP_UID)
     _chown(run / "pki" / "mosquitto", BROKER_UID)
     _chown(run / "broker-data", BROKER_UID)
+    if (run / "pki" / "bridges").exists():
+        _chown(run / "pki" / "bridges", BROKER_UID)
+    _chown(run / "hospital-broker-data", BROKER_UID)
     return APP_UID, BROKER_UID
 
 
@@ -191,7 +230,7 @@ def _chown(folder: Path, uid: int) -> None:
 def up(trial: ComposeRun) -> None:
     """Start every service in order; raises naming the services that did not start."""
     started = trial.compose("up", "--detach", "--quiet-pull", check=False)
-    states = {service: state(trial, service) for service in ("broker", "aggregator", *SITES)}
+    states = {service: state(trial, service) for service in trial.services}
     stuck = {service: s for service, s in states.items() if s not in {"running", "exited"}}
     if started.returncode != 0 or stuck:
         said = (started.stderr.strip().splitlines() or ["no output"])[-1]
@@ -239,13 +278,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-site", type=int, default=100, help="DICOM images per hospital")
     parser.add_argument("--timeout", type=float, default=900, help="seconds for the whole job")
+    parser.add_argument(
+        "--hospital-broker",
+        action="store_true",
+        help=f"{BRIDGED} connects through a broker of its own, bridged to the central one",
+    )
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     if args.out.exists():
         shutil.rmtree(args.out)  # a previous trial's: its CA is not this one's
-    trial = prepare(args.out, rounds=args.rounds, per_site=args.per_site)
+    trial = prepare(
+        args.out,
+        rounds=args.rounds,
+        per_site=args.per_site,
+        hospital_broker=args.hospital_broker,
+    )
     console.print(f"run folder {trial.run}; broker on 127.0.0.1:{trial.broker_port} (mutual TLS)")
-    console.print("starting broker, aggregator, hospital-a, hospital-b (health checks gate each)")
+    console.print(f"starting {', '.join(trial.services)} (health checks gate each)")
     try:
         up(trial)
         console.print(

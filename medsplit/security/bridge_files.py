@@ -74,38 +74,11 @@ def hospital_config(federation: Federation, site: str, folder: Path) -> str:
     """``mosquitto.conf`` of the hospital broker: a mutual-TLS listener for the hospital's
     agents and one bridge to the central broker; ``folder`` is where it sees its files."""
     spec = federation.hospital_brokers[site]
-    listener = f"listener {spec.port}" + (f" {spec.bind_address}" if spec.bind_address else "")
-    data = spec.broker_data_dir or folder / "data"
     lines = [
         f"# The hospital broker of {site}: written by `medsplit provision`; regenerate it.",
-        "per_listener_settings false",
-        "allow_anonymous false",
-        f"acl_file {folder / 'acl'}",
-        "",
-        listener,
-        "protocol mqtt",
-        f"cafile {folder / 'ca.pem'}",
-        f"certfile {folder / 'server.pem'}",
-        f"keyfile {folder / 'server.key'}",
-        f"crlfile {folder / 'crl.pem'}",
-        "require_certificate true",
-        "use_identity_as_username true",
-        "tls_version tlsv1.2",
-        "set_tcp_nodelay true",
-        f"max_packet_size {federation.max_packet_bytes}",
-        "",
-        "persistence true",
-        f"persistence_location {data}/",
-        "autosave_interval 30",
-        # What the agents publish while the WAN link is down waits here, bounded.
-        "max_queued_messages 100000",
-        "max_inflight_messages 0",
-        "log_dest stderr",
-        "log_type error",
-        "log_type warning",
-        "log_type notice",
-        "log_type information",
-        "connection_messages true",
+        "# Only this hospital's agents connect here; one bridge carries its topics to the",
+        "# central broker, and nothing else.",
+        *mosquitto_files.broker_lines(spec, folder, spec.broker_data_dir or folder / "data"),
         *([f"user {spec.broker_user}"] if spec.broker_user else []),
         "",
         *bridge_section(federation, site, folder),

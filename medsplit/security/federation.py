@@ -44,10 +44,35 @@ class StudySites(BaseModel):
     sites: list[Id] = Field(min_length=1, description="site ids of this job")
 
 
-class HospitalBroker(BaseModel):
-    """A Mosquitto inside one hospital, bridged to the central broker (``bridge_files``)."""
+class BrokerSettings(BaseModel):
+    """Where a provisioned broker listens, where it finds its files, whom it runs as."""
 
     model_config = ConfigDict(extra="forbid")
+
+    port: int = Field(8883, ge=1, le=65535, description="the broker's TLS port")
+    bind_address: str | None = Field(None, description="listen on this address only")
+    broker_dir: Path | None = Field(
+        None,
+        description="where the broker will find its provisioned files (e.g. /mosquitto/config "
+        "in a container); default: the provisioned folder itself",
+    )
+    broker_data_dir: Path | None = Field(
+        None, description="where the broker keeps its persistence; default: BROKER_DIR/data"
+    )
+    broker_user: str | None = Field(
+        None, description="the OS user Mosquitto runs as (its 'user' option)"
+    )
+    max_packet_bytes: int = Field(
+        1024 * 1024,
+        ge=MIN_PACKET_BYTES,
+        description="the broker refuses (and disconnects) any larger MQTT packet: medsplit's "
+        "frames are at most 256 KiB of payload and 64 KiB of header, so this bounds what one "
+        "client can make the broker hold per message",
+    )
+
+
+class HospitalBroker(BrokerSettings):
+    """A Mosquitto inside one hospital, bridged to the central broker (``bridge_files``)."""
 
     hosts: list[str] = Field(
         ["localhost", "127.0.0.1"],
@@ -55,21 +80,12 @@ class HospitalBroker(BaseModel):
         description="names (or IPs) the hospital's agents use for it; the first goes into their "
         "kits",
     )
-    port: int = Field(8883, ge=1, le=65535, description="its TLS port for the hospital's agents")
-    bind_address: str | None = Field(None, description="listen on this address only")
     remote: str | None = Field(
         None,
         pattern=r"^[^\s:]+:[0-9]{1,5}$",
         description="HOST:PORT of the central broker as the hospital reaches it (a proxy, a "
         "firewall's address); default the first broker_hosts and port",
     )
-    broker_dir: Path | None = Field(
-        None, description="where it will find DIR/bridges/SITE's files; default that folder"
-    )
-    broker_data_dir: Path | None = Field(
-        None, description="where it keeps its persistence; default BROKER_DIR/data"
-    )
-    broker_user: str | None = Field(None, description="the OS user it runs as")
     restart_min_s: int = Field(1, ge=1, description="first wait before reconnecting the link")
     restart_max_s: int = Field(15, ge=1, description="longest wait between reconnect attempts")
     keepalive_s: int = Field(30, ge=5, description="MQTT keepalive of the link")
@@ -95,11 +111,9 @@ class Study:
         return out / self.job_id / party if self.qualified else out / party
 
 
-class Federation(BaseModel):
+class Federation(BrokerSettings):
     """One federation: its jobs and their sites, where its broker is, how long certificates
     live."""
-
-    model_config = ConfigDict(extra="forbid")
 
     job_id: Id | None = Field(
         None, description="the one job the kits are for (or use jobs); part of every topic"
@@ -117,30 +131,10 @@ class Federation(BaseModel):
         description="names (or IPs) clients use for the broker; all go into its certificate, "
         "the first into the kits' broker URL",
     )
-    port: int = Field(8883, ge=1, le=65535, description="the broker's TLS port")
-    bind_address: str | None = Field(None, description="listen on this address only")
     validity_days: float = Field(
         30, gt=0, le=397, description="lifetime of the broker, aggregator and site certificates"
     )
     ca_validity_days: float = Field(1095, gt=1, description="lifetime of the CA")
-    broker_dir: Path | None = Field(
-        None,
-        description="where the broker will find DIR/mosquitto's files (e.g. /mosquitto/config "
-        "in a container); default: that folder itself",
-    )
-    broker_data_dir: Path | None = Field(
-        None, description="where the broker keeps its persistence; default: BROKER_DIR/data"
-    )
-    broker_user: str | None = Field(
-        None, description="the OS user Mosquitto runs as (its 'user' option)"
-    )
-    max_packet_bytes: int = Field(
-        1024 * 1024,
-        ge=MIN_PACKET_BYTES,
-        description="the broker refuses (and disconnects) any larger MQTT packet: medsplit's "
-        "frames are at most 256 KiB of payload and 64 KiB of header, so this bounds what one "
-        "client can make the broker hold per message",
-    )
     hospital_brokers: dict[Id, HospitalBroker] = Field(
         default_factory=dict,
         description="site id -> a broker inside that hospital, bridged to this one over one "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from medsplit.ids import AGGREGATOR_ID
-from medsplit.security import mosquitto_files
+from medsplit.security import bridge_files, mosquitto_files
 from medsplit.security.pki import write_private
 from medsplit.storage import atomic_write
 
@@ -56,6 +56,20 @@ def in_cluster_hosts(federation: Federation) -> list[str]:
     if not federation.helm_namespace:
         return []
     service, namespace = f"{broker_fullname(federation)}-mosquitto", federation.helm_namespace
+    return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
+            f"{service}.{namespace}.svc.cluster.local"]  # fmt: skip
+
+
+def hospital_broker_name(site: str) -> str:
+    """The Service (and resources) of ``site``'s hospital broker in its edge release."""
+    return f"medsplit-{site}-broker"[:63].rstrip("-")
+
+
+def hospital_broker_hosts(federation: Federation, site: str) -> list[str]:
+    """The in-cluster names of ``site``'s hospital broker, for its certificate."""
+    if not federation.helm_namespace:
+        return []
+    service, namespace = hospital_broker_name(site), federation.helm_namespace
     return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
             f"{service}.{namespace}.svc.cluster.local"]  # fmt: skip
 
@@ -137,10 +151,53 @@ def _write_job(
             (*tls, "seal.key"),
             job=study.job_id,
         )
-        written.append(_write_secrets(folder / f"{site}-secret.yaml", [secret]))
         values = site_values(federation, study, site, secret)
+        secrets = [secret]
+        if site in federation.hospital_brokers:
+            secrets += _hospital_broker(out, federation, study, site, values)
+        written.append(_write_secrets(folder / f"{site}-secret.yaml", secrets))
         written.append(_write_values(folder / f"{site}-values.yaml", values))
     return written
+
+
+def _hospital_broker(
+    out: Path, federation: Federation, study: Study, site: str, values: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Point the site's values at its hospital broker; the release of the first job it is in
+    also runs that broker (and its Secret is returned, to go beside the site's)."""
+    spec = federation.hospital_brokers[site]
+    name = hospital_broker_name(site)
+    values["site"]["brokerUrl"] = (
+        f"mqtts://{hospital_broker_hosts(federation, site)[2]}:{spec.port}"
+    )
+    first = next(s for s in federation.studies() if site in s.sites)
+    if first != study:
+        values["networkPolicy"] = {
+            "brokerPort": spec.port,
+            "brokerPodLabels": {"medsplit.io/hospital-broker": name},
+        }
+        return []
+    files = ("ca.pem", "server.pem", "server.key", "bridge.pem", "bridge.key")
+    secret = _secret(federation, f"{name}-tls", "hospital-broker", out / "bridges" / site, files)
+    in_pod = spec.model_copy(
+        update={"broker_dir": CONFIG_DIR, "broker_data_dir": DATA_DIR, "broker_user": None,
+                "bind_address": None}
+    )  # fmt: skip
+    pod_view = federation.model_copy(
+        update={"hospital_brokers": {**federation.hospital_brokers, site: in_pod}}
+    )
+    values["hospitalBroker"] = {
+        "enabled": True,
+        "name": name,
+        "existingSecret": secret["metadata"]["name"],
+        "config": bridge_files.hospital_config(pod_view, site, CONFIG_DIR),
+        "acl": bridge_files.hospital_acl(federation, site),
+        "crl": (out / "bridges" / site / "crl.pem").read_text(),
+        "port": spec.port,
+        "centralPort": int(bridge_files.remote_address(federation, spec).rsplit(":", 1)[1]),
+        "podAnnotations": {"checksum/tls": _checksum(secret)},
+    }
+    return [secret]
 
 
 def aggregator_values(

@@ -32,7 +32,7 @@ from medsplit.security import bridge_files
 UPLINK_KINDS = UPLINK | CUT_LAYER_UPLINK
 
 if TYPE_CHECKING:
-    from medsplit.security.federation import Federation, Study
+    from medsplit.security.federation import BrokerSettings, Federation, Study
 
 
 def acl(federation: Federation) -> str:
@@ -98,13 +98,26 @@ def config(
     """``mosquitto.conf`` whose files are in ``folder`` and persistence in ``data`` (default
     ``folder/data``), both as the broker sees them; ``user``: its ``user`` option (default the
     federation's ``broker_user``)."""
-    listener = f"listener {federation.port}"
-    if federation.bind_address:
-        listener += f" {federation.bind_address}"
     lines = [
         f"# Mosquitto for medsplit {_jobs(federation)}: written by `medsplit provision`.",
         "# Mutual TLS only: every client presents a certificate of this federation's CA, and",
         "# its CN is its username in the ACL. SIGHUP reloads the ACL and the CRL.",
+        *broker_lines(federation, folder, data or folder / "data"),
+    ]
+    user = user or federation.broker_user
+    if user:
+        lines.append(f"user {user}")
+    return "\n".join(lines) + "\n"
+
+
+def broker_lines(spec: BrokerSettings, folder: Path, data: Path) -> list[str]:
+    """What every broker medsplit provisions says, the central one and a hospital's: a
+    mutual-TLS listener whose CNs are the ACL's usernames, bounded packets and queues, durable
+    sessions, and logs that show connections and reloads."""
+    listener = f"listener {spec.port}"
+    if spec.bind_address:
+        listener += f" {spec.bind_address}"
+    return [
         "per_listener_settings false",
         "allow_anonymous false",
         f"acl_file {folder / 'acl'}",
@@ -121,12 +134,13 @@ def config(
         # Without it every small message waits for Nagle: rounds ran 15x slower.
         "set_tcp_nodelay true",
         # No client makes the broker hold more than this per message (bigger: disconnected).
-        f"max_packet_size {federation.max_packet_bytes}",
+        f"max_packet_size {spec.max_packet_bytes}",
         "",
         "persistence true",
-        f"persistence_location {data or folder / 'data'}/",
+        f"persistence_location {data}/",
         "autosave_interval 30",
-        # Sites briefly offline get what was sent meanwhile; bounded, not unlimited.
+        # Clients briefly offline (or a hospital's link while it is down) get what was sent
+        # meanwhile; bounded, not unlimited.
         "max_queued_messages 100000",
         "max_inflight_messages 0",
         "log_dest stderr",
@@ -136,7 +150,3 @@ def config(
         "log_type information",  # includes "Reloading config.", which says SIGHUP was taken
         "connection_messages true",
     ]
-    user = user or federation.broker_user
-    if user:
-        lines.append(f"user {user}")
-    return "\n".join(lines) + "\n"

@@ -235,7 +235,12 @@ class Provisioner:
         atomic_write(folder / "ca.pem", self.ca.cert_path.read_bytes())
         issued = []
         parts: list[tuple[str, Role, str, tuple[str, ...]]] = [
-            (bridge_files.hospital_broker_identity(site), "broker", "server", tuple(spec.hosts)),
+            (
+                bridge_files.hospital_broker_identity(site),
+                "broker",
+                "server",
+                (*spec.hosts, *helm_files.hospital_broker_hosts(self.federation, site)),
+            ),
             (bridge_files.bridge_identity(site), "bridge", "bridge", ()),
         ]
         for identity, role, name, hosts in parts:
@@ -317,6 +322,8 @@ class Provisioner:
         self.federation = _checked(self.federation, helm_namespace=namespace)
         _save_federation(self.out, self.federation)
         lines = self.renew(BROKER_ID) if renew else []
+        for site in self.federation.hospital_brokers if renew else ():
+            lines += self.renew(bridge_files.hospital_broker_identity(site))
         self._publish()
         return [*lines, *helm_files.describe(self.out, self.federation)]
 

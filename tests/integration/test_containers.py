@@ -6,7 +6,8 @@ the base images from a debootstrapped Debian when absent, the wheelhouse, both i
 registry is reachable here, every container uses host networking, so all traffic stays on
 127.0.0.1. If Docker cannot start, the test fails saying why; it never skips itself.
 
-The trial: Mosquitto from the provisioned config, the aggregator, two agents with DICOM folders.
+The trial: Mosquitto from the provisioned config, the aggregator, two agents with DICOM folders,
+hospital-a's through a broker of its own bridged to the central one (the compose option).
 Mid-job the aggregator's container is killed with SIGKILL from the host, as a crash or the OOM
 killer would; Docker restarts it, it resumes from its checkpoint, and the job completes.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from experiments.compose_demo import (
+    BRIDGED,
     SITES,
     ComposeRun,
     docker_inspect,
@@ -88,7 +90,11 @@ def _until(what: str, predicate: object, timeout: float) -> None:
 @pytest.fixture
 def trial(images: None, tmp_path: Path) -> Iterator[ComposeRun]:
     run = prepare(
-        tmp_path / "trial", rounds=ROUNDS, per_site=32, project=f"medsplit-test-{os.getpid()}"
+        tmp_path / "trial",
+        rounds=ROUNDS,
+        per_site=32,
+        project=f"medsplit-test-{os.getpid()}",
+        hospital_broker=True,
     )
     try:
         yield run
@@ -131,7 +137,9 @@ def test_the_compose_trial_survives_a_killed_aggregator_and_completes(trial: Com
             ["docker", "exec", container, "id", "-u"], capture_output=True, text=True, check=True
         )
         assert uid.stdout.strip() != "0", service
-    assert docker_inspect(trial.container("broker"), "{{.Config.User}}").split(":")[0] != "0"
+    for broker in ("broker", "hospital-broker"):
+        assert docker_inspect(trial.container(broker), "{{.Config.User}}").split(":")[0] != "0"
+        assert docker_inspect(trial.container(broker), "{{.HostConfig.ReadonlyRootfs}}") == "true"
     # The health checks passed (compose started the agents only once the aggregator was ready).
     assert docker_inspect(aggregator, "{{.State.Health.Status}}") == "healthy"
 
@@ -158,14 +166,19 @@ def test_the_compose_trial_survives_a_killed_aggregator_and_completes(trial: Com
     for site in SITES:
         assert (trial.run / site / "state" / "model.onnx").is_file(), site
     logs = trial.compose("logs", "--no-color", "broker").stdout
-    for identity in ("aggregator", *SITES):  # mutual TLS: the broker knew each by its CN
+    # Mutual TLS: the broker knew each by its CN; hospital-a only through its bridge.
+    for identity in ("aggregator", "hospital-b", f"bridge:{BRIDGED}"):
         assert f"u'{identity}'" in logs, identity
+    assert f"u'{BRIDGED}'" not in logs
+    hospital = trial.compose("logs", "--no-color", "hospital-broker").stdout
+    assert f"u'{BRIDGED}'" in hospital
 
 
 def test_the_compose_file_is_valid_for_docker_compose(trial: ComposeRun) -> None:
     rendered = trial.compose("config", "--format", "json").stdout
     services = json.loads(rendered)["services"]
-    assert set(services) == {"broker", "aggregator", *SITES}
+    assert set(services) == set(trial.services)
+    assert "hospital-broker" in services
     for name, service in services.items():
         assert service["network_mode"] == "host", name
         assert service["read_only"] is True, name

@@ -76,12 +76,16 @@ def test_the_images_install_only_from_the_wheelhouse_and_run_as_non_root() -> No
 def test_every_compose_service_is_hardened_and_gated_by_health() -> None:
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) == {"broker", "aggregator", "hospital-a", "hospital-b"}
+    assert set(services) == {"broker", "hospital-broker", "aggregator", "hospital-a", "hospital-b"}
     anchors = compose["x-hardened"]
     assert anchors["network_mode"] == "host" and anchors["read_only"] is True
     assert anchors["cap_drop"] == ["ALL"]
     assert services["broker"]["restart"] == "unless-stopped"
     assert services["aggregator"]["depends_on"] == {"broker": {"condition": "service_healthy"}}
+    # The hospital broker is an option (a profile): hospital-a waits for it only when it runs.
+    assert services["hospital-broker"]["profiles"] == ["hospital-broker"]
+    optional = {"condition": "service_healthy", "required": False}
+    assert services["hospital-a"]["depends_on"].pop("hospital-broker") == optional
     for site in ("hospital-a", "hospital-b"):
         assert services[site]["depends_on"] == {"aggregator": {"condition": "service_healthy"}}
         volumes = services[site]["volumes"]

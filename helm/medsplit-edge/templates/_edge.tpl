@@ -6,7 +6,11 @@
 {{- $_ := set $site "site_id" (required "site.siteId is required (medsplit provision --helm writes it)" .Values.site.siteId) -}}
 {{- $_ := set $site "job_id" (required "site.jobId is required (medsplit provision --helm writes it)" .Values.site.jobId) -}}
 {{- $tls := dict "ca_file" "/etc/medsplit/tls/ca.pem" "cert_file" "/etc/medsplit/tls/cert.pem" "key_file" "/etc/medsplit/tls/key.pem" -}}
-{{- $url := required "site.brokerUrl is required: mqtts://HOST:PORT as this hospital reaches the broker" .Values.site.brokerUrl -}}
+{{- $url := .Values.site.brokerUrl -}}
+{{- if and (not $url) .Values.hospitalBroker.enabled -}}
+{{- $url = printf "mqtts://%s.%s.svc:%v" (include "medsplit.hospitalBrokerName" .) .Release.Namespace .Values.hospitalBroker.port -}}
+{{- end -}}
+{{- $url = required "site.brokerUrl is required: mqtts://HOST:PORT as this hospital reaches the broker" $url -}}
 {{- $_ := set $site "broker" (merge (dict "url" $url "tls" $tls) (default dict $site.broker)) -}}
 {{- if .Values.site.sealing -}}
 {{- $_ := set $site "sealing" (dict "key_file" "/etc/medsplit/tls/seal.key" "ca_file" "/etc/medsplit/tls/ca.pem") -}}
@@ -51,4 +55,9 @@ key_file: /etc/medsplit/pacs/tls.key
 {{- if $pacs.ca }}
 ca_file: /etc/medsplit/pacs/ca.crt
 {{- end }}
+{{- end -}}
+
+{{/* The hospital broker's resources and Service: one name every job's release can reach. */}}
+{{- define "medsplit.hospitalBrokerName" -}}
+{{- default (printf "%s-hospital-broker" (include "medsplit.fullname" .)) .Values.hospitalBroker.name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
