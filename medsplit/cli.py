@@ -328,6 +328,11 @@ def _provisioned(out: Path, federation: Any) -> list[str]:
                 ),
             )
         ),
+        *(
+            f"{out / 'bridges' / site}: the hospital broker of {site}, bridged to the central "
+            f"one: mosquitto -c {out / 'bridges' / site / 'mosquitto.conf'} (in the hospital)"
+            for site in federation.hospital_brokers
+        ),
         f"certificates valid {federation.validity_days:g} days: renew with "
         f"`medsplit provision --out {out} --renew ID`",
         *(describe(out, federation) if federation.helm_namespace else []),

@@ -12,6 +12,7 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from medsplit.cli import main
 from medsplit.security.pki import common_name, read_certificate
 from medsplit.security.provision import Federation, Provisioner
 from tests.unit.test_helm_charts import (
@@ -100,6 +101,21 @@ def test_the_hospital_broker_and_its_bridge_have_their_own_certificates(kit: Pat
         assert site["broker"]["url"] == "mqtts://mqtt.kings.nhs.example:8883"
     other = yaml.safe_load((kit / "tumour" / "leeds" / "site.yaml").read_text())
     assert other["broker"]["url"] == "mqtts://central.example:8883"
+
+
+def test_the_command_line_says_where_the_hospital_broker_is_and_how_to_start_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "federation.yaml"
+    spec.write_text(
+        yaml.safe_dump({"jobs": JOBS, "broker_hosts": ["c"], "hospital_brokers": BRIDGED})
+    )
+    out = tmp_path / "fed"
+    assert main(["provision", "--out", str(out), "--federation", str(spec)]) == 0
+    printed = capsys.readouterr().out
+    assert f"mosquitto -c {out / 'bridges' / 'kings' / 'mosquitto.conf'}" in printed
+    assert main(["provision", "--out", str(out), "--renew", "broker:kings"]) == 0
+    assert "new certificate for broker:kings" in capsys.readouterr().out
 
 
 def test_renewing_the_bridge_and_revoking_the_hospital(tmp_path: Path) -> None:
