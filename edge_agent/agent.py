@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from edge_agent.data.datasets import SiteData
+from edge_agent.data.site_data import SiteData
 from edge_agent.learners import FederatedLearner, Learner, Progress, SplitLearner
 from edge_agent.lifecycle import Action, AgentPhase, Lifecycle, SayHello
 from edge_agent.local_model import LocalModel

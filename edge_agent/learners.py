@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from edge_agent.data.datasets import SiteData
+from edge_agent.data.site_data import SiteData
 from edge_agent.local_model import LocalModel
 from edge_agent.recovery import Recovery, Snapshot
 from edge_agent.segments import EdgeSegments

@@ -6,6 +6,7 @@ offline and disconnects; started again, it restores its state and rejoins the jo
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 from collections.abc import Callable
@@ -13,22 +14,8 @@ from typing import Any
 
 from edge_agent.agent import Agent, ForeignCode, NotInJob
 from edge_agent.config import SiteConfig
-from edge_agent.data import datasets
-from edge_agent.data.csv_source import load_csv_site
-from edge_agent.data.datasets import SiteData
-from edge_agent.data.dicom_source import load_dicom_site
-from edge_agent.data.pacs_source import load_dicomweb_site
-from edge_agent.data.picture_source import load_picture_site
-from edge_agent.data.settings import (
-    BuiltinData,
-    CsvData,
-    DicomData,
-    DicomWebData,
-    PictureData,
-    VolumeData,
-)
-from edge_agent.data.site_data import LoadSummary
-from edge_agent.data.volume_source import load_volume_site
+from edge_agent.data.settings import BuiltinData
+from edge_agent.data.site_data import LoadSummary, SiteData
 from edge_agent.observability import AgentCollector
 from edge_agent.sealing import SiteSealing
 from medsplit.devices import pick_device
@@ -42,25 +29,36 @@ log = logging.getLogger(__name__)
 EXIT_NOT_IN_JOB = 2
 EXIT_FOREIGN_CODE = 3  # the job spec names a model factory site.yaml's models.allow does not
 
-
-_LOADERS: dict[type, Callable[[Any], tuple[SiteData, LoadSummary]]] = {
-    DicomData: load_dicom_site,
-    DicomWebData: load_dicomweb_site,
-    PictureData: load_picture_site,
-    VolumeData: load_volume_site,
-    CsvData: load_csv_site,
+# Each source's loader, by the settings class's name, imported only when a site uses it: a CSV
+# site never loads pydicom, a DICOM folder never loads scikit-learn (issue 32: light processes).
+_LOADERS = {
+    "DicomData": ("edge_agent.data.dicom_source", "load_dicom_site"),
+    "DicomWebData": ("edge_agent.data.pacs_source", "load_dicomweb_site"),
+    "PictureData": ("edge_agent.data.picture_source", "load_picture_site"),
+    "VolumeData": ("edge_agent.data.volume_source", "load_volume_site"),
+    "CsvData": ("edge_agent.data.csv_source", "load_csv_site"),
 }
+
+
+def _loader(spec: object) -> Callable[[Any], tuple[SiteData, LoadSummary]]:
+    module, name = _LOADERS[type(spec).__name__]
+    loader: Callable[[Any], tuple[SiteData, LoadSummary]] = getattr(
+        importlib.import_module(module), name
+    )
+    return loader
 
 
 def load_data(config: SiteConfig) -> SiteData:
     """The site's training data: a DICOM folder or PACS, an EHR table, or a built-in share."""
     spec = config.data
     if not isinstance(spec, BuiltinData):
-        data, summary = _LOADERS[type(spec)](spec)
+        data, summary = _loader(spec)(spec)
         log.info("%s: %s", config.site_id, summary.describe())
         for problem in summary.problems:  # file names stay in this site's own log
             log.warning("%s: skipped %s", config.site_id, problem)
         return data
+    from edge_agent.data import datasets  # noqa: PLC0415 - scikit-learn, only for built-ins
+
     return datasets.share(
         spec.dataset,
         spec.partition,

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from edge_agent.data.datasets import SiteData
+from edge_agent.data.site_data import SiteData
 from edge_agent.local_model import LocalModel
 from edge_agent.segments import EdgeSegments
 from edge_agent.site_model import (

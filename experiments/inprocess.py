@@ -21,7 +21,7 @@ from aggregator.coordinator import Coordinator
 from aggregator.state import RoundRecord
 from aggregator.wire_tap import WireTap
 from edge_agent.agent import Agent
-from edge_agent.data.datasets import SiteData
+from edge_agent.data.site_data import SiteData
 from edge_agent.sealing import SiteSealing
 from medsplit.config import BrokerConfig
 from medsplit.ids import AGGREGATOR_ID

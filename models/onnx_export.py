@@ -19,13 +19,18 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime
 import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
+
+if TYPE_CHECKING:
+    import onnx
+
+# onnx and onnxruntime load when a model is exported, not when this module is imported: an agent
+# imports it to finish a job, and must not pay for them while it trains (issue 32).
 
 OPSET = 18  # supported by every onnxruntime since 1.14
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -86,6 +91,8 @@ def export_onnx(
     for key, value in sorted((metadata or {}).items()):
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
+    import onnx  # noqa: PLC0415 - see the module's imports
+
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -99,6 +106,8 @@ def export_onnx(
 
 def parity(model: nn.Module, onnx_model: bytes, sample: torch.Tensor) -> float:
     """Largest absolute difference between torch and onnxruntime, over the batch and its first row."""
+    import onnxruntime  # noqa: PLC0415 - see the module's imports
+
     session = onnxruntime.InferenceSession(onnx_model, providers=["CPUExecutionProvider"])
     worst = 0.0
     with torch.no_grad():

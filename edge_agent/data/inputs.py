@@ -20,10 +20,10 @@ from typing import Annotated, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, model_validator
 
-from edge_agent.data.dicom import read_dataset, to_image
-from edge_agent.data.pictures import read_picture
 from edge_agent.data.settings import Preprocessing, VolumePreprocessing
-from edge_agent.data.volumes import nifti_volume, to_tensor
+
+# The decoders (pydicom, Pillow, nibabel) load with the first input of their kind: a site that
+# trains on a table, or an agent that only carries a DataCard, never imports them.
 
 
 class InputError(ValueError):
@@ -58,7 +58,11 @@ class ImageInput(BaseModel):
     def from_file(self, data: bytes, source: str = "upload") -> torch.Tensor:
         """An uploaded file's bytes as the model's input (``DicomError`` or ``PictureError``)."""
         if self.kind == "picture":
+            from edge_agent.data.pictures import read_picture  # noqa: PLC0415 - see the imports
+
             return read_picture(data, self.preprocessing, self.channels, source)
+        from edge_agent.data.dicom import read_dataset, to_image  # noqa: PLC0415
+
         return to_image(read_dataset(io.BytesIO(data), source), self.preprocessing, source=source)
 
     def from_array(self, values: object, field: str = "image") -> torch.Tensor:
@@ -97,6 +101,8 @@ class VolumeInput(BaseModel):
 
     def from_file(self, data: bytes, source: str = "upload") -> torch.Tensor:
         """A NIfTI file's bytes (gzipped or not) as the model's input [1, D, H, W]."""
+        from edge_agent.data.volumes import nifti_volume, to_tensor  # noqa: PLC0415
+
         return to_tensor(nifti_volume(data, source), self.preprocessing, source)
 
     def from_array(self, values: object, field: str = "image") -> torch.Tensor:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.model_selection import GroupShuffleSplit
 
 from edge_agent.data.inputs import DataCard
 from edge_agent.data.settings import DicomData, PictureData, VolumeData
@@ -85,10 +85,23 @@ class LoadSummary:
 def split_by_patient(
     patients: list[str], test_fraction: float, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train and test indices such that all images of a patient fall on the same side."""
-    splitter = GroupShuffleSplit(n_splits=1, test_size=test_fraction, random_state=seed)
-    train, test = next(splitter.split(np.zeros(len(patients)), groups=patients))
-    return torch.from_numpy(np.sort(train)), torch.from_numpy(np.sort(test))
+    """Train and test indices such that all images of a patient fall on the same side.
+
+    The same split as scikit-learn's ``GroupShuffleSplit(test_size=test_fraction,
+    random_state=seed)`` (a test compares them), written out so that a site reading its own
+    records does not import scikit-learn: shuffle the distinct patients with numpy's
+    ``RandomState(seed)``, the first ``ceil(test_fraction * patients)`` are the test patients."""
+    distinct, patient_of = np.unique(np.asarray(patients), return_inverse=True)
+    n_test = math.ceil(test_fraction * len(distinct))
+    if n_test >= len(distinct):
+        raise DataError(
+            f"{len(distinct)} patient(s) with test_fraction {test_fraction}: "
+            "no patient would be left for training"
+        )
+    order = np.random.RandomState(seed).permutation(len(distinct))
+    test = np.flatnonzero(np.isin(patient_of, order[:n_test]))
+    train = np.flatnonzero(np.isin(patient_of, order[n_test:]))
+    return torch.from_numpy(train), torch.from_numpy(test)
 
 
 @dataclass

@@ -126,6 +126,16 @@ def test_the_aggregator_loads_no_dicom_stack_and_no_inference_server() -> None:
     assert _loaded_by(modules, heavy) == {}
 
 
+# What neither process needs to join a job and wait: data decoders, scikit-learn, plotting,
+# ONNX, the serving stack (issue 32: light processes). Loaded when a configuration needs them.
+PROCESS_HEAVY = EDGE_ONLY | {"onnx", "grpc", "PIL", "nibabel", "pandas", "scipy", "torchvision"}
+
+
+def test_the_entry_points_load_nothing_the_job_has_not_asked_for() -> None:
+    modules = ["edge_agent.main", "edge_agent.agent", "edge_agent.site_store", "aggregator.main"]
+    assert _loaded_by(modules, PROCESS_HEAVY) == {}
+
+
 def test_reading_a_config_loads_no_torch() -> None:
     modules = ["medsplit.cli", "medsplit.config", "aggregator.config", "edge_agent.config"]
     assert _loaded_by(modules, {"torch", "pydicom", "sklearn"}) == {}
