@@ -43,9 +43,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._report import machine, write_section
-from medsplit.brokers.mosquitto import Mosquitto
+from medsplit.brokers.mosquitto import Mosquitto, free_port
 from medsplit.channel import Endpoint
-from medsplit.transport import MqttSettings, MqttTransport
+from medsplit.transport import MqttSettings, MqttTransport, TlsSettings
 from medsplit.wire import (
     DEFAULT_MAX_FRAME_BYTES,
     Decoder,
@@ -92,12 +92,13 @@ def subscribe_plain(client: paho.Client, topic: str) -> None:
 # -- the echo process ------------------------------------------------------------------------------
 
 
-def serve_echo(port: int) -> None:
+def serve_echo(port: int, tls_dir: Path | None = None) -> None:
     """Echo pings back as pongs and acknowledge stream messages, until stdin closes.
 
     Plain paho answers each frame from its callback; medsplit answers each whole envelope with
-    the same tensors, in the frame size the ping asked for (``meta["frame_bytes"]``)."""
-    for tag, nodelay in (("nodelay", True), ("nagle", False)):
+    the same tensors, in the frame size the ping asked for (``meta["frame_bytes"]``). With
+    ``tls_dir`` (ca.pem, cert.pem, key.pem) only medsplit answers, over mutual TLS."""
+    for tag, nodelay in () if tls_dir else (("nodelay", True), ("nagle", False)):
         client = plain_client(port, f"echo-{tag}", nodelay)
         base = f"bench/{tag}"
         client.message_callback_add(
@@ -109,7 +110,9 @@ def serve_echo(port: int) -> None:
         subscribe_plain(client, f"{base}/ping")
         subscribe_plain(client, f"{base}/stream")
 
-    transport = MqttTransport(MqttSettings(port=port, client_id="echo-medsplit"))
+    transport = MqttTransport(
+        MqttSettings(port=port, client_id="echo-medsplit", tls=kit_tls(tls_dir))
+    )
     transport.connect()
     transport.subscribe("bench/ms/ping")
     transport.subscribe("bench/ms/stream")
@@ -181,9 +184,19 @@ class PlainPing:
         self.client.loop_stop()
 
 
+def kit_tls(folder: Path | None) -> TlsSettings | None:
+    if folder is None:
+        return None
+    return TlsSettings(
+        ca_file=folder / "ca.pem", cert_file=folder / "cert.pem", key_file=folder / "key.pem"
+    )
+
+
 class MedsplitPing:
-    def __init__(self, port: int) -> None:
-        self.transport = MqttTransport(MqttSettings(port=port, client_id="ping-medsplit"))
+    def __init__(self, port: int, tls_dir: Path | None = None) -> None:
+        self.transport = MqttTransport(
+            MqttSettings(port=port, client_id="ping-medsplit", tls=kit_tls(tls_dir))
+        )
         self.transport.connect()
         self.transport.subscribe("bench/ms/pong")
         self.transport.subscribe("bench/ms/ack")
@@ -369,6 +382,70 @@ def nodelay_table(port: int, repeats: int) -> list[str]:
     return lines
 
 
+def aes_gcm_mb_per_s(size: int = 2 * MB, repeats: int = 20) -> float:
+    """This machine's AES-128-GCM throughput on one core (what TLS 1.2/1.3 uses here)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM  # noqa: PLC0415
+
+    cipher, data = AESGCM(AESGCM.generate_key(bit_length=128)), os.urandom(size)
+    started = time.perf_counter()
+    for i in range(repeats):
+        sealed = cipher.encrypt(i.to_bytes(12, "big"), data, None)
+        cipher.decrypt(i.to_bytes(12, "big"), sealed, None)
+    return 2 * repeats * size / MB / (time.perf_counter() - started)
+
+
+def tls_table(workdir: Path, size: int, repeats: int) -> list[str]:
+    """The same medsplit round trip in plaintext and over mutual TLS, and TLS's floor: every
+    byte is encrypted and decrypted twice each way (client to broker, broker to client)."""
+    from medsplit.security.provision import Federation, Provisioner  # noqa: PLC0415
+
+    kits = workdir / "pki"
+    Provisioner.create(
+        Federation(job_id="bench", sites=["ping", "echo"], broker_hosts=["127.0.0.1"]), kits
+    )
+    server = kits / "mosquitto"
+    tls_port = free_port()
+    listener = (
+        f"listener {tls_port} 127.0.0.1\ncafile {server / 'ca.pem'}\n"
+        f"certfile {server / 'server.pem'}\nkeyfile {server / 'server.key'}\n"
+        "require_certificate true\ntls_version tlsv1.2\nset_tcp_nodelay true\n"
+    )
+    envelope = Envelope("j", "s", "k", tensors=tensor_of(size))
+    timings = {}
+    with Mosquitto(workdir / "broker", extra_config=listener) as broker:
+        for name, port, kit in (("plaintext", broker.port, None), ("mutual TLS", tls_port, kits)):
+            command = [sys.executable, __file__, "--serve-echo", str(port)]
+            if kit is not None:
+                command += ["--tls-dir", str(kit / "echo")]
+            echo = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            try:
+                assert echo.stdout is not None
+                if echo.stdout.readline().strip() != "ready":
+                    raise RuntimeError("echo process failed to start")
+                ping = MedsplitPing(port, None if kit is None else kit / "ping")
+                try:
+                    timings[name] = measure(partial(ping.round_trip, envelope), repeats)
+                finally:
+                    ping.close()
+            finally:
+                echo.communicate(timeout=30)
+    aes = aes_gcm_mb_per_s()
+    crossing = 2 * 2 * 2 * size / MB  # two directions, two hops each, encrypt + decrypt
+    floor_ms = crossing / aes * 1e3
+    extra = timings["mutual TLS"].p50_ms - timings["plaintext"].p50_ms
+    lines = [
+        f"| {_label(size)} medsplit round trip | plaintext | mutual TLS | TLS adds | "
+        "AES-128-GCM on one core | TLS's floor (core-ms) |",
+        "|---|---|---|---|---|---|",
+        f"| p50 | {timings['plaintext'].p50_ms:.2f} ms | {timings['mutual TLS'].p50_ms:.2f} ms | "
+        f"{extra:.2f} ms | {aes:.0f} MB/s | {floor_ms:.2f} ms |",
+    ]
+    print(lines[-1], flush=True)
+    return lines
+
+
 def run(quick: bool) -> str:
     sizes = [(KB, 30), (16 * KB, 30), (2 * MB, 5), (8 * MB, 3)]
     if not quick:
@@ -396,6 +473,7 @@ def run(quick: bool) -> str:
             lines += ["", *codec_table(10 if quick else 50)]
         finally:
             echo.communicate(timeout=30)
+        lines += ["", *tls_table(Path(tmp), 2 * MB, 5 if quick else 40)]
     return "\n".join(lines)
 
 
@@ -408,10 +486,11 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="fewer repeats (smoke run)")
     parser.add_argument("--serve-echo", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--tls-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--codec-only", type=int, metavar="REPEATS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_echo:
-        serve_echo(args.serve_echo)
+        serve_echo(args.serve_echo, args.tls_dir)
         return
     if args.codec_only:
         print(json.dumps(codec_timings(args.codec_only)))
