@@ -330,7 +330,8 @@ def _provisioned(out: Path, federation: Any) -> list[str]:
         ),
         *(
             f"{out / 'bridges' / site}: the hospital broker of {site}, bridged to the central "
-            f"one: mosquitto -c {out / 'bridges' / site / 'mosquitto.conf'} (in the hospital)"
+            f"one: mosquitto -c {out / 'bridges' / site / 'mosquitto.conf'} (in the hospital; "
+            "Mosquitto 2.0.15 or newer, docs/security.md)"
             for site in federation.hospital_brokers
         ),
         f"certificates valid {federation.validity_days:g} days: renew with "
