@@ -14,7 +14,14 @@ from typing import Any
 
 from edge_agent.agent import Agent, ForeignCode, NotInJob
 from edge_agent.config import SiteConfig
-from edge_agent.data.settings import BuiltinData
+from edge_agent.data.settings import (
+    BuiltinData,
+    CsvData,
+    DicomData,
+    DicomWebData,
+    PictureData,
+    VolumeData,
+)
 from edge_agent.data.site_data import LoadSummary, SiteData
 from edge_agent.observability import AgentCollector
 from edge_agent.sealing import SiteSealing
@@ -29,19 +36,19 @@ log = logging.getLogger(__name__)
 EXIT_NOT_IN_JOB = 2
 EXIT_FOREIGN_CODE = 3  # the job spec names a model factory site.yaml's models.allow does not
 
-# Each source's loader, by the settings class's name, imported only when a site uses it: a CSV
-# site never loads pydicom, a DICOM folder never loads scikit-learn (issue 32: light processes).
-_LOADERS = {
-    "DicomData": ("edge_agent.data.dicom_source", "load_dicom_site"),
-    "DicomWebData": ("edge_agent.data.pacs_source", "load_dicomweb_site"),
-    "PictureData": ("edge_agent.data.picture_source", "load_picture_site"),
-    "VolumeData": ("edge_agent.data.volume_source", "load_volume_site"),
-    "CsvData": ("edge_agent.data.csv_source", "load_csv_site"),
+# Each source's loader (module, function), imported only when a site uses it: a CSV site never
+# loads pydicom, a DICOM folder never loads scikit-learn (issue 32: light processes).
+_LOADERS: dict[type, tuple[str, str]] = {
+    DicomData: ("edge_agent.data.dicom_source", "load_dicom_site"),
+    DicomWebData: ("edge_agent.data.pacs_source", "load_dicomweb_site"),
+    PictureData: ("edge_agent.data.picture_source", "load_picture_site"),
+    VolumeData: ("edge_agent.data.volume_source", "load_volume_site"),
+    CsvData: ("edge_agent.data.csv_source", "load_csv_site"),
 }
 
 
 def _loader(spec: object) -> Callable[[Any], tuple[SiteData, LoadSummary]]:
-    module, name = _LOADERS[type(spec).__name__]
+    module, name = _LOADERS[type(spec)]
     loader: Callable[[Any], tuple[SiteData, LoadSummary]] = getattr(
         importlib.import_module(module), name
     )

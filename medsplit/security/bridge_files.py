@@ -39,21 +39,13 @@ def hospital_broker_identity(site: str) -> str:
     return f"{HOSPITAL_BROKER_PREFIX}{site}"
 
 
-def site_topics(study: Study, site: str) -> tuple[list[str], list[str]]:
-    """(what the site publishes, what it reads) in ``study``: exactly its ACL block's topics."""
-    block = mosquitto_files.site_block(study, site)
-    writes = [line.split()[-1] for line in block if line.startswith("topic write ")]
-    reads = [line.split()[-1] for line in block if line.startswith("topic read ")]
-    return writes, reads
-
-
 def central_acl(federation: Federation) -> list[str]:
     """The central broker's blocks for the bridges: each the rights of its site, in every job."""
     lines: list[str] = []
     for site in federation.hospital_brokers:
         lines += ["", f"user {bridge_identity(site)}"]
         for study in _studies_of(federation, site):
-            writes, reads = site_topics(study, site)
+            writes, reads = mosquitto_files.site_grants(study.job_id, site)
             lines += [f"topic write {t}" for t in writes] + [f"topic read {t}" for t in reads]
     return lines
 
@@ -70,10 +62,10 @@ def hospital_acl(federation: Federation, site: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def hospital_config(federation: Federation, site: str, folder: Path) -> str:
-    """``mosquitto.conf`` of the hospital broker: a mutual-TLS listener for the hospital's
-    agents and one bridge to the central broker; ``folder`` is where it sees its files."""
-    spec = federation.hospital_brokers[site]
+def hospital_config(federation: Federation, site: str, spec: HospitalBroker, folder: Path) -> str:
+    """``mosquitto.conf`` of ``site``'s hospital broker as it will run (``spec``: its settings
+    there, e.g. in a pod): a mutual-TLS listener for the hospital's agents and one bridge to the
+    central broker; ``folder`` is where it sees its files."""
     lines = [
         f"# The hospital broker of {site}: written by `medsplit provision`; regenerate it.",
         "# Only this hospital's agents connect here; one bridge carries its topics to the",
@@ -81,13 +73,14 @@ def hospital_config(federation: Federation, site: str, folder: Path) -> str:
         *mosquitto_files.broker_lines(spec, folder, spec.broker_data_dir or folder / "data"),
         *([f"user {spec.broker_user}"] if spec.broker_user else []),
         "",
-        *bridge_section(federation, site, folder),
+        *bridge_section(federation, site, spec, folder),
     ]
     return "\n".join(lines) + "\n"
 
 
-def bridge_section(federation: Federation, site: str, folder: Path) -> list[str]:
-    spec = federation.hospital_brokers[site]
+def bridge_section(
+    federation: Federation, site: str, spec: HospitalBroker, folder: Path
+) -> list[str]:
     lines = [
         f"connection medsplit-{site}",
         f"address {remote_address(federation, spec)}",
@@ -97,7 +90,7 @@ def bridge_section(federation: Federation, site: str, folder: Path) -> list[str]
         f"bridge_keyfile {folder / 'bridge.key'}",
         "bridge_tls_version tlsv1.2",
         # One session each side that outlives the link: what is sent while it is down waits.
-        f"remote_clientid {bridge_identity(site).replace(':', '-')}",
+        f"remote_clientid bridge-{site}",
         "cleansession false",
         "local_cleansession false",
         "try_private false",
@@ -107,7 +100,7 @@ def bridge_section(federation: Federation, site: str, folder: Path) -> list[str]
         f"keepalive_interval {spec.keepalive_s}",
     ]
     for study in _studies_of(federation, site):
-        writes, reads = site_topics(study, site)
+        writes, reads = mosquitto_files.site_grants(study.job_id, site)
         lines += [f"topic {t} out 1" for t in writes] + [f"topic {t} in 1" for t in reads]
     return lines
 

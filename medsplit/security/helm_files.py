@@ -55,7 +55,11 @@ def in_cluster_hosts(federation: Federation) -> list[str]:
     """The names the aggregators use for the broker's Service; its certificate carries them."""
     if not federation.helm_namespace:
         return []
-    service, namespace = f"{broker_fullname(federation)}-mosquitto", federation.helm_namespace
+    return _service_names(f"{broker_fullname(federation)}-mosquitto", federation.helm_namespace)
+
+
+def _service_names(service: str, namespace: str) -> list[str]:
+    """Every name a pod may use for a Service (the third is what the charts' URLs use)."""
     return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
             f"{service}.{namespace}.svc.cluster.local"]  # fmt: skip
 
@@ -69,9 +73,7 @@ def hospital_broker_hosts(federation: Federation, site: str) -> list[str]:
     """The in-cluster names of ``site``'s hospital broker, for its certificate."""
     if not federation.helm_namespace:
         return []
-    service, namespace = hospital_broker_name(site), federation.helm_namespace
-    return [service, f"{service}.{namespace}", f"{service}.{namespace}.svc",
-            f"{service}.{namespace}.svc.cluster.local"]  # fmt: skip
+    return _service_names(hospital_broker_name(site), federation.helm_namespace)
 
 
 def broker_url_in_cluster(federation: Federation) -> str:
@@ -183,14 +185,11 @@ def _hospital_broker(
         update={"broker_dir": CONFIG_DIR, "broker_data_dir": DATA_DIR, "broker_user": None,
                 "bind_address": None}
     )  # fmt: skip
-    pod_view = federation.model_copy(
-        update={"hospital_brokers": {**federation.hospital_brokers, site: in_pod}}
-    )
     values["hospitalBroker"] = {
         "enabled": True,
         "name": name,
         "existingSecret": secret["metadata"]["name"],
-        "config": bridge_files.hospital_config(pod_view, site, CONFIG_DIR),
+        "config": bridge_files.hospital_config(federation, site, in_pod, CONFIG_DIR),
         "acl": bridge_files.hospital_acl(federation, site),
         "crl": (out / "bridges" / site / "crl.pem").read_text(),
         "port": spec.port,

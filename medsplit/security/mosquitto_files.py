@@ -65,26 +65,31 @@ def study_acl(study: Study) -> list[str]:
 
 
 def site_block(study: Study, site: str) -> list[str]:
-    """A site's block: its uplinks and presence to write; its downlink, the broadcasts and the
-    aggregator's presence to read."""
-    job = f"{topics.PREFIX}/{study.job_id}"
+    """A site's block: exactly its grants (``site_grants``)."""
+    writes, reads = site_grants(study.job_id, site)
     return [
         "",
         f"user {study.identity(site)}",
-        *(f"topic write {topic}" for topic in site_uplinks(study.job_id, site)),
-        f"topic read {job}/{site}/down/+",
-        f"topic read {job}/{topics.BROADCAST}/+",
-        f"topic read {job}/{AGGREGATOR_ID}/presence",
+        *(f"topic write {topic}" for topic in writes),
+        *(f"topic read {topic}" for topic in reads),
     ]
 
 
-def site_uplinks(job_id: str, site: str) -> list[str]:
-    """Every topic a site may publish on: its uplink kinds and its presence."""
+def site_grants(job_id: str, site: str) -> tuple[list[str], list[str]]:
+    """(what a site may publish on, what it may read) in a job: its uplink kinds and presence;
+    its downlink, the broadcasts and the aggregator's presence. The ACL and a hospital
+    broker's bridge both come from here."""
     job = f"{topics.PREFIX}/{job_id}"
-    return [
+    writes = [
         *(f"{job}/{site}/up/{kind}" for kind in sorted(UPLINK_KINDS)),
         f"{job}/{site}/presence",
     ]
+    reads = [
+        f"{job}/{site}/down/+",
+        f"{job}/{topics.BROADCAST}/+",
+        f"{job}/{AGGREGATOR_ID}/presence",
+    ]
+    return writes, reads
 
 
 def _jobs(federation: Federation) -> str:

@@ -98,10 +98,8 @@ class Provisioner:
         """A new site's kit; the others keep theirs. The ACL grows by the site's block. In a
         several-job federation ``identity`` is SITE@JOB; a new JOB gets its aggregator's kit."""
         site, job = self._job_of(identity)
-        known = {s.job_id for s in self.federation.studies()}
-        new_job = job is not None and job not in known
-        study = None if new_job else self._study(job)
-        sites = [site] if study is None else [*study.sites, site]
+        new_job = job is not None and job not in {s.job_id for s in self.federation.studies()}
+        sites = [site] if new_job else [*self._study(job).sites, site]
         self.federation = _with_sites(self.federation, job, sites)
         _save_federation(self.out, self.federation)
         study = self._study(job)
@@ -208,10 +206,8 @@ class Provisioner:
         """Sites of ``study`` whose every certificate is revoked (they left the job)."""
         valid = {i.identity for i in self.ca.inventory if i.revoked_at is None}
         revoked = {i.identity for i in self.ca.revoked if i.role == "site"} - valid
-        gone = {split_identity(i) for i in revoked}
-        if not study.qualified:
-            return {party for party, job in gone if job is None}
-        return {party for party, job in gone if job == study.job_id}
+        job = study.job_id if study.qualified else None
+        return {party for party, of in map(split_identity, revoked) if of == job}
 
     # -- what is written --------------------------------------------------------------------------
 
@@ -294,11 +290,10 @@ class Provisioner:
         (folder / "data").mkdir(exist_ok=True)
         runs_as = broker_user(spec.broker_user, folder, in_place=spec.broker_dir is None)
         self.notes += [runs_as.note] if runs_as.note else []
-        spec = spec.model_copy(update={"broker_user": runs_as.name})
-        federation = self.federation.model_copy(
-            update={"hospital_brokers": {**self.federation.hospital_brokers, site: spec}}
+        running = spec.model_copy(update={"broker_user": runs_as.name})
+        config = bridge_files.hospital_config(
+            self.federation, site, running, spec.broker_dir or folder
         )
-        config = bridge_files.hospital_config(federation, site, spec.broker_dir or folder)
         atomic_write(folder / "mosquitto.conf", config.encode())
 
     def _publish_job(self, study: Study) -> None:
