@@ -33,6 +33,7 @@ from pydantic import (
 )
 
 from medsplit.config import (
+    MAX_MICRO_BATCHES,
     AggregationSettings,
     BrokerConfig,
     DefenseSettings,
@@ -111,6 +112,14 @@ class TrainingSettings(BaseModel):
         "probability reaches this; sensitivity and specificity are read here",
     )
     batch_size: int = Field(32, ge=1, le=65_536, description="samples per training step")
+    micro_batches: int = Field(
+        1,
+        ge=1,
+        le=MAX_MICRO_BATCHES,
+        description="split modes: cut each batch into this many micro-batches whose passes "
+        "overlap across the site and the trunk (one optimizer step per batch; batch "
+        "normalisation then sees micro-batches; docs/split-learning.md)",
+    )
     optimizer: OptimizerConfig = OptimizerConfig()
     wire_dtype: WireDtype = Field(
         "float32", description="activations and gradients on the wire; weights stay float32"
@@ -352,6 +361,11 @@ class JobConfig(FileSettings):
             raise ValueError(
                 "checkpoint.every_steps: applies to sequential split and split-u rounds, whose "
                 "steps run one site at a time; other rounds are checkpointed when they close"
+            )
+        if self.training.micro_batches > 1 and not MODES[self.mode].cut_layer:
+            raise ValueError(
+                "training.micro_batches: pipelines split and split-u steps; federated modes "
+                "train whole batches on the site"
             )
         _check_defenses(self.defenses, self.mode)
         traits = MODES[self.mode]

@@ -168,7 +168,11 @@ class Coordinator:
         self.trunk_service = (
             None
             if self.trunk is None
-            else TrunkService(self.trunk, labels_travel=MODES[config.mode].labels_travel)
+            else TrunkService(
+                self.trunk,
+                labels_travel=MODES[config.mode].labels_travel,
+                micro_batches=config.training.micro_batches,
+            )
         )
         full_state = model.state_dict()
         weights = {k: full_state[k].detach().clone() for k in exchanged_keys(plan, config.mode)}
@@ -205,6 +209,7 @@ class Coordinator:
             rounds=config.rounds.count,
             local_epochs=config.training.local_epochs,
             batch_size=config.training.batch_size,
+            micro_batches=config.training.micro_batches,
             optimizer=config.training.optimizer,
             seed=config.seed,
             wire_dtype=config.training.wire_dtype,
@@ -568,7 +573,9 @@ class Coordinator:
         if not self._asked(site, Phase.TRAINING, env):
             return
         every = self.config.checkpoint.every_steps
-        if every and env.step and env.step % every == 0 and env.step != self.state.from_step:
+        first_micro = not env.meta.get("micro")  # a step's first micro-batch opens it
+        at_step = every and env.step and env.step % every == 0 and env.step != self.state.from_step
+        if at_step and first_micro:
             # Steps before this one are done on both sides, and the site kept its state here.
             self._save_checkpoint(Checkpoint(self.state.step_point(env.step)))
         self._answer(site, self._trunk_service().activations(site, env))

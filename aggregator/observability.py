@@ -51,8 +51,8 @@ class StepTimes:
     def served(self, site: str, env: Envelope, started: float, ended: float) -> None:
         """``env`` from ``site`` was handled between ``started`` and ``ended``."""
         self.trunk.observe(env.kind, ended - started)
-        if env.kind != Kind.ACTIVATIONS:
-            return
+        if env.kind != Kind.ACTIVATIONS or env.meta.get("micro"):
+            return  # a step is timed from its first micro-batch
         previous = self._last.get(site)
         if previous is not None and previous[:2] == (env.round, env.step - 1):
             self.step.observe(site, started - previous[2])

@@ -12,9 +12,13 @@ Each method answers one uplink message and returns the tensors of the reply.
   messages interleave on the network: the same seed gives the same trunk, and a resumed job
   reproduces an uninterrupted one.
 
-U-shaped steps keep their forward graph until the tail's gradient comes back: at most one per
-site (a site sends its next step only after its last one was answered), for the current round
-only, so no sender can make the aggregator hold more.
+A pipelined step (``training.micro_batches``, GPipe-style) arrives as micro-batches that the
+site sends without waiting for each other: the trunk accumulates their gradients and steps its
+optimizer once, after the last one, so the step is the whole batch's up to float summation
+order. U-shaped steps keep each micro-batch's forward graph until the tail's gradient comes
+back: one open step per site (a site sends its next step only after its last one was answered)
+of at most the job's ``micro_batches`` graphs, for the current round only, so no sender can make
+the aggregator hold more. A step that starts again, or a new one, drops what the site had open.
 
 ``open_turn`` also remembers where the turn started (the trunk and its optimizer, or in parallel
 rounds each site's optimizer). When a site's steps are void -- it restarted mid-turn, or was
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +43,21 @@ from medsplit.devices import to_device
 from medsplit.precision import MixedPrecision
 from medsplit.snapshots import load_optimizer, optimizer_tensors
 from medsplit.training import entry, loss_fn, make_optimizer
+
+
+@dataclass
+class OpenStep:
+    """A site's training step in progress: the micro-batches whose forward graph awaits the
+    tail's gradient (U-shaped: input, output), and those whose gradient is accumulated."""
+
+    round: int
+    step: int
+    micros: int
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    done: set[int] = field(default_factory=set)
+
+    def is_step(self, round: int, step: int, micros: int) -> bool:
+        return (self.round, self.step, self.micros) == (round, step, micros)
 
 
 class Trunk:
@@ -60,8 +80,8 @@ class Trunk:
         self.optimizer = make_optimizer(self.module.parameters(), optimizer)
         # Parallel rounds: each site's server-side copy and its optimizer (SplitFed V1).
         self._copies: dict[str, tuple[nn.Module, torch.optim.Optimizer]] = {}
-        # One open U-shaped step per site: (round, step, input, output).
-        self._pending: dict[str, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
+        # One open training step per site.
+        self._steps: dict[str, OpenStep] = {}
         # Where the turn started, per site: (trunk weights, optimizer state).
         self._turn_start: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         # Autocast and (fp16) loss scaling; parallel rounds: one per server-side copy.
@@ -84,7 +104,7 @@ class Trunk:
     def close_turn(self, samples: Mapping[str, int]) -> None:
         """Parallel: the trunk becomes the mean of the copies whose sites' updates counted.
         Past this point nothing of the turn can be void any more."""
-        self._pending.clear()
+        self._steps.clear()
         self._turn_start = {}
         if not self.parallel or not samples:
             return
@@ -113,49 +133,90 @@ class Trunk:
 
     # -- steps -------------------------------------------------------------------------------------
 
-    def split_step(self, site: str, h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """Vanilla split: forward, loss, backward, update; returns the head's gradient."""
-        module, optimizer = self._for(site)
+    def _open(self, site: str, round: int, step: int, micro: int, micros: int) -> OpenStep:
+        """The site's step that ``micro`` belongs to. A new step -- or this micro-batch again:
+        the site started the step over -- drops what the site had open, gradients included."""
+        current = self._steps.get(site)
+        again = current is not None and (micro in current.pending or micro in current.done)
+        if current is None or again or not current.is_step(round, step, micros):
+            self._for(site)[1].zero_grad()
+            current = self._steps[site] = OpenStep(round, step, micros)
+        return current
+
+    def _accumulated(self, site: str, current: OpenStep, micro: int) -> None:
+        """``micro``'s gradient is in; after the step's last one, the optimizer steps."""
+        current.done.add(micro)
+        if len(current.done) == current.micros:
+            del self._steps[site]
+            self._precision(site).step(self._for(site)[1])
+
+    def split_step(  # noqa: PLR0917 -- one micro-batch's whole place in its step
+        self,
+        site: str,
+        round: int,
+        step: int,
+        h: torch.Tensor,
+        y: torch.Tensor,
+        micro: int = 0,
+        micros: int = 1,
+        share: float = 1.0,
+    ) -> tuple[torch.Tensor, float]:
+        """Vanilla split: forward, loss (weighted by the micro-batch's ``share`` of the
+        batch's), backward; the update after the step's last micro-batch. Returns the head's
+        gradient and the micro-batch's own loss."""
+        current = self._open(site, round, step, micro, micros)
+        module, _ = self._for(site)
         amp = self._precision(site)
         module.train()
-        h = to_device(h, self.device).requires_grad_()
-        optimizer.zero_grad()
+        h = to_device(h, self.device).detach().requires_grad_()  # a leaf of its own
         with amp.autocast():
             loss = loss_fn(module(entry(h)), to_device(y, self.device), self.class_weights)
-        amp.backward(loss)
+        amp.backward(loss if share == 1.0 else loss * share)
         assert h.grad is not None
         grad = amp.unscaled(h.grad).cpu()
-        amp.step(optimizer)
+        self._accumulated(site, current, micro)
         return grad, float(loss.detach())
 
-    def forward(self, site: str, round: int, step: int, h: torch.Tensor) -> torch.Tensor:
+    def forward(  # noqa: PLR0917
+        self,
+        site: str,
+        round: int,
+        step: int,
+        h: torch.Tensor,
+        micro: int = 0,
+        micros: int = 1,
+    ) -> torch.Tensor:
         """U-shaped, first half: trunk output for the site's tail; the graph is kept."""
+        current = self._open(site, round, step, micro, micros)
         module, _ = self._for(site)
         module.train()
-        h = to_device(h, self.device).requires_grad_()
+        h = to_device(h, self.device).detach().requires_grad_()  # a leaf of its own
         with self._precision(site).autocast():
             out: torch.Tensor = module(entry(h))
-        self._pending[site] = (round, step, h, out)  # replaces any step the site gave up
+        current.pending[micro] = (h, out)
         return out.detach().float().cpu()
 
-    def backward(self, site: str, round: int, step: int, grad: torch.Tensor) -> torch.Tensor | None:
-        """U-shaped, second half: backward from the tail's gradient, update, head gradient.
+    def backward(
+        self, site: str, round: int, step: int, grad: torch.Tensor, micro: int = 0
+    ) -> torch.Tensor | None:
+        """U-shaped, second half: backward from the tail's gradient (accumulated; the update
+        after the step's last micro-batch), and the head's gradient.
 
-        None when the forward pass it belongs to is not the site's open step (forgotten after
-        a restart or a deadline, or a replay).
+        None when the forward pass it belongs to is not open (forgotten after a restart or a
+        deadline, or a replay).
         """
-        pending = self._pending.get(site)
-        if pending is None or pending[:2] != (round, step):
+        current = self._steps.get(site)
+        if current is None or (current.round, current.step) != (round, step):
             return None
-        del self._pending[site]
-        _, _, h, out = pending
-        _, optimizer = self._for(site)
+        pending = current.pending.pop(micro, None)
+        if pending is None:
+            return None
+        h, out = pending
         amp = self._precision(site)
-        optimizer.zero_grad()
         amp.backward(out, to_device(grad, self.device).to(out.dtype))
         assert h.grad is not None
         head_grad = amp.unscaled(h.grad).cpu()
-        amp.step(optimizer)
+        self._accumulated(site, current, micro)
         return head_grad
 
     def evaluate(self, h: torch.Tensor) -> torch.Tensor:
@@ -167,7 +228,7 @@ class Trunk:
     def forget(self, site: str) -> None:
         """The site's steps of this turn are void: drop its open step and put its share of the
         trunk back where the turn started."""
-        self._pending.pop(site, None)
+        self._steps.pop(site, None)
         start = self._turn_start.get(site)
         if start is not None:
             module, optimizer = self._for(site)
@@ -176,7 +237,8 @@ class Trunk:
 
     @property
     def open_steps(self) -> int:
-        return len(self._pending)
+        """Forward graphs held for a tail's gradient, over all sites."""
+        return sum(len(current.pending) for current in self._steps.values())
 
     # -- checkpoints ---------------------------------------------------------------------------------
 

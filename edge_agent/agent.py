@@ -78,6 +78,16 @@ MAIN_LOOP_KINDS = frozenset(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class InFlight:
+    """A cut-layer request awaiting its answer, with what it was sent with (repeats are sent
+    the same way)."""
+
+    request: Envelope
+    answer: str  # the kind that answers it
+    cast: set[str]
+
+
 class StepTimeout(RuntimeError):
     """The aggregator did not answer a training step in time (or went away); the round is
     abandoned."""
@@ -145,6 +155,10 @@ class Agent:
         self._backlog: deque[Received] = deque()
         self._requests: OrderedDict[str, Envelope] = OrderedDict()  # the last few requests
         self._working_on: str | None = None  # the msg_id of the request in progress
+        # Cut-layer requests awaiting their answer, and answers that came before they were
+        # awaited (a pipelined step's micro-batches), by request msg_id.
+        self._in_flight: dict[str, InFlight] = {}
+        self._answers: dict[str, Envelope] = {}
         self.recovery = Recovery(site_id, job_id, state_dir)
         self.resent = 0  # step requests published again
         self.progress = Progress()
@@ -254,13 +268,16 @@ class Agent:
             meta={"error": type(error).__name__, "detail": str(error)[:500], "topic": topic},
         )
 
-    def _await(self, kind: str, request: Envelope, cast: set[str] | None = None) -> Envelope:
-        """The reply to a step's ``request``; other messages are kept for the main loop.
+    def _await(self, request: Envelope) -> Envelope:
+        """The reply to a step's ``request``; answers to the step's other requests in flight
+        are kept for ``answer_to``, other messages for the main loop.
 
-        The request is published again (same message id) while no answer comes, and the step
-        is abandoned as soon as the aggregator that was asked went offline or restarted.
+        Every request in flight is published again (same message id) while no answer comes,
+        and the step is abandoned as soon as the aggregator that was asked went offline or
+        restarted.
         """
         round, step = request.round, request.step
+        kind = self._in_flight[request.msg_id].answer
         started = time.monotonic()
         deadline = started + self.reply_timeout_s
         next_status = started + self.lifecycle.status_interval_s
@@ -287,8 +304,9 @@ class Agent:
                     retry,
                     request.kind,
                 )
-                self._publish(request, cast)
-                self.resent += 1
+                for unanswered in self._in_flight.values():
+                    self._publish(unanswered.request, unanswered.cast)
+                    self.resent += 1
                 retry = next_retry(retry, self.retry_interval_s)
                 retry_at = time.monotonic() + retry
             if time.monotonic() >= next_status:
@@ -306,9 +324,13 @@ class Agent:
             if received is None:
                 continue
             env = received.envelope
-            if env.kind == kind and env.reply_to == request.msg_id:
-                return env
-            if env.kind in MAIN_LOOP_KINDS:
+            flight = self._in_flight.get(env.reply_to or "")
+            if flight is not None and env.kind == flight.answer:
+                del self._in_flight[flight.request.msg_id]
+                if env.reply_to == request.msg_id:
+                    return env
+                self._answers[flight.request.msg_id] = env  # another micro-batch's, early
+            elif env.kind in MAIN_LOOP_KINDS:
                 self._backlog.append(received)
                 if env.kind in (Kind.FINISH, Kind.REFUSED):
                     raise StepTimeout(f"the aggregator sent {env.kind} during a step")
@@ -398,6 +420,9 @@ class Agent:
             # for this site's answer), keep serving.
             log.warning("%s: could not handle %s: %s", self.site_id, env.kind, exc)
             self._publish(env.error(self.site_id, type(exc).__name__, str(exc)))
+        finally:  # a step's requests die with it: none is in flight between requests
+            self._in_flight.clear()
+            self._answers.clear()
 
     def _dispatch(self, env: Envelope) -> None:
         if env.kind == Kind.SETUP:
@@ -587,7 +612,9 @@ class Agent:
         self.recovery.after_round(segments, env.round)
         self._save()
 
-    def exchange(
+    # -- the split learner's StepChannel ---------------------------------------------------------
+
+    def ask(
         self,
         kind: str,
         tensors: dict[str, torch.Tensor],
@@ -596,13 +623,23 @@ class Agent:
         round: int,
         step: int,
         cast: set[str],
+        meta: Mapping[str, MetaValue] | None = None,
         wait: bool = False,
     ) -> Envelope:
-        """The ``StepChannel`` of this site's split learner: ``tensors`` up as ``kind``, and
-        the aggregator's ``answer``. A step's request is not waited on (``wait=False``): its
-        answer acknowledges it, and it is repeated while none comes."""
-        request = self._send(kind, round=round, step=step, tensors=tensors, cast=cast, wait=wait)
-        return self._await(answer, request, cast)
+        """Send ``tensors`` up as ``kind`` and return the request, whose ``answer`` kind
+        ``answer_to`` awaits. Several may be in flight (a pipelined step's micro-batches). A
+        step's request is not waited on (``wait=False``): its answer acknowledges it, and it is
+        repeated while none comes."""
+        request = self._send(
+            kind, round=round, step=step, tensors=tensors, meta=meta, cast=cast, wait=wait
+        )
+        self._in_flight[request.msg_id] = InFlight(request, answer, cast)
+        return request
+
+    def answer_to(self, request: Envelope) -> Envelope:
+        """The aggregator's answer to ``request`` (sent with ``ask``)."""
+        early = self._answers.pop(request.msg_id, None)
+        return early if early is not None else self._await(request)
 
     def _save(self) -> None:
         if self.spec is not None and self.segments is not None:

@@ -15,6 +15,7 @@ goes back (``state``) and compute held-out logits (``logits``).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,17 +28,24 @@ from edge_agent.segments import EdgeSegments
 from medsplit.devices import to_device
 from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind
-from medsplit.training import batch_order, entry, loss_fn, train_epochs
+from medsplit.training import (
+    batch_order,
+    entry,
+    loss_fn,
+    loss_shares,
+    micro_batches,
+    train_epochs,
+)
 from medsplit.wire import Envelope
 from medsplit.wire.frame import MetaValue
 from models import cut_shapes
 
 
 class StepChannel(Protocol):
-    """How a split learner reaches the trunk: one request, its answer (the agent repeats the
-    request while none comes, and gives up when the aggregator goes away)."""
+    """How a split learner reaches the trunk: requests in flight and their answers (the agent
+    repeats a request while no answer comes, and gives up when the aggregator goes away)."""
 
-    def exchange(
+    def ask(
         self,
         kind: str,
         tensors: dict[str, torch.Tensor],
@@ -46,8 +54,11 @@ class StepChannel(Protocol):
         round: int,
         step: int,
         cast: set[str],
+        meta: Mapping[str, MetaValue] | None = None,
         wait: bool = False,
     ) -> Envelope: ...
+
+    def answer_to(self, request: Envelope) -> Envelope: ...
 
 
 @dataclass
@@ -176,41 +187,119 @@ class SplitLearner:
         yb: torch.Tensor,
         sent_labels: torch.Tensor | None = None,
     ) -> float:
-        """One split-learning step: the cut-layer tensors make a round trip per batch.
-        ``sent_labels``: what vanilla split sends for ``yb`` (default: ``yb`` itself)."""
-        seg, amp = self.segments, self.segments.amp
-        seg.optimizer.zero_grad()
-        defenses = self.defenses
-        with amp.autocast():
-            h = seg.head(xb).float()  # the cut-layer tensor travels in float32 (or wire_dtype)
-        if seg.tail is None:  # vanilla split: labels travel, the aggregator computes the loss
+        """One split-learning step: the cut-layer tensors make a round trip per batch -- or,
+        pipelined (``micro_batches``), per micro-batch, all in flight at once, so the trunk
+        works on one while this site works on another; gradients accumulate and every party
+        steps once. ``sent_labels``: what vanilla split sends for ``yb`` (default: ``yb``)."""
+        self.segments.optimizer.zero_grad()
+        parts = micro_batches(len(yb), self.spec.micro_batches)
+        if self.segments.tail is None:  # vanilla split: labels travel, the trunk has the loss
             labels = yb if sent_labels is None else sent_labels.to(self.device)
-            tensors = {"h": defenses.activations(h), "y": labels}
-            reply = self._exchange(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step)
-            defenses.backward_head(xb, h, to_device(reply.tensors["g"], self.device) * amp.scale)
-            amp.step(seg.optimizer)
-            return float(reply.meta.get("loss") or 0.0)
-        sent = {"h": defenses.activations(h)}
-        t = self._exchange(Kind.ACTIVATIONS, sent, Kind.TRUNK_OUT, round, step).tensors["t"]
-        t = to_device(t, self.device).requires_grad_()
-        with amp.autocast():
-            loss = loss_fn(seg.tail(entry(t)), yb, self.class_weights)
-        amp.backward(loss)
-        assert t.grad is not None
-        returned = {"g": defenses.gradient(amp.unscaled(t.grad))}
-        g = self._exchange(Kind.TRUNK_GRAD, returned, Kind.ACT_GRAD, round, step).tensors["g"]
-        defenses.backward_head(xb, h, to_device(g, self.device) * amp.scale)
-        amp.step(seg.optimizer)
-        return float(loss.detach())
+            loss = self._vanilla_step(round, step, xb, labels, parts)
+        else:
+            loss = self._u_step(round, step, xb, yb, parts)
+        self.segments.amp.step(self.segments.optimizer)
+        return loss
 
-    def _exchange(
-        self, kind: str, tensors: dict[str, torch.Tensor], answer: str, round: int, step: int
+    def _vanilla_step(
+        self, round: int, step: int, xb: torch.Tensor, labels: torch.Tensor, parts: list[slice]
+    ) -> float:
+        """Each micro-batch's activations and labels up; its gradient (and loss) back."""
+        shares = loss_shares(labels, parts, self.class_weights)
+        heads, asked = [], []
+        for micro, part in enumerate(parts):
+            h = self._head(xb[part])
+            tensors = {"h": self.defenses.activations(h), "y": labels[part]}
+            place = _place(micro, len(parts), shares[micro], with_share=True)
+            asked.append(self._ask(Kind.ACTIVATIONS, tensors, Kind.GRADIENTS, round, step, place))
+            heads.append(h)
+        loss, grads = 0.0, []
+        for micro, request in enumerate(asked):
+            reply = self._answer(request)
+            loss += shares[micro] * float(reply.meta.get("loss") or 0.0)
+            grads.append(self._scaled(reply.tensors["g"]))
+            self._backward_head(xb, parts, heads, grads)
+        return loss
+
+    def _u_step(
+        self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor, parts: list[slice]
+    ) -> float:
+        """Each micro-batch's activations up, the trunk's output down; the tail's loss and
+        the trunk output's gradient up, the activations' gradient down."""
+        seg, amp = self.segments, self.segments.amp
+        assert seg.tail is not None
+        shares = loss_shares(yb, parts, self.class_weights)
+        heads, asked = [], []
+        for micro, part in enumerate(parts):
+            h = self._head(xb[part])
+            sent = {"h": self.defenses.activations(h)}
+            place = _place(micro, len(parts), shares[micro])
+            asked.append(self._ask(Kind.ACTIVATIONS, sent, Kind.TRUNK_OUT, round, step, place))
+            heads.append(h)
+        loss, returned = 0.0, []
+        for micro, part in enumerate(parts):
+            t = to_device(self._answer(asked[micro]).tensors["t"], self.device).requires_grad_()
+            with amp.autocast():
+                micro_loss = loss_fn(seg.tail(entry(t)), yb[part], self.class_weights)
+            share = shares[micro]
+            amp.backward(micro_loss if share == 1.0 else micro_loss * share)
+            loss += share * float(micro_loss.detach())
+            assert t.grad is not None
+            grad = {"g": self.defenses.gradient(amp.unscaled(t.grad))}
+            place = _place(micro, len(parts), share)
+            returned.append(self._ask(Kind.TRUNK_GRAD, grad, Kind.ACT_GRAD, round, step, place))
+        grads: list[torch.Tensor] = []
+        for request in returned:
+            grads.append(self._scaled(self._answer(request).tensors["g"]))
+            self._backward_head(xb, parts, heads, grads)
+        return loss
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        with self.segments.amp.autocast():
+            h: torch.Tensor = self.segments.head(x)
+        return h.float()  # the cut travels in float32 (or the job's wire_dtype)
+
+    def _scaled(self, grad: torch.Tensor) -> torch.Tensor:
+        """The aggregator's (unscaled) gradient, scaled for this site's fp16 backward."""
+        return to_device(grad, self.device) * self.segments.amp.scale
+
+    def _backward_head(
+        self,
+        xb: torch.Tensor,
+        parts: list[slice],
+        heads: list[torch.Tensor],
+        grads: list[torch.Tensor],
+    ) -> None:
+        """The newest micro-batch's gradient into the head as it comes -- or, with NoPeek,
+        whose penalty is the whole batch's, every micro-batch's once the last one came."""
+        micro = len(grads) - 1
+        if not self.defenses.whole_batch_backward:
+            self.defenses.backward_head(xb[parts[micro]], [heads[micro]], [grads[micro]])
+        elif micro == len(parts) - 1:
+            self.defenses.backward_head(xb, heads, grads)
+
+    def _ask(  # noqa: PLR0917
+        self,
+        kind: str,
+        tensors: dict[str, torch.Tensor],
+        answer: str,
+        round: int,
+        step: int,
+        place: dict[str, MetaValue],
     ) -> Envelope:
-        """One cut-layer round trip: ``tensors`` up, the ``answer`` back. Only the cut-layer
-        tensor (``h`` or ``g``) may travel in the job's wire dtype; labels never do."""
+        """A cut-layer request up. Only the cut-layer tensor (``h`` or ``g``) may travel in
+        the job's wire dtype; labels never do."""
         started = time.perf_counter()
         cast = {"h"} if "h" in tensors else {"g"}
-        reply = self.channel.exchange(kind, tensors, answer, round=round, step=step, cast=cast)
+        request = self.channel.ask(
+            kind, tensors, answer, round=round, step=step, cast=cast, meta=place
+        )
+        self.progress.exchange_seconds += time.perf_counter() - started
+        return request
+
+    def _answer(self, request: Envelope) -> Envelope:
+        started = time.perf_counter()
+        reply = self.channel.answer_to(request)
         self.progress.exchange_seconds += time.perf_counter() - started
         return reply
 
@@ -221,7 +310,7 @@ class SplitLearner:
         with torch.no_grad(), seg.amp.autocast():
             for step, idx in enumerate(torch.arange(len(x)).split(max(self.spec.batch_size, 256))):
                 h = self.defenses.activations(seg.head(x[idx]).float())
-                reply = self.channel.exchange(
+                request = self.channel.ask(
                     Kind.EVAL_ACTIVATIONS,
                     {"h": h},
                     Kind.EVAL_OUT,
@@ -230,9 +319,24 @@ class SplitLearner:
                     cast={"h"},
                     wait=True,
                 )
+                reply = self.channel.answer_to(request)
                 t = to_device(reply.tensors["t"], self.device)
                 outputs.append((seg.tail(t) if seg.tail is not None else t).float())
         return torch.cat(outputs)
+
+
+def _place(
+    micro: int, micros: int, share: float, *, with_share: bool = False
+) -> dict[str, MetaValue]:
+    """Where a cut-layer message stands in a pipelined step (``StepMeta``); nothing for a step
+    of one batch, whose messages are then what they always were. Vanilla split's activations
+    also carry the share of the batch's loss the trunk weighs the micro-batch's by."""
+    if micros == 1:
+        return {}
+    place: dict[str, MetaValue] = {"micro": micro, "micros": micros}
+    if with_share:
+        place["share"] = share
+    return place
 
 
 Learner = FederatedLearner | SplitLearner

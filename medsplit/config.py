@@ -36,6 +36,9 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from medsplit.transport.settings import MqttSettings, TlsSettings
 from models.config_errors import ConfigError, load_yaml_mapping, validate
 
+# training.micro_batches at most: a pipelined step cut finer buys no overlap, only messages.
+MAX_MICRO_BATCHES = 64
+
 # Where a party's layers run (medsplit.devices.pick_device), and in which precision
 # (medsplit.precision): named here so that reading a config does not load torch.
 DeviceChoice = Annotated[str, StringConstraints(pattern=r"^(auto|cpu|cuda|cuda:\d+)$")]

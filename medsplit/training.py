@@ -8,6 +8,7 @@ and the evaluation metrics.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,6 +37,32 @@ def batch_order(samples: int, batch_size: int, *, seed: int, epoch: int) -> list
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(samples, generator=generator)
     return list(order.split(batch_size))
+
+
+def micro_batches(samples: int, count: int) -> list[slice]:
+    """A batch of ``samples`` cut into ``count`` contiguous micro-batches of near-equal size
+    (fewer when the batch is smaller than ``count``; none is empty)."""
+    count = max(1, min(count, samples))
+    size, extra = divmod(samples, count)
+    bounds = [0]
+    for index in range(count):
+        bounds.append(bounds[-1] + size + (index < extra))
+    return [slice(start, end) for start, end in itertools.pairwise(bounds)]
+
+
+def loss_shares(
+    labels: torch.Tensor, parts: list[slice], class_weights: torch.Tensor | None = None
+) -> list[float]:
+    """Each micro-batch's share of the batch's loss (``loss_fn``), so that the micro-batches'
+    losses, each weighed by its share, add up to the batch's, and so do their gradients:
+    its rows' share, or under class-weighted cross-entropy (a weighted mean) its weight's."""
+    if len(parts) == 1:
+        return [1.0]
+    if class_weights is None or labels.dim() == 2:  # BCE's pos_weight keeps a plain mean
+        return [(part.stop - part.start) / len(labels) for part in parts]
+    weights = class_weights.to(labels.device)[labels].double()
+    total = float(weights.sum())
+    return [float(weights[part].sum()) / total for part in parts]
 
 
 def entry(received: torch.Tensor) -> torch.Tensor:

@@ -68,17 +68,26 @@ class SiteDefenses:
             return sent
         return sent + self._noise_like(sent, sigma * (self.settings.activation_clip or 1.0))
 
-    def backward_head(self, x: torch.Tensor, h: torch.Tensor, grad: torch.Tensor) -> None:
-        """Backpropagate the aggregator's gradient for what was sent of ``h`` (through the
-        clipping) into the head, plus NoPeek's distance-correlation term between the batch's
-        inputs ``x`` and ``h``."""
-        sent = self._clipped(h)
+    @property
+    def whole_batch_backward(self) -> bool:
+        """NoPeek's penalty is the whole batch's: a pipelined step's micro-batches go back
+        into the head together, after the last one's gradient came."""
+        return bool(self.settings.nopeek_alpha)
+
+    def backward_head(
+        self, x: torch.Tensor, hs: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> None:
+        """Backpropagate the aggregator's gradients for what was sent of the head's outputs
+        ``hs`` (through the clipping; one per micro-batch of ``x``, in order) into the head,
+        plus NoPeek's distance-correlation term between the inputs ``x`` and the outputs."""
+        sent = [self._clipped(h) for h in hs]
         alpha = self.settings.nopeek_alpha
         if not alpha or len(x) < MIN_ROWS:  # the estimator needs 4 rows; a short batch skips it
-            sent.backward(grad)
+            torch.autograd.backward(sent, grads)
             return
+        h = hs[0] if len(hs) == 1 else torch.cat(hs)
         penalty = alpha * distance_correlation(x.detach(), h)
-        torch.autograd.backward([sent, penalty], [grad, None])
+        torch.autograd.backward([*sent, penalty], [*grads, None])
 
     def labels(self, y: torch.Tensor, classes: int) -> torch.Tensor:
         """The labels to send for ``y`` (split): themselves, or drawn once by randomised

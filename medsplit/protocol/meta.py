@@ -18,8 +18,16 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
+from medsplit.config import MAX_MICRO_BATCHES
 from medsplit.modes import Mode, traits
 from medsplit.protocol.kinds import Kind
 from medsplit.wire import Envelope, Header
@@ -95,6 +103,27 @@ class NoMeta(Meta):
     """Kinds whose meaning is all in their tensors and header."""
 
 
+MicroIndex = Annotated[int, Field(ge=0, lt=MAX_MICRO_BATCHES)]
+MicroCount = Annotated[int, Field(ge=1, le=MAX_MICRO_BATCHES)]
+
+
+class StepMeta(Meta):
+    """A training step's cut-layer message, site to aggregator. A pipelined step (``training.
+    micro_batches``) is cut into ``micros`` micro-batches sent without waiting for each other;
+    ``micro`` says which one this is. Vanilla split's activations also say the micro-batch's
+    ``share`` of the batch's loss, so the trunk's accumulated gradient is the whole batch's."""
+
+    micro: MicroIndex = 0
+    micros: MicroCount = 1
+    share: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+    @model_validator(mode="after")
+    def _within_the_step(self) -> StepMeta:
+        if self.micro >= self.micros:
+            raise ValueError(f"micro {self.micro} of a step of {self.micros} micro-batches")
+        return self
+
+
 # -- aggregator -> site -----------------------------------------------------------------------
 
 
@@ -135,8 +164,8 @@ SCHEMAS: dict[str, type[Meta]] = {
     Kind.METRICS: MetricsMeta,
     Kind.FINISHED: NoMeta,
     Kind.ERROR: ErrorMeta,
-    Kind.ACTIVATIONS: NoMeta,
-    Kind.TRUNK_GRAD: NoMeta,
+    Kind.ACTIVATIONS: StepMeta,
+    Kind.TRUNK_GRAD: StepMeta,
     Kind.EVAL_ACTIVATIONS: NoMeta,
     Kind.SETUP: SetupMeta,
     Kind.REFUSED: RefusedMeta,

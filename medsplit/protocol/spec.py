@@ -23,12 +23,18 @@ refuses anything else before it reaches a model.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-from medsplit.config import AggregationSettings, DefenseSettings, OptimizerConfig, Precision
+from medsplit.config import (
+    MAX_MICRO_BATCHES,
+    AggregationSettings,
+    DefenseSettings,
+    OptimizerConfig,
+    Precision,
+)
 from medsplit.evaluation import CALIBRATION_BINS, SCORE_BINS
 from medsplit.modes import MODES, Mode, Orchestration, traits
 from medsplit.protocol.kinds import Kind
@@ -51,6 +57,7 @@ class JobSpec(BaseModel):
     rounds: int
     local_epochs: int
     batch_size: int
+    micro_batches: Annotated[int, Field(ge=1, le=MAX_MICRO_BATCHES)] = 1  # pipelined split steps
     optimizer: OptimizerConfig
     seed: int
     wire_dtype: WireDtype
@@ -78,6 +85,8 @@ class JobSpec(BaseModel):
             exclude |= {"sealed", "aggregation"}
         if self.precision == "fp32":
             exclude.add("precision")
+        if self.micro_batches == 1:
+            exclude.add("micro_batches")
         if not self.deterministic:
             exclude.add("deterministic")
         if self.threshold == 0.5:

@@ -117,12 +117,10 @@ def test_aggregator_ignores_strangers_and_rejects_malformed_activations(tmp_path
 class _CrashingAgent(Agent):
     """Dies in the middle of its first round, as a process killed mid-epoch would."""
 
-    def exchange(
-        self, kind: str, tensors: dict[str, torch.Tensor], answer: str, **how: Any
-    ) -> Envelope:
+    def ask(self, kind: str, tensors: dict[str, torch.Tensor], answer: str, **how: Any) -> Envelope:
         if kind == Kind.ACTIVATIONS and how["step"] == 3:
             raise SystemExit("site process killed")
-        return super().exchange(kind, tensors, answer, **how)
+        return super().ask(kind, tensors, answer, **how)
 
 
 def test_a_restarted_site_says_hello_and_finishes_the_round() -> None:

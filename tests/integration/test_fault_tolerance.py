@@ -159,6 +159,21 @@ def test_a_step_checkpoint_resumes_the_round_at_that_step_bit_for_bit(
     assert report["history"][1]["resumed"] and report["history"][1]["trained"] == fed.sites
 
 
+def test_a_pipelined_job_killed_at_a_step_checkpoint_resumes_there_bit_for_bit(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """Micro-batches in flight when the aggregator dies are lost with it; the step they
+    belonged to is redone whole from the checkpoint taken before its first micro-batch."""
+    job = _job("split-u", "sequential", rounds=2)
+    job["training"] = {"micro_batches": 4}
+    job["checkpoint"] = {"every_steps": 3, "keep": 10}
+    fault = _kill_aggregator_after("round-00000-turn-0001-step-0000006.safetensors")
+    fed, report, _ = _against_clean(tmp_path, mosquitto, job, fault)
+    resumed = re.search(r"going on from round 0 step (\d+)", fed.log("site-b").read_text())
+    assert resumed is not None and int(resumed.group(1)) % 3 == 0 and int(resumed.group(1)) >= 6
+    assert report["history"][0]["resumed"] and report["history"][0]["trained"] == fed.sites
+
+
 def test_sigterm_stops_the_aggregator_cleanly_and_a_restart_continues(
     mosquitto: Mosquitto, tmp_path: Path
 ) -> None:

@@ -29,7 +29,7 @@ def test_with_every_defense_off_nothing_is_touched() -> None:
     assert torch.equal(defenses.activations(h), h.detach())
     g = torch.randn(8, 6, generator=_gen(2))
     assert defenses.gradient(g) is g
-    defenses.backward_head(x, h, g)
+    defenses.backward_head(x, [h], [g])
     assert weight.grad is not None
     torch.testing.assert_close(weight.grad, x.T @ g)
 
@@ -57,7 +57,7 @@ def test_each_activation_is_clipped_to_the_bound_before_noise() -> None:
     weight = torch.randn(3, 5, generator=_gen(3), requires_grad=True)
     out = x @ weight * 100  # far above the bound
     grad = out.detach() / out.detach().norm(dim=1, keepdim=True)  # along each row
-    SiteDefenses(DefenseSettings(activation_clip=1.0)).backward_head(x, out, grad)
+    SiteDefenses(DefenseSettings(activation_clip=1.0)).backward_head(x, [out], [grad])
     assert weight.grad is not None and float(weight.grad.abs().max()) < 1e-4
 
 
@@ -82,7 +82,7 @@ def test_nopeek_adds_the_gradient_of_alpha_times_distance_correlation() -> None:
     x = torch.randn(16, 5, generator=_gen(4))
     g = torch.randn(16, 6, generator=_gen(5))
     weight = torch.randn(5, 6, generator=_gen(6), requires_grad=True)
-    SiteDefenses(DefenseSettings(nopeek_alpha=0.7)).backward_head(x, torch.relu(x @ weight), g)
+    SiteDefenses(DefenseSettings(nopeek_alpha=0.7)).backward_head(x, [torch.relu(x @ weight)], [g])
     assert weight.grad is not None
     reference = torch.randn(5, 6).copy_(weight.detach()).requires_grad_()
     h = torch.relu(x @ reference)
@@ -100,7 +100,7 @@ def test_nopeek_alone_makes_a_head_say_less_about_its_inputs() -> None:
     for _ in range(40):
         optimizer.zero_grad()
         h = torch.relu(head(x))
-        defenses.backward_head(x, h, torch.zeros_like(h))
+        defenses.backward_head(x, [h], [torch.zeros_like(h)])
         optimizer.step()
     after = measures.distance_correlation(x, torch.relu(head(x)).detach())
     assert float(after) < before / 2

@@ -117,3 +117,65 @@ def test_fp16_loss_scales_travel_in_the_trunk_s_checkpoint() -> None:
     resumed = _fp16_trunk()
     resumed.load_state(tensors, document)
     assert resumed._precision("a").scale == scale
+
+
+def test_a_pipelined_step_steps_once_after_its_last_micro_batch_like_the_whole_batch() -> None:
+    """Micro-batches' gradients accumulate (the site weighs each by its share of the loss,
+    here the gradient it returns): one update, the whole batch's up to summation order."""
+    h, g = _inputs("a", 0)
+    whole = _trunk(parallel=False)
+    whole.forward("a", 0, 0, h)
+    expected_head_grad = whole.backward("a", 0, 0, g)
+
+    pipelined = _trunk(parallel=False)
+    start = _state(pipelined)
+    parts = (slice(0, 3), slice(3, 5))
+    for micro, part in enumerate(parts):  # every forward first, as a pipelined site sends them
+        pipelined.forward("a", 0, 0, h[part], micro, len(parts))
+    assert pipelined.open_steps == 2
+    head_grads = []
+    for micro, part in enumerate(parts):
+        assert all(torch.equal(start[k], _state(pipelined)[k]) for k in start)  # not yet
+        head_grads.append(pipelined.backward("a", 0, 0, g[part], micro))
+    assert pipelined.open_steps == 0
+    after, expected = _state(pipelined), _state(whole)
+    for key in expected:
+        torch.testing.assert_close(after[key], expected[key], rtol=0, atol=1e-6)
+    assert expected_head_grad is not None
+    torch.testing.assert_close(torch.cat(head_grads), expected_head_grad, rtol=0, atol=1e-6)
+
+
+def test_a_pipelined_step_holds_at_most_its_micro_batches_and_a_new_step_drops_the_old() -> None:
+    trunk = _trunk(parallel=False)
+    trunk.open_turn(("a",))
+    for micro in range(4):
+        trunk.forward("a", 0, 7, torch.randn(2, 4), micro, 4)
+    assert trunk.open_steps == 4
+    trunk.forward("a", 0, 7, torch.randn(2, 4), 2, 4)  # the same micro-batch again: started over
+    assert trunk.open_steps == 1
+    trunk.forward("a", 0, 8, torch.randn(2, 4), 0, 4)  # the site gave step 7 up
+    assert trunk.open_steps == 1
+    assert trunk.backward("a", 0, 7, torch.randn(2, 3), 2) is None  # of the dropped step
+    assert trunk.backward("a", 0, 8, torch.randn(2, 3), 1) is None  # never sent forward
+    assert trunk.backward("a", 0, 8, torch.randn(2, 3), 0) is not None
+    trunk.forget("a")
+    assert trunk.open_steps == 0
+
+
+def test_vanilla_split_micro_batches_weighed_by_their_share_make_the_batch_s_update() -> None:
+    torch.manual_seed(1)
+    h, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    whole = _trunk(parallel=False)
+    whole_grad, whole_loss = whole.split_step("a", 0, 0, h, y)
+    pipelined = _trunk(parallel=False)
+    grads, loss = [], 0.0
+    for micro, part in enumerate((slice(0, 2), slice(2, 6))):
+        share = (part.stop - part.start) / 6
+        grad, micro_loss = pipelined.split_step("a", 0, 0, h[part], y[part], micro, 2, share)
+        grads.append(grad)
+        loss += share * micro_loss
+    assert abs(loss - whole_loss) < 1e-6
+    torch.testing.assert_close(torch.cat(grads), whole_grad, rtol=0, atol=1e-7)
+    after, expected = _state(pipelined), _state(whole)
+    for key in expected:
+        torch.testing.assert_close(after[key], expected[key], rtol=0, atol=1e-6)
