@@ -25,6 +25,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads, as me
 import argparse
 import dataclasses
 import json
+import queue
 import socket
 import statistics
 import subprocess
@@ -110,6 +111,9 @@ def serve_echo(port: int, tls_dir: Path | None = None) -> None:
         subscribe_plain(client, f"{base}/ping")
         subscribe_plain(client, f"{base}/stream")
 
+    if not tls_dir:
+        _serve_from_a_worker(port)
+        _serve_raw_frames(port)
     transport = MqttTransport(
         MqttSettings(port=port, client_id="echo-medsplit", tls=kit_tls(tls_dir))
     )
@@ -138,6 +142,56 @@ def serve_echo(port: int, tls_dir: Path | None = None) -> None:
     sys.stdin.read()
 
 
+def _serve_from_a_worker(port: int) -> None:
+    """Plain paho echoing each frame from a thread of its own, not from paho's callback: the
+    hand-offs of a receiver that computes its answer outside the network thread, as medsplit's
+    aggregator and agents do (a trunk step in paho's thread would stall its keepalives)."""
+    client = plain_client(port, "echo-worker", nodelay=True)
+    pending: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+    client.message_callback_add("bench/worker/ping", lambda c, u, m: pending.put(m.payload))
+    subscribe_plain(client, "bench/worker/ping")
+
+    def answer() -> None:
+        while True:
+            client.publish("bench/worker/pong", pending.get(), qos=1).wait_for_publish(TIMEOUT)
+
+    threading.Thread(target=answer, daemon=True).start()
+
+
+def _serve_raw_frames(port: int) -> None:
+    """medsplit's transport without the envelope: each frame's bytes back from the receiving
+    thread, as ``MqttTransport`` hands them over (the transport's share of a round trip)."""
+    transport = MqttTransport(MqttSettings(port=port, client_id="echo-raw"))
+    transport.connect()
+    transport.subscribe("bench/raw/ping")
+
+    def answer() -> None:
+        while True:
+            inbound = transport.receive(timeout=1.0)
+            if inbound is not None:
+                transport.publish("bench/raw/pong", inbound.payload)
+
+    threading.Thread(target=answer, daemon=True).start()
+
+
+class RawPing:
+    """Frames through ``MqttTransport`` and back, no envelope: the transport alone."""
+
+    def __init__(self, port: int) -> None:
+        self.transport = MqttTransport(MqttSettings(port=port, client_id="ping-raw"))
+        self.transport.connect()
+        self.transport.subscribe("bench/raw/pong")
+
+    def round_trip(self, frames: list[bytes]) -> None:
+        self.transport.publish_all("bench/raw/ping", frames)
+        for _ in frames:
+            if self.transport.receive(timeout=TIMEOUT) is None:
+                raise TimeoutError("no pong")
+
+    def close(self) -> None:
+        self.transport.close()
+
+
 # -- the measuring side -----------------------------------------------------------------------------
 
 
@@ -147,8 +201,8 @@ def frames_of(size: int, frame: int = DEFAULT_MAX_FRAME_BYTES) -> list[bytes]:
 
 
 class PlainPing:
-    def __init__(self, port: int, nodelay: bool) -> None:
-        self.base = "bench/nodelay" if nodelay else "bench/nagle"
+    def __init__(self, port: int, nodelay: bool, *, worker: bool = False) -> None:
+        self.base = "bench/worker" if worker else "bench/nodelay" if nodelay else "bench/nagle"
         self.client = plain_client(port, f"ping-{self.base[6:]}", nodelay)
         self.pongs = threading.Semaphore(0)
         self.acks = threading.Semaphore(0)
@@ -257,15 +311,25 @@ def _label(size: int) -> str:
     return f"{size // KB} KB" if size < MB else f"{size // MB} MB"
 
 
-def latency_table(plain: PlainPing, ms: MedsplitPing, sizes: list[tuple[int, int]]) -> list[str]:
+def latency_table(
+    plain: PlainPing,
+    worker: PlainPing,
+    raw: RawPing,
+    ms: MedsplitPing,
+    sizes: list[tuple[int, int]],
+) -> list[str]:
     lines = [
-        "| round trip | plain paho, one frame | plain paho, 256 KiB frames | medsplit fp32 | "
-        "vs one frame | vs same frames | medsplit fp16 | medsplit int8 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| round trip | plain paho, one frame | plain paho, 256 KiB frames | plain paho, same "
+        "frames, answered by a worker thread | medsplit's transport, same frames, no envelope "
+        "| medsplit fp32 | vs one frame | vs same frames | vs worker-answered "
+        "| medsplit fp16 | medsplit int8 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for size, repeats in sizes:
         one = measure(partial(plain.round_trip, [bytes(size)]), repeats)
         framed = measure(partial(plain.round_trip, frames_of(size)), repeats)
+        threaded = measure(partial(worker.round_trip, frames_of(size)), repeats)
+        transport = measure(partial(raw.round_trip, frames_of(size)), repeats)
         envelope = Envelope("bench", "ping", "x", tensors=tensor_of(size))
         timings = {}
         for dtype in ("float32", "float16", "int8"):
@@ -273,8 +337,9 @@ def latency_table(plain: PlainPing, ms: MedsplitPing, sizes: list[tuple[int, int
             timings[dtype] = measure(partial(ms.round_trip, envelope), repeats)
         fp32 = timings["float32"].p50_ms
         lines.append(
-            f"| {_label(size)} | {one.p50_ms:.2f} ms | {framed.p50_ms:.2f} ms | {fp32:.2f} ms "
-            f"| {fp32 / one.p50_ms:.2f}x | {fp32 / framed.p50_ms:.2f}x "
+            f"| {_label(size)} | {one.p50_ms:.2f} ms | {framed.p50_ms:.2f} ms "
+            f"| {threaded.p50_ms:.2f} ms | {transport.p50_ms:.2f} ms | {fp32:.2f} ms "
+            f"| {fp32 / one.p50_ms:.2f}x | {fp32 / framed.p50_ms:.2f}x | {fp32 / threaded.p50_ms:.2f}x "
             f"| {timings['float16'].p50_ms:.2f} ms | {timings['int8'].p50_ms:.2f} ms |"
         )
         print(lines[-1], flush=True)
@@ -462,13 +527,17 @@ def run(quick: bool) -> str:
             if echo.stdout.readline().strip() != "ready":
                 raise RuntimeError("echo process failed to start")
             plain, ms = PlainPing(broker.port, nodelay=True), MedsplitPing(broker.port)
+            worker = PlainPing(broker.port, nodelay=True, worker=True)
+            raw = RawPing(broker.port)
             try:
-                lines = latency_table(plain, ms, sizes)
+                lines = latency_table(plain, worker, raw, ms, sizes)
                 lines += ["", *throughput_table(plain, ms, 4 * MB, 4 if quick else 25)]
                 lines += ["", *frame_size_table(ms, 2 * MB, 5 if quick else 30)]
             finally:
                 ms.close()
                 plain.close()
+                worker.close()
+                raw.close()
             lines += ["", *nodelay_table(broker.port, 20 if quick else 50)]
             lines += ["", *codec_table(10 if quick else 50)]
         finally:
