@@ -29,7 +29,16 @@ MICRO_BATCHES = 4
 JOB = "job-p"
 
 
-def _config(mode: str, orchestration: str, *, micro_batches: int, batch_size: int) -> JobConfig:
+def _config(
+    mode: str,
+    orchestration: str,
+    *,
+    micro_batches: int,
+    batch_size: int,
+    sealed: bool = False,
+    nopeek_alpha: float = 0.0,
+    wire_dtype: str = "float32",
+) -> JobConfig:
     return job_config(
         {
             "job_id": JOB,
@@ -39,14 +48,16 @@ def _config(mode: str, orchestration: str, *, micro_batches: int, batch_size: in
             "rounds": 3,
             "seed": 3,
             "sites": SITES,
-            "seal_segments": False,
+            "seal_segments": sealed,
             "dataset": "breast-cancer",
             "round_deadline_s": 60,
             "join_deadline_s": 60,
-            "defenses": {"gradient_noise": 0},  # exactness: no secret noise on gradients
+            # Exactness: no secret noise on gradients.
+            "defenses": {"gradient_noise": 0, "nopeek_alpha": nopeek_alpha},
             "training": {
                 "batch_size": batch_size,
                 "micro_batches": micro_batches,
+                "wire_dtype": wire_dtype,
                 "optimizer": {"name": "adam", "lr": 0.01},
             },
         }
@@ -117,3 +128,25 @@ def test_micro_batches_are_refused_in_a_federated_job_naming_the_field() -> None
                 "training": {"micro_batches": 2},
             }
         )
+
+
+@pytest.mark.parametrize("wire_dtype", ["float16", "int8"])
+def test_pipelining_keeps_sealed_segments_nopeek_and_the_narrow_wires(wire_dtype: str) -> None:
+    """What a deployed job turns on: the sites' layers sealed, NoPeek (whose penalty stays the
+    whole batch's), activations and gradients cast per row -- so cutting the batch changes no
+    value on the wire, and the tolerance holds as in fp32."""
+    runs = [
+        _trained(
+            _config(
+                "split-u",
+                "parallel",
+                micro_batches=micro_batches,
+                batch_size=16,
+                sealed=True,
+                nopeek_alpha=0.5,
+                wire_dtype=wire_dtype,
+            )
+        )[0]
+        for micro_batches in (1, MICRO_BATCHES)
+    ]
+    assert _distance(runs[0], runs[1]) <= TOLERANCE
