@@ -93,6 +93,7 @@ from medsplit.protocol.meta import (
     MessageRules,
     MetricsMeta,
     StatsMeta,
+    StepMeta,
     read_meta,
 )
 from medsplit.protocol.presence import Presence
@@ -573,7 +574,7 @@ class Coordinator:
         if not self._asked(site, Phase.TRAINING, env):
             return
         every = self.config.checkpoint.every_steps
-        first_micro = not env.meta.get("micro")  # a step's first micro-batch opens it
+        first_micro = read_meta(StepMeta, env).micro == 0  # a step's first micro-batch opens it
         at_step = every and env.step and env.step % every == 0 and env.step != self.state.from_step
         if at_step and first_micro:
             # Steps before this one are done on both sides, and the site kept its state here.

@@ -17,6 +17,7 @@ from aggregator.state import JobState, Phase, SiteEntry
 from medsplit.metric_families import Durations, Scraped, counted_by, one_hot
 from medsplit.modes import MODES
 from medsplit.protocol import Kind
+from medsplit.protocol.meta import StepMeta, read_meta
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -51,7 +52,7 @@ class StepTimes:
     def served(self, site: str, env: Envelope, started: float, ended: float) -> None:
         """``env`` from ``site`` was handled between ``started`` and ``ended``."""
         self.trunk.observe(env.kind, ended - started)
-        if env.kind != Kind.ACTIVATIONS or env.meta.get("micro"):
+        if env.kind != Kind.ACTIVATIONS or read_meta(StepMeta, env).micro:
             return  # a step is timed from its first micro-batch
         previous = self._last.get(site)
         if previous is not None and previous[:2] == (env.round, env.step - 1):

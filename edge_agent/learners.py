@@ -242,7 +242,7 @@ class SplitLearner:
             with amp.autocast():
                 micro_loss = loss_fn(seg.tail(entry(t)), yb[part], self.class_weights)
             share = shares[micro]
-            amp.backward(micro_loss if share == 1.0 else micro_loss * share)
+            amp.backward(micro_loss * share)  # times 1.0 unpipelined: exact
             loss += share * float(micro_loss.detach())
             assert t.grad is not None
             grad = {"g": self.defenses.gradient(amp.unscaled(t.grad))}
