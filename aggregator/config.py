@@ -45,7 +45,7 @@ from medsplit.config import (
 )
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, check_site_ids
-from medsplit.modes import MODES, Mode, Orchestration, WireDtype
+from medsplit.modes import MODES, Mode, Orchestration, WireDtype, labels_travel
 from models import ConfigError, SplitPlan
 from models.config_errors import validate
 
@@ -367,10 +367,13 @@ class JobConfig(FileSettings):
                 "training.micro_batches: pipelines split and split-u steps; federated modes "
                 "train whole batches on the site"
             )
-        _check_defenses(self.defenses, self.mode)
+        _check_vertical_settings(self)
+        u_shaped = _u_shaped(self.plan, self.mode)
+        _check_defenses(self.defenses, self.mode, u_shaped)
         traits = MODES[self.mode]
         if traits.cut_layer:  # the mode's default label protection, said in the job's spec
-            resolved = self.defenses.for_mode(traits.labels_travel, traits.u_shaped is True)
+            travel = labels_travel(self.mode, u_shaped)
+            resolved = self.defenses.for_mode(travel, u_shaped)
             object.__setattr__(self, "defenses", resolved)  # frozen: set once, while validating
         if _SHAPE_ONLY.get():
             return self
@@ -389,6 +392,7 @@ class JobConfig(FileSettings):
             raise ValueError(
                 f"mode: {self.mode} needs a plan without a tail (remove tail_cut, or use split-u)"
             )
+        _check_vertical_plan(self)
         if traits.weights == "shared" and not (self.plan.private_keys and self.plan.shared_keys):
             raise ValueError(
                 f"mode: {self.mode} needs a plan with both shared and private layers "
@@ -398,6 +402,8 @@ class JobConfig(FileSettings):
 
     @property
     def quorum(self) -> int:
+        if self.mode == Mode.VERTICAL:  # every party holds columns the model needs
+            return len(self.sites)
         return self.rounds.min_sites or default_quorum(len(self.sites))
 
     @property
@@ -422,20 +428,77 @@ def default_quorum(sites: int) -> int:
     return max(2, sites // 2 + 1)
 
 
-def _check_defenses(defenses: DefenseSettings, mode: Mode) -> None:
+def _u_shaped(plan: SplitPlan | dict[str, Any] | str, mode: Mode) -> bool:
+    """Whether the plan has a tail -- before the plan is loaded (a first pass that does not
+    load torch), as its mapping says, or for a plan's name as the mode requires."""
+    if isinstance(plan, dict):
+        return plan.get("tail_cut") is not None
+    if isinstance(plan, str):
+        return MODES[mode].u_shaped is True
+    return plan.u_shaped
+
+
+def _check_vertical_settings(config: JobConfig) -> None:
+    """What a vertical job cannot do: its parties hold different columns of the same rows, so
+    every party takes part in every step, and none has statistics to pool with another's."""
+    if config.mode != Mode.VERTICAL:
+        return
+    if config.orchestration != Orchestration.PARALLEL:
+        raise ValueError("orchestration: a vertical job's parties step together (parallel)")
+    if config.rounds.min_sites not in (None, len(config.sites)):
+        raise ValueError(
+            f"rounds.min_sites: every party of a vertical job is needed ({len(config.sites)})"
+        )
+    if config.rounds.sample_fraction < 1:
+        raise ValueError("rounds.sample_fraction: every party of a vertical job is needed")
+    if config.training.micro_batches > 1:
+        raise ValueError("training.micro_batches: vertical steps are not pipelined (use 1)")
+    if isinstance(config.normalization, Normalization):
+        raise ValueError(
+            "normalization: in a vertical job each party standardises its own columns over "
+            "the common training rows; use federated (that) or none"
+        )
+    if config.training.class_weights != "none":
+        raise ValueError("training.class_weights: not available in vertical jobs yet")
+
+
+def _check_vertical_plan(config: JobConfig) -> None:
+    """A vertical job needs the vertical architecture, cut after the parties' heads, with a
+    party for every site; no other mode may use that architecture."""
+    is_vertical = config.plan.model.name == "vertical"
+    if config.mode != Mode.VERTICAL:
+        if is_vertical:
+            raise ValueError("plan: the vertical architecture is for mode: vertical")
+        return
+    if not is_vertical:
+        raise ValueError(
+            "plan: mode vertical needs model.name: vertical (each party's head and the top "
+            "network; docs/vertical.md)"
+        )
+    if config.plan.head != ("heads",):
+        raise ValueError("plan.cut: a vertical plan is cut after its heads (cut: heads)")
+    parties = list(config.plan.model.args["parties"])
+    if sorted(parties) != sorted(config.sites):
+        raise ValueError(
+            f"sites: a vertical job's sites are its plan's parties ({', '.join(parties)}); "
+            f"got {', '.join(config.sites)}"
+        )
+
+
+def _check_defenses(defenses: DefenseSettings, mode: Mode, u_shaped: bool) -> None:
     """Defenses act on cut-layer tensors: refuse one that would silently do nothing."""
     if defenses.active and not MODES[mode].cut_layer:
         raise ValueError(
             f"defenses: mode {mode} sends weights, not activations; defenses apply to split "
             "and split-u"
         )
-    if defenses.gradient_noise and MODES[mode].labels_travel:
+    if defenses.gradient_noise and labels_travel(mode, u_shaped):
         raise ValueError(
             f"defenses.gradient_noise: in mode {mode} the labels themselves travel, so noise "
             "on gradients hides nothing; use split-u to keep labels on the site (or "
             "label_epsilon: randomised response on the labels sent)"
         )
-    if defenses.label_epsilon is not None and not MODES[mode].labels_travel:
+    if defenses.label_epsilon is not None and not labels_travel(mode, u_shaped):
         raise ValueError(
             f"defenses.label_epsilon: in mode {mode} no label travels; randomised response "
             "applies to split, whose labels are sent"

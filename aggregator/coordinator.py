@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from aggregator.alignment import AlignReplied
 from aggregator.checkpoint import CheckpointStore
 from aggregator.conduct import Conduct
 from aggregator.config import JobConfig
@@ -68,15 +69,16 @@ from aggregator.state import (
     initial_state,
     resumed_state,
 )
-from aggregator.strategy import Cyclic, FedAvg, Flop, Reply, Strategy
+from aggregator.strategy import Cyclic, FedAvg, Flop, Reply, Strategy, Together
 from aggregator.trunk import Trunk
 from aggregator.trunk_service import Answer, TrunkService
+from aggregator.vertical import vertical_trunk
 from aggregator.wire_tap import WireTap
 from medsplit.aggregation import Aggregation
 from medsplit.channel import Endpoint, Received
 from medsplit.evaluation import Tally
 from medsplit.ids import AGGREGATOR_ID
-from medsplit.modes import MODES, Orchestration
+from medsplit.modes import MODES, Mode, Orchestration, labels_travel
 from medsplit.protocol import (
     JobSpec,
     Kind,
@@ -87,6 +89,7 @@ from medsplit.protocol import (
     topics,
 )
 from medsplit.protocol.meta import (
+    AlignedMeta,
     DoneMeta,
     ErrorMeta,
     HelloMeta,
@@ -112,7 +115,7 @@ EventSink = Callable[[dict[str, Any]], None]
 REFUSAL_INTERVAL_S = 10.0  # a stranger repeating hello is refused at most this often
 MAX_REMEMBERED_STRANGERS = 1024
 LOST_IN_TRANSIT = (ReassemblyTimeout, ReassemblyOverflow)
-REQUEST_KINDS = frozenset({Kind.STATS_REQUEST, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
+REQUEST_KINDS = frozenset({Kind.STATS_REQUEST, Kind.ALIGN, Kind.TRAIN, Kind.EVALUATE, Kind.FINISH})
 
 __all__ = ["Coordinator", "JobFailed", "JobInterrupted", "RoundRecord", "make_strategy"]
 
@@ -156,25 +159,19 @@ class Coordinator:
         self.presence = presence
         plan = config.plan
         model = plan.model.build(seed=config.seed)
-        self.trunk: Trunk | None = None
-        if MODES[config.mode].cut_layer:
-            trunk = split_model(model, plan).trunk
-            self.trunk = Trunk(
-                trunk,
-                config.training.optimizer,
-                device or torch.device("cpu"),
-                parallel=config.orchestration == Orchestration.PARALLEL,
-                precision=config.training.precision,
-            )
+        self.trunk = _trunk(config, model, device or torch.device("cpu"))
         self.trunk_service = (
             None
             if self.trunk is None
             else TrunkService(
                 self.trunk,
-                labels_travel=MODES[config.mode].labels_travel,
+                labels_travel=labels_travel(config.mode, plan.u_shaped),
                 micro_batches=config.training.micro_batches,
             )
         )
+        # A vertical job's parties step together: their answers wait for each other.
+        self.vertical = None if self.trunk is None else vertical_trunk(config, self.trunk)
+        script = () if self.vertical is None else self.vertical.alignment()
         full_state = model.state_dict()
         weights = {k: full_state[k].detach().clone() for k in exchanged_keys(plan, config.mode)}
         strategy = make_strategy(config)
@@ -193,6 +190,7 @@ class Coordinator:
             snapshot_every=config.checkpoint.every_steps,
             sample_slack=config.security.sample_slack,
             recipients=tuple(config.sites) if self.sealed else (),
+            alignment=script,
         )
         self.checkpoints = checkpoints
         self.last_checkpoint: Path | None = None
@@ -223,6 +221,8 @@ class Coordinator:
             threshold=config.training.threshold,
             class_weights=config.training.class_weights,
             multilabel=config.training.multilabel,
+            standardise_columns=config.mode == Mode.VERTICAL
+            and config.normalization == "federated",
         )
         specs = TensorSpecs(
             plan,
@@ -233,7 +233,8 @@ class Coordinator:
             multilabel=config.training.multilabel,
         )
         endpoint.set_expected(
-            lambda header: specs.expected(header.kind), MessageRules.aggregator(config.mode)
+            lambda header: specs.expected(header.kind, header.site),
+            MessageRules.aggregator(config.mode, plan.u_shaped),
         )
         endpoint.set_reassembly_timeout(config.waits.reassembly_timeout_s)
         endpoint.refuse_retained = True
@@ -397,6 +398,8 @@ class Coordinator:
             return
         if isinstance(message, Forget):
             self.trunk.forget(message.site)
+            if self.vertical is not None:  # a party's step cannot complete without it
+                self.vertical.forget()
         elif isinstance(message, OpenTurn):
             self.trunk.open_turn(message.sites)
         else:
@@ -556,8 +559,8 @@ class Coordinator:
         if self.requests.answered_by(site, env) is not None:
             # The site cannot answer what it was asked (e.g. its model went non-finite): the
             # step goes on without it instead of waiting for the deadline.
-            reason = read_meta(ErrorMeta, env).error
-            self._step(ReplyRejected(site, None, f"SiteError:{reason}"))
+            error = read_meta(ErrorMeta, env)
+            self._step(ReplyRejected(site, None, f"SiteError:{error.error}", error.detail))
 
     def _asked(self, site: str, phase: Phase, env: Envelope) -> bool:
         """Whether ``site`` is in the middle of what it was asked: cut-layer traffic from a site
@@ -579,20 +582,41 @@ class Coordinator:
         if at_step and first_micro:
             # Steps before this one are done on both sides, and the site kept its state here.
             self._save_checkpoint(Checkpoint(self.state.step_point(env.step)))
+        if self.vertical is not None:
+            self._answer_parties(self.vertical.activations(site, env))
+            return
         self._answer(site, self._trunk_service().activations(site, env))
 
     def _on_trunk_grad(self, site: str, env: Envelope) -> None:
         if not self._asked(site, Phase.TRAINING, env):
             return
-        answer = self._trunk_service().trunk_grad(site, env)
-        if answer is None:  # not the site's open step (forgotten after a restart, or a replay)
+        if self.vertical is not None:
+            answers = self.vertical.trunk_grad(site, env)
+        else:
+            answer = self._trunk_service().trunk_grad(site, env)
+            answers = None if answer is None else [(site, answer)]
+        if answers is None:  # not the site's open step (forgotten after a restart, or a replay)
             self.state = replace(self.state, late_messages=self.state.late_messages + 1)
             return
-        self._answer(site, answer)
+        self._answer_parties(answers)
 
     def _on_eval_activations(self, site: str, env: Envelope) -> None:
-        if self._asked(site, Phase.EVALUATING, env):
+        if not self._asked(site, Phase.EVALUATING, env):
+            return
+        if self.vertical is not None:
+            self._answer_parties(self.vertical.evaluation(site, env))
+        else:
             self._answer(site, self._trunk_service().evaluation(env))
+
+    def _on_aligned(self, site: str, env: Envelope) -> None:
+        if self._answers_request(site, env):
+            size = read_meta(AlignedMeta, env).size
+            self._step(AlignReplied(site, dict(env.tensors), size))
+
+    def _answer_parties(self, answers: list[tuple[str, Answer]]) -> None:
+        """A vertical step's answers: each party's, once every party's request is in."""
+        for party, answer in answers:
+            self._answer(party, answer)
 
     def _answer(self, site: str, answer: Answer) -> None:
         self._reply(site, answer.envelope, cast=set(answer.cast), wait=False)
@@ -607,6 +631,7 @@ class Coordinator:
         Kind.METRICS: _on_metrics,
         Kind.FINISHED: _on_finished,
         Kind.ERROR: _on_error,
+        Kind.ALIGNED: _on_aligned,
     }
 
     def _trunk_service(self) -> TrunkService:
@@ -803,6 +828,8 @@ def _fixed_normalization(
     config: JobConfig,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[()] | None:
     """The job's fixed statistics, () for none, or None for the statistics round."""
+    if config.mode == Mode.VERTICAL:  # each party standardises its own columns, alone
+        return ()
     if config.normalization == "federated":
         return None
     if config.normalization == "none":
@@ -812,8 +839,24 @@ def _fixed_normalization(
     return torch.tensor(norm.mean, dtype=torch.float32), torch.tensor(norm.std, dtype=torch.float32)
 
 
+def _trunk(config: JobConfig, model: torch.nn.Module, device: torch.device) -> Trunk | None:
+    """The trunk of a split job (None in federated ones); a copy per site in parallel rounds,
+    one for all the parties of a vertical job, who step together."""
+    if not MODES[config.mode].cut_layer:
+        return None
+    return Trunk(
+        split_model(model, config.plan).trunk,
+        config.training.optimizer,
+        device,
+        parallel=config.orchestration == Orchestration.PARALLEL and config.mode != Mode.VERTICAL,
+        precision=config.training.precision,
+    )
+
+
 def make_strategy(config: JobConfig) -> Strategy:
     """The strategy a job's config asks for (SplitFed averages head/tail like FedAvg)."""
+    if config.mode == Mode.VERTICAL:
+        return Together()
     rounds = config.rounds
     aggregation = Aggregation(**config.aggregation.model_dump())
     base: FedAvg = (

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from aggregator.strategy import Metrics, Reply, Strategy
+from aggregator.strategy import Metrics, Reply, Strategy, check_samples
 from medsplit.protocol.spec import SEAL, SEALS
 from medsplit.security.seal import Roster, SealError, bundle, unbundle, verify_sender
 
@@ -89,8 +89,7 @@ class SealedRelay:
         return self.base.configure_train(round, turn, sites)
 
     def check_reply(self, current: Mapping[str, torch.Tensor], reply: Reply) -> None:
-        if reply.samples < 1:
-            raise ValueError(f"site {reply.site} trained on {reply.samples} samples")
+        check_samples(reply)
         if set(reply.state) != {SEAL}:
             raise ValueError(f"site {reply.site} sent {sorted(reply.state)[:3]}, not its seal")
 

@@ -43,6 +43,8 @@ from typing import Any
 
 import torch
 
+from aggregator import alignment
+from aggregator.alignment import AlignReplied, Script
 from aggregator.strategy import Reply, Strategy, mean_metrics
 from medsplit.evaluation import pooled_tallies
 from medsplit.modes import TextEnum
@@ -56,6 +58,7 @@ TALLY = "tally"  # an evaluation's counts (medsplit.evaluation.Tally), pooled at
 
 class Phase(TextEnum):
     JOINING = "joining"
+    ALIGNING = "aligning"  # vertical jobs: the parties' private set intersection, relayed
     STATISTICS = "statistics"  # the sites' counts and sums, combined into one normalisation
     TRAINING = "training"
     EVALUATING = "evaluating"
@@ -198,6 +201,7 @@ Event = (
     | FinishAcked
     | Revoked
     | ReplyRejected
+    | AlignReplied
     | Tick
 )
 
@@ -289,6 +293,7 @@ ANSWER_OF: dict[str, Phase] = {
     Kind.STATS: Phase.STATISTICS,
     Kind.DONE: Phase.TRAINING,
     Kind.METRICS: Phase.EVALUATING,
+    Kind.ALIGNED: Phase.ALIGNING,
 }
 
 
@@ -318,6 +323,13 @@ class JobState:
     resume: ResumePoint | None = None  # resumed from a checkpoint: where to go on from
     resumed_at: tuple[int, ...] = ()  # rounds at which this job was resumed, for the report
     from_step: int = 0  # the current turn's site goes on from this step (a mid-round resume)
+    # Vertical jobs' alignment (aggregator.alignment): the stage, its answers so far, the
+    # bytes carried to the next stage, and the last set size said (at the end: the patients
+    # every party holds).
+    align_stage: int = 0
+    aligned: Mapping[str, AlignReplied] = field(default_factory=dict)
+    align_carry: Tensors = field(default_factory=dict)
+    align_size: int | None = None
 
     @property
     def joined(self) -> list[str]:
@@ -344,6 +356,7 @@ class JobState:
         answered = set(self.refused) | set(
             {
                 Phase.STATISTICS: self.statistics,
+                Phase.ALIGNING: self.aligned,
                 Phase.TRAINING: self.replies,
                 Phase.EVALUATING: self.evaluations,
             }.get(self.phase, {})
@@ -433,6 +446,8 @@ class JobMachine:
     sample_slack: float = 1.0  # a reply may claim this many times the samples declared at join
     # Sealed jobs: the sites a seal goes to (the job's, less the revoked); empty when unsealed.
     recipients: tuple[str, ...] = ()
+    # Vertical jobs: the stages of the parties' alignment, run before anything else.
+    alignment: Script = ()
 
     def step(self, state: JobState, event: Event, now: float) -> tuple[JobState, list[Out]]:
         if state.done:
@@ -459,6 +474,8 @@ class JobMachine:
             )
         elif isinstance(event, ReplyRejected):
             state = self._rejected(state, event, out)
+        elif isinstance(event, AlignReplied):
+            state = alignment.replied(state, event)
         state = self._advance(state, now, out)
         return state, out
 
@@ -532,6 +549,9 @@ class JobMachine:
         of_this_step = rejected.kind is None or ANSWER_OF.get(rejected.kind) == state.phase
         if not of_this_step or rejected.site not in state.waiting_for:
             return state  # not what the step waits for: counted by the receiver, nothing more
+        if state.phase == Phase.ALIGNING:  # every party is needed: the job cannot start
+            detail = rejected.detail or rejected.reason
+            return _failed(state, f"{rejected.site} could not be aligned: {detail}")
         what = rejected.kind or "answer"
         reason = f"{rejected.reason}: {rejected.detail}" if rejected.detail else rejected.reason
         why = f"your {what} was rejected ({reason}); this step goes on without it"
@@ -590,7 +610,7 @@ class JobMachine:
                         f"join deadline (min_sites={self.quorum}); missing "
                         f"{', '.join(state.waiting_for)}",
                     )
-                state = self._start_statistics(state, now, out)
+                state = self._after_joining(state, now, out)
             elif self._outstanding(state) and now < state.deadline:
                 return state
             elif state.phase == Phase.FINISHING:  # saved again: who has the final model
@@ -598,11 +618,36 @@ class JobMachine:
                 out.append(Checkpoint(state.resume_point()))
             elif state.phase == Phase.STATISTICS:
                 state = self._close_statistics(state, now, out)
+            elif state.phase == Phase.ALIGNING:
+                state = self._close_alignment_stage(state, now, out)
             elif state.phase == Phase.TRAINING:
                 state = self._close_turn(state, now, out)
             else:
                 state = self._close_round(state, now, out)
         return state
+
+    def _after_joining(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        """A vertical job aligns its parties first -- every time it starts, resumed or not:
+        what the parties hold may have changed, and no alignment is kept by the aggregator."""
+        if not self.alignment:
+            return self._start_statistics(state, now, out)
+        return self._start_alignment_stage(state, 0, now, out)
+
+    def _start_alignment_stage(
+        self, state: JobState, stage: int, now: float, out: list[Out]
+    ) -> JobState:
+        state = alignment.start_stage(state, self.alignment, stage, now, self.round_deadline_s)
+        out.extend(self._request(state, site) for site in state.asked)
+        return state
+
+    def _close_alignment_stage(self, state: JobState, now: float, out: list[Out]) -> JobState:
+        state, failure = alignment.close_stage(state)
+        if failure is not None:
+            return _failed(state, failure)
+        if state.align_stage + 1 < len(self.alignment):
+            return self._start_alignment_stage(state, state.align_stage + 1, now, out)
+        state = replace(state, align_carry={})  # aligned: the bytes have served
+        return self._start_statistics(state, now, out)
 
     def _start_statistics(self, state: JobState, now: float, out: list[Out]) -> JobState:
         """Before training: combine every site's sums into one normalisation, or use the job's.
@@ -807,6 +852,8 @@ class JobMachine:
         """What ``site`` is asked in the current step: its statistics, or to train or evaluate."""
         if state.phase == Phase.STATISTICS:
             return Send(site, Kind.STATS_REQUEST, 0)
+        if state.phase == Phase.ALIGNING:
+            return alignment.stage_request(state, self.alignment, site)
         if state.phase == Phase.FINISHING:
             return Send(site, Kind.FINISH, self.rounds)
         if state.phase == Phase.EVALUATING:

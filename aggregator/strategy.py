@@ -77,6 +77,12 @@ class Strategy(Protocol):
         ...
 
 
+def check_samples(reply: Reply) -> None:
+    """An update must come from training on something."""
+    if reply.samples < 1:
+        raise ValueError(f"site {reply.site} trained on {reply.samples} samples")
+
+
 def mean_metrics(metrics: Mapping[str, Metrics]) -> dict[str, float | None]:
     """Each metric's plain mean over the sites that reported it (None when nobody did)."""
     out: dict[str, float | None] = {}
@@ -141,8 +147,7 @@ class FedAvg(EvaluateEverySite):
         return self.aggregation.combine(current, states, [float(r.samples) for r in replies])
 
     def check_reply(self, current: Mapping[str, torch.Tensor], reply: Reply) -> None:
-        if reply.samples < 1:
-            raise ValueError(f"site {reply.site} trained on {reply.samples} samples")
+        check_samples(reply)
         if reply.state.keys() != current.keys():
             missing = sorted(current.keys() - reply.state.keys())
             extra = sorted(reply.state.keys() - current.keys())
@@ -190,3 +195,30 @@ class Cyclic(EvaluateEverySite):
         (reply,) = replies
         self.check_reply(current, reply)
         return {k: reply.state[k] for k in current}
+
+
+@dataclass(frozen=True)
+class Together(EvaluateEverySite):
+    """Vertical jobs: every party takes part in every round, once. A party's layers never
+    leave it, so there is nothing to combine: the trunk's update is the aggregator's own."""
+
+    def configure_train(self, round: int, turn: int, sites: Sequence[str]) -> list[str]:
+        return list(sites) if turn == 0 else []
+
+    def check_reply(self, current: Mapping[str, torch.Tensor], reply: Reply) -> None:
+        if reply.state:
+            raise ValueError(
+                f"site {reply.site} sent tensors {sorted(reply.state)[:3]}; a vertical party's "
+                "layers never leave it"
+            )
+        check_samples(reply)
+
+    def aggregate_train(
+        self,
+        current: Mapping[str, torch.Tensor],
+        replies: Sequence[Reply],
+        failures: Sequence[str] = (),
+    ) -> dict[str, torch.Tensor]:
+        for reply in replies:
+            self.check_reply(current, reply)
+        return dict(current)

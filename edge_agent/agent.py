@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from edge_agent.data.site_data import SiteData
+from edge_agent.data.vertical import PartyTable
 from edge_agent.learners import FederatedLearner, Learner, Progress, SplitLearner
 from edge_agent.lifecycle import Action, AgentPhase, Lifecycle, SayHello
 from edge_agent.local_model import LocalModel
@@ -49,9 +50,12 @@ from edge_agent.recovery import Recovery
 from edge_agent.sealing import SiteSealing
 from edge_agent.segments import EdgeSegments
 from edge_agent.site_store import SiteStore
+from edge_agent.vertical_party import VerticalParty
 from medsplit.channel import Endpoint, Received, next_retry
 from medsplit.config import DefenseSettings
 from medsplit.devices import use_deterministic_algorithms
+from medsplit.evaluation import Tally
+from medsplit.modes import Mode
 from medsplit.privacy.accounting import PrivacyLedger, finite_or_none
 from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind, TensorSpecs, topics
@@ -64,7 +68,7 @@ from medsplit.throttle import error_replies
 from medsplit.training import evaluate_logits
 from medsplit.wire import Envelope, Header, TensorSpec, WireError
 from medsplit.wire.frame import MetaValue
-from models import cut_shapes
+from models import SplitPlan, cut_shapes
 from models.factory import FactoryError
 
 log = logging.getLogger(__name__)
@@ -112,7 +116,7 @@ class Agent:
         site_id: str,
         job_id: str,
         endpoint: Endpoint,
-        data: SiteData,
+        data: SiteData | PartyTable,
         *,
         device: torch.device | None = None,
         reply_timeout_s: float = 300.0,
@@ -130,8 +134,11 @@ class Agent:
         ``allow_factories``: site.yaml's ``models.allow``, the code a job spec may name."""
         self.site_id, self.job_id = site_id, job_id
         self.endpoint = endpoint
-        self.loaded = data  # as the data source made it
-        self.data = data  # what training sees: after the federation's normalisation
+        # A vertical party's table: its rows to train on are known once the parties aligned.
+        self.party = None if isinstance(data, SiteData) else VerticalParty(site_id, data, state_dir)
+        site_data = data if isinstance(data, SiteData) else data.provisional()
+        self.loaded = site_data  # as the data source made it
+        self.data = site_data  # what training sees: after the federation's normalisation
         self.normalization: str | None = None  # the digest of the normalisation applied
         self.device = device or torch.device("cpu")
         self.reply_timeout_s = reply_timeout_s
@@ -207,7 +214,7 @@ class Agent:
     def _expected(self, header: Header) -> Mapping[str, TensorSpec] | None:
         if self.specs is None:
             return {}  # before setup nothing may carry tensors
-        return self.specs.expected(header.kind)
+        return self.specs.expected(header.kind, self.site_id)
 
     def _send(
         self,
@@ -429,6 +436,8 @@ class Agent:
             self._setup(env)
         elif env.kind == Kind.STATS_REQUEST:
             self._send_stats(env)
+        elif env.kind == Kind.ALIGN:
+            self._align(env)
         elif env.kind == Kind.NORMALIZATION:
             self._normalise(env)
         elif env.kind in (Kind.TRAIN, Kind.EVALUATE) and not self._normalised_for(env):
@@ -524,6 +533,8 @@ class Agent:
                 else "this site's labels are multi-label but the job is not "
                 "(training.multilabel in job.yaml)"
             )
+        if spec.mode == Mode.VERTICAL:
+            self._join_vertical(spec)
         if spec.deterministic:
             use_deterministic_algorithms()
         self.defenses = SiteDefenses(spec.defenses)
@@ -550,6 +561,7 @@ class Agent:
                 channel=self,
                 recovery=self.recovery,
                 progress=self.progress,
+                party=self.site_id if spec.mode == Mode.VERTICAL else None,
             )
         )
         self.recovery.load(self.learner.segments)
@@ -574,7 +586,9 @@ class Agent:
         learner, segments = self.learner, self.learner.segments
         self.recovery.before_round(segments, env.round)
         resumed = self.recovery.go_on_from(segments, env.round, int(env.meta.get("from_step") or 0))
-        if resumed is None:
+        if self.spec.mode == Mode.VERTICAL:
+            self._check_aligned(env)
+        elif resumed is None:
             segments.load(self._incoming(env, before=(env.round, self._turn(env))))
         if self.sealing is not None and self.spec.sealed:
             self.sealing.remember_start(segments.state())  # a parallel seal carries it
@@ -611,6 +625,50 @@ class Agent:
         self._publish(env.reply(self.site_id, Kind.DONE, tensors=self._outgoing(env), meta=meta))
         self.recovery.after_round(segments, env.round)
         self._save()
+
+    # -- vertical jobs ---------------------------------------------------------------------------
+
+    def _join_vertical(self, spec: JobSpec) -> None:
+        """A vertical job needs a party's table; rows aligned before (a restart) are kept."""
+        if self.party is None:
+            raise ValueError(
+                f"job {spec.job_id} is vertical, but {self.site_id}'s data is not a vertical "
+                "party's (data.source: builtin-vertical; docs/vertical.md)"
+            )
+        aligned = self.party.join(spec)
+        if aligned is not None:
+            self.loaded = self.data = aligned
+
+    def _align(self, env: Envelope) -> None:
+        """A stage of the parties' private set intersection, relayed by the aggregator."""
+        if self.spec is None or self.party is None or self.spec.mode != Mode.VERTICAL:
+            raise ValueError(f"{self.site_id} is not set up as a party of a vertical job")
+        tensors, size = self.party.answer(self.spec, env)
+        if self.party.data is not None:
+            self.loaded = self.data = self.party.data
+        meta: dict[str, MetaValue] = {} if size is None else {"size": size}
+        self._publish(env.reply(self.site_id, Kind.ALIGNED, tensors=tensors, meta=meta))
+
+    def _check_aligned(self, env: Envelope) -> None:
+        if self.party is None or self.party.data is None:
+            raise ValueError(
+                f"{env.kind} of round {env.round}: {self.site_id} has not aligned with the "
+                "other parties (the job aligns again when the aggregator restarts)"
+            )
+
+    def _report_no_metrics(self, env: Envelope) -> None:
+        stats = self.endpoint.stats
+        meta: dict[str, MetaValue] = {
+            "samples": 0,
+            "bytes_up": stats.sent_bytes,
+            "bytes_down": stats.received_bytes,
+        }
+        tensors = _no_tally(int(cut_shapes(self._plan(), 1)["logits"][-1]))
+        self._publish(env.reply(self.site_id, Kind.METRICS, tensors=tensors, meta=meta))
+
+    def _plan(self) -> SplitPlan:
+        assert self.spec is not None
+        return self.spec.plan
 
     # -- the split learner's StepChannel ---------------------------------------------------------
 
@@ -686,6 +744,8 @@ class Agent:
         job's sites the aggregator names (a revoked one is left out)."""
         assert self.spec is not None
         assert self.learner is not None
+        if self.spec.mode == Mode.VERTICAL:
+            return {}  # a party's head is its own: it never leaves
         state = self.learner.segments.state()
         if not self.spec.sealed:
             return state
@@ -725,12 +785,18 @@ class Agent:
 
     def _evaluate(self, env: Envelope) -> None:
         assert self.learner is not None
-        self.learner.segments.load(self._incoming(env, before=(env.round + 1, 0)))
+        assert self.spec is not None
+        if self.spec.mode == Mode.VERTICAL:
+            self._check_aligned(env)
+        else:
+            self.learner.segments.load(self._incoming(env, before=(env.round + 1, 0)))
         self.learner.segments.train(False)
         logits = self.learner.logits(env.round, self.data.x_test.to(self.device))
         self._save()
-        threshold = self.spec.threshold if self.spec is not None else 0.5
-        metrics = evaluate_logits(logits.cpu(), self.data.y_test, threshold)
+        if isinstance(self.learner, SplitLearner) and not self.learner.holds_labels:
+            self._report_no_metrics(env)  # a vertical party without labels scores nothing
+            return
+        metrics = evaluate_logits(logits.cpu(), self.data.y_test, self.spec.threshold)
         stats = self.endpoint.stats
         meta = {
             **metrics.as_meta(),
@@ -756,6 +822,11 @@ class Agent:
             stats.sent_bytes / 1e6,
             stats.received_bytes / 1e6,
         )
+
+
+def _no_tally(classes: int) -> dict[str, torch.Tensor]:
+    """The counts of no held-out record, for a party that scores none."""
+    return Tally.of(torch.zeros(0, classes), torch.zeros(0, dtype=torch.int64)).tensors()
 
 
 def _shown(value: float | None) -> str:

@@ -30,6 +30,7 @@ from edge_agent.data.settings import (
     DicomData,
     DicomWebData,
     PictureData,
+    VerticalBuiltinData,
     VolumeData,
 )
 from medsplit.config import BrokerConfig, DeviceChoice, FileSettings, WaitSettings
@@ -52,7 +53,8 @@ SiteDataConfig = Annotated[
     | Annotated[DicomWebData, Tag("dicomweb")]
     | Annotated[PictureData, Tag("images")]
     | Annotated[VolumeData, Tag("volumes")]
-    | Annotated[CsvData, Tag("csv")],
+    | Annotated[CsvData, Tag("csv")]
+    | Annotated[VerticalBuiltinData, Tag("builtin-vertical")],
     Discriminator(_data_source),
 ]
 

@@ -14,6 +14,7 @@ goes back (``state``) and compute held-out logits (``logits``).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from edge_agent.local_model import LocalModel
 from edge_agent.recovery import Recovery, Snapshot
 from edge_agent.segments import EdgeSegments
 from medsplit.devices import to_device
+from medsplit.modes import Mode
 from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import JobSpec, Kind
 from medsplit.training import (
@@ -39,6 +41,7 @@ from medsplit.training import (
 from medsplit.wire import Envelope
 from medsplit.wire.frame import MetaValue
 from models import cut_shapes
+from models.vertical import vertical_args
 
 
 class StepChannel(Protocol):
@@ -123,13 +126,21 @@ class SplitLearner:
         channel: StepChannel,
         recovery: Recovery,
         progress: Progress,
+        party: str | None = None,
     ) -> None:
+        """``party``: this site, in a vertical job (its own head; labels only at the label
+        party)."""
         self.spec, self.device = spec, device
         self.defenses = defenses
         self.channel = channel
         self.recovery = recovery
         self.progress = progress  # counted as it goes: /metrics shows a round in progress
-        self.segments = EdgeSegments(spec, device)
+        self.segments = EdgeSegments(spec, device, party)
+        # A vertical party other than the label party holds no labels: it sends activations
+        # and gets their gradient, nothing else.
+        self.holds_labels = spec.mode != Mode.VERTICAL or (
+            party == vertical_args(spec.plan.model.args).label_party
+        )
         self.initial = self.segments.state()  # the job's first turn starts from these
         self._sent_labels: torch.Tensor | None = None
         self.class_weights: torch.Tensor | None = None  # the job's, once normalised
@@ -193,7 +204,9 @@ class SplitLearner:
         steps once. ``sent_labels``: what vanilla split sends for ``yb`` (default: ``yb``)."""
         self.segments.optimizer.zero_grad()
         parts = micro_batches(len(yb), self.spec.micro_batches)
-        if self.segments.tail is None:  # vanilla split: labels travel, the trunk has the loss
+        if not self.holds_labels:
+            loss = self._features_step(round, step, xb)
+        elif self.segments.tail is None:  # vanilla split: labels travel, the trunk has the loss
             labels = yb if sent_labels is None else sent_labels.to(self.device)
             loss = self._vanilla_step(round, step, xb, labels, parts)
         else:
@@ -220,6 +233,17 @@ class SplitLearner:
             grads.append(self._scaled(reply.tensors["g"]))
             self._backward_head(xb, parts, heads, grads)
         return loss
+
+    def _features_step(self, round: int, step: int, xb: torch.Tensor) -> float:
+        """A vertical party without labels: its activations up, their gradient down, once
+        every party's are in. It knows no loss (NaN: reported as none)."""
+        h = self._head(xb)
+        request = self._ask(
+            Kind.ACTIVATIONS, {"h": self.defenses.activations(h)}, Kind.GRADIENTS, round, step, {}
+        )
+        grads = [self._scaled(self._answer(request).tensors["g"])]
+        self._backward_head(xb, [slice(0, len(xb))], [h], grads)
+        return math.nan
 
     def _u_step(
         self, round: int, step: int, xb: torch.Tensor, yb: torch.Tensor, parts: list[slice]

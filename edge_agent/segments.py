@@ -10,19 +10,29 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from medsplit.modes import Mode
 from medsplit.precision import MixedPrecision
 from medsplit.protocol import JobSpec
 from medsplit.training import make_optimizer
 from models import split_model
+from models.vertical import party_head, vertical_args
 
 
 class EdgeSegments:
-    def __init__(self, spec: JobSpec, device: torch.device) -> None:
-        # The weights are overwritten by the aggregator's anyway.
+    def __init__(self, spec: JobSpec, device: torch.device, party: str | None = None) -> None:
+        """``party``: in a vertical job, the site whose own head (and, at the label party,
+        the tail) this holds -- built from the job seed, as the joined model is, and never
+        replaced by weights from elsewhere."""
+        # Horizontal jobs: the weights are overwritten by the aggregator's anyway.
         parts = split_model(spec.plan.model.build(seed=spec.seed), spec.plan)
         self.device = device
-        self.head: nn.Module = parts.head.to(device)
-        self.tail: nn.Module | None = parts.tail.to(device) if parts.tail is not None else None
+        head, tail = parts.head, parts.tail
+        if spec.mode == Mode.VERTICAL:
+            assert party is not None
+            head = party_head(head, party)
+            tail = tail if party == vertical_args(spec.plan.model.args).label_party else None
+        self.head: nn.Module = head.to(device)
+        self.tail: nn.Module | None = tail.to(device) if tail is not None else None
         params = list(self.head.parameters()) + (list(self.tail.parameters()) if self.tail else [])
         self.optimizer = make_optimizer(params, spec.optimizer)
         self.amp = MixedPrecision(spec.precision, device)  # autocast, fp16 loss scaling

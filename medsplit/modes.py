@@ -27,6 +27,7 @@ class Mode(TextEnum):
     SPLIT_U = "split-u"
     FEDAVG = "fedavg"
     FLOP = "flop"
+    VERTICAL = "vertical"
 
 
 class Orchestration(TextEnum):
@@ -41,7 +42,7 @@ class Orchestration(TextEnum):
 WireDtype = Literal["float32", "float16", "bfloat16", "int8", "float8_e4m3fn"]
 WIRE_DTYPES: tuple[str, ...] = get_args(WireDtype)
 
-Exchanged = Literal["edge", "all", "shared"]
+Exchanged = Literal["edge", "all", "shared", "none"]
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,15 @@ class ModeTraits:
 
     ``weights``: which state-dict entries travel in ``train``/``done`` -- the site's own
     segments (``edge``: head and tail), the whole model (``all``), or only the plan's shared
-    tensors (``shared``; private layers never leave a site).
+    tensors (``shared``; private layers never leave a site), or nothing (``none``: each party of
+    a vertical job keeps its own head, which no other party could use).
+    ``labels_travel`` None: as the plan says -- labels travel when it has no tail
+    (``labels_travel``).
     """
 
     weights: Exchanged
     cut_layer: bool  # activations and gradients travel per batch
-    labels_travel: bool
+    labels_travel: bool | None
     u_shaped: bool | None  # the plan must (True) or must not (False) have a tail; None: either
     default_orchestration: Orchestration
 
@@ -69,6 +73,8 @@ MODES: dict[Mode, ModeTraits] = {
     Mode.SPLIT_U: ModeTraits("edge", True, False, True, Orchestration.SEQUENTIAL),
     Mode.FEDAVG: ModeTraits("all", False, False, None, Orchestration.PARALLEL),
     Mode.FLOP: ModeTraits("shared", False, False, None, Orchestration.PARALLEL),
+    # Parties hold different columns of the same patients and step together (models.vertical).
+    Mode.VERTICAL: ModeTraits("none", True, None, None, Orchestration.PARALLEL),
 }
 
 
@@ -79,6 +85,14 @@ def traits(mode: Mode | str) -> ModeTraits:
     except ValueError:
         allowed = ", ".join(m.value for m in Mode)
         raise ValueError(f"unknown mode {mode!r}; allowed: {allowed}") from None
+
+
+def labels_travel(mode: Mode | str, u_shaped: bool) -> bool:
+    """Whether labels leave the site that holds them, for a plan with (``u_shaped``) or
+    without a tail: a vertical job's label party sends them only when the top is the
+    aggregator's."""
+    travel = traits(mode).labels_travel
+    return not u_shaped if travel is None else travel
 
 
 SPLIT_MODES = tuple(m for m, t in MODES.items() if t.cut_layer)

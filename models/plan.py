@@ -123,10 +123,7 @@ class ModelSpec(BaseModel):
         try:
             parsed = _registry().get(name).parse_args(args)
         except ValidationError as exc:
-            details = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
-                for e in exc.errors(include_url=False)
-            )
+            details = "; ".join(_described(e) for e in exc.errors(include_url=False))
             raise ValueError(f"invalid arguments for {name!r}: {details}") from None
         dumped: dict[str, Any] = parsed.model_dump()
         return dumped
@@ -261,6 +258,14 @@ class ModelSpec(BaseModel):
 
 
 _BUILD_LOCK = threading.RLock()
+
+
+def _described(error: Any) -> str:
+    """One pydantic error as a line: its field and message (a check of the whole arguments
+    names its own fields)."""
+    place = ".".join(str(p) for p in error["loc"])
+    message = str(error["msg"]).removeprefix("Value error, ")
+    return f"{place}: {message}" if place else message
 
 
 def _cut_position(value: str | int, spec: ModelSpec) -> int:

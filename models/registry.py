@@ -24,6 +24,7 @@ from models.architectures import (
     build_mlp,
     build_resnet18,
 )
+from models.vertical import VerticalArgs, build_vertical
 
 ArgsT = TypeVar("ArgsT", bound=BaseModel)
 
@@ -106,6 +107,14 @@ def layer_names(name: str, args: Mapping[str, Any] | None = None) -> list[str]:
 register(Architecture("mlp", "MLP for EHR feature vectors", MlpArgs, build_mlp))
 register(Architecture("cnn", "small conv net for 1-channel images", CnnArgs, build_cnn))
 register(Architecture("resnet18", "ResNet-18 for 1-channel images", ResNet18Args, build_resnet18))
+register(
+    Architecture(
+        "vertical",
+        "parties' heads over their own columns, merged, then a top network (models.vertical)",
+        VerticalArgs,
+        build_vertical,
+    )
+)
 # The catalogue (models.catalogue): traced networks, cut after module names.
 _CATALOGUE: list[tuple[str, str, type[BaseModel], Callable[[Any], nn.Module], tuple[str, str]]] = [
     ("torchvision.densenet121", "torchvision DenseNet-121 (2-D images)", catalogue.ImageArgs,

@@ -26,6 +26,17 @@ else
     log "python packages up to date"
 fi
 
+# Vertical jobs' private set intersection (edge_agent/alignment.py): openmined-psi pins
+# protobuf==6.30.2 exactly, where onnx needs >=6.31.1; it runs on the newer protobuf, so it is
+# installed without its pins (pyproject cannot say "no deps"; docs/vertical.md says why).
+psi_version=$(sed -n 's/^openmined-psi==//p' "$here/constraints.txt")
+psi_installed=$("$venv/bin/python" -m pip show openmined-psi 2>/dev/null | sed -n 's/^Version: //p')
+if [ "$psi_installed" != "$psi_version" ]; then
+    log "installing openmined-psi $psi_version without its protobuf pin"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \
+        "openmined-psi==$psi_version"
+fi
+
 # KServe's client and ModelServer (tests/integration/test_serving_kserve.py, bench/inference.py)
 # in a venv of their own: kserve pins psutil<6 where amqtt needs psutil>=7, and its protobufs
 # share a package name with tritonclient's, so the two never load in one process.

@@ -390,3 +390,27 @@ class BuiltinData(BaseModel):
         if self.index >= self.num_sites:
             raise ValueError(f"index: {self.index} is out of range for num_sites={self.num_sites}")
         return self
+
+
+class VerticalBuiltinData(BaseModel):
+    """A party of a vertical job over a built-in table: a block of its columns for a seeded
+    share of its patients (docs/vertical.md). Parties of one job name the same dataset,
+    ``parties`` and ``seed``, each its own ``index``; the label party says ``labels: true``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["builtin-vertical"] = "builtin-vertical"
+    dataset: Literal["breast-cancer"] = Field("breast-cancer", description="a built-in table")
+    parties: int = Field(2, ge=2, le=10, description="how many parties divide its columns")
+    index: int = Field(0, ge=0, description="which block of columns, 0-based")
+    labels: bool = Field(False, description="this party holds the labels")
+    coverage: float = Field(
+        0.9, gt=0, le=1, description="the share of the patients this party holds"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _index_in_range(self) -> VerticalBuiltinData:
+        if self.index >= self.parties:
+            raise ValueError(f"index: {self.index} is out of range for parties={self.parties}")
+        return self

@@ -34,7 +34,7 @@ from experiments.config import BASELINES, Cell, ExperimentConfig, PrivacySetting
 from experiments.inprocess import JobResult, run_job
 from experiments.privacy import attacks
 from experiments.runner import CELL_FAILURES, connector_for, run_grid
-from medsplit.modes import MODES, Mode
+from medsplit.modes import MODES, Mode, labels_travel
 from medsplit.privacy import measures
 from medsplit.protocol import Kind
 from medsplit.protocol.spec import SEAL, exchanged_keys
@@ -230,7 +230,7 @@ def _attack_split(result: Measured, target: _Target) -> None:
         result.baseline_ssim = measures.ssim(guess, x, span)
     result.sealed = bool(target.outcome.coordinator.sealed)
     _black_box_inversion(result, target, x, h, guess)
-    if MODES[job.mode].labels_travel:
+    if labels_travel(job.mode, job.plan.u_shaped):
         result.label_leak = {"labels sent": 1.0}
         return
     tail = _segment(job, weights, "tail") if job.plan.u_shaped else None

@@ -1,10 +1,11 @@
 """Message kinds: the last level of every topic and the ``kind`` of every envelope header.
 
 Uplink (site -> aggregator): ``hello``, ``stats``, ``activations``, ``trunk-grad``, ``done``,
-``eval-activations``, ``metrics``, ``finished`` (the site has its final model), ``error``.
+``eval-activations``, ``metrics``, ``finished`` (the site has its final model), ``error``,
+``aligned`` (vertical jobs).
 Downlink (aggregator -> site): ``setup``, ``stats-request``, ``normalization``, ``train``,
 ``gradients``, ``trunk-out``, ``act-grad``, ``evaluate``, ``eval-out``, ``finish``, ``refused``,
-``error``.
+``error``, ``align`` (vertical jobs).
 Presence is not a kind: it travels on its own retained topic, as JSON (``presence``).
 """
 
@@ -34,3 +35,5 @@ class Kind(TextEnum):
     METRICS = "metrics"
     EVAL_ACTIVATIONS = "eval-activations"
     EVAL_OUT = "eval-out"
+    ALIGN = "align"  # vertical jobs: a stage of the private set intersection, relayed
+    ALIGNED = "aligned"  # a party's answer to it

@@ -16,7 +16,7 @@ mode (activations in a federated job are refused as ``UnexpectedKind``, not coun
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from medsplit.config import MAX_MICRO_BATCHES
-from medsplit.modes import Mode, traits
+from medsplit.modes import Mode, labels_travel, traits
 from medsplit.protocol.kinds import Kind
 from medsplit.wire import Envelope, Header
 from medsplit.wire.errors import BadMeta, UnexpectedKind
@@ -93,6 +93,13 @@ class MetricsMeta(Meta):
     epsilon: Annotated[float, Field(ge=0, le=1e9)] | None = None  # the site's, so far
 
 
+class AlignedMeta(Meta):
+    """A vertical party's answer to a stage of the alignment: a set size, where the stage
+    has one (the label party's keys still asked about; the common patients)."""
+
+    size: Count | None = None
+
+
 class ErrorMeta(Meta):
     error: Token
     detail: Text = ""
@@ -153,6 +160,17 @@ class EvaluateMeta(Meta):
     normalization: Token | None = None
 
 
+AlignStage = Literal["ask", "serve", "narrow", "common", "adopt"]
+
+
+class AlignMeta(Meta):
+    """A stage of a vertical job's private set intersection (``aggregator.alignment``)."""
+
+    stage: AlignStage
+    partner: Token | None = None  # ask / narrow: the other party of this intersection
+    asking: Count | None = None  # serve: how many keys the label party asks about
+
+
 class GradientsMeta(Meta):
     loss: Loss | None = None
 
@@ -167,6 +185,7 @@ SCHEMAS: dict[str, type[Meta]] = {
     Kind.ACTIVATIONS: StepMeta,
     Kind.TRUNK_GRAD: StepMeta,
     Kind.EVAL_ACTIVATIONS: NoMeta,
+    Kind.ALIGNED: AlignedMeta,
     Kind.SETUP: SetupMeta,
     Kind.REFUSED: RefusedMeta,
     Kind.STATS_REQUEST: NoMeta,
@@ -178,6 +197,7 @@ SCHEMAS: dict[str, type[Meta]] = {
     Kind.TRUNK_OUT: NoMeta,
     Kind.ACT_GRAD: NoMeta,
     Kind.EVAL_OUT: NoMeta,
+    Kind.ALIGN: AlignMeta,
 }
 UPLINK: frozenset[str] = frozenset(
     {Kind.HELLO, Kind.STATS, Kind.DONE, Kind.METRICS, Kind.FINISHED, Kind.ERROR}
@@ -185,6 +205,7 @@ UPLINK: frozenset[str] = frozenset(
 CUT_LAYER_UPLINK: frozenset[str] = frozenset(
     {Kind.ACTIVATIONS, Kind.TRUNK_GRAD, Kind.EVAL_ACTIVATIONS}
 )
+VERTICAL_UPLINK: frozenset[str] = frozenset({Kind.ALIGNED})
 
 M = TypeVar("M", bound=Meta)
 
@@ -226,12 +247,14 @@ class MessageRules:
         self.accepted = None if accepted is None else frozenset(accepted)
 
     @classmethod
-    def aggregator(cls, mode: Mode | str) -> MessageRules:
+    def aggregator(cls, mode: Mode | str, u_shaped: bool) -> MessageRules:
         kinds = set(UPLINK)
         if traits(mode).cut_layer:
             kinds |= CUT_LAYER_UPLINK
-            if traits(mode).labels_travel:  # vanilla split: the aggregator computes the loss
+            if labels_travel(mode, u_shaped):  # the aggregator computes the loss
                 kinds.discard(Kind.TRUNK_GRAD)
+        if Mode(mode) == Mode.VERTICAL:
+            kinds |= VERTICAL_UPLINK
         return cls(kinds)
 
     def __call__(self, header: Header) -> None:

@@ -36,7 +36,7 @@ from medsplit.config import (
     Precision,
 )
 from medsplit.evaluation import CALIBRATION_BINS, SCORE_BINS
-from medsplit.modes import MODES, Mode, Orchestration, traits
+from medsplit.modes import MODES, Mode, Orchestration, labels_travel, traits
 from medsplit.protocol.kinds import Kind
 from medsplit.wire import TensorSpec, WireDtype
 from models import SplitPlan, cut_shapes
@@ -73,6 +73,9 @@ class JobSpec(BaseModel):
     # balanced: the normalization message also carries the job's class weights.
     class_weights: Literal["none", "balanced"] = "none"
     multilabel: bool = False  # multi-hot targets, one sigmoid per label
+    # Vertical jobs: each party standardises its own columns over the common training rows.
+    standardise_columns: bool = False
+    holdout: Annotated[float, Field(gt=0, lt=1)] = 0.2  # vertical: the common rows held out
 
     def to_meta(self) -> str:
         """The spec as JSON. Settings at their "off" value are left out, so an agent from
@@ -120,7 +123,7 @@ class JobSpec(BaseModel):
 
     @property
     def labels_on_site(self) -> bool:
-        return not MODES[self.mode].labels_travel
+        return not labels_travel(self.mode, self.plan.u_shaped)
 
     @property
     def federated(self) -> bool:
@@ -148,9 +151,12 @@ def exchanged_keys(plan: SplitPlan, mode: Mode | str) -> list[str]:
     """The state-dict keys that travel in ``train``/``evaluate``/``done`` for ``mode``.
 
     Split modes hand the site's own segments around; ``fedavg`` averages the whole model;
-    ``flop`` averages only the plan's shared tensors, so private ones never leave a site.
+    ``flop`` averages only the plan's shared tensors, so private ones never leave a site;
+    a ``vertical`` party's head (and the label party's tail) never leave it at all.
     """
     weights = traits(mode).weights
+    if weights == "none":
+        return []
     if weights == "edge":
         return edge_keys(plan)
     if weights == "all":
@@ -176,6 +182,8 @@ def _state_specs(plan: SplitPlan, keys: list[str]) -> dict[str, TensorSpec]:
     return {k: TensorSpec(state[k].dtype, tuple(state[k].shape)) for k in keys}
 
 
+PSI_TENSORS = ("request", "setup", "response", "common")  # edge_agent.alignment's messages
+PSI_BYTES = TensorSpec(torch.uint8, (None,))
 SEALS = "seals"  # train/evaluate/finish of a sealed job: the bundle of the last turn's seals
 SEAL = "seal"  # done of a sealed job: the site's own seal
 SEALED_BYTES = TensorSpec(torch.uint8, (None,))
@@ -224,6 +232,8 @@ class TensorSpecs:
             "sum_sq": TensorSpec(torch.float64, channels),
             "classes": TensorSpec(torch.float64, (None,)),  # training records per class
         }
+        # Vertical jobs' alignment: opaque PSI bytes, each tensor empty where a stage has none.
+        self.by_kind[K.ALIGN] = self.by_kind[K.ALIGNED] = dict.fromkeys(PSI_TENSORS, PSI_BYTES)
         # Held-out results as counts (medsplit.evaluation.Tally); any number of classes.
         self.by_kind[K.METRICS] = {
             "confusion": TensorSpec(torch.int64, (None, 2, 2)),
@@ -236,12 +246,42 @@ class TensorSpecs:
         }
         if class_weights:
             self.by_kind[K.NORMALIZATION]["class_weights"] = TensorSpec(torch.float32, (None,))
+        travel = labels_travel(mode, plan.u_shaped)
         if traits(mode).cut_layer:
-            self.by_kind.update(_cut_layer_specs(plan, traits(mode).labels_travel, multilabel))
+            self.by_kind.update(_cut_layer_specs(plan, travel, multilabel))
+        # A vertical job's parties send activations of their own widths (models.vertical).
+        self.by_party: dict[str, dict[str, dict[str, TensorSpec]]] = (
+            _party_specs(plan, travel, self.by_kind) if Mode(mode) == Mode.VERTICAL else {}
+        )
 
-    def expected(self, kind: str) -> dict[str, TensorSpec] | None:
-        """Specs for ``kind``; any other kind carries no tensors, so any tensor is refused."""
-        return self.by_kind.get(kind, {})
+    def expected(self, kind: str, party: str | None = None) -> dict[str, TensorSpec] | None:
+        """Specs for ``kind`` (in a vertical job, as ``party`` sends or gets it); any other
+        kind carries no tensors, so any tensor is refused."""
+        own = self.by_party.get(party or "", {}).get(kind)
+        return own if own is not None else self.by_kind.get(kind, {})
+
+
+def _party_specs(
+    plan: SplitPlan, labels_travel: bool, by_kind: dict[str, dict[str, TensorSpec]]
+) -> dict[str, dict[str, dict[str, TensorSpec]]]:
+    """Each vertical party's own cut-layer tensors: its activations and their gradients have
+    its head's width; only the label party sends labels (when the top is the aggregator's)."""
+    from models.vertical import head_outputs, vertical_args  # noqa: PLC0415
+
+    args = vertical_args(plan.model.args)
+    specs: dict[str, dict[str, dict[str, TensorSpec]]] = {}
+    for party, shape in head_outputs(args).items():
+        own = TensorSpec(torch.float32, (None, *shape))
+        activations = {"h": own}
+        if labels_travel and party == args.label_party:
+            activations["y"] = by_kind[K.ACTIVATIONS]["y"]
+        specs[party] = {
+            K.ACTIVATIONS: activations,
+            K.GRADIENTS: {"g": own},
+            K.ACT_GRAD: {"g": own},
+            K.EVAL_ACTIVATIONS: {"h": own},
+        }
+    return specs
 
 
 def _cut_layer_specs(

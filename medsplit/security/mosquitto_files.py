@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING
 
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.protocol import topics
-from medsplit.protocol.meta import CUT_LAYER_UPLINK, UPLINK
+from medsplit.protocol.meta import CUT_LAYER_UPLINK, UPLINK, VERTICAL_UPLINK
 from medsplit.security import bridge_files
 
-UPLINK_KINDS = UPLINK | CUT_LAYER_UPLINK
+UPLINK_KINDS = UPLINK | CUT_LAYER_UPLINK | VERTICAL_UPLINK
 
 if TYPE_CHECKING:
     from medsplit.security.federation import BrokerSettings, Federation, Study

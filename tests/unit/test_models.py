@@ -21,6 +21,7 @@ def test_registry_lists_the_built_in_and_catalogue_architectures() -> None:
             "torchvision.efficientnet_b0",
             "monai.DenseNet121",
             "monai.resnet18",
+            "vertical",
         ]
     )
 

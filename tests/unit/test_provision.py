@@ -89,7 +89,7 @@ def test_the_acl_grants_each_identity_only_its_own_topics(kit: Provisioner) -> N
         if block.startswith("user ")
     }
     assert set(blocks) == {"aggregator", "a", "b"}
-    uplink = ["activations", "done", "error", "eval-activations", "finished", "hello"]
+    uplink = ["activations", "aligned", "done", "error", "eval-activations", "finished", "hello"]
     uplink += ["metrics", "stats", "trunk-grad"]
     assert blocks["a"] == [
         *(f"topic write medsplit/v1/job-s/a/up/{kind}" for kind in uplink),

@@ -1,0 +1,117 @@
+"""A vertical party's records: its own columns of patients it shares with other parties.
+
+A party of a vertical job holds a table keyed by a patient identifier: its columns only (a
+table's, or an image per patient), and the labels if it is the label party. Nothing is split
+into training and held-out rows until the parties have aligned (``edge_agent.alignment``):
+then every party keeps its rows of the common patients, in the one order they agree on, holds
+out the same patients (drawn from the job seed), and standardises its own columns over its
+training rows -- statistics no other party needs, so none leaves the site.
+
+``builtin-vertical`` divides a built-in dataset's columns between parties, each party holding
+a seeded share of the patients, so that alignment has patients to leave out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edge_agent.alignment import job_salt, salted_keys
+from edge_agent.data.site_data import DataError, SiteData
+from medsplit.statistics import FeatureSums
+
+DEMO_KEY_SECRET = b"medsplit built-in vertical data"  # built-in data only: not a secret
+
+
+@dataclass(frozen=True)
+class PartyTable:
+    """Rows of one party, one per patient: the key, its columns, and (label party) labels."""
+
+    keys: tuple[str, ...]
+    x: torch.Tensor  # (N, *the party's input shape)
+    y: torch.Tensor | None  # the label party's; None elsewhere
+    key_column: str
+    source: str  # the file or dataset, for messages
+    key_secret: bytes  # shared by the parties, never by the aggregator (alignment.job_salt)
+    columns: tuple[str, ...] = ()
+
+    def salted(self, job_id: str) -> list[str]:
+        """Each row's key, salted for ``job_id`` and hashed; missing or repeated keys refused."""
+        return salted_keys(
+            list(self.keys),
+            job_salt(self.key_secret, job_id),
+            column=self.key_column,
+            source=self.source,
+        )
+
+    def provisional(self) -> SiteData:
+        """What the party declares before alignment: every row, none held out yet."""
+        y = self.y if self.y is not None else torch.zeros(len(self.keys), dtype=torch.int64)
+        return SiteData(self.x, y, self.x[:0], y[:0])
+
+    def aligned(self, rows: list[int], seed: int, holdout: float, standardise: bool) -> SiteData:
+        """The party's rows of the common patients, in the common order: the same patients
+        held out at every party (from the job seed), and its own columns standardised over its
+        training rows when the job asks for it."""
+        test = held_out(len(rows), seed, holdout)
+        index = torch.tensor(rows, dtype=torch.int64)
+        train_rows, test_rows = index[~test], index[test]
+        y = self.y if self.y is not None else torch.zeros(len(self.keys), dtype=torch.int64)
+        data = SiteData(self.x[train_rows], y[train_rows], self.x[test_rows], y[test_rows])
+        if not standardise:
+            return data
+        mean, std = FeatureSums.combine([FeatureSums.of_inputs(data.x_train)])
+        return dataclasses.replace(
+            data,
+            x_train=_standardised(data.x_train, mean, std),
+            x_test=_standardised(data.x_test, mean, std),
+        )
+
+
+def held_out(count: int, seed: int, fraction: float) -> torch.Tensor:
+    """Which of ``count`` common patients are held out: the same at every party."""
+    if count < 2:
+        raise DataError(f"{count} patient(s) in common: too few to train and evaluate on")
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + 7)
+    chosen = torch.randperm(count, generator=generator)[: max(1, round(count * fraction))]
+    mask = torch.zeros(count, dtype=torch.bool)
+    mask[chosen] = True
+    return mask
+
+
+def _standardised(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per column (tables) or per channel (images)."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - mean.reshape(shape)) / std.reshape(shape)
+
+
+def builtin_party(
+    dataset: str, parties: int, index: int, *, labels: bool, coverage: float, seed: int
+) -> PartyTable:
+    """Party ``index`` of ``parties`` over a built-in table: a contiguous block of its columns,
+    for a seeded ``coverage`` share of its patients (keys ``<dataset>-0001``...)."""
+    from edge_agent.data.datasets import load  # noqa: PLC0415 -- scikit-learn
+
+    table = load(dataset)
+    if len(table.input_shape) != 1:
+        raise DataError(f"{dataset}: builtin-vertical divides tables by column; it has images")
+    blocks = np.array_split(np.arange(table.input_shape[0]), parties)
+    columns = blocks[index]
+    rng = np.random.default_rng(seed * 7_919 + index)
+    count = len(table.y)
+    held = np.sort(rng.choice(count, size=max(2, round(coverage * count)), replace=False))
+    keys = tuple(f"{dataset}-{row + 1:04d}" for row in held)
+    rows = torch.from_numpy(held)
+    names = tuple(table.feature_names[c] for c in columns) if table.feature_names else ()
+    return PartyTable(
+        keys=keys,
+        x=table.x[rows][:, torch.from_numpy(columns)].contiguous(),
+        y=table.y[rows] if labels else None,
+        key_column="patient_id",
+        source=f"built-in {dataset}",
+        key_secret=DEMO_KEY_SECRET,
+        columns=names,
+    )

@@ -1,0 +1,170 @@
+"""Vertical split learning over the in-memory transport: alignment, exactness, refusals."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+
+from aggregator.config import JobConfig
+from aggregator.coordinator import JobFailed
+from edge_agent.data.vertical import PartyTable
+from experiments.inprocess import JobResult, run_job
+from experiments.vertical import (
+    builtin_tables,
+    centralized,
+    column_widths,
+    joined,
+    party_names,
+    table_plan,
+)
+from medsplit.protocol import Kind, topics
+from medsplit.transport import MemoryBroker
+from medsplit.wire import Decoder
+from medsplit.wiring import memory_connector
+from tests.support.configs import job_config
+
+
+def vertical_config(parties: list[str], **overrides: Any) -> JobConfig:
+    plan = table_plan(
+        parties,
+        column_widths(30, len(parties)),
+        merge=overrides.pop("merge", "concat"),
+        u_shaped=overrides.pop("u_shaped", True),
+    )
+    base: dict[str, Any] = {
+        "job_id": "job-v",
+        "plan": plan,
+        "mode": "vertical",
+        "rounds": 2,
+        "batch_size": 16,
+        "optimizer": {"name": "adam", "lr": 0.01},
+        "seed": 3,
+        "sites": parties,
+        "round_deadline_s": 60,
+        "join_deadline_s": 60,
+        "defenses": {"gradient_noise": 0},  # exactness: no noise on the label party's gradient
+        "dataset": "breast-cancer",
+    }
+    return job_config(base | overrides)
+
+
+def run_vertical(
+    config: JobConfig, tables: dict[str, PartyTable], broker: MemoryBroker | None = None
+) -> JobResult:
+    return run_job(config, tables, memory_connector(broker or MemoryBroker()), timeout=120)
+
+
+def ends_like_centralized(config: JobConfig, result: JobResult, parties: list[str]) -> None:
+    data = {party: agent.data for party, agent in result.agents.items()}
+    expected = centralized(config, joined(data, parties))
+    got = dict(result.coordinator.final_state())
+    for agent in result.agents.values():
+        assert agent.segments is not None
+        got |= agent.segments.state()
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("count", "merge", "u_shaped"),
+    [(2, "concat", True), (2, "mean", False), (3, "concat", False), (3, "sum", True)],
+)
+def test_vertical_training_equals_centralized_training_on_the_joined_table(
+    count: int, merge: str, u_shaped: bool
+) -> None:
+    parties = party_names(count)
+    config = vertical_config(parties, merge=merge, u_shaped=u_shaped)
+    result = run_vertical(config, builtin_tables(parties, coverage=0.85, seed=1))
+
+    assert [r.round for r in result.history] == [0, 1]
+    assert result.history[-1].metrics["hospital"]["accuracy"] > 0.85
+    label_party = result.agents["hospital"].party
+    assert label_party is not None and label_party.rows is not None
+    assert result.coordinator.state.align_size == len(label_party.rows)
+    ends_like_centralized(config, result, parties)
+
+
+def test_every_party_trains_and_holds_out_the_same_patients() -> None:
+    parties = party_names(3)
+    tables = builtin_tables(parties, coverage=0.8, seed=2)
+    result = run_vertical(vertical_config(parties, rounds=1), tables)
+
+    keys = {}
+    for party, agent in result.agents.items():
+        assert agent.party is not None and agent.party.rows is not None
+        keys[party] = [tables[party].keys[row] for row in agent.party.rows]
+    common = set.intersection(*(set(t.keys) for t in tables.values()))
+    assert sorted(keys["hospital"]) == sorted(common)
+    assert keys["imaging"] == keys["hospital"] == keys["registry"]  # row i: one patient
+    sizes = {p: (a.data.train_samples, len(a.data.y_test)) for p, a in result.agents.items()}
+    assert len(set(sizes.values())) == 1 and sum(sizes["hospital"]) == len(common)
+
+
+def test_no_label_leaves_the_label_party_when_it_holds_the_top() -> None:
+    parties = party_names(2)
+    broker = MemoryBroker()
+    run_vertical(vertical_config(parties, rounds=1), builtin_tables(parties), broker)
+
+    decoder = Decoder(dedup_window=10**6)
+    sent_up = [
+        envelope
+        for _, topic, payload in broker.published
+        if not topics.is_presence(topic)
+        and topics.parse(topic).direction == "up"
+        and (envelope := decoder.feed(payload)) is not None
+    ]
+    activations = [e for e in sent_up if e.kind == Kind.ACTIVATIONS]
+    assert activations and all(set(e.tensors) == {"h"} for e in activations)
+    assert not [e for e in sent_up if e.kind == Kind.DONE and e.tensors]  # no layer leaves
+
+
+def _refusal(tables: dict[str, PartyTable], parties: list[str]) -> str:
+    broker = MemoryBroker()
+    with pytest.raises(JobFailed) as failed:
+        run_vertical(vertical_config(parties), tables, broker)
+    decoder = Decoder(dedup_window=10**6)
+    kinds = {
+        envelope.kind
+        for _, topic, payload in broker.published
+        if not topics.is_presence(topic) and (envelope := decoder.feed(payload)) is not None
+    }
+    assert Kind.ACTIVATIONS not in kinds and Kind.TRAIN not in kinds  # before any training
+    return str(failed.value)
+
+
+def test_a_party_sharing_no_patient_is_refused_before_training() -> None:
+    parties = party_names(2)
+    tables = builtin_tables(parties)
+    other = tables["imaging"]
+    tables["imaging"] = dataclasses.replace(other, keys=tuple(f"x{k}" for k in other.keys))
+    message = _refusal(tables, parties)
+    assert "hospital could not be aligned" in message
+    assert "no patient of hospital is held by imaging" in message
+
+
+@pytest.mark.parametrize(
+    ("keys", "said"),
+    [
+        (lambda keys: ("", *keys[1:]), "key column 'patient_id' is empty in 1 row(s) (rows 1)"),
+        (lambda keys: (keys[1], *keys[1:]), "key column 'patient_id' repeats 1 key(s)"),
+    ],
+)
+def test_a_party_whose_key_column_is_missing_or_repeated_is_refused(keys: Any, said: str) -> None:
+    parties = party_names(2)
+    tables = builtin_tables(parties)
+    tables["imaging"] = dataclasses.replace(tables["imaging"], keys=keys(tables["imaging"].keys))
+    message = _refusal(tables, parties)
+    assert "imaging could not be aligned" in message and said in message
+
+
+def test_two_label_parties_are_refused() -> None:
+    parties = party_names(2)
+    tables = builtin_tables(parties)
+    labels = torch.zeros(len(tables["imaging"].keys), dtype=torch.int64)
+    tables["imaging"] = dataclasses.replace(tables["imaging"], y=labels)
+    message = _refusal(tables, parties)
+    assert "imaging holds labels, but the job's label party is hospital" in message
