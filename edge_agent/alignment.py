@@ -17,8 +17,10 @@ each other party, in turn, as the server, the label party narrowing its set as i
   the salted hashes of the common patients -- salted with a secret the parties share and the
   aggregator does not hold (``job_salt``), so it cannot test a guess of an identifier.
 
-The common set is then put in one order every party derives alone (sorted by salted key), so
-that batches drawn from the job seed line up row for row across the parties.
+The common rows are then put in one order every party derives alone -- sorted by the
+identifier itself, which every party holds for its own rows -- so that batches drawn from the
+job seed line up row for row across the parties, and the order does not depend on the job's
+salt (a job run again under another id trains on the same batches).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -85,6 +86,17 @@ def salted_keys(values: Sequence[object], salt: bytes, *, column: str, source: s
     return [hashlib.sha256(salt + key.encode()).hexdigest() for key in keys]
 
 
+def rows_of(keys: Sequence[str], common: Sequence[str]) -> list[int]:
+    """The rows of ``keys`` that hold the ``common`` keys; every common key must be there."""
+    index = {key: row for row, key in enumerate(keys)}
+    missing = [key for key in common if key not in index]
+    if missing:
+        raise AlignmentError(
+            f"{len(missing)} key(s) said to be common are not among this party's keys"
+        )
+    return [index[key] for key in common]
+
+
 class KeyHolder:
     """A party other than the label party: the PSI server over its salted keys."""
 
@@ -105,16 +117,6 @@ class KeyHolder:
         """The label party's blinded keys, blinded again by this party's secret."""
         response: Any = self._server.ProcessRequest(self._psi.Request.FromString(request))
         return bytes(response.SerializeToString())
-
-    def rows_of(self, common: Sequence[str]) -> list[int]:
-        """This party's rows of the common keys, in the common order."""
-        index = {key: row for row, key in enumerate(self.keys)}
-        missing = [key for key in common if key not in index]
-        if missing:
-            raise AlignmentError(
-                f"{len(missing)} key(s) said to be common are not among this party's keys"
-            )
-        return [index[key] for key in common]
 
 
 class LabelHolder:
@@ -145,44 +147,25 @@ class LabelHolder:
         return len(self.remaining)
 
     def common(self) -> list[str]:
-        """The common keys, in the order every party uses (sorted salted keys)."""
+        """The common keys (sorted: their order tells nothing of the rows')."""
         return sorted(self.remaining)
-
-
-@dataclass(frozen=True)
-class Alignment:
-    """Each party's rows of the common patients, row i of every party the same patient."""
-
-    rows: dict[str, list[int]]
-
-    @property
-    def size(self) -> int:
-        return len(next(iter(self.rows.values()), []))
-
-
-def align(label_party: str, keys: dict[str, Sequence[str]]) -> Alignment:
-    """The whole protocol in one process (the job runs the same steps over its messages):
-    what each party ends with. Raises when the parties share no patient."""
-    label = LabelHolder(keys[label_party])
-    holders = {party: KeyHolder(k) for party, k in keys.items() if party != label_party}
-    for party, holder in holders.items():
-        request = label.request()
-        if label.narrow(holder.setup(len(label.remaining)), holder.answer(request)) == 0:
-            raise AlignmentError(
-                f"{label_party} and {party} share no patient (no key in common): nothing "
-                "to train on"
-            )
-    common = label.common()
-    rows = {label_party: [label.keys.index(key) for key in common]}
-    rows |= {party: holder.rows_of(common) for party, holder in holders.items()}
-    return Alignment(rows)
 
 
 class PartyAlignment:
     """One party's side of the stages the aggregator relays (``aggregator.alignment``)."""
 
-    def __init__(self, party: str, label_party: str, others: list[str], keys: list[str]) -> None:
+    def __init__(
+        self,
+        party: str,
+        label_party: str,
+        others: list[str],
+        keys: list[str],
+        order: Sequence[str],
+    ) -> None:
+        """``keys``: the party's salted keys, row by row; ``order``: what its rows are sorted
+        by once aligned (their identifiers, the same at every party)."""
         self.party = party
+        self.order = list(order)
         self.first_partner = others[0] if others else None
         self.label: LabelHolder | None = LabelHolder(keys) if party == label_party else None
         self.holder: KeyHolder | None = None if self.label else KeyHolder(keys)
@@ -219,14 +202,17 @@ class PartyAlignment:
                 )
             return _tensors(), None
         self.common = label.common()
-        self.rows = [label.keys.index(key) for key in self.common]
+        self.rows = self._ordered(rows_of(label.keys, self.common))
         return _tensors(common=b"".join(bytes.fromhex(k) for k in self.common)), len(self.common)
 
     def _adopt(self, common: list[str]) -> None:
         if not common:
             raise AlignmentError(f"no patient is common to every party, {self.party} included")
-        self.rows = self._holder().rows_of(common)
+        self.rows = self._ordered(rows_of(self._holder().keys, common))
         self.common = common
+
+    def _ordered(self, rows: list[int]) -> list[int]:
+        return sorted(rows, key=lambda row: self.order[row])
 
     def _holder(self) -> KeyHolder:
         if self.holder is None:

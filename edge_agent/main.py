@@ -20,9 +20,11 @@ from edge_agent.data.settings import (
     DicomData,
     DicomWebData,
     PictureData,
+    VerticalBuiltinData,
     VolumeData,
 )
 from edge_agent.data.site_data import LoadSummary, SiteData
+from edge_agent.data.vertical import PartyTable
 from edge_agent.observability import AgentCollector
 from edge_agent.sealing import SiteSealing
 from medsplit.devices import pick_device
@@ -55,9 +57,21 @@ def _loader(spec: object) -> Callable[[Any], tuple[SiteData, LoadSummary]]:
     return loader
 
 
-def load_data(config: SiteConfig) -> SiteData:
-    """The site's training data: a DICOM folder or PACS, an EHR table, or a built-in share."""
+def load_data(config: SiteConfig) -> SiteData | PartyTable:
+    """The site's training data: a DICOM folder or PACS, an EHR table, a built-in share, or
+    (a vertical job's party) its own columns of patients it shares with other parties."""
     spec = config.data
+    if isinstance(spec, VerticalBuiltinData):
+        from edge_agent.data.vertical import builtin_party  # noqa: PLC0415 - scikit-learn
+
+        return builtin_party(
+            spec.dataset,
+            spec.parties,
+            spec.index,
+            labels=spec.labels,
+            coverage=spec.coverage,
+            seed=spec.seed,
+        )
     if not isinstance(spec, BuiltinData):
         data, summary = _loader(spec)(spec)
         log.info("%s: %s", config.site_id, summary.describe())
@@ -83,7 +97,7 @@ def run(config: SiteConfig, *, linger: bool = False) -> int:
         config.broker, config.site_id, config.job_id
     )  # checks the certificate first
     parties: list[Party] = []
-    loaded: list[SiteData] = []
+    loaded: list[SiteData | PartyTable] = []
     checks: dict[str, Check] = {
         "data": lambda: None if loaded else "loading the site's data",
         "broker": connected(lambda: parties[0].transport if parties else None),
@@ -129,7 +143,7 @@ def _run(
     config: SiteConfig,
     connector: Connector,
     parties: list[Party],
-    loaded: list[SiteData],
+    loaded: list[SiteData | PartyTable],
     agents: list[Agent],
 ) -> tuple[int, bool]:
     """The exit status, and whether the job finished (rather than this agent being stopped)."""
@@ -137,13 +151,22 @@ def _run(
     data = load_data(config)
     loaded.append(data)
     device = pick_device(config.device)
-    log.info(
-        "%s: %d training and %d test samples on %s",
-        config.site_id,
-        data.train_samples,
-        len(data.y_test),
-        device,
-    )
+    if isinstance(data, SiteData):
+        log.info(
+            "%s: %d training and %d test samples on %s",
+            config.site_id,
+            data.train_samples,
+            len(data.y_test),
+            device,
+        )
+    else:
+        log.info(
+            "%s: %d patients (%s), to align with the other parties; on %s",
+            config.site_id,
+            len(data.keys),
+            data.source,
+            device,
+        )
     party = open_site(config.job_id, config.site_id, connector, client_id=config.broker.client_id)
     parties.append(party)
     party.endpoint.set_reassembly_timeout(config.waits.reassembly_timeout_s)

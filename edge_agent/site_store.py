@@ -29,6 +29,7 @@ from edge_agent.site_model import (
     save_site_model,
     site_card,
 )
+from medsplit.modes import Mode
 from medsplit.protocol import JobSpec
 from medsplit.storage import atomic_write
 from models.onnx_export import ExportError
@@ -104,6 +105,9 @@ class SiteStore:
     ) -> None:
         """Assemble this site's own model from the final weights; keep it, and export it."""
         if self.state_dir is None:
+            return
+        if spec.mode == Mode.VERTICAL:  # its own layers, kept as trained (``save``)
+            log.info("%s: this party's own layers are in %s", self.site_id, self.state_dir)
             return
         state = assemble(segments, final, spec)
         card = site_card(spec, self.site_id, data.card)

@@ -92,7 +92,9 @@ class VerticalParty:
         if self._alignment is None or self._job != spec.job_id:
             others = [p for p in args.parties if p != args.label_party]
             keys = self.table.salted(spec.job_id)  # missing or repeated keys are refused here
-            self._alignment = PartyAlignment(self.site_id, args.label_party, others, keys)
+            self._alignment = PartyAlignment(
+                self.site_id, args.label_party, others, keys, self.table.keys
+            )
             self._job = spec.job_id
         return self._alignment
 

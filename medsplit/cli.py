@@ -230,7 +230,7 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     """Load a site's data as its agent would, and say what came of it, without joining a job:
     bad input found before the job starts, and a PACS's studies retrieved ahead of time."""
     from edge_agent.config import SiteConfig
-    from edge_agent.data.site_data import DataError
+    from edge_agent.data.site_data import DataError, SiteData
     from edge_agent.main import load_data
 
     try:
@@ -239,6 +239,11 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     except (DataError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if not isinstance(data, SiteData):  # a vertical party: rows are split once aligned
+        shape = list(data.x.shape[1:])
+        labels = "with labels" if data.y is not None else "no labels"
+        print(f"{config.site_id}: {len(data.keys)} patients ({labels}), input {shape}")
+        return 0
     test = len(data.y_test)
     shape = list(data.x_train.shape[1:])
     print(f"{config.site_id}: {data.train_samples} training and {test} test samples, input {shape}")

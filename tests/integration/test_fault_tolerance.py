@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from experiments.federation import Federation, small_job
+from experiments.vertical import column_widths, party_names, table_plan
 from medsplit.brokers.mosquitto import Mosquitto
 
 LONG = 600  # round deadline: never reached by a job that recovers as it should
@@ -85,15 +86,16 @@ def _against_clean(
     fault: Callable[[Federation], None],
     *,
     faulty_broker: Mosquitto | None = None,
+    **kw: Any,
 ) -> tuple[Federation, dict[str, Any], dict[str, Any]]:
     """The job with ``fault`` injected (on ``faulty_broker`` if given), next to an uninterrupted
     run of the same job (run alongside, the first time this job is seen); both must end with
     the same tensors, the global ones and every site's own (bit for bit): nothing was lost or
     applied twice. Returns the faulty federation, its report and the clean one's."""
     key = json.dumps({k: v for k, v in job.items() if k != "job_id"}, sort_keys=True)
-    clean = None if key in _CLEAN else _federation(tmp_path, "clean", broker, job)
+    clean = None if key in _CLEAN else _federation(tmp_path, "clean", broker, job, **kw)
     faulty_job = {**job, "job_id": f"{job['job_id']}-f"}
-    faulty = _federation(tmp_path, "faulty", faulty_broker or broker, faulty_job)
+    faulty = _federation(tmp_path, "faulty", faulty_broker or broker, faulty_job, **kw)
     try:
         if clean is not None:
             clean.start_all()
@@ -143,6 +145,35 @@ def test_a_killed_aggregator_resumes_and_ends_bit_for_bit_like_an_uninterrupted_
     assert [r["resumed"] for r in report["history"]] == [False, True, False]
     assert [r["trained"] for r in report["history"]] == [r["trained"] for r in reference["history"]]
     assert fed.starts["site-a"] == 1  # no agent was restarted
+
+
+def test_a_killed_aggregator_of_a_vertical_job_aligns_again_and_resumes_bit_for_bit(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    parties = party_names(3)
+    job = _job("vertical", "parallel", rounds=3)
+    job |= {
+        "sites": parties,
+        "plan": table_plan(parties, column_widths(30, 3), u_shaped=True),
+        "defenses": {"gradient_noise": 0},
+    }
+    sites = {
+        party: {
+            "data": {
+                "source": "builtin-vertical",
+                "parties": 3,
+                "index": index,
+                "labels": not index,
+            }
+        }
+        for index, party in enumerate(parties)
+    }
+    fault = _kill_aggregator_after("round-00001.safetensors")
+    fed, report, _ = _against_clean(tmp_path, mosquitto, job, fault, site_settings=sites)
+    assert report["faults"]["resumed_at"] == [1]
+    assert [r["trained"] for r in report["history"]] == [parties] * 3
+    aligned = fed.log("hospital").read_text().count("common to every party")
+    assert aligned == 2  # once at the start, once for the restarted aggregator
 
 
 def test_a_step_checkpoint_resumes_the_round_at_that_step_bit_for_bit(

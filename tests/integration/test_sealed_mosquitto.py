@@ -6,7 +6,6 @@ aggregator wrote to disk -- holds a byte of the sites' heads and tails."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,36 +20,10 @@ from medsplit.ids import AGGREGATOR_ID
 from medsplit.protocol import edge_keys, topics
 from medsplit.wire import Decoder
 from tests.support.configs import job_config
-from tests.support.twin import kit_client
+from tests.support.twin import Listener
 
 pytestmark = pytest.mark.integration
 SITES = ["hospital-1", "hospital-2", "hospital-3"]
-
-
-class Listener:
-    """Every frame one identity may read, kept as it arrived."""
-
-    def __init__(self, kits: Path, port: int, identity: str, filters: list[str]) -> None:
-        self.transport = kit_client(kits, port, identity, "listener")
-        for topic_filter in filters:
-            self.transport.subscribe(topic_filter)
-        self.transport.connect()
-        self.frames: list[tuple[str, bytes]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._drain, daemon=True)
-        self._thread.start()
-
-    def _drain(self) -> None:
-        while not self._stop.is_set():
-            inbound = self.transport.receive(0.2)
-            if inbound is not None and not topics.is_presence(inbound.topic):
-                self.frames.append((inbound.topic, inbound.payload))
-
-    def close(self) -> list[tuple[str, bytes]]:
-        self._stop.set()
-        self._thread.join(10)
-        self.transport.close()
-        return self.frames
 
 
 @pytest.fixture

@@ -130,3 +130,29 @@ def noise(weights: Mapping[str, torch.Tensor], std: float) -> dict[str, torch.Te
         k: torch.randn(v.shape, generator=generator) * std if v.is_floating_point() else v
         for k, v in weights.items()
     }
+
+
+class Listener:
+    """Every frame one identity may read, kept as it arrived."""
+
+    def __init__(self, kits: Path, port: int, identity: str, filters: list[str]) -> None:
+        self.transport = kit_client(kits, port, identity, "listener")
+        for topic_filter in filters:
+            self.transport.subscribe(topic_filter)
+        self.transport.connect()
+        self.frames: list[tuple[str, bytes]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        while not self._stop.is_set():
+            inbound = self.transport.receive(0.2)
+            if inbound is not None and not topics.is_presence(inbound.topic):
+                self.frames.append((inbound.topic, inbound.payload))
+
+    def close(self) -> list[tuple[str, bytes]]:
+        self._stop.set()
+        self._thread.join(10)
+        self.transport.close()
+        return self.frames

@@ -24,7 +24,7 @@ def _relay(parties: dict[str, list[str]], label: str = "L") -> dict[str, PartyAl
     names = list(parties)
     others = [p for p in names if p != label]
     sides = {
-        p: PartyAlignment(p, label, others, salted_keys(k, salt, column="id", source=p))
+        p: PartyAlignment(p, label, others, salted_keys(k, salt, column="id", source=p), k)
         for p, k in parties.items()
     }
     carry: dict[str, torch.Tensor] = {}
