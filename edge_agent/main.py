@@ -72,6 +72,12 @@ def load_data(config: SiteConfig) -> SiteData | PartyTable:
             coverage=spec.coverage,
             seed=spec.seed,
         )
+    if isinstance(spec, CsvData) and spec.key_column is not None:  # a vertical party's
+        from edge_agent.data.csv_source import load_csv_party  # noqa: PLC0415
+
+        table, summary = load_csv_party(spec)
+        log.info("%s: %s", config.site_id, summary.describe())
+        return table
     if not isinstance(spec, BuiltinData):
         data, summary = _loader(spec)(spec)
         log.info("%s: %s", config.site_id, summary.describe())

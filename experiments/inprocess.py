@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from aggregator.state import RoundRecord
 from aggregator.wire_tap import WireTap
 from edge_agent.agent import Agent
 from edge_agent.data.site_data import SiteData
+from edge_agent.data.vertical import PartyTable
 from edge_agent.sealing import SiteSealing
 from medsplit.config import BrokerConfig
 from medsplit.ids import AGGREGATOR_ID
@@ -61,7 +62,7 @@ class _Sites:
     def start(
         cls,
         job_id: str,
-        data: dict[str, SiteData],
+        data: Mapping[str, SiteData | PartyTable],
         connect: Connector,
         *,
         agent_type: type[Agent],
@@ -120,7 +121,7 @@ def _stop_revoked(coordinator: Coordinator, agents: dict[str, Agent]) -> None:
 
 def run_job(
     config: JobConfig,
-    data: dict[str, SiteData],
+    data: Mapping[str, SiteData | PartyTable],
     connect: Connector,
     *,
     timeout: float = 300.0,

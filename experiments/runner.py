@@ -27,6 +27,7 @@ from experiments.config import BASELINES, Cell, ExperimentConfig
 from experiments.inprocess import run_job
 from experiments.progress import progress_bar
 from medsplit.brokers.embedded import start_local_broker
+from medsplit.config import BrokerConfig
 from medsplit.transport import TransportError
 from medsplit.wiring import Connector, mqtt_connector
 
@@ -74,10 +75,26 @@ class Outcome(Protocol):
 R = TypeVar("R", bound=Outcome)
 
 
+class GridCell(Protocol):
+    def label(self) -> str: ...
+
+
+class Grid(Protocol):
+    """What ``run_grid`` reads of an experiment: its name and the broker it names, if any."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def broker(self) -> BrokerConfig | None: ...
+
+
+C = TypeVar("C", bound=GridCell)
+
+
 def run_grid(
-    config: ExperimentConfig,
-    cells: list[Cell],
-    run: Callable[[Cell, str, str], R],
+    config: Grid,
+    cells: list[C],
+    run: Callable[[C, str, str], R],
     *,
     console: Console | None = None,
     on_result: Callable[[R], None] | None = None,

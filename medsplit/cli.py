@@ -111,14 +111,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(DemoOptions.from_args(args))
 
 
+def _quieten() -> None:
+    for chatty in ("medsplit.transport", "edge_agent", "aggregator"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
 def _load_experiment(args: argparse.Namespace) -> Any:
     """The experiment file with ``--out`` applied; the job logs quietened (the progress bar
     says what runs)."""
     from experiments.config import ExperimentConfig
 
     config = ExperimentConfig.from_yaml(args.config)
-    for chatty in ("medsplit.transport", "edge_agent", "aggregator"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    _quieten()
     if args.out:
         config = config.model_copy(update={"out": Path(args.out)})
     return config
@@ -127,7 +131,10 @@ def _load_experiment(args: argparse.Namespace) -> Any:
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from experiments.results import write_results
     from experiments.runner import run_experiment
+    from experiments.vertical_experiment import is_vertical
 
+    if is_vertical(args.config):
+        return _vertical_experiment(args)
     config = _load_experiment(args)
     results = run_experiment(config)
     for path in write_results(config, results):
@@ -137,6 +144,24 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
         status = _run_privacy(config, f"medsplit experiment --config {args.config}", docs=False)
         return 1 if failed else status
     return 1 if failed else 0
+
+
+def _vertical_experiment(args: argparse.Namespace) -> int:
+    """An experiment over vertical partitions (docs/vertical.md): its own grid and table."""
+    from experiments.vertical_experiment import (
+        VerticalExperiment,
+        run_vertical_experiment,
+        write_vertical_results,
+    )
+
+    config = VerticalExperiment.from_yaml(args.config)
+    _quieten()
+    if args.out:
+        config = config.model_copy(update={"out": Path(args.out)})
+    results = run_vertical_experiment(config)
+    command = f"medsplit experiment --config {args.config}"
+    print(write_vertical_results(config, results, command))
+    return 1 if any(r.status != "completed" for r in results) else 0
 
 
 def _cmd_privacy(args: argparse.Namespace) -> int:

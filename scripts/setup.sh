@@ -30,7 +30,7 @@ fi
 # protobuf==6.30.2 exactly, where onnx needs >=6.31.1; it runs on the newer protobuf, so it is
 # installed without its pins (pyproject cannot say "no deps"; docs/vertical.md says why).
 psi_version=$(sed -n 's/^openmined-psi==//p' "$here/constraints.txt")
-psi_installed=$("$venv/bin/python" -m pip show openmined-psi 2>/dev/null | sed -n 's/^Version: //p')
+psi_installed=$("$venv/bin/python" -m pip show openmined-psi 2>/dev/null | sed -n 's/^Version: //p' || true)
 if [ "$psi_installed" != "$psi_version" ]; then
     log "installing openmined-psi $psi_version without its protobuf pin"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps \

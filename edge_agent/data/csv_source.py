@@ -30,6 +30,7 @@ from edge_agent.data.site_data import (
     split_by_patient,
     targets_tensor,
 )
+from edge_agent.data.vertical import PartyTable, read_key_secret
 from medsplit.statistics import FeatureSums
 
 
@@ -49,9 +50,8 @@ def read_rows(config: CsvData) -> tuple[list[dict[str, str]], list[int]]:
     with handle:
         reader = csv.DictReader(handle)
         found = reader.fieldnames or []
-        wanted = [*config.numeric, *config.categorical, config.label_column]
-        if config.patient_column:
-            wanted.append(config.patient_column)
+        extra = (config.label_column, config.patient_column, config.key_column)
+        wanted = [*config.numeric, *config.categorical, *(c for c in extra if c)]
         missing = [c for c in wanted if c not in found]
         if missing:
             raise DataError(f"{config.path}: missing column(s) {missing}; found {found}")
@@ -94,6 +94,8 @@ def load_csv_site(config: CsvData) -> tuple[SiteData, LoadSummary]:
 
 
 def _label(row: dict[str, str], line: int, config: CsvData) -> Target:
+    if config.label_column is None:
+        raise DataError(f"{config.path}: no label_column; a site of a horizontal job needs one")
     label = (row[config.label_column] or "").strip()
     separator = config.label_separator if config.multilabel else None
     try:
@@ -144,3 +146,39 @@ def site_sums(config: CsvData) -> FeatureSums:
     data, _ = load_csv_site(config.model_copy(update={"normalization": None}))
     x = torch.cat([data.x_train, data.x_test])[:, : len(config.numeric)]
     return FeatureSums.of(x)
+
+
+def load_csv_party(config: CsvData) -> tuple[PartyTable, LoadSummary]:
+    """A vertical party's table: its columns and (label party) labels by patient key. Rows
+    are not split here: the parties hold out the same patients once they have aligned."""
+    assert config.key_column is not None
+    assert config.key_secret_file is not None
+    rows, lines = read_rows(config)
+    summary = LoadSummary(unit="records")
+    collect = Collector(config.on_bad_input, summary)
+    vectors, labels, keys = [], [], []
+    for row, line in zip(rows, lines, strict=True):
+        try:
+            vector = _encode(row, line, config)
+            label = _label(row, line, config) if config.label_column else None
+        except _RowError as exc:
+            (collect.note if exc.dropped else collect.problem)(exc.reason, str(exc))
+            continue
+        vectors.append(vector)
+        labels.append(label)
+        keys.append(row[config.key_column] or "")
+    if not vectors:
+        raise DataError(f"{config.path}: no usable rows ({summary.describe()})")
+    x, encoding = _impute_and_normalise(torch.tensor(vectors, dtype=torch.float32), config)
+    summary.loaded = summary.patients = len(keys)
+    table = PartyTable(
+        keys=tuple(keys),
+        x=x,
+        y=targets_tensor(labels) if config.label_column else None,  # type: ignore[arg-type]
+        key_column=config.key_column,
+        source=str(config.path),
+        key_secret=read_key_secret(config.key_secret_file),
+        columns=tuple(encoding.features),
+        standardised=len(config.numeric),
+    )
+    return table, summary

@@ -312,8 +312,12 @@ class CsvData(BaseModel):
 
     source: Literal["csv"] = "csv"
     path: Path
-    label_column: str
-    classes: list[str] = Field(min_length=2, description="label values, in class-index order")
+    label_column: str | None = Field(
+        None, description="the label; left out only by a vertical job's parties without labels"
+    )
+    classes: list[str] = Field(
+        default_factory=list, description="label values, in class-index order"
+    )
     multilabel: bool = Field(
         False,
         description="the label column lists any of the classes per record, separated by "
@@ -333,12 +337,32 @@ class CsvData(BaseModel):
     on_bad_input: Literal["skip", "fail"] = "fail"
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
+    key_column: str | None = Field(
+        None,
+        description="vertical jobs: the patient identifier every party's table carries "
+        "(docs/vertical.md); the rows are then split once the parties have aligned",
+    )
+    key_secret_file: Path | None = Field(
+        None,
+        description="vertical jobs: a secret the parties share and the aggregator does not; "
+        "keys are salted with it (and the job id) before they are compared",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> CsvData:
         if not self.numeric and not self.categorical:
             raise ValueError("list at least one feature column in numeric or categorical")
-        columns = [*self.numeric, *self.categorical, self.label_column]
+        if self.label_column is None and self.key_column is None:
+            raise ValueError("label_column: required (only a vertical party may hold no labels)")
+        if self.label_column is not None and len(self.classes) < 2:
+            raise ValueError("classes: list the label values (two or more), in class-index order")
+        if (self.key_column is None) != (self.key_secret_file is None):
+            raise ValueError(
+                "key_column and key_secret_file: a vertical party gives both (docs/vertical.md)"
+            )
+        labels = [self.label_column] if self.label_column else []
+        keys = [self.key_column] if self.key_column else []
+        columns = [*self.numeric, *self.categorical, *labels, *keys]
         repeated = sorted({c for c in columns if columns.count(c) > 1})
         if repeated:
             raise ValueError(f"columns used twice: {repeated}")

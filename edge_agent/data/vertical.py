@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ class PartyTable:
     source: str  # the file or dataset, for messages
     key_secret: bytes  # shared by the parties, never by the aggregator (alignment.job_salt)
     columns: tuple[str, ...] = ()
+    standardised: int | None = None  # leading columns standardised (tables: the numeric); None: all
 
     def salted(self, job_id: str) -> list[str]:
         """Each row's key, salted for ``job_id`` and hashed; missing or repeated keys refused."""
@@ -63,11 +65,12 @@ class PartyTable:
         data = SiteData(self.x[train_rows], y[train_rows], self.x[test_rows], y[test_rows])
         if not standardise:
             return data
-        mean, std = FeatureSums.combine([FeatureSums.of_inputs(data.x_train)])
+        width = self.standardised
+        mean, std = FeatureSums.combine([FeatureSums.of_inputs(data.x_train[:, :width])])
         return dataclasses.replace(
             data,
-            x_train=_standardised(data.x_train, mean, std),
-            x_test=_standardised(data.x_test, mean, std),
+            x_train=_standardised(data.x_train, mean, std, width),
+            x_test=_standardised(data.x_test, mean, std, width),
         )
 
 
@@ -82,10 +85,28 @@ def held_out(count: int, seed: int, fraction: float) -> torch.Tensor:
     return mask
 
 
-def _standardised(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Per column (tables) or per channel (images)."""
+def _standardised(
+    x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, width: int | None
+) -> torch.Tensor:
+    """Per column (tables: the first ``width``, the numeric ones) or per channel (images)."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x - mean.reshape(shape)) / std.reshape(shape)
+    scaled = (x[:, :width] - mean.reshape(shape)) / std.reshape(shape)
+    return scaled if width is None else torch.cat([scaled, x[:, width:]], dim=1)
+
+
+def read_key_secret(path: Path) -> bytes:
+    """The parties' shared secret (``key_secret_file``): at least 16 bytes, so that no one
+    without it can hash guesses of identifiers and compare them with the keys that travel."""
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as exc:
+        raise DataError(f"key_secret_file: cannot read {path} ({exc.strerror})") from None
+    if len(secret) < 16:
+        raise DataError(
+            f"key_secret_file: {path} holds {len(secret)} bytes; the parties' shared secret "
+            "needs at least 16 (e.g. openssl rand -hex 32)"
+        )
+    return secret
 
 
 def builtin_party(

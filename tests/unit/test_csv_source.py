@@ -13,7 +13,7 @@ import yaml
 from sklearn.datasets import load_breast_cancer
 
 from edge_agent.config import SiteConfig
-from edge_agent.data.csv_source import CsvData, load_csv_site
+from edge_agent.data.csv_source import CsvData, load_csv_party, load_csv_site
 from edge_agent.data.site_data import DataError
 from medsplit.cli import main
 from models import ConfigError
@@ -162,3 +162,58 @@ def test_wrong_columns_and_configs_are_refused(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=field):
             SiteConfig.from_mapping({**site, "data": data})
+
+
+def _party(tmp_path: Path, *, labels: bool, secret: bytes = b"0123456789abcdef-shared") -> CsvData:
+    table = tmp_path / "party.csv"
+    with table.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["mrn", "age", "smoker", "diagnosis"])
+        for i in range(12):
+            writer.writerow(
+                [f"MRN{i:03d}", 40 + i, ["yes", "no"][i % 2], ["benign", "malignant"][i % 2]]
+            )
+    (tmp_path / "secret").write_bytes(secret)
+    fields: dict[str, Any] = {
+        "path": table,
+        "key_column": "mrn",
+        "key_secret_file": tmp_path / "secret",
+        "numeric": ["age"],
+        "categorical": {"smoker": ["yes", "no"]},
+    }
+    if labels:
+        fields |= {"label_column": "diagnosis", "classes": ["benign", "malignant"]}
+    return CsvData.model_validate(fields)
+
+
+def test_a_vertical_party_table_is_read_by_key_with_or_without_labels(tmp_path: Path) -> None:
+    with_labels, _ = load_csv_party(_party(tmp_path, labels=True))
+    without, summary = load_csv_party(_party(tmp_path, labels=False))
+    assert with_labels.keys == without.keys == tuple(f"MRN{i:03d}" for i in range(12))
+    assert with_labels.y is not None and with_labels.y.tolist() == [i % 2 for i in range(12)]
+    assert without.y is None and summary.loaded == 12
+    assert without.x.shape == (12, 3) and without.standardised == 1  # age; smoker one-hot
+    aligned = without.aligned(list(range(12)), seed=0, holdout=0.25, standardise=True)
+    assert abs(float(aligned.x_train[:, 0].mean())) < 1e-6  # age standardised ...
+    assert set(aligned.x_train[:, 1:].unique().tolist()) <= {0.0, 1.0}  # ... one-hot kept
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ({"key_secret_file": None}, "key_column and key_secret_file: a vertical party gives both"),
+        ({"key_column": None}, "label_column: required (only a vertical party"),
+    ],
+)
+def test_a_vertical_party_config_missing_its_key_or_secret_is_refused(
+    tmp_path: Path, change: dict[str, Any], said: str
+) -> None:
+    fields = _party(tmp_path, labels=False).model_dump() | change
+    with pytest.raises(ValueError, match="vertical party") as refused:
+        CsvData.model_validate(fields)
+    assert said in str(refused.value)
+
+
+def test_a_short_shared_secret_is_refused_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="holds 5 bytes; the parties' shared secret needs at least"):
+        load_csv_party(_party(tmp_path, labels=False, secret=b"short"))
