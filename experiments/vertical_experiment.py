@@ -24,8 +24,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator.config import JobConfig
+from aggregator.report import report_dict, write_report
 from edge_agent.data.site_data import SiteData
-from experiments.inprocess import run_job
+from experiments.inprocess import JobResult, run_job
 from experiments.results import Spread
 from experiments.runner import CELL_FAILURES, connector_for, run_grid
 from experiments.vertical import (
@@ -143,7 +144,9 @@ def _run_cell(config: VerticalExperiment, cell: VerticalCell, url: str) -> Verti
         for u_shaped in (True, False):
             job = config.job(cell.parties, cell.seed, u_shaped, url)
             tables = builtin_tables(names, coverage=config.coverage, seed=cell.seed)
+            begun = time.monotonic()
             outcome = run_job(job, tables, connector_for(job), timeout=config.timeout_s)
+            _report(job, outcome, time.monotonic() - begun)
             last = outcome.history[-1].metrics[names[0]]
             result.metrics[f"vertical ({TOPS[u_shaped]})"] = (last["accuracy"], last["auroc"])
             if u_shaped:
@@ -156,6 +159,18 @@ def _run_cell(config: VerticalExperiment, cell: VerticalCell, url: str) -> Verti
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
     result.seconds = time.monotonic() - started
     return result
+
+
+def _report(job: JobConfig, outcome: JobResult, seconds: float) -> None:
+    """The job's report.json, as a deployed aggregator writes it."""
+    traffic = {
+        site: {"up": entry.bytes_up, "down": entry.bytes_down}
+        for site, entry in outcome.coordinator.sites.items()
+    }
+    report = report_dict(
+        job, outcome.history, traffic, seconds, late_messages=outcome.coordinator.late_messages
+    )
+    write_report(job.output_dir, report)
 
 
 def _baselines(  # noqa: PLR0917 -- one cell's data and what its job ended with
@@ -211,7 +226,10 @@ def markdown(config: VerticalExperiment, results: list[VerticalResult], command:
     ]
     for parties in config.parties:
         members = [r for r in results if r.parties == parties and r.status == "completed"]
-        methods = list(dict.fromkeys(m for r in members for m in r.metrics))
+        methods = sorted(  # the jobs, then their exact baseline, then each party alone
+            dict.fromkeys(m for r in members for m in r.metrics),
+            key=lambda m: 2 if m.startswith("alone") else m.startswith("centralized"),
+        )
         exact = sum(1 for r in members if r.exact)
         lines += [
             f"### {parties} parties ({', '.join(party_names(parties))}; the first holds the labels)",

@@ -57,3 +57,38 @@ def test_experiment_compares_every_mode_through_mosquitto(
     )
     assert all(len(r["history"]) == 2 and r["status"] == "completed" for r in reports)
     assert "| flop |" in (out / "results.md").read_text()
+
+
+def test_a_vertical_experiment_compares_the_arrangements_with_its_baselines(
+    mosquitto: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    config = {
+        "name": "vit",
+        "vertical": True,
+        "parties": [3],
+        "seeds": [0],
+        "rounds": 3,
+        "optimizer": {"lr": 0.005},
+        "broker": {"url": mosquitto.url, "insecure": True},
+        "out": str(out),
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["experiment", "--config", str(path)]) == 0
+    assert str(out / "results.md") in capsys.readouterr().out.split()
+
+    text = (out / "results.md").read_text()
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in text.splitlines()]
+    assert [r for r in rows if r.startswith(("vertical", "centralized", "alone"))] == [
+        "vertical (top at the label party)",
+        "vertical (top at the aggregator)",
+        "centralized (joined table)",
+        "alone: hospital's columns",
+        "alone: imaging's columns",
+        "alone: registry's columns",
+    ]
+    assert "exactly the centralized weights in 1 of 1 runs" in text
+    reports = [json.loads(p.read_text()) for p in (out / "runs").glob("*/report.json")]
+    assert sorted(r["mode"] for r in reports) == ["vertical", "vertical"]
+    assert all(r["status"] == "completed" for r in reports)
