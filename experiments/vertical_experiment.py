@@ -73,10 +73,21 @@ class VerticalExperiment(BaseModel):
     def output_dir(self) -> Path:
         return self.out or Path("runs") / "experiments" / self.name
 
-    def job(self, parties: int, seed: int, u_shaped: bool, broker_url: str) -> JobConfig:
+    def job(
+        self,
+        parties: int,
+        seed: int,
+        u_shaped: bool,
+        broker_url: str,
+        *,
+        gradient_noise: float | None = 0.0,
+    ) -> JobConfig:
+        """The cell's job; ``gradient_noise`` None: the job's default label defense (noise on
+        the gradient the label party returns), 0: none -- the baselines' exact counterpart."""
         names = party_names(parties)
         top = "u" if u_shaped else "agg"
-        job_id = f"{self.name}-{top}-{parties}p-{seed}"
+        noise = "" if gradient_noise == 0 else "-noise"
+        job_id = f"{self.name}-{top}-{parties}p-{seed}{noise}"
         data = {
             "job_id": job_id,
             "mode": "vertical",
@@ -92,7 +103,7 @@ class VerticalExperiment(BaseModel):
             "dataset": self.dataset,
             "rounds": {"count": self.rounds, "deadline_s": self.timeout_s},
             "training": {"batch_size": self.batch_size, "optimizer": self.optimizer.model_dump()},
-            "defenses": {"gradient_noise": 0},  # the baselines' exact counterpart
+            "defenses": {} if gradient_noise is None else {"gradient_noise": gradient_noise},
             "broker": {"url": broker_url, "insecure": True},
             "state": {"run_dir": str(self.output_dir / "runs" / job_id)},
         }

@@ -166,7 +166,25 @@ def _vertical_experiment(args: argparse.Namespace) -> int:
 
 def _cmd_privacy(args: argparse.Namespace) -> int:
     command = f"medsplit privacy --config {args.config}"
+    from experiments.vertical_experiment import is_vertical
+
+    if is_vertical(args.config):
+        return _vertical_privacy(args, command)
     return _run_privacy(_load_experiment(args), command, docs=args.write_docs)
+
+
+def _vertical_privacy(args: argparse.Namespace, command: str) -> int:
+    """The label-leak attacks of vertical jobs (docs/vertical.md, docs/privacy.md)."""
+    from experiments.privacy.vertical import run_vertical_privacy, write_vertical_privacy
+    from experiments.vertical_experiment import VerticalExperiment
+
+    config = VerticalExperiment.from_yaml(args.config)
+    _quieten()
+    if args.out:
+        config = config.model_copy(update={"out": Path(args.out)})
+    results = run_vertical_privacy(config)
+    print(write_vertical_privacy(config, results, command, docs=args.write_docs))
+    return 1 if any(r.status != "completed" for r in results) else 0
 
 
 def _run_privacy(config: Any, command: str, *, docs: bool) -> int:

@@ -92,3 +92,40 @@ def test_a_vertical_experiment_compares_the_arrangements_with_its_baselines(
     reports = [json.loads(p.read_text()) for p in (out / "runs").glob("*/report.json")]
     assert sorted(r["mode"] for r in reports) == ["vertical", "vertical"]
     assert all(r["status"] == "completed" for r in reports)
+
+
+def test_the_vertical_privacy_sweep_measures_what_gradients_tell_of_the_labels(
+    mosquitto: Mosquitto, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    config = {
+        "name": "vpriv",
+        "vertical": True,
+        "parties": [2],
+        "seeds": [0],
+        "rounds": 2,
+        "broker": {"url": mosquitto.url, "insecure": True},
+        "out": str(out),
+    }
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["privacy", "--config", str(path)]) == 0
+    assert str(out / "privacy.md") in capsys.readouterr().out.split()
+
+    lines = (out / "privacy.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| arrangement"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows = {
+        tuple(cells[:3]): dict(zip(columns, cells, strict=True))
+        for line in lines
+        if line.startswith("| top")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    leak = "imaging (no labels): cosine"
+    undefended = rows[("top at the label party", "2", "none")]
+    defended = rows[("top at the label party", "2", "default")]
+    assert float(undefended[leak].split(" ")[0]) > 0.9  # the passive party reads the labels
+    assert float(defended[leak].split(" ")[0]) < float(undefended[leak].split(" ")[0])
+    assert rows[("top at the aggregator", "2", "none")]["aggregator (labels sent)"].startswith(
+        "1.00"
+    )
