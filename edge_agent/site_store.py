@@ -107,7 +107,8 @@ class SiteStore:
         if self.state_dir is None:
             return
         if spec.mode == Mode.VERTICAL:  # its own layers, kept as trained (``save``)
-            log.info("%s: this party's own layers are in %s", self.site_id, self.state_dir)
+            if self.export_onnx and isinstance(segments, EdgeSegments):
+                self._export_party(spec, segments, final, data)
             return
         state = assemble(segments, final, spec)
         card = site_card(spec, self.site_id, data.card)
@@ -123,6 +124,32 @@ class SiteStore:
         log.info("%s: site model written to %s", self.site_id, self.site_model)
         if self.export_onnx:
             self._export(data)
+
+    def _export_party(
+        self,
+        spec: JobSpec,
+        segments: EdgeSegments,
+        final: Mapping[str, torch.Tensor],
+        data: SiteData,
+    ) -> None:
+        """A vertical party's own head, and at the label party the top (docs/vertical.md)."""
+        from edge_agent.vertical_export import export_party  # noqa: PLC0415
+
+        assert self.state_dir is not None
+        sample = data.x_test[:32] if len(data.y_test) else data.x_train[:32]
+        try:
+            files = export_party(
+                spec,
+                self.site_id,
+                segments=segments,
+                final=final,
+                state_dir=self.state_dir,
+                sample=sample,
+            )
+        except ExportError as exc:  # the layers stay in edge.safetensors; export can be redone
+            log.error("%s: ONNX export failed: %s", self.site_id, exc)
+            return
+        log.info("%s: exported %s", self.site_id, ", ".join(str(f) for f in files))
 
     def _export(self, data: SiteData) -> None:
         """Export to ONNX with parity checked on this site's own held-out samples."""

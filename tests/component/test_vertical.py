@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import onnxruntime
 import pytest
 import torch
 
@@ -168,3 +172,43 @@ def test_two_label_parties_are_refused() -> None:
     tables["imaging"] = dataclasses.replace(tables["imaging"], y=labels)
     message = _refusal(tables, parties)
     assert "imaging holds labels, but the job's label party is hospital" in message
+
+
+def test_each_party_exports_its_head_and_the_label_party_a_top_that_needs_the_others(
+    tmp_path: Path,
+) -> None:
+    parties = party_names(3)
+    config = vertical_config(parties, rounds=1)
+    result = run_job(
+        config,
+        builtin_tables(parties),
+        memory_connector(MemoryBroker()),
+        state_root=tmp_path,
+        export_onnx=True,
+    )
+    assert [p for p in parties if (tmp_path / p / "top.onnx").exists()] == ["hospital"]
+    data = {party: agent.data for party, agent in result.agents.items()}
+    activations = {
+        party: _onnx(tmp_path / party / "head.onnx", data[party].x_test) for party in parties
+    }
+    top = onnxruntime.InferenceSession(str(tmp_path / "hospital" / "top.onnx"))
+    layout = json.loads(top.get_modelmeta().custom_metadata_map["medsplit.inputs"])
+    assert [part["party"] for part in layout] == parties  # its columns, then the others'
+    x = np.concatenate([data["hospital"].x_test.numpy(), *(activations[p] for p in parties[1:])], 1)
+    (logits,) = top.run(None, {top.get_inputs()[0].name: x})
+
+    model = config.plan.model.build()
+    state = dict(result.coordinator.final_state())
+    for agent in result.agents.values():
+        assert agent.segments is not None
+        state |= agent.segments.state()
+    model.load_state_dict(state)
+    with torch.no_grad():
+        expected = model.eval()(joined(data, parties).x_test).numpy()
+    assert np.abs(logits - expected).max() < 1e-4  # the parties' exports score as one model
+
+
+def _onnx(path: Path, x: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    return np.asarray(out)
