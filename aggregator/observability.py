@@ -14,6 +14,7 @@ from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING, Any
 
 from aggregator.state import JobState, Phase, SiteEntry
+from aggregator.vertical import vertical_summary
 from medsplit.metric_families import Durations, Scraped, counted_by, one_hot
 from medsplit.modes import MODES
 from medsplit.protocol import Kind
@@ -123,7 +124,8 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
         "mode": str(config.mode),
         "orchestration": str(config.orchestration),
         # Split modes: whether the sites' head and tail travel sealed (None: federated modes).
-        "sealed_segments": coordinator.sealed if MODES[config.mode].cut_layer else None,
+        "sealed_segments": coordinator.sealed if MODES[config.mode].weights == "edge" else None,
+        "vertical": vertical_summary(config, state.align_size),
         "phase": str(state.phase),
         "round": state.round,
         "rounds": config.rounds.count,

@@ -19,6 +19,7 @@ from aggregator.config import JobConfig
 from aggregator.coordinator import Coordinator
 from aggregator.report_page import write_pages
 from aggregator.state import RoundRecord
+from aggregator.vertical import vertical_summary
 from medsplit.evaluation import NAMES as CLINICAL
 from medsplit.modes import MODES
 from medsplit.storage import atomic_write
@@ -62,9 +63,11 @@ def build_report(
         ],
     }
     # Split modes: whether the sites' head and tail travelled sealed (None: federated modes).
+    # (None too in vertical jobs, whose parties' layers never travel at all.)
     report["sealed_segments"] = (
-        coordinator.sealed if MODES[coordinator.config.mode].cut_layer else None
+        coordinator.sealed if MODES[coordinator.config.mode].weights == "edge" else None
     )
+    report["vertical"] = vertical_summary(coordinator.config, state.align_size)
     report["data_path"] = data_path(coordinator)
     report["wire_bytes"] = wire_bytes(coordinator)
     report["last_checkpoint"] = (

@@ -200,6 +200,8 @@ def _setup_rows(report: Mapping[str, Any]) -> list[tuple[str, object]]:
         *("batch_size", "wire_dtype", "seed", "sealed_segments", "last_checkpoint"),
     )
     rows: list[tuple[str, object]] = [(k.replace("_", " "), report[k]) for k in keys if k in report]
+    vertical = report.get("vertical") or {}
+    rows += [(f"vertical: {k.replace('_', ' ')}", v) for k, v in vertical.items()]
     return [*rows, ("sites", list(report["sites"]))]
 
 

@@ -213,3 +213,18 @@ def vertical_trunk(config: JobConfig, trunk: Trunk) -> VerticalTrunk | None:
         args.merge,
         labels_travel=not config.plan.u_shaped,
     )
+
+
+def vertical_summary(config: JobConfig, common_patients: int | None) -> dict[str, object] | None:
+    """What ``/status`` and the report say of a vertical job: its parties, who holds the
+    labels and the top, the merge, and how many patients the alignment found common."""
+    if config.mode != Mode.VERTICAL:
+        return None
+    args = vertical_args(config.plan.model.args)
+    return {
+        "parties": list(args.parties),
+        "label_party": args.label_party,
+        "top": "label party" if config.plan.u_shaped else "aggregator",
+        "merge": args.merge,
+        "common_patients": common_patients,
+    }

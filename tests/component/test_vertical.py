@@ -14,6 +14,7 @@ import torch
 
 from aggregator.config import JobConfig
 from aggregator.coordinator import JobFailed
+from aggregator.observability import status
 from edge_agent.data.vertical import PartyTable
 from experiments.inprocess import JobResult, run_job
 from experiments.vertical import (
@@ -88,7 +89,15 @@ def test_vertical_training_equals_centralized_training_on_the_joined_table(
     assert result.history[-1].metrics["hospital"]["accuracy"] > 0.85
     label_party = result.agents["hospital"].party
     assert label_party is not None and label_party.rows is not None
-    assert result.coordinator.state.align_size == len(label_party.rows)
+    shown = status(result.coordinator)
+    assert shown["vertical"] == {
+        "parties": parties,
+        "label_party": "hospital",
+        "top": "label party" if u_shaped else "aggregator",
+        "merge": merge,
+        "common_patients": len(label_party.rows),
+    }
+    assert shown["sealed_segments"] is None  # no party's layers travel, sealed or not
     ends_like_centralized(config, result, parties)
 
 

@@ -172,6 +172,7 @@ def test_a_killed_aggregator_of_a_vertical_job_aligns_again_and_resumes_bit_for_
     fed, report, _ = _against_clean(tmp_path, mosquitto, job, fault, site_settings=sites)
     assert report["faults"]["resumed_at"] == [1]
     assert [r["trained"] for r in report["history"]] == [parties] * 3
+    assert report["vertical"]["common_patients"] > 0 and report["sealed_segments"] is None
     aligned = fed.log("hospital").read_text().count("common to every party")
     assert aligned == 2  # once at the start, once for the restarted aggregator
 
