@@ -191,6 +191,7 @@ class Coordinator:
             sample_slack=config.security.sample_slack,
             recipients=tuple(config.sites) if self.sealed else (),
             alignment=script,
+            lockstep=self.vertical is not None,
         )
         self.checkpoints = checkpoints
         self.last_checkpoint: Path | None = None
@@ -402,6 +403,8 @@ class Coordinator:
                 self.vertical.forget()
         elif isinstance(message, OpenTurn):
             self.trunk.open_turn(message.sites)
+            if self.vertical is not None:
+                self.vertical.forget()  # a new round: every party starts at its first step
         else:
             self.trunk.close_turn(message.samples)
 
@@ -583,7 +586,8 @@ class Coordinator:
             # Steps before this one are done on both sides, and the site kept its state here.
             self._save_checkpoint(Checkpoint(self.state.step_point(env.step)))
         if self.vertical is not None:
-            self._answer_parties(self.vertical.activations(site, env))
+            if self._serves_open_request(site, env):
+                self._answer_parties(self.vertical.activations(site, env))
             return
         self._answer(site, self._trunk_service().activations(site, env))
 
@@ -591,6 +595,8 @@ class Coordinator:
         if not self._asked(site, Phase.TRAINING, env):
             return
         if self.vertical is not None:
+            if not self._serves_open_request(site, env):
+                return
             answers = self.vertical.trunk_grad(site, env)
         else:
             answer = self._trunk_service().trunk_grad(site, env)
@@ -603,10 +609,20 @@ class Coordinator:
     def _on_eval_activations(self, site: str, env: Envelope) -> None:
         if not self._asked(site, Phase.EVALUATING, env):
             return
-        if self.vertical is not None:
-            self._answer_parties(self.vertical.evaluation(site, env))
-        else:
+        if self.vertical is None:
             self._answer(site, self._trunk_service().evaluation(env))
+        elif self._serves_open_request(site, env):
+            self._answer_parties(self.vertical.evaluation(site, env))
+
+    def _serves_open_request(self, site: str, env: Envelope) -> bool:
+        """A vertical party's step serves the train or evaluate request open with it -- not
+        one of an attempt given up when the round started over (a party restarted)."""
+        open_request = self.requests.get(site)
+        # (validated on arrival: a message id, or absent)
+        if open_request is not None and env.meta.get("serves") == open_request.envelope.msg_id:
+            return True
+        self.state = replace(self.state, late_messages=self.state.late_messages + 1)
+        return False
 
     def _on_aligned(self, site: str, env: Envelope) -> None:
         if self._answers_request(site, env):

@@ -448,6 +448,8 @@ class JobMachine:
     recipients: tuple[str, ...] = ()
     # Vertical jobs: the stages of the parties' alignment, run before anything else.
     alignment: Script = ()
+    # Vertical jobs: the parties step together, so one restarting restarts the round for all.
+    lockstep: bool = False
 
     def step(self, state: JobState, event: Event, now: float) -> tuple[JobState, list[Out]]:
         if state.done:
@@ -510,9 +512,21 @@ class JobMachine:
         out.append(Send(hello.site, Kind.SETUP, max(state.round, 0)))
         if state.normalization is not None and state.phase != Phase.JOINING:  # joined late
             out.append(self._normalization(state, hello.site))
+        if restarted and self.lockstep and state.phase in (Phase.TRAINING, Phase.EVALUATING):
+            return self._start_over(state, out)
         if (restarted or state.phase == Phase.FINISHING) and hello.site in state.waiting_for:
             out.append(Forget(hello.site))
             out.append(self._request(state, hello.site))
+        return state
+
+    def _start_over(self, state: JobState, out: list[Out]) -> JobState:
+        """Parties in lockstep (vertical) cannot go on without one that restarted, nor can
+        one that had finished the round redo it alone: the round (or its evaluation) starts
+        over for every party, each from its own snapshot of the round's start."""
+        state = replace(state, replies={}, evaluations={})
+        again = state.waiting_for
+        out.extend(Forget(site) for site in again)  # nothing of the given-up attempt stays
+        out.extend(self._request(state, site) for site in again)
         return state
 
     def _stats(self, state: JobState, stats: StatsReported) -> JobState:

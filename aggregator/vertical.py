@@ -13,8 +13,10 @@ for the same rows: this service gathers them (a barrier per step), merges them i
   every party's are in, the loss is computed here and every party gets its slice's gradient.
 
 A party's answer is held until the step completes, so a party never runs ahead: a step's
-answers are the barrier. A step that another step replaces (a party started over after a
-restart) is dropped with what it held.
+answers are the barrier. When a party restarts, the round starts over for every party (each
+from its own snapshot of the round's start, the trunk from where the round started); the
+coordinator passes on only steps that serve the request open with their party, so a step of
+the attempt given up can never complete a step of the redone one.
 """
 
 from __future__ import annotations
@@ -196,7 +198,8 @@ class VerticalTrunk:
         return alignment_script(self.parties, self.label_party)
 
     def forget(self) -> None:
-        """A round that will not complete: nothing of it is kept."""
+        """A new round, or one that starts over: every party from its first step, nothing of
+        an unfinished step kept."""
         self._training = self._held_out = None
         self.trunk.optimizer.zero_grad()
 

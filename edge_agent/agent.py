@@ -123,6 +123,7 @@ class Agent:
         hello_interval_s: float = 5.0,
         state_dir: Path | None = None,
         export_onnx: bool = False,
+        joint_export: bool = False,
         status_interval_s: float = 10.0,
         retry_interval_s: float = 5.0,
         incarnation: str | None = None,
@@ -145,7 +146,9 @@ class Agent:
         self.retry_interval_s = retry_interval_s
         self.state_dir = state_dir
         self.export_onnx = export_onnx
-        self.store = SiteStore(site_id, state_dir, export_onnx=export_onnx)
+        self.store = SiteStore(
+            site_id, state_dir, export_onnx=export_onnx, joint_export=joint_export
+        )
         self.sealing = sealing
         self.allow_factories = allow_factories
         self.foreign_code: str | None = None  # why a job spec was refused: code not allowed
@@ -338,9 +341,7 @@ class Agent:
                     return env
                 self._answers[flight.request.msg_id] = env  # another micro-batch's, early
             elif env.kind in MAIN_LOOP_KINDS:
-                self._backlog.append(received)
-                if env.kind in (Kind.FINISH, Kind.REFUSED):
-                    raise StepTimeout(f"the aggregator sent {env.kind} during a step")
+                self._for_main_loop(received, round)
             else:
                 log.warning(
                     "%s: ignoring stale %s (round %s step %s)",
@@ -351,6 +352,27 @@ class Agent:
                 )
         raise StepTimeout(
             f"no {kind} for round {round} step {step} within {self.reply_timeout_s:g} s"
+        )
+
+    def _for_main_loop(self, received: Received, round: int) -> None:
+        """A message that arrived during a step, kept for the main loop; the step is given up
+        if it cannot go on (the job finished, this site was refused, the round started over)."""
+        self._backlog.append(received)
+        env = received.envelope
+        if env.kind in (Kind.FINISH, Kind.REFUSED):
+            raise StepTimeout(f"the aggregator sent {env.kind} during a step")
+        if self._started_over(env, round):
+            raise StepTimeout("the aggregator started the round over")
+
+    def _started_over(self, env: Envelope, round: int) -> bool:
+        """Asked anew for the round in progress: a vertical party restarted, and every party
+        redoes the round (or its evaluation) from its snapshot."""
+        return (
+            self.spec is not None
+            and self.spec.mode == Mode.VERTICAL
+            and env.kind in (Kind.TRAIN, Kind.EVALUATE)
+            and env.round == round
+            and env.msg_id != self._working_on
         )
 
     # -- main loop ----------------------------------------------------------------------------------
@@ -688,6 +710,8 @@ class Agent:
         ``answer_to`` awaits. Several may be in flight (a pipelined step's micro-batches). A
         step's request is not waited on (``wait=False``): its answer acknowledges it, and it is
         repeated while none comes."""
+        if self._working_on is not None:
+            meta = {**(meta or {}), "serves": self._working_on}
         request = self._send(
             kind, round=round, step=step, tensors=tensors, meta=meta, cast=cast, wait=wait
         )

@@ -114,7 +114,16 @@ MicroIndex = Annotated[int, Field(ge=0, lt=MAX_MICRO_BATCHES)]
 MicroCount = Annotated[int, Field(ge=1, le=MAX_MICRO_BATCHES)]
 
 
-class StepMeta(Meta):
+class ServesMeta(Meta):
+    """A cut-layer message of a train or evaluate request: ``serves`` is that request's message
+    id. A vertical job takes a party's step only for the request open with it, so steps of an
+    attempt the round gave up (a party restarted and every party redoes the round) never
+    count."""
+
+    serves: Token | None = None
+
+
+class StepMeta(ServesMeta):
     """A training step's cut-layer message, site to aggregator. A pipelined step (``training.
     micro_batches``) is cut into ``micros`` micro-batches sent without waiting for each other;
     ``micro`` says which one this is. Vanilla split's activations also say the micro-batch's
@@ -184,7 +193,7 @@ SCHEMAS: dict[str, type[Meta]] = {
     Kind.ERROR: ErrorMeta,
     Kind.ACTIVATIONS: StepMeta,
     Kind.TRUNK_GRAD: StepMeta,
-    Kind.EVAL_ACTIVATIONS: NoMeta,
+    Kind.EVAL_ACTIVATIONS: ServesMeta,
     Kind.ALIGNED: AlignedMeta,
     Kind.SETUP: SetupMeta,
     Kind.REFUSED: RefusedMeta,

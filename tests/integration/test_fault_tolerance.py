@@ -147,10 +147,9 @@ def test_a_killed_aggregator_resumes_and_ends_bit_for_bit_like_an_uninterrupted_
     assert fed.starts["site-a"] == 1  # no agent was restarted
 
 
-def test_a_killed_aggregator_of_a_vertical_job_aligns_again_and_resumes_bit_for_bit(
-    mosquitto: Mosquitto, tmp_path: Path
-) -> None:
-    parties = party_names(3)
+def _vertical_job(parties: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A three-party vertical job (U-shaped, the first party holds the labels) and each
+    party's site settings."""
     job = _job("vertical", "parallel", rounds=3)
     job |= {
         "sites": parties,
@@ -168,6 +167,14 @@ def test_a_killed_aggregator_of_a_vertical_job_aligns_again_and_resumes_bit_for_
         }
         for index, party in enumerate(parties)
     }
+    return job, sites
+
+
+def test_a_killed_aggregator_of_a_vertical_job_aligns_again_and_resumes_bit_for_bit(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    parties = party_names(3)
+    job, sites = _vertical_job(parties)
     fault = _kill_aggregator_after("round-00001.safetensors")
     fed, report, _ = _against_clean(tmp_path, mosquitto, job, fault, site_settings=sites)
     assert report["faults"]["resumed_at"] == [1]
@@ -175,6 +182,26 @@ def test_a_killed_aggregator_of_a_vertical_job_aligns_again_and_resumes_bit_for_
     assert report["vertical"]["common_patients"] > 0 and report["sealed_segments"] is None
     aligned = fed.log("hospital").read_text().count("common to every party")
     assert aligned == 2  # once at the start, once for the restarted aggregator
+
+
+def test_a_vertical_party_killed_mid_round_restarts_the_round_for_all_bit_for_bit(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    """The parties step together: when one is killed and comes back, every party redoes the
+    round from its own snapshot and the trunk from where the round began, so the job ends as
+    an uninterrupted one does -- whichever step the kill landed on."""
+    parties = party_names(3)
+    job, sites = _vertical_job(parties)
+    killed = parties[1]  # a party without the labels
+
+    def fault(fed: Federation) -> None:
+        fed.await_file(fed.checkpoint(1))  # round 1 starts as this is written
+        assert fed.kill(killed) == -signal.SIGKILL
+        fed.start(killed)  # the same state directory: its aligned rows and round snapshot
+
+    fed, report, _ = _against_clean(tmp_path, mosquitto, job, fault, site_settings=sites)
+    assert [r["trained"] for r in report["history"]] == [parties] * 3
+    assert fed.starts[killed] == 2 and fed.starts[parties[0]] == 1
 
 
 def test_a_step_checkpoint_resumes_the_round_at_that_step_bit_for_bit(

@@ -109,6 +109,33 @@ def test_a_restarted_agent_is_asked_again_what_its_old_process_took_with_it() ->
     assert [m.kind for m in out if isinstance(m, Send)] == [Kind.SETUP, Kind.EVALUATE]
 
 
+def test_parties_in_lockstep_all_redo_the_round_when_one_restarts() -> None:
+    """Vertical parties step together: b restarting voids a's finished round too, so both are
+    asked again (new requests) and a's earlier answer no longer counts."""
+    job = Job(replace(_machine(FedAvg(), quorum=2), lockstep=True), ["a", "b"])
+    job.hello("a")
+    job.hello("b")
+    job.done("a")
+    assert job.state.waiting_for == ["b"]
+    out = job.hello("b", incarnation="two")
+    assert Forget("a") in out and Forget("b") in out
+    assert [(m.site, m.kind) for m in out if isinstance(m, Send) and m.kind == Kind.TRAIN] == [
+        ("a", Kind.TRAIN),
+        ("b", Kind.TRAIN),
+    ]
+    assert job.state.waiting_for == ["a", "b"]
+    job.done("a")
+    job.done("b")  # the round goes on to its evaluation, whose restart redoes it for both
+    assert job.state.phase == Phase.EVALUATING
+    job.evaluated("a")
+    out = job.hello("a", incarnation="three")
+    assert [(m.site, m.kind) for m in out if isinstance(m, Send)][1:] == [
+        ("a", Kind.EVALUATE),
+        ("b", Kind.EVALUATE),
+    ]
+    assert job.state.waiting_for == ["a", "b"]
+
+
 def test_a_round_is_train_then_evaluate_then_the_next_round_then_finish() -> None:
     job = Job(_machine(FedAvg(), rounds=2), ["a", "b"])
     job.hello("a")
