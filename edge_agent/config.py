@@ -134,6 +134,11 @@ class SiteConfig(FileSettings):
     export_onnx: bool = Field(
         True, description="at the end of a job, export the site's model to state.dir/model.onnx"
     )
+    joint_export: bool = Field(
+        False,
+        description="vertical jobs: this party agrees that its head may join the label party's "
+        "joint model (medsplit export-joint); said in its head.onnx (docs/vertical.md)",
+    )
     waits: SiteWaits = SiteWaits()
     state: SiteState = SiteState()
     models: SiteModels = Field(

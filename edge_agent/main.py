@@ -188,6 +188,7 @@ def _run(
         retry_interval_s=config.waits.retry_interval_s,
         state_dir=config.state.dir,
         export_onnx=config.export_onnx,
+        joint_export=config.joint_export,
         incarnation=party.incarnation,
         sealing=sealing,
         allow_factories=tuple(config.models.allow),

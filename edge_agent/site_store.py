@@ -40,10 +40,13 @@ STATE_FILE = "edge.safetensors"
 
 
 class SiteStore:
-    def __init__(self, site_id: str, state_dir: Path | None, *, export_onnx: bool) -> None:
+    def __init__(
+        self, site_id: str, state_dir: Path | None, *, export_onnx: bool, joint_export: bool = False
+    ) -> None:
         self.site_id = site_id
         self.state_dir = state_dir
         self.export_onnx = export_onnx
+        self.joint_export = joint_export  # a vertical party agrees to a joint model
         self.site_model: Path | None = None  # written at finish
         self.onnx_model: Path | None = None
 
@@ -145,6 +148,7 @@ class SiteStore:
                 final=final,
                 state_dir=self.state_dir,
                 sample=sample,
+                joint=self.joint_export,
             )
         except ExportError as exc:  # the layers stay in edge.safetensors; export can be redone
             log.error("%s: ONNX export failed: %s", self.site_id, exc)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from edge_agent.segments import EdgeSegments
+from edge_agent.vertical_joint import JOINT_AGREED
 from medsplit.protocol import JobSpec
 from medsplit.storage import atomic_write
 from models import split_model
@@ -82,19 +83,19 @@ def export_party(
     final: Mapping[str, torch.Tensor],
     state_dir: Path,
     sample: torch.Tensor,
+    joint: bool = False,
 ) -> list[Path]:
-    """Write this party's ONNX models into ``state_dir``; returns the files written."""
+    """Write this party's ONNX models into ``state_dir``; returns the files written. ``joint``:
+    the party agrees that its head may join a joint model (``edge_agent.vertical_joint``)."""
     args = vertical_args(spec.plan.model.args)
     meta = {"medsplit.job": spec.job_id, "medsplit.party": party, "medsplit.mode": "vertical"}
     width = head_outputs(args)[party]
-    written = [
-        _write(
-            state_dir / HEAD_FILE,
-            segments.head,
-            sample,
-            meta | {"medsplit.role": "head", "medsplit.outputs": json.dumps(list(width))},
-        )
-    ]
+    head_meta = {
+        "medsplit.role": "head",
+        "medsplit.outputs": json.dumps(list(width)),
+        "medsplit.joint": JOINT_AGREED if joint else "not agreed",
+    }
+    written = [_write(state_dir / HEAD_FILE, segments.head, sample, meta | head_meta)]
     if party != args.label_party:
         return written
     trunk = _released_trunk(spec, final)

@@ -413,6 +413,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_joint(args: argparse.Namespace) -> int:
+    from edge_agent.vertical_joint import JointExportError, export_joint
+
+    heads: dict[str, Path] = {}
+    for given in args.head:
+        party, sep, path = given.partition("=")
+        if not sep or not party or not path:
+            print(f"error: --head {given!r}: expected PARTY=PATH/head.onnx", file=sys.stderr)
+            return 2
+        heads[party] = Path(path)
+    try:
+        path, diff = export_joint(Path(args.top), heads, Path(args.out))
+    except JointExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{path}  (one input per party; max |joint - parts| {diff:.2g})")
+    return 0
+
+
 def _export_for_platform(args: argparse.Namespace) -> int:
     from edge_agent.serving.platforms import PlatformError, export_for_platform
     from edge_agent.serving.predictor import ModelLoadError
@@ -704,6 +723,22 @@ def _add_model_commands(commands: Any) -> None:
         "--max-batch", type=int, default=64, help="triton and kserve: the largest batch served"
     )
     export.set_defaults(func=_cmd_export)
+
+    joint = commands.add_parser(
+        "export-joint",
+        help="vertical jobs: the label party's top.onnx and every other party's head.onnx as "
+        "one model, if every party agreed (joint_export: true)",
+    )
+    joint.add_argument("--top", required=True, help="the label party's state/top.onnx")
+    joint.add_argument(
+        "--head",
+        action="append",
+        default=[],
+        metavar="PARTY=PATH",
+        help="another party's head.onnx, as that party sent it (once per party)",
+    )
+    joint.add_argument("--out", required=True, help="the .onnx file to write")
+    joint.set_defaults(func=_cmd_export_joint)
 
     serve = commands.add_parser(
         "serve",

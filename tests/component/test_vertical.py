@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime
 import pytest
 import torch
@@ -25,6 +26,7 @@ from experiments.vertical import (
     party_names,
     table_plan,
 )
+from medsplit.cli import main
 from medsplit.protocol import Kind, topics
 from medsplit.transport import MemoryBroker
 from medsplit.wire import Decoder
@@ -184,7 +186,7 @@ def test_two_label_parties_are_refused() -> None:
 
 
 def test_each_party_exports_its_head_and_the_label_party_a_top_that_needs_the_others(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     parties = party_names(3)
     config = vertical_config(parties, rounds=1)
@@ -194,6 +196,7 @@ def test_each_party_exports_its_head_and_the_label_party_a_top_that_needs_the_ot
         memory_connector(MemoryBroker()),
         state_root=tmp_path,
         export_onnx=True,
+        joint_export=True,  # every party agrees to a joint model (tested below)
     )
     assert [p for p in parties if (tmp_path / p / "top.onnx").exists()] == ["hospital"]
     data = {party: agent.data for party, agent in result.agents.items()}
@@ -215,6 +218,33 @@ def test_each_party_exports_its_head_and_the_label_party_a_top_that_needs_the_ot
     with torch.no_grad():
         expected = model.eval()(joined(data, parties).x_test).numpy()
     assert np.abs(logits - expected).max() < 1e-4  # the parties' exports score as one model
+    _joint_model_scores_like_the_parts(tmp_path, parties, data, expected)
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: imaging did not agree to a joint model") and "\n" not in error
+
+
+def _joint_model_scores_like_the_parts(
+    tmp_path: Path, parties: list[str], data: dict[str, Any], expected: np.ndarray
+) -> None:
+    """Every party agreed: ``medsplit export-joint`` makes one model of one input per party;
+    with one party's agreement withdrawn it is refused, naming that party."""
+    heads = [f"--head={p}={tmp_path / p / 'head.onnx'}" for p in parties[1:]]
+    top = f"--top={tmp_path / 'hospital' / 'top.onnx'}"
+    out = tmp_path / "joint.onnx"
+    assert main(["export-joint", top, *heads, f"--out={out}"]) == 0
+    joint = onnxruntime.InferenceSession(str(out))
+    assert [i.name for i in joint.get_inputs()] == parties
+    (logits,) = joint.run(None, {p: data[p].x_test.numpy() for p in parties})
+    assert np.abs(logits - expected).max() < 1e-4
+
+    withdrawn = onnx.load_model(str(tmp_path / "imaging" / "head.onnx"))
+    for prop in withdrawn.metadata_props:
+        if prop.key == "medsplit.joint":
+            prop.value = "not agreed"  # as a party without joint_export: true writes it
+    onnx.save_model(withdrawn, str(tmp_path / "imaging-head.onnx"))
+    heads[0] = f"--head=imaging={tmp_path / 'imaging-head.onnx'}"
+    assert main(["export-joint", top, *heads, f"--out={tmp_path / 'refused.onnx'}"]) == 2
+    assert not (tmp_path / "refused.onnx").exists()
 
 
 def _onnx(path: Path, x: torch.Tensor) -> np.ndarray:
