@@ -151,6 +151,19 @@ class LabelHolder:
         return sorted(self.remaining)
 
 
+def psi_self_check() -> str:
+    """Run one small intersection through the installed PSI library, as the parties' holders
+    do, and say which library answered: ``medsplit data-check`` tells a hospital before the
+    job that alignment will work on this machine (or image), not at the job's first stage."""
+    from importlib.metadata import version  # noqa: PLC0415
+
+    label, holder = LabelHolder(["a", "b", "c"]), KeyHolder(["b", "c", "d"])
+    request = label.request()
+    if label.narrow(holder.setup(3), holder.answer(request)) != 2 or label.common() != ["b", "c"]:
+        raise AlignmentError("openmined-psi is installed but gave a wrong intersection")
+    return f"openmined-psi {version('openmined-psi')}"
+
+
 class PartyAlignment:
     """One party's side of the stages the aggregator relays (``aggregator.alignment``)."""
 

@@ -1,7 +1,9 @@
 """``medsplit experiment`` over vertical partitions: what joining the parties' columns buys.
 
 The built-in table's columns are divided between two or three parties (``builtin-vertical``),
-each holding a seeded share of the patients; the label party holds the diagnosis. Compared on
+or synthetic-cxr's radiographs held by an imaging centre and a clinical table of the same
+patients by the hospital; each party holds a seeded share of the patients and the label party
+(the hospital) the diagnosis. Compared on
 the same held-out patients (the common ones every party holds out, from the job seed):
 
 * ``vertical (top at the label party)`` and ``vertical (top at the aggregator)``: real jobs
@@ -9,8 +11,9 @@ the same held-out patients (the common ones every party holds out, from the job 
 * ``centralized (joined table)``: the same network trained in one place on the joined table --
   the distributed jobs' exact baseline (its row says whether the U-shaped job ended with the
   very same weights);
-* ``alone: PARTY``: an MLP of the same width on that party's columns only, with the labels --
-  what each party's columns are worth without the others'.
+* ``alone: PARTY``: the same network trained the same way on that party's columns only (every
+  other party's columns blanked to zeros -- their mean, once standardised -- so their heads
+  give constants), with the labels: what each party's columns are worth without the others'.
 """
 
 from __future__ import annotations
@@ -18,32 +21,34 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from aggregator.config import JobConfig
 from aggregator.report import report_dict, write_report
 from edge_agent.data.site_data import SiteData
+from edge_agent.data.synthetic import CXR_FINDINGS
+from edge_agent.data.vertical import PartyTable
 from experiments.inprocess import JobResult, run_job
 from experiments.results import Spread
 from experiments.runner import CELL_FAILURES, connector_for, run_grid
 from experiments.vertical import (
+    builtin_heads,
     builtin_tables,
     centralized,
-    column_widths,
     joined,
+    only,
     party_names,
-    table_plan,
+    vertical_plan,
 )
 from medsplit.config import BrokerConfig, OptimizerConfig
 from medsplit.ids import ID_PATTERN
 from medsplit.storage import atomic_write
-from medsplit.training import evaluate_model, train_centralized
+from medsplit.training import evaluate_model
 from models import ConfigError
 from models.config_errors import load_yaml_mapping, validate
-from models.plan import ModelSpec
 from models.vertical import Merge
 
 TOPS = {True: "top at the label party", False: "top at the aggregator"}
@@ -56,11 +61,18 @@ class VerticalExperiment(BaseModel):
 
     name: str = Field(pattern=ID_PATTERN)
     vertical: bool = Field(True, description="marks the file as a vertical experiment")
-    dataset: str = Field("breast-cancer", pattern="^breast-cancer$")
+    dataset: Literal["breast-cancer", "synthetic-cxr"] = Field(
+        "breast-cancer", description="columns in blocks, or (synthetic-cxr) a table and images"
+    )
     parties: list[int] = Field(default_factory=lambda: [2, 3], min_length=1)
     coverage: float = Field(0.9, gt=0, le=1, description="the share of patients each holds")
     merge: Merge = "concat"
     hidden: int = Field(8, ge=1, le=4096, description="each head's and the top's width")
+    channels: list[int] = Field(
+        default_factory=lambda: [8, 16],
+        min_length=1,
+        description="the imaging party's CNN head: channels of its conv blocks (synthetic-cxr)",
+    )
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
     rounds: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(32, ge=1, le=65_536)
@@ -69,9 +81,28 @@ class VerticalExperiment(BaseModel):
     out: Path | None = None
     timeout_s: float = Field(3600.0, gt=0)
 
+    @model_validator(mode="after")
+    def _image_partition_has_two_parties(self) -> VerticalExperiment:
+        if self.dataset == "synthetic-cxr" and self.parties != [2]:
+            raise ValueError(
+                "parties: synthetic-cxr is held by 2 parties (a clinical table and the images); "
+                f"set parties: [2], not {self.parties}"
+            )
+        return self
+
     @property
     def output_dir(self) -> Path:
         return self.out or Path("runs") / "experiments" / self.name
+
+    def heads(self, parties: int) -> dict[str, dict[str, Any]]:
+        """Each party's head, in party order (the first holds the labels)."""
+        names = party_names(parties)
+        return builtin_heads(self.dataset, names, hidden=self.hidden, channels=self.channels)
+
+    def tables(self, parties: int, seed: int) -> dict[str, PartyTable]:
+        """Each party's records for the cell (the first holds the labels)."""
+        names = party_names(parties)
+        return builtin_tables(names, dataset=self.dataset, coverage=self.coverage, seed=seed)
 
     def job(
         self,
@@ -91,12 +122,8 @@ class VerticalExperiment(BaseModel):
         data = {
             "job_id": job_id,
             "mode": "vertical",
-            "plan": table_plan(
-                names,
-                column_widths(30, parties),
-                merge=self.merge,
-                u_shaped=u_shaped,
-                hidden=self.hidden,
+            "plan": vertical_plan(
+                self.heads(parties), merge=self.merge, u_shaped=u_shaped, hidden=self.hidden
             ),
             "sites": names,
             "seed": seed,
@@ -154,7 +181,7 @@ def _run_cell(config: VerticalExperiment, cell: VerticalCell, url: str) -> Verti
     try:
         for u_shaped in (True, False):
             job = config.job(cell.parties, cell.seed, u_shaped, url)
-            tables = builtin_tables(names, coverage=config.coverage, seed=cell.seed)
+            tables = config.tables(cell.parties, cell.seed)
             begun = time.monotonic()
             outcome = run_job(job, tables, connector_for(job), timeout=config.timeout_s)
             _report(job, outcome, time.monotonic() - begun)
@@ -165,7 +192,7 @@ def _run_cell(config: VerticalExperiment, cell: VerticalCell, url: str) -> Verti
                 got = dict(outcome.coordinator.final_state())
                 for agent in outcome.agents.values():
                     got |= agent.segments.state() if agent.segments is not None else {}
-                result.exact = _baselines(config, job, data, names, got, result)
+                result.exact = _baselines(job, data, names, got, result)
     except CELL_FAILURES as exc:
         result.status, result.error = "failed", f"{type(exc).__name__}: {exc}"
     result.seconds = time.monotonic() - started
@@ -184,8 +211,7 @@ def _report(job: JobConfig, outcome: JobResult, seconds: float) -> None:
     write_report(job.output_dir, report)
 
 
-def _baselines(  # noqa: PLR0917 -- one cell's data and what its job ended with
-    config: VerticalExperiment,
+def _baselines(
     job: JobConfig,
     data: dict[str, SiteData],
     names: list[str],
@@ -196,29 +222,17 @@ def _baselines(  # noqa: PLR0917 -- one cell's data and what its job ended with
     whether the distributed job ended with the joined model's very weights."""
     table = joined(data, names)
     expected = centralized(job, table)
-    model = job.plan.model.build(seed=job.seed)
-    model.load_state_dict(expected)
-    result.metrics["centralized (joined table)"] = _scored(model, table, job)
-    labels = data[names[0]]
+    result.metrics["centralized (joined table)"] = _scored(job, expected, table)
     for party in names:
-        own = SiteData(data[party].x_train, labels.y_train, data[party].x_test, labels.y_test)
-        args = {"in_features": own.x_train.shape[1], "hidden": [config.hidden] * 2}
-        alone = ModelSpec(name="mlp", args=args).build(seed=job.seed)
-        train_centralized(
-            alone,
-            own.x_train,
-            own.y_train,
-            epochs=job.rounds.count,
-            batch_size=job.training.batch_size,
-            optimizer=job.training.optimizer,
-            seed=job.seed,
-        )
-        result.metrics[f"alone: {party}'s columns"] = _scored(alone, own, job)
+        own = joined(only(data, party), names)
+        result.metrics[f"alone: {party}'s columns"] = _scored(job, centralized(job, own), own)
     same_keys = distributed.keys() == expected.keys()
     return same_keys and all(torch.equal(distributed[k], expected[k]) for k in expected)
 
 
-def _scored(model: torch.nn.Module, data: SiteData, job: JobConfig) -> tuple[Any, Any]:
+def _scored(job: JobConfig, state: dict[str, torch.Tensor], data: SiteData) -> tuple[Any, Any]:
+    model = job.plan.model.build(seed=job.seed)
+    model.load_state_dict(state)
     metrics = evaluate_model(model, data.x_test, data.y_test, job.training.threshold).as_meta()
     return metrics["accuracy"], metrics["auroc"]
 
@@ -227,12 +241,11 @@ def markdown(config: VerticalExperiment, results: list[VerticalResult], command:
     lines = [
         f"```bash\n{command}\n```",
         "",
-        f"Built-in `{config.dataset}`, its 30 columns divided between the parties in contiguous "
-        f"blocks, each party holding {config.coverage:.0%} of the patients (seeded); "
-        f"{config.rounds} rounds, batch {config.batch_size}, {config.optimizer.name} lr "
-        f"{config.optimizer.lr:g}, merge `{config.merge}`, width {config.hidden}, seeds "
-        f"{config.seeds}. Held-out accuracy and AUROC on the same common patients, mean ± std "
-        "over seeds.",
+        f"Built-in `{config.dataset}`, {_partition_text(config)}, each party holding "
+        f"{config.coverage:.0%} of the patients (seeded); {config.rounds} rounds, batch "
+        f"{config.batch_size}, {config.optimizer.name} lr {config.optimizer.lr:g}, merge "
+        f"`{config.merge}`, width {config.hidden}, seeds {config.seeds}. Held-out accuracy and "
+        "AUROC on the same common patients, mean ± std over seeds.",
         "",
     ]
     for parties in config.parties:
@@ -260,6 +273,16 @@ def markdown(config: VerticalExperiment, results: list[VerticalResult], command:
             "",
         ]
     return "\n".join(lines)
+
+
+def _partition_text(config: VerticalExperiment) -> str:
+    if config.dataset == "synthetic-cxr":
+        return (
+            f"the radiographs at the imaging centre (a CNN head, channels {config.channels}) "
+            "and a clinical table of the same patients at the hospital "
+            f"({', '.join(name for name, *_ in CXR_FINDINGS)})"
+        )
+    return "its columns divided between the parties in contiguous blocks"
 
 
 def write_vertical_results(

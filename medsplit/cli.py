@@ -283,13 +283,28 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not isinstance(data, SiteData):  # a vertical party: rows are split once aligned
-        shape = list(data.x.shape[1:])
-        labels = "with labels" if data.y is not None else "no labels"
-        print(f"{config.site_id}: {len(data.keys)} patients ({labels}), input {shape}")
-        return 0
+        return _vertical_party_check(config.site_id, data)
     test = len(data.y_test)
     shape = list(data.x_train.shape[1:])
     print(f"{config.site_id}: {data.train_samples} training and {test} test samples, input {shape}")
+    return 0
+
+
+def _vertical_party_check(site_id: str, data: Any) -> int:
+    """A vertical party's records, their keys (salted as in a job: a missing or repeated key is
+    refused naming the rows) and the PSI library the alignment will use."""
+    from edge_agent.alignment import AlignmentError, psi_self_check
+
+    try:
+        data.salted("data-check")
+        library = psi_self_check()
+    except AlignmentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    shape = list(data.x.shape[1:])
+    labels = "with labels" if data.y is not None else "no labels"
+    print(f"{site_id}: {len(data.keys)} patients ({labels}), input {shape}")
+    print(f"{site_id}: keys in {data.key_column!r} all present and distinct; alignment: {library}")
     return 0
 
 

@@ -3,7 +3,8 @@
 # copy it (with this repository) to a host without internet, build the images there.
 #
 #   $WHEELHOUSE/deps/            every dependency of medsplit[edge] and medsplit[aggregator]
-#   $WHEELHOUSE/requirements/    core.txt, edge.txt, aggregator.txt: exact pins, per image
+#   $WHEELHOUSE/requirements/    core.txt, edge.txt, aggregator.txt: exact pins, per image;
+#                                edge-nodeps.txt: installed without their pins (openmined-psi)
 #   $WHEELHOUSE/app/             medsplit's own wheel, rebuilt every time (seconds)
 #
 # Dependencies are fetched only when pyproject.toml or constraints.txt changed since the last
@@ -28,7 +29,10 @@ fail() { printf 'error: %s\n' "$*" >&2; exit 1; }
 pip() { "$python" -m pip --disable-pip-version-check "$@"; }
 
 mkdir -p "$out"
-key=$( (cat "$here/pyproject.toml" "$constraints"; echo "$models") | sha256sum | cut -c1-16)
+# Vertical jobs' PSI library pins protobuf below what onnx needs; it runs on the newer one, so
+# the edge image installs it without its pins (as scripts/setup.sh does; docs/vertical.md).
+psi=$(sed -n 's/^openmined-psi==//p' "$constraints" "$here/constraints.txt" | head -n 1)
+key=$( (cat "$here/pyproject.toml" "$constraints"; echo "$models psi=$psi") | sha256sum | cut -c1-16)
 
 log "medsplit's wheel"
 rm -rf "$out/app.partial" && mkdir -p "$out/app.partial"
@@ -47,6 +51,9 @@ else
         --find-links "$out/app" "medsplit[edge,aggregator$models]==$version" >"$out/deps.log" 2>&1 \
         || fail "pip wheel failed: $(grep -m1 -i error "$out/deps.log" || tail -n 1 "$out/deps.log")"
     rm -f "$out"/deps.partial/medsplit-*.whl
+    pip download --quiet --no-deps --only-binary=:all: --dest "$out/deps.partial" \
+        "openmined-psi==$psi" >>"$out/deps.log" 2>&1 \
+        || fail "pip download openmined-psi==$psi failed: $(tail -n 1 "$out/deps.log")"
     mkdir -p "$out/requirements"
     for extra in core edge aggregator; do
         spec="medsplit==$version"
@@ -63,6 +70,7 @@ for item in json.load(open(sys.argv[1]))["install"]:
 PY
     done
     rm -f "$out/report.json"
+    echo "openmined-psi==$psi" >"$out/requirements/edge-nodeps.txt"
     echo "$key" >"$out/deps.partial/.key"
     rm -rf "$out/deps" && mv "$out/deps.partial" "$out/deps"
     log "$(ls "$out/deps" | wc -l) wheels, $(du -sh "$out/deps" | cut -f1)"

@@ -417,16 +417,24 @@ class BuiltinData(BaseModel):
 
 
 class VerticalBuiltinData(BaseModel):
-    """A party of a vertical job over a built-in table: a block of its columns for a seeded
-    share of its patients (docs/vertical.md). Parties of one job name the same dataset,
+    """A party of a vertical job over built-in data, for a seeded share of its patients
+    (docs/vertical.md): a block of breast-cancer's columns, or synthetic-cxr's clinical table
+    (``index`` 0) or radiographs (``index`` 1). Parties of one job name the same dataset,
     ``parties`` and ``seed``, each its own ``index``; the label party says ``labels: true``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: Literal["builtin-vertical"] = "builtin-vertical"
-    dataset: Literal["breast-cancer"] = Field("breast-cancer", description="a built-in table")
-    parties: int = Field(2, ge=2, le=10, description="how many parties divide its columns")
-    index: int = Field(0, ge=0, description="which block of columns, 0-based")
+    dataset: Literal["breast-cancer", "synthetic-cxr"] = Field(
+        "breast-cancer",
+        description="breast-cancer (columns in blocks) or synthetic-cxr (a table and images)",
+    )
+    parties: int = Field(
+        2, ge=2, le=10, description="how many parties divide it (synthetic-cxr: 2)"
+    )
+    index: int = Field(
+        0, ge=0, description="which block of columns, 0-based (synthetic-cxr: 0 table, 1 images)"
+    )
     labels: bool = Field(False, description="this party holds the labels")
     coverage: float = Field(
         0.9, gt=0, le=1, description="the share of the patients this party holds"
@@ -437,4 +445,9 @@ class VerticalBuiltinData(BaseModel):
     def _index_in_range(self) -> VerticalBuiltinData:
         if self.index >= self.parties:
             raise ValueError(f"index: {self.index} is out of range for parties={self.parties}")
+        if self.dataset == "synthetic-cxr" and self.parties != 2:
+            raise ValueError(
+                "parties: synthetic-cxr is held by 2 parties (a clinical table and the images), "
+                f"not {self.parties}"
+            )
         return self

@@ -8,7 +8,9 @@ out the same patients (drawn from the job seed), and standardises its own column
 training rows -- statistics no other party needs, so none leaves the site.
 
 ``builtin-vertical`` divides a built-in dataset's columns between parties, each party holding
-a seeded share of the patients, so that alignment has patients to leave out.
+a seeded share of the patients, so that alignment has patients to leave out: a table's columns
+in contiguous blocks, or, for ``synthetic-cxr``, a clinic's table of the patients (party 0) and
+their radiographs (party 1).
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import torch
 
 from edge_agent.alignment import job_salt, salted_keys
 from edge_agent.data.site_data import DataError, SiteData
+from edge_agent.data.synthetic import CXR_FINDINGS, cxr_findings
 from medsplit.statistics import FeatureSums
 
 DEMO_KEY_SECRET = b"medsplit built-in vertical data"  # built-in data only: not a secret
+IMAGE_PARTIES = 2  # a built-in image dataset: a clinic's table (party 0), the images (party 1)
 
 
 @dataclass(frozen=True)
@@ -112,27 +116,41 @@ def read_key_secret(path: Path) -> bytes:
 def builtin_party(
     dataset: str, parties: int, index: int, *, labels: bool, coverage: float, seed: int
 ) -> PartyTable:
-    """Party ``index`` of ``parties`` over a built-in table: a contiguous block of its columns,
-    for a seeded ``coverage`` share of its patients (keys ``<dataset>-0001``...)."""
-    from edge_agent.data.datasets import load  # noqa: PLC0415 -- scikit-learn
-
-    table = load(dataset)
-    if len(table.input_shape) != 1:
-        raise DataError(f"{dataset}: builtin-vertical divides tables by column; it has images")
-    blocks = np.array_split(np.arange(table.input_shape[0]), parties)
-    columns = blocks[index]
+    """Party ``index`` of ``parties`` over a built-in dataset, for a seeded ``coverage`` share
+    of its patients (keys ``<dataset>-0001``...): a contiguous block of a table's columns, or
+    synthetic-cxr's clinical table (index 0) or radiographs (index 1)."""
+    x, y, names = _party_columns(dataset, parties, index)
     rng = np.random.default_rng(seed * 7_919 + index)
-    count = len(table.y)
+    count = len(y)
     held = np.sort(rng.choice(count, size=max(2, round(coverage * count)), replace=False))
-    keys = tuple(f"{dataset}-{row + 1:04d}" for row in held)
     rows = torch.from_numpy(held)
-    names = tuple(table.feature_names[c] for c in columns) if table.feature_names else ()
     return PartyTable(
-        keys=keys,
-        x=table.x[rows][:, torch.from_numpy(columns)].contiguous(),
-        y=table.y[rows] if labels else None,
+        keys=tuple(f"{dataset}-{row + 1:04d}" for row in held),
+        x=x[rows].contiguous(),
+        y=y[rows] if labels else None,
         key_column="patient_id",
         source=f"built-in {dataset}",
         key_secret=DEMO_KEY_SECRET,
         columns=names,
     )
+
+
+def _party_columns(
+    dataset: str, parties: int, index: int
+) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """Every patient's records held by party ``index``, the labels, and the column names."""
+    from edge_agent.data.datasets import load  # noqa: PLC0415 -- scikit-learn
+
+    table = load(dataset)
+    if len(table.input_shape) == 1:
+        columns = np.array_split(np.arange(table.input_shape[0]), parties)[index]
+        names = tuple(table.feature_names[c] for c in columns) if table.feature_names else ()
+        return table.x[:, torch.from_numpy(columns)], table.y, names
+    if parties != IMAGE_PARTIES:
+        raise DataError(
+            f"{dataset}: builtin-vertical gives its images to one party and a clinical table "
+            f"of the same patients to another, so parties must be {IMAGE_PARTIES}, not {parties}"
+        )
+    if index == 1:
+        return table.x, table.y, ()
+    return cxr_findings(table.y), table.y, tuple(name for name, *_ in CXR_FINDINGS)

@@ -33,7 +33,7 @@ from experiments.inprocess import run_job
 from experiments.privacy import attacks
 from experiments.privacy.report import DOC
 from experiments.runner import CELL_FAILURES, connector_for, run_grid
-from experiments.vertical import builtin_tables, party_names
+from experiments.vertical import party_names
 from experiments.vertical_experiment import TOPS, VerticalExperiment
 from medsplit.privacy import measures
 from medsplit.protocol import Kind
@@ -103,7 +103,7 @@ def _measure(config: VerticalExperiment, cell: LeakCell, url: str) -> LeakResult
     last = job.rounds.count - 1
     tap = WireTap(rounds={last})
     try:
-        tables = builtin_tables(names, coverage=config.coverage, seed=cell.seed)
+        tables = config.tables(cell.parties, cell.seed)
         outcome = run_job(
             job, tables, connector_for(job), tap=tap, agent_type=RecordingAgent,
             timeout=config.timeout_s,

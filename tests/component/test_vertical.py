@@ -19,12 +19,14 @@ from aggregator.observability import status
 from edge_agent.data.vertical import PartyTable
 from experiments.inprocess import JobResult, run_job
 from experiments.vertical import (
+    builtin_heads,
     builtin_tables,
     centralized,
     column_widths,
     joined,
     party_names,
     table_plan,
+    vertical_plan,
 )
 from medsplit.cli import main
 from medsplit.protocol import Kind, topics
@@ -35,7 +37,7 @@ from tests.support.configs import job_config
 
 
 def vertical_config(parties: list[str], **overrides: Any) -> JobConfig:
-    plan = table_plan(
+    plan = overrides.pop("plan", None) or table_plan(
         parties,
         column_widths(30, len(parties)),
         merge=overrides.pop("merge", "concat"),
@@ -100,6 +102,24 @@ def test_vertical_training_equals_centralized_training_on_the_joined_table(
         "common_patients": len(label_party.rows),
     }
     assert shown["sealed_segments"] is None  # no party's layers travel, sealed or not
+    ends_like_centralized(config, result, parties)
+
+
+@pytest.mark.parametrize("u_shaped", [True, False])
+def test_images_at_one_party_and_a_table_at_another_equal_centralized_training(
+    u_shaped: bool,
+) -> None:
+    parties = party_names(2)
+    heads = builtin_heads("synthetic-cxr", parties, hidden=4, channels=[4])
+    assert heads["imaging"]["name"] == "cnn"
+    plan = vertical_plan(heads, u_shaped=u_shaped, hidden=4)
+    config = vertical_config(parties, plan=plan, rounds=1, dataset="synthetic-cxr")
+    tables = builtin_tables(parties, dataset="synthetic-cxr", coverage=0.3, seed=5)
+
+    result = run_vertical(config, tables)
+
+    assert result.agents["imaging"].data.x_train.shape[1:] == (1, 64, 64)
+    assert result.agents["hospital"].data.x_train.shape[1:] == (4,)
     ends_like_centralized(config, result, parties)
 
 

@@ -217,3 +217,23 @@ def test_a_vertical_party_config_missing_its_key_or_secret_is_refused(
 def test_a_short_shared_secret_is_refused_naming_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="holds 5 bytes; the parties' shared secret needs at least"):
         load_csv_party(_party(tmp_path, labels=False, secret=b"short"))
+
+
+def test_data_check_says_a_vertical_party_can_align_or_names_the_repeated_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    party = _party(tmp_path, labels=True)
+    site = {"site_id": "hospital", "job_id": "j", "data": {"source": "csv"}}
+    site["data"] |= json.loads(party.model_dump_json())
+    config_path = tmp_path / "site.yaml"
+    config_path.write_text(yaml.safe_dump(site))
+    assert main(["data-check", "--config", str(config_path)]) == 0
+    said = capsys.readouterr().out
+    assert "hospital: 12 patients (with labels), input [3]" in said
+    assert "alignment: openmined-psi 2." in said  # a real intersection ran through it
+
+    rows = party.path.read_text().splitlines()
+    party.path.write_text("\n".join([*rows, rows[3]]) + "\n")  # MRN002 again
+    assert main(["data-check", "--config", str(config_path)]) == 2
+    refused = capsys.readouterr().err.strip().splitlines()
+    assert len(refused) == 1 and "repeat" in refused[0] and "mrn" in refused[0], refused
