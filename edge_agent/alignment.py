@@ -13,9 +13,11 @@ each other party, in turn, as the server, the label party narrowing its set as i
   those the second holds, and so on: in a job of three or more parties it learns more than the
   final intersection (its own patients the first party also holds), never anything of a
   patient it does not hold itself;
-* whoever relays the messages (the aggregator) sees blinded group elements, set sizes, and
-  the salted hashes of the common patients -- salted with a secret the parties share and the
-  aggregator does not hold (``job_salt``), so it cannot test a guess of an identifier.
+* whoever relays the messages (the aggregator) sees blinded group elements and set sizes. The
+  common keys the label party hands the others at the end are encrypted (AES-GCM) under a key
+  derived from the secret the parties share and the aggregator does not hold
+  (``common_key``), so the aggregator learns the intersection's size and nothing else: not even
+  the salted hashes of the common patients.
 
 The common rows are then put in one order every party derives alone -- sorted by the
 identifier itself, which every party holds for its own rows -- so that batches drawn from the
@@ -26,17 +28,24 @@ salt (a job run again under another id trains on the same batches).
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import torch
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from medsplit.protocol.meta import AlignStage
 from medsplit.protocol.spec import PSI_TENSORS
 
 DIGEST_BYTES = 32  # SHA-256
+NONCE_BYTES = 12  # AES-GCM's
+COMMON_CONTEXT = b"medsplit vertical common keys"
 
 
 def _psi() -> ModuleType:
@@ -62,6 +71,31 @@ def job_salt(secret: bytes, job_id: str) -> bytes:
     two jobs never match and the aggregator, which does not hold the secret, cannot hash a
     guess."""
     return hashlib.sha256(secret + b"\x00medsplit-vertical-key\x00" + job_id.encode()).digest()
+
+
+def common_key(secret: bytes, job_id: str) -> bytes:
+    """The key the common keys travel under: the parties' shared secret bound to the job by
+    HKDF, apart from the salt (another purpose, another key)."""
+    info = COMMON_CONTEXT + b"\x00" + job_id.encode()
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def seal_common(key: bytes, blob: bytes) -> bytes:
+    """The common keys, encrypted for the other parties (a fresh nonce before the ciphertext)."""
+    nonce = os.urandom(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, blob, COMMON_CONTEXT)
+
+
+def open_common(key: bytes, sealed: bytes) -> bytes:
+    """The common keys the label party sent; refused when they do not open with this party's
+    key -- the parties' secrets differ, or the message was altered on the way."""
+    try:
+        return AESGCM(key).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], COMMON_CONTEXT)
+    except (InvalidTag, ValueError):
+        raise AlignmentError(
+            "the common keys the label party sent do not open with this party's key: the "
+            "parties' key_secret_file differ, or the message was altered on the way"
+        ) from None
 
 
 def salted_keys(values: Sequence[object], salt: bytes, *, column: str, source: str) -> list[str]:
@@ -174,10 +208,14 @@ class PartyAlignment:
         others: list[str],
         keys: list[str],
         order: Sequence[str],
+        *,
+        sealing: bytes,
     ) -> None:
         """``keys``: the party's salted keys, row by row; ``order``: what its rows are sorted
-        by once aligned (their identifiers, the same at every party)."""
+        by once aligned (their identifiers, the same at every party); ``sealing``: the
+        parties' ``common_key`` for the job, which the common keys travel under."""
         self.party = party
+        self.sealing = sealing
         self.order = list(order)
         self.first_partner = others[0] if others else None
         self.label: LabelHolder | None = LabelHolder(keys) if party == label_party else None
@@ -199,7 +237,7 @@ class PartyAlignment:
             request = _bytes(tensors["request"])
             return _tensors(setup=holder.setup(asking), response=holder.answer(request)), None
         if stage == "adopt":
-            self._adopt(_digests(_bytes(tensors["common"])))
+            self._adopt(_digests(open_common(self.sealing, _bytes(tensors["common"]))))
             return _tensors(), len(self.common)
         label = self._label(stage)
         if stage == "ask":
@@ -216,7 +254,8 @@ class PartyAlignment:
             return _tensors(), None
         self.common = label.common()
         self.rows = self._ordered(rows_of(label.keys, self.common))
-        return _tensors(common=b"".join(bytes.fromhex(k) for k in self.common)), len(self.common)
+        blob = b"".join(bytes.fromhex(k) for k in self.common)
+        return _tensors(common=seal_common(self.sealing, blob)), len(self.common)
 
     def _adopt(self, common: list[str]) -> None:
         if not common:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from edge_agent.alignment import AlignmentError, PartyAlignment
+from edge_agent.alignment import AlignmentError, PartyAlignment, common_key
 from edge_agent.data.site_data import SiteData
 from edge_agent.data.vertical import PartyTable
 from medsplit.protocol import JobSpec
@@ -93,7 +93,12 @@ class VerticalParty:
             others = [p for p in args.parties if p != args.label_party]
             keys = self.table.salted(spec.job_id)  # missing or repeated keys are refused here
             self._alignment = PartyAlignment(
-                self.site_id, args.label_party, others, keys, self.table.keys
+                self.site_id,
+                args.label_party,
+                others,
+                keys,
+                self.table.keys,
+                sealing=common_key(self.table.key_secret, spec.job_id),
             )
             self._job = spec.job_id
         return self._alignment

@@ -1,8 +1,8 @@
 """Vertical split learning through a real Mosquitto with mutual TLS and the provisioned ACL:
 every party on its own certificate, the aggregator on its own. The job ends bit for bit where
 centralized training on the joined table ends, and the alignment's messages -- as each
-identity could read them off the broker -- hold no identifier, and no salted key of a patient
-outside the intersection."""
+identity could read them off the broker -- hold no identifier, no salted key of a patient
+outside the intersection, and, for the aggregator, no salted key at all."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from edge_agent.alignment import common_key, open_common
+from edge_agent.data.vertical import DEMO_KEY_SECRET
 from experiments.inprocess import run_job
 from experiments.vertical import builtin_tables, centralized, joined, party_names
 from medsplit.brokers.embedded import LocalBroker, start_local_broker
@@ -110,18 +112,23 @@ def test_the_alignment_tells_no_identity_of_a_patient_outside_the_intersection(
     assert common and outside
     assert all(key.startswith("breast-cancer-") for t in tables.values() for key in t.keys)
     hidden = [bytes.fromhex(key) for key in outside] + [key.encode() for key in outside]
+    shared = [bytes.fromhex(key) for key in common] + [key.encode() for key in common]
+    sealing = common_key(DEMO_KEY_SECRET, JOB)
     told: dict[str, set[str]] = {}
     for identity, seen in frames.items():
         assert seen, identity
         for _, payload in seen:  # every byte this identity could read off the broker
             assert b"breast-cancer-" not in payload
             assert not any(key in payload for key in hidden)
+            if identity == AGGREGATOR_ID:  # not even the common patients' salted keys
+                assert not any(key in payload for key in shared)
         for _, envelope in _envelopes(seen):
             blob = (
                 envelope.tensors["common"].numpy().tobytes() if envelope.kind == Kind.ALIGN else b""
             )
             if blob and identity != AGGREGATOR_ID:
-                told[identity] = {blob[i : i + 32].hex() for i in range(0, len(blob), 32)}
+                keys = open_common(sealing, blob)
+                told[identity] = {keys[i : i + 32].hex() for i in range(0, len(keys), 32)}
     assert told == dict.fromkeys(PARTIES[1:], common)  # the others learn the intersection only
     sizes = [
         envelope.meta.get("size")

@@ -9,8 +9,11 @@ from aggregator.alignment import alignment_script
 from edge_agent.alignment import (
     AlignmentError,
     PartyAlignment,
+    common_key,
     job_salt,
+    open_common,
     salted_keys,
+    seal_common,
 )
 
 
@@ -18,13 +21,23 @@ def _keys(*ids: int) -> list[str]:
     return [f"MRN{i:05d}" for i in ids]
 
 
-def _relay(parties: dict[str, list[str]], label: str = "L") -> dict[str, PartyAlignment]:
+def _relay(
+    parties: dict[str, list[str]], label: str = "L", secrets: dict[str, bytes] | None = None
+) -> dict[str, PartyAlignment]:
     """The stages of ``aggregator.alignment``, with the tensors carried as the aggregator does."""
     salt = job_salt(b"secret", "job-a")
+    secrets = secrets or {}
     names = list(parties)
     others = [p for p in names if p != label]
     sides = {
-        p: PartyAlignment(p, label, others, salted_keys(k, salt, column="id", source=p), k)
+        p: PartyAlignment(
+            p,
+            label,
+            others,
+            salted_keys(k, salt, column="id", source=p),
+            k,
+            sealing=common_key(secrets.get(p, b"secret"), "job-a"),
+        )
         for p, k in parties.items()
     }
     carry: dict[str, torch.Tensor] = {}
@@ -81,3 +94,26 @@ def test_a_missing_or_repeated_key_is_refused_naming_the_rows(
     with pytest.raises(AlignmentError) as refused:
         salted_keys(values, b"salt", column="id", source="labs.csv")
     assert str(refused.value).startswith("labs.csv: ") and said in str(refused.value)
+
+
+def test_the_common_keys_travel_encrypted_for_the_parties_only() -> None:
+    salt = job_salt(b"secret", "job-a")
+    key = common_key(b"secret", "job-a")
+    assert key != common_key(b"secret", "job-b") and key != common_key(b"other", "job-a")
+    blob = b"".join(
+        bytes.fromhex(k) for k in salted_keys(_keys(1, 2), salt, column="id", source="L")
+    )
+    sealed = seal_common(key, blob)
+    assert blob not in sealed and sealed != seal_common(key, blob)  # a fresh nonce each time
+    assert open_common(key, sealed) == blob
+    with pytest.raises(AlignmentError, match="do not open with this party's key"):
+        open_common(common_key(b"other", "job-a"), sealed)
+    with pytest.raises(AlignmentError, match="altered on the way"):
+        open_common(key, sealed[:-1] + bytes([sealed[-1] ^ 1]))
+
+
+def test_a_party_whose_secret_differs_cannot_read_the_common_keys() -> None:
+    # Same keys, so the intersection is found; the other party's secret differs only for the
+    # key the common keys travel under: it is refused, saying why, rather than misaligned.
+    with pytest.raises(AlignmentError, match="key_secret_file differ"):
+        _relay({"L": _keys(1, 2, 3), "A": _keys(2, 3)}, secrets={"A": b"not the secret"})
