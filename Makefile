@@ -36,12 +36,14 @@ bench: setup
 	$(PY) bench/reassembly_memory.py --write-docs
 	$(PY) bench/containers.py --write-docs
 	$(PY) bench/observability.py --write-docs
+	$(PY) bench/vertical.py --write-docs
 
 
 # What a curious aggregator learns in each mode, and what each defense costs (docs/privacy.md).
 privacy: setup
 	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-breast-cancer.yaml --write-docs
 	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-cxr.yaml --write-docs
+	$(VENV)/bin/medsplit privacy --config experiments/configs/vertical-breast-cancer.yaml --write-docs
 	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-tail-1.yaml
 	$(VENV)/bin/medsplit privacy --config experiments/configs/privacy-tail-2.yaml
 

@@ -8,11 +8,11 @@ request per party asked, carrying the bytes of the previous stage's answers to t
 1. for each other party P, in plan order:
    ``ask`` (label party: its remaining keys, blinded) -> ``serve`` (P: its keys blinded, and the
    label party's blinded again) -> ``narrow`` (label party: keeps the keys P holds too);
-2. ``common`` (label party: the common keys, salted and hashed, in the order every party uses);
+2. ``common`` (label party: the common keys, salted and hashed, encrypted for the parties);
 3. ``adopt`` (every other party, at once: its rows of the common keys).
 
-What the aggregator sees: blinded group elements, the salted hashes of the common patients
-(salted with a secret it does not hold), and set sizes -- never an identifier. The stages are
+What the aggregator sees: blinded group elements, set sizes, and the common keys encrypted
+under a key derived from the parties' secret -- never an identifier, nor a salted key. The stages are
 pure functions of the job state, like the rest of ``aggregator.state``; a stage that misses its
 deadline, or a party that cannot align (no patient in common, a key column missing or
 repeated), ends the job before training, with the party's own words.
@@ -20,8 +20,9 @@ repeated), ends the job before training, with the party's own words.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -31,6 +32,14 @@ from medsplit.protocol.spec import PSI_TENSORS
 
 if TYPE_CHECKING:
     from aggregator.state import JobState, Send, Tensors
+
+
+class Aligning(Protocol):
+    """A party's side of the stages (``edge_agent.alignment.PartyAlignment``)."""
+
+    def answer(
+        self, stage: AlignStage, partner: str | None, asking: int, tensors: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], int | None]: ...
 
 
 @dataclass(frozen=True)
@@ -123,3 +132,19 @@ def close_stage(state: JobState) -> tuple[JobState, str | None]:
         carry |= {k: v for k, v in answer.tensors.items() if v.numel()}
         size = answer.size if answer.size is not None else size
     return replace(state, align_carry=carry, align_size=size, aligned={}, asked=()), None
+
+
+def relay_in_process(sides: Mapping[str, Aligning], label_party: str) -> int:
+    """Run the whole script between parties held in one process, carrying each stage's bytes
+    to the next as the aggregator does; returns the bytes relayed. For tests and benchmarks:
+    a job relays through the aggregator's state machine (``start_stage``)."""
+    carry: dict[str, torch.Tensor] = {}
+    size, relayed = 0, 0
+    for stage in alignment_script(tuple(sides), label_party):
+        answers = [
+            sides[ask.site].answer(ask.stage, ask.partner, size, dict(carry)) for ask in stage
+        ]
+        carry = {k: v for tensors, _ in answers for k, v in tensors.items() if v.numel()}
+        relayed += sum(v.numel() for v in carry.values())
+        size = next((s for _, s in answers if s is not None), size)
+    return relayed

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from aggregator.alignment import alignment_script
+from aggregator.alignment import relay_in_process
 from edge_agent.alignment import (
     AlignmentError,
     PartyAlignment,
@@ -40,14 +39,7 @@ def _relay(
         )
         for p, k in parties.items()
     }
-    carry: dict[str, torch.Tensor] = {}
-    size = 0
-    for stage in alignment_script(tuple(names), label):
-        answers = [
-            sides[ask.site].answer(ask.stage, ask.partner, size, dict(carry)) for ask in stage
-        ]
-        carry = {k: v for tensors, _ in answers for k, v in tensors.items() if v.numel()}
-        size = next((s for _, s in answers if s is not None), size)
+    relay_in_process(sides, label)
     return sides
 
 
