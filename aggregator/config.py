@@ -373,7 +373,8 @@ class JobConfig(FileSettings):
         traits = MODES[self.mode]
         if traits.cut_layer:  # the mode's default label protection, said in the job's spec
             travel = labels_travel(self.mode, u_shaped)
-            resolved = self.defenses.for_mode(travel, u_shaped)
+            vertical = self.mode == Mode.VERTICAL
+            resolved = self.defenses.for_mode(travel, u_shaped, vertical=vertical)
             object.__setattr__(self, "defenses", resolved)  # frozen: set once, while validating
         if _SHAPE_ONLY.get():
             return self
@@ -492,7 +493,9 @@ def _check_defenses(defenses: DefenseSettings, mode: Mode, u_shaped: bool) -> No
             f"defenses: mode {mode} sends weights, not activations; defenses apply to split "
             "and split-u"
         )
-    if defenses.gradient_noise and labels_travel(mode, u_shaped):
+    # A vertical job whose top is the aggregator's: the aggregator noises the gradients it
+    # returns to the parties without labels (aggregator.vertical).
+    if defenses.gradient_noise and labels_travel(mode, u_shaped) and mode != Mode.VERTICAL:
         raise ValueError(
             f"defenses.gradient_noise: in mode {mode} the labels themselves travel, so noise "
             "on gradients hides nothing; use split-u to keep labels on the site (or "

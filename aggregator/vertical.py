@@ -10,7 +10,9 @@ for the same rows: this service gathers them (a barrier per step), merges them i
   backpropagated, the trunk steps, and every party gets the gradient of its own slice -- the
   label party as the answer to its gradient, the others as the answer to their activations.
 * **Top at the aggregator** (no tail): the label party's activations carry the labels; once
-  every party's are in, the loss is computed here and every party gets its slice's gradient.
+  every party's are in, the loss is computed here and every party gets its slice's gradient --
+  a party without labels with the job's gradient noise added here (``defenses.gradient_noise``,
+  on by default), since these gradients carry the labels as the U-shaped ones do.
 
 A party's answer is held until the step completes, so a party never runs ahead: a step's
 answers are the barrier. When a party restarts, the round starts over for every party (each
@@ -30,10 +32,12 @@ from aggregator.alignment import Script, alignment_script
 from aggregator.config import JobConfig
 from aggregator.trunk import Trunk
 from aggregator.trunk_service import Answer
+from medsplit.config import DefenseSettings
 from medsplit.devices import to_device
 from medsplit.ids import AGGREGATOR_ID
 from medsplit.modes import Mode
 from medsplit.precision import MixedPrecision
+from medsplit.privacy.defenses import SiteDefenses
 from medsplit.protocol import Kind
 from medsplit.training import entry, loss_fn
 from medsplit.wire import Envelope
@@ -63,8 +67,12 @@ class VerticalTrunk:
         parties: tuple[str, ...],
         label_party: str,
         merge: Merge,
+        *,
         labels_travel: bool,
+        defenses: DefenseSettings | None = None,
     ) -> None:
+        """``defenses``: the job's; with the top here, its ``gradient_noise`` is added to the
+        gradients returned to the parties without labels."""
         self.trunk = trunk
         self.parties = parties
         self.label_party = label_party
@@ -73,6 +81,8 @@ class VerticalTrunk:
         self.amp = MixedPrecision(trunk.precision, trunk.device)
         self._training: _Gathering | None = None
         self._held_out: _Gathering | None = None
+        noise = labels_travel and defenses is not None and defenses.label_noise
+        self._noise = SiteDefenses(defenses) if noise and defenses is not None else None
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -167,11 +177,19 @@ class VerticalTrunk:
             reply = gathering.requests[party].reply(
                 AGGREGATOR_ID,
                 Kind.GRADIENTS,
-                tensors={"g": self.amp.unscaled(leaf.grad).cpu()},
+                tensors={"g": self._returned(party, self.amp.unscaled(leaf.grad).cpu())},
                 meta=meta if party == self.label_party else {},
             )
             answers.append((party, Answer(reply, frozenset({"g"}))))
         return answers
+
+    def _returned(self, party: str, grad: torch.Tensor) -> torch.Tensor:
+        """A party's slice of the gradient as it is sent: a party without labels gets it with
+        the job's gradient noise, which blurs what the norm and cosine attacks read of the
+        labels (the label party's own slice tells it nothing it does not hold)."""
+        if self._noise is None or party == self.label_party:
+            return grad
+        return self._noise.gradient(grad)
 
     # -- held-out data -------------------------------------------------------------------------------
 
@@ -215,6 +233,7 @@ def vertical_trunk(config: JobConfig, trunk: Trunk) -> VerticalTrunk | None:
         args.label_party,
         args.merge,
         labels_travel=not config.plan.u_shaped,
+        defenses=config.defenses,
     )
 
 

@@ -448,6 +448,7 @@ class Agent:
             # non-finite weights that cannot be sent: report it (the aggregator stops waiting
             # for this site's answer), keep serving.
             log.warning("%s: could not handle %s: %s", self.site_id, env.kind, exc)
+            log.debug("%s: where %s failed", self.site_id, env.kind, exc_info=True)
             self._publish(env.error(self.site_id, type(exc).__name__, str(exc)))
         finally:  # a step's requests die with it: none is in flight between requests
             self._in_flight.clear()

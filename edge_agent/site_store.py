@@ -32,7 +32,7 @@ from edge_agent.site_model import (
 from medsplit.modes import Mode
 from medsplit.protocol import JobSpec
 from medsplit.storage import atomic_write
-from models.onnx_export import ExportError
+from models.onnx_export import ExportError, export_section
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,21 @@ class SiteStore:
         final: Mapping[str, torch.Tensor],
         data: SiteData,
     ) -> None:
-        """Assemble this site's own model from the final weights; keep it, and export it."""
+        """Assemble this site's own model from the final weights; keep it, and export it
+        (one site at a time in a process: ``export_section``)."""
         if self.state_dir is None:
             return
+        with export_section():
+            self._finish(self.state_dir, spec, segments, final, data)
+
+    def _finish(
+        self,
+        state_dir: Path,
+        spec: JobSpec,
+        segments: EdgeSegments | LocalModel,
+        final: Mapping[str, torch.Tensor],
+        data: SiteData,
+    ) -> None:
         if spec.mode == Mode.VERTICAL:  # its own layers, kept as trained (``save``)
             if self.export_onnx and isinstance(segments, EdgeSegments):
                 self._export_party(spec, segments, final, data)
@@ -120,7 +132,7 @@ class SiteStore:
             log.info("%s: no site model assembled: %s", self.site_id, why)
             return
         try:
-            self.site_model = save_site_model(self.state_dir, state, card)
+            self.site_model = save_site_model(state_dir, state, card)
         except OSError as exc:  # e.g. a full disk: the job is over, the agent still exits cleanly
             log.error("%s: cannot write the site model: %s", self.site_id, exc)
             return

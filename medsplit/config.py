@@ -213,7 +213,9 @@ class DefenseSettings(BaseModel):
         le=100,
         description="split-u: Gaussian noise added to the gradients a site returns, as a "
         "multiple of the batch's mean gradient norm; hides labels from the norm and cosine "
-        f"attacks; default {DEFAULT_LABEL_NOISE} in split-u, 0 elsewhere",
+        "attacks (vertical, top at the aggregator: added by the aggregator to the gradients "
+        f"it returns to the parties without labels); default {DEFAULT_LABEL_NOISE} in split-u "
+        "and vertical, 0 elsewhere",
     )
     label_epsilon: float | None = Field(
         None,
@@ -265,12 +267,15 @@ class DefenseSettings(BaseModel):
             or self.label_epsilon is not None
         )
 
-    def for_mode(self, labels_travel: bool, u_shaped: bool) -> DefenseSettings:
+    def for_mode(
+        self, labels_travel: bool, u_shaped: bool, *, vertical: bool = False
+    ) -> DefenseSettings:
         """These settings with the mode's default filled in: noise on returned gradients in
-        ``split-u``, none where labels travel or no gradient returns."""
+        ``split-u`` and in vertical jobs (whichever arrangement: some party without labels
+        gets gradients back), none where labels travel or no gradient returns."""
         if self.gradient_noise is not None:
             return self
-        default = DEFAULT_LABEL_NOISE if u_shaped and not labels_travel else 0.0
+        default = DEFAULT_LABEL_NOISE if vertical or (u_shaped and not labels_travel) else 0.0
         return self.model_copy(update={"gradient_noise": default})
 
     def label(self) -> str:

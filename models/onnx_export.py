@@ -16,7 +16,8 @@ import logging
 import re
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,7 +36,18 @@ if TYPE_CHECKING:
 OPSET = 18  # supported by every onnxruntime since 1.14
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 MAX_BATCH = 1 << 16
-_EXPORT_LOCK = threading.Lock()
+_EXPORT_LOCK = threading.RLock()
+
+
+@contextmanager
+def export_section() -> Iterator[None]:
+    """Hold while preparing what is exported and exporting it. torch.export's tracing changes
+    process-wide state, so torch code run by another thread of the process during an export
+    can fail (seen: a shape check of another agent's finish, ``KeyError: 'custom'`` from
+    torch.fx's annotations). Agents of one process -- experiments, tests -- therefore finish
+    one at a time; an agent in its own process is not slowed."""
+    with _EXPORT_LOCK:
+        yield
 
 
 class ExportError(RuntimeError):

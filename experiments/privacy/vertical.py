@@ -86,7 +86,6 @@ def run_vertical_privacy(config: VerticalExperiment) -> list[LeakResult]:
         for u_shaped in (True, False)
         for defense in DEFENSES
         for seed in config.seeds
-        if u_shaped or defense == "none"  # with the top at the aggregator, labels travel
     ]
 
     def run(cell: LeakCell, url: str, protocol: str) -> LeakResult:

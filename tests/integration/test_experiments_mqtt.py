@@ -129,3 +129,8 @@ def test_the_vertical_privacy_sweep_measures_what_gradients_tell_of_the_labels(
     assert rows[("top at the aggregator", "2", "none")]["aggregator (labels sent)"].startswith(
         "1.00"
     )
+    # With the top at the aggregator, the aggregator noises the passive party's gradients.
+    exposed = rows[("top at the aggregator", "2", "none")]
+    shielded = rows[("top at the aggregator", "2", "default")]
+    assert float(exposed[leak].split(" ")[0]) > 0.9
+    assert float(shielded[leak].split(" ")[0]) < float(exposed[leak].split(" ")[0])

@@ -7,7 +7,10 @@ from typing import Any
 import pytest
 import torch
 
+from aggregator.trunk import Trunk
+from aggregator.vertical import vertical_trunk
 from experiments.vertical import column_widths, party_names, table_plan
+from medsplit.config import DEFAULT_LABEL_NOISE
 from models import split_model
 from models.config_errors import ConfigError
 from models.plan import SplitPlan
@@ -106,3 +109,29 @@ def test_a_vertical_job_needs_every_party_and_aligns_with_its_plan() -> None:
     config = job_config(_job())
     assert config.quorum == 2 and config.orchestration == "parallel"
     assert not config.plan.u_shaped  # the aggregator holds the top: the label party sends labels
+
+
+@pytest.mark.parametrize("u_shaped", [True, False])
+def test_gradients_back_to_a_party_without_labels_carry_noise_by_default(u_shaped: bool) -> None:
+    plan = table_plan(party_names(2), column_widths(30, 2), u_shaped=u_shaped)
+    assert job_config(_job(plan=plan)).defenses.gradient_noise == DEFAULT_LABEL_NOISE
+    chosen = job_config(_job(plan=plan, defenses={"gradient_noise": 2.0}))
+    assert chosen.defenses.gradient_noise == 2.0  # the aggregator noises them with the top
+
+
+def test_the_aggregator_noises_only_the_gradients_of_parties_without_labels() -> None:
+    config = job_config(_job(defenses={"gradient_noise": 1.0}))  # the top at the aggregator
+    model = config.plan.model.build(seed=0)
+    trunk = Trunk(
+        split_model(model, config.plan).trunk, config.training.optimizer, torch.device("cpu")
+    )
+    service = vertical_trunk(config, trunk)
+    assert service is not None
+    clean = torch.ones(4, 8)
+    assert torch.equal(service._returned("hospital", clean), clean)  # the label party's own
+    noisy = service._returned("imaging", clean)
+    assert not torch.equal(noisy, clean)
+    # noise of norm about gradient_noise x the batch's mean gradient norm, per row
+    assert 0.3 < float((noisy - clean).norm(dim=1).mean() / clean.norm(dim=1).mean()) < 3
+    quiet = vertical_trunk(job_config(_job(defenses={"gradient_noise": 0})), trunk)
+    assert quiet is not None and torch.equal(quiet._returned("imaging", clean), clean)
