@@ -45,7 +45,14 @@ from medsplit.config import (
 )
 from medsplit.health import HttpSettings
 from medsplit.ids import ID_PATTERN, check_site_ids
-from medsplit.modes import MODES, Mode, Orchestration, WireDtype, labels_travel
+from medsplit.modes import (
+    MODES,
+    Mode,
+    Orchestration,
+    WireDtype,
+    gradients_tell_labels,
+    labels_travel,
+)
 from models import ConfigError, SplitPlan
 from models.config_errors import validate
 
@@ -372,9 +379,7 @@ class JobConfig(FileSettings):
         _check_defenses(self.defenses, self.mode, u_shaped)
         traits = MODES[self.mode]
         if traits.cut_layer:  # the mode's default label protection, said in the job's spec
-            travel = labels_travel(self.mode, u_shaped)
-            vertical = self.mode == Mode.VERTICAL
-            resolved = self.defenses.for_mode(travel, u_shaped, vertical=vertical)
+            resolved = self.defenses.for_mode(gradients_tell_labels(self.mode, u_shaped))
             object.__setattr__(self, "defenses", resolved)  # frozen: set once, while validating
         if _SHAPE_ONLY.get():
             return self
@@ -493,9 +498,7 @@ def _check_defenses(defenses: DefenseSettings, mode: Mode, u_shaped: bool) -> No
             f"defenses: mode {mode} sends weights, not activations; defenses apply to split "
             "and split-u"
         )
-    # A vertical job whose top is the aggregator's: the aggregator noises the gradients it
-    # returns to the parties without labels (aggregator.vertical).
-    if defenses.gradient_noise and labels_travel(mode, u_shaped) and mode != Mode.VERTICAL:
+    if defenses.gradient_noise and not gradients_tell_labels(mode, u_shaped):
         raise ValueError(
             f"defenses.gradient_noise: in mode {mode} the labels themselves travel, so noise "
             "on gradients hides nothing; use split-u to keep labels on the site (or "

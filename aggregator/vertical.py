@@ -69,7 +69,7 @@ class VerticalTrunk:
         merge: Merge,
         *,
         labels_travel: bool,
-        defenses: DefenseSettings | None = None,
+        defenses: DefenseSettings,
     ) -> None:
         """``defenses``: the job's; with the top here, its ``gradient_noise`` is added to the
         gradients returned to the parties without labels."""
@@ -81,8 +81,8 @@ class VerticalTrunk:
         self.amp = MixedPrecision(trunk.precision, trunk.device)
         self._training: _Gathering | None = None
         self._held_out: _Gathering | None = None
-        noise = labels_travel and defenses is not None and defenses.label_noise
-        self._noise = SiteDefenses(defenses) if noise and defenses is not None else None
+        noise = labels_travel and defenses.label_noise  # U-shaped: the label party's to add
+        self._noise = SiteDefenses(defenses) if noise else None
 
     # -- training ----------------------------------------------------------------------------------
 

@@ -111,34 +111,24 @@ class SiteStore:
         if self.state_dir is None:
             return
         with export_section():
-            self._finish(self.state_dir, spec, segments, final, data)
-
-    def _finish(
-        self,
-        state_dir: Path,
-        spec: JobSpec,
-        segments: EdgeSegments | LocalModel,
-        final: Mapping[str, torch.Tensor],
-        data: SiteData,
-    ) -> None:
-        if spec.mode == Mode.VERTICAL:  # its own layers, kept as trained (``save``)
-            if self.export_onnx and isinstance(segments, EdgeSegments):
-                self._export_party(spec, segments, final, data)
-            return
-        state = assemble(segments, final, spec)
-        card = site_card(spec, self.site_id, data.card)
-        if state is None or card is None:
-            why = "the job keeps the trunk (release_trunk: false)" if card else "no data card"
-            log.info("%s: no site model assembled: %s", self.site_id, why)
-            return
-        try:
-            self.site_model = save_site_model(state_dir, state, card)
-        except OSError as exc:  # e.g. a full disk: the job is over, the agent still exits cleanly
-            log.error("%s: cannot write the site model: %s", self.site_id, exc)
-            return
-        log.info("%s: site model written to %s", self.site_id, self.site_model)
-        if self.export_onnx:
-            self._export(data)
+            if spec.mode == Mode.VERTICAL:  # its own layers, kept as trained (``save``)
+                if self.export_onnx and isinstance(segments, EdgeSegments):
+                    self._export_party(spec, segments, final, data)
+                return
+            state = assemble(segments, final, spec)
+            card = site_card(spec, self.site_id, data.card)
+            if state is None or card is None:
+                why = "the job keeps the trunk (release_trunk: false)" if card else "no data card"
+                log.info("%s: no site model assembled: %s", self.site_id, why)
+                return
+            try:
+                self.site_model = save_site_model(self.state_dir, state, card)
+            except OSError as exc:  # a full disk: the job is over, the agent still exits
+                log.error("%s: cannot write the site model: %s", self.site_id, exc)
+                return
+            log.info("%s: site model written to %s", self.site_id, self.site_model)
+            if self.export_onnx:
+                self._export(data)
 
     def _export_party(
         self,

@@ -267,15 +267,13 @@ class DefenseSettings(BaseModel):
             or self.label_epsilon is not None
         )
 
-    def for_mode(
-        self, labels_travel: bool, u_shaped: bool, *, vertical: bool = False
-    ) -> DefenseSettings:
-        """These settings with the mode's default filled in: noise on returned gradients in
-        ``split-u`` and in vertical jobs (whichever arrangement: some party without labels
-        gets gradients back), none where labels travel or no gradient returns."""
+    def for_mode(self, gradients_tell_labels: bool) -> DefenseSettings:
+        """These settings with the mode's default filled in: noise on returned gradients where
+        they tell of labels someone does not hold (``medsplit.modes.gradients_tell_labels``:
+        ``split-u``, vertical jobs), none elsewhere."""
         if self.gradient_noise is not None:
             return self
-        default = DEFAULT_LABEL_NOISE if vertical or (u_shaped and not labels_travel) else 0.0
+        default = DEFAULT_LABEL_NOISE if gradients_tell_labels else 0.0
         return self.model_copy(update={"gradient_noise": default})
 
     def label(self) -> str:

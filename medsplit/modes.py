@@ -95,5 +95,15 @@ def labels_travel(mode: Mode | str, u_shaped: bool) -> bool:
     return not u_shaped if travel is None else travel
 
 
+def gradients_tell_labels(mode: Mode | str, u_shaped: bool) -> bool:
+    """Whether gradients that tell of the labels reach someone who does not hold them -- what
+    ``defenses.gradient_noise`` blurs: in ``split-u`` the gradient a site returns for the
+    trunk's output; in a vertical job, whichever the arrangement, the gradients the parties
+    without labels get back. Where the labels themselves travel (``split``) there is nothing
+    left to hide."""
+    mode = Mode(mode)
+    return mode == Mode.VERTICAL or (traits(mode).cut_layer and not labels_travel(mode, u_shaped))
+
+
 SPLIT_MODES = tuple(m for m, t in MODES.items() if t.cut_layer)
 FEDERATED_MODES = tuple(m for m, t in MODES.items() if t.federated)
